@@ -1,0 +1,88 @@
+//! Types shared by the eBPF programs (`proxy-ebpf`) and the user-space process
+//! (`proxy-userspace`). Every type here is `#[repr(C)]` and has the same layout on
+//! both sides; with the `user` feature they implement `aya::Pod` and
+//! `bytemuck::Pod` so user space can read them out of maps and the ring buffer.
+#![no_std]
+
+/// Value of the `FLOWS` map, keyed by the socket cookie of one side of a tunnel.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowEntry {
+    /// Socket cookie of the other side of the tunnel: the key under which the
+    /// redirect target is found in `REDIRECT_TARGETS`.
+    pub peer_cookie: u64,
+    /// Payload bytes received on this socket that the verdict redirected to the peer.
+    pub bytes_redirected: u64,
+}
+
+/// What a [`FlowEvent`] reports.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlowEventKind {
+    /// The socket changed TCP state (see `old_state` / `new_state`).
+    StateChange = 1,
+}
+
+/// One record of the `FLOW_EVENTS` ring buffer, written by the `sock_ops` program
+/// when a socket that belongs to a tunnel changes TCP state.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowEvent {
+    /// Socket cookie (`SO_COOKIE`) of the socket whose state changed.
+    pub cookie: u64,
+    /// `FlowEntry::bytes_redirected` of that socket when the state changed.
+    pub bytes_redirected: u64,
+    /// [`FlowEventKind`] as a number.
+    pub kind: u32,
+    /// TCP state before the change (`TCP_ESTABLISHED` = 1 … `TCP_CLOSING` = 11).
+    pub old_state: u32,
+    /// TCP state after the change.
+    pub new_state: u32,
+    /// Explicit padding so the layout has no hidden bytes.
+    pub _pad: u32,
+}
+
+/// Indexes into the `STATS` array: kernel-side counters that user space reports.
+pub mod stat {
+    /// Zero-length skbs (a FIN without data) that the verdict dropped instead of
+    /// redirecting; redirecting one makes the peer's send path fail with EPIPE.
+    pub const ZERO_LENGTH_DROPPED: u32 = 0;
+    /// skbs whose redirect failed (peer not in `REDIRECT_TARGETS`).
+    pub const REDIRECT_FAILED: u32 = 1;
+    /// skbs on a socket in `SPLICED` that had no `FLOWS` entry (passed to the socket).
+    pub const NO_FLOW: u32 = 2;
+    /// Flow events lost because the ring buffer was full.
+    pub const EVENTS_LOST: u32 = 3;
+    /// Number of counters.
+    pub const COUNT: u32 = 4;
+}
+
+/// TCP states as the kernel numbers them (`include/net/tcp_states.h`).
+pub mod tcp_state {
+    pub const ESTABLISHED: u32 = 1;
+    pub const SYN_SENT: u32 = 2;
+    pub const SYN_RECV: u32 = 3;
+    pub const FIN_WAIT1: u32 = 4;
+    pub const FIN_WAIT2: u32 = 5;
+    pub const TIME_WAIT: u32 = 6;
+    pub const CLOSE: u32 = 7;
+    pub const CLOSE_WAIT: u32 = 8;
+    pub const LAST_ACK: u32 = 9;
+    pub const LISTEN: u32 = 10;
+    pub const CLOSING: u32 = 11;
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::{FlowEntry, FlowEvent};
+
+    // SAFETY: both are #[repr(C)], made only of integers, and have no padding
+    // (FlowEvent's padding is an explicit field), so every bit pattern is valid.
+    unsafe impl aya::Pod for FlowEntry {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for FlowEvent {}
+    // SAFETY: see above.
+    unsafe impl bytemuck::Zeroable for FlowEvent {}
+    // SAFETY: see above.
+    unsafe impl bytemuck::Pod for FlowEvent {}
+}

@@ -1,0 +1,152 @@
+//! The kernel half of spliced's sockmap data plane.
+//!
+//! * `splice_verdict` (sk_skb stream verdict) runs for every skb that arrives on a
+//!   socket in `SPLICED` and sends it out of the peer socket of the same tunnel.
+//! * `flow_state` (sock_ops) reports TCP state changes of tunnel sockets (EOF,
+//!   close, reset) with the byte counters to user space over `FLOW_EVENTS`.
+//!
+//! User space owns the tunnel lifecycle; these programs only move and count bytes.
+#![no_std]
+#![no_main]
+#![feature(core_intrinsics)]
+#![expect(internal_features, reason = "atomic_xadd is the only atomic add the bpfel target lowers")]
+
+use aya_ebpf::{
+    bindings::{
+        sk_action::{SK_DROP, SK_PASS},
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+    },
+    helpers::bpf_get_socket_cookie,
+    macros::{map, sock_ops, stream_verdict},
+    maps::{Array, HashMap, RingBuf, SockHash},
+    programs::{SkBuffContext, SockOpsContext},
+    EbpfContext as _,
+};
+use proxy_common::{stat, FlowEntry, FlowEvent, FlowEventKind};
+
+/// Upper bound on spliced sockets (two per tunnel); user space may lower it at load.
+const MAX_SOCKETS: u32 = 131_072;
+
+/// Both sockets of every tunnel, keyed by socket cookie. No program is attached:
+/// it is only the redirect target, so a socket is a valid target before its own
+/// verdict starts running (insertion order, see `dataplane/sockmap.rs`).
+#[map]
+static REDIRECT_TARGETS: SockHash<u64> = SockHash::with_max_entries(MAX_SOCKETS, 0);
+
+/// Both sockets of every tunnel, keyed by socket cookie; `splice_verdict` is
+/// attached here, so inserting a socket makes the kernel run it on every skb.
+#[map]
+static SPLICED: SockHash<u64> = SockHash::with_max_entries(MAX_SOCKETS, 0);
+
+/// Per-socket tunnel state: the peer's cookie and the bytes redirected so far.
+#[map]
+static FLOWS: HashMap<u64, FlowEntry> = HashMap::with_max_entries(MAX_SOCKETS, 0);
+
+/// Flow events for user space (TCP state changes of tunnel sockets).
+#[map]
+static FLOW_EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
+
+/// Kernel-side counters, indexed by `proxy_common::stat`.
+#[map]
+static STATS: Array<u64> = Array::with_max_entries(stat::COUNT, 0);
+
+#[inline(always)]
+fn add(counter: *mut u64, value: u64) {
+    // SAFETY: `counter` points into a map value, which the kernel keeps alive for
+    // the whole program run; the add is atomic (BPF_ATOMIC | BPF_ADD) because the
+    // same socket's verdict and other CPUs' readers may touch it concurrently.
+    unsafe {
+        core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+            counter, value,
+        )
+    };
+}
+
+#[inline(always)]
+fn count(index: u32) {
+    if let Some(counter) = STATS.get_ptr_mut(index) {
+        add(counter, 1);
+    }
+}
+
+#[stream_verdict]
+pub fn splice_verdict(ctx: SkBuffContext) -> u32 {
+    let len = ctx.len();
+    if len == 0 {
+        // A FIN without payload reaches the verdict as an empty skb. TCP has already
+        // recorded the FIN on this socket; redirecting the empty skb makes the peer's
+        // send path fail with EPIPE and cut the stream, so it is dropped here and user
+        // space propagates the EOF with shutdown(2) once the data has drained.
+        count(stat::ZERO_LENGTH_DROPPED);
+        return SK_DROP;
+    }
+    // SAFETY: the context is a valid __sk_buff for the whole program run.
+    // bpf_get_socket_cookie returns the socket's unique, never-reused 64-bit id.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(entry) = FLOWS.get_ptr_mut(&cookie) else {
+        // Not (or no longer) a tunnel socket: let the bytes reach its own queue.
+        count(stat::NO_FLOW);
+        return SK_PASS;
+    };
+    // SAFETY: `entry` is a live map value (see `add`).
+    let mut peer = unsafe { (*entry).peer_cookie };
+    // bpf_sk_redirect_hash looks the peer up in REDIRECT_TARGETS and, with flags 0,
+    // queues the skb on the peer's psock for *egress*: a kernel worker
+    // (sk_psock_backlog) sends it out of the peer socket. It returns SK_PASS when
+    // the peer was found, SK_DROP otherwise.
+    let verdict = REDIRECT_TARGETS.redirect_skb(&ctx, &mut peer, 0) as u32;
+    if verdict == SK_PASS {
+        // SAFETY: see `add`.
+        add(unsafe { &raw mut (*entry).bytes_redirected }, u64::from(len));
+    } else {
+        count(stat::REDIRECT_FAILED);
+    }
+    verdict
+}
+
+#[sock_ops]
+pub fn flow_state(ctx: SockOpsContext) -> u32 {
+    match ctx.op() {
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB | BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
+            // Ask the kernel to call us on every later TCP state change of this
+            // socket (tcp_set_state → BPF_SOCK_OPS_STATE_CB). Which sockets belong
+            // to a tunnel is only known later, so every socket of the cgroup asks;
+            // the callback returns at once for the others.
+            let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+        }
+        BPF_SOCK_OPS_STATE_CB => report_state_change(&ctx),
+        _ => {}
+    }
+    1
+}
+
+#[inline(always)]
+fn report_state_change(ctx: &SockOpsContext) {
+    // SAFETY: the context is a valid bpf_sock_ops for the whole program run.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: FLOWS values are plain integers; a racing update can only make the
+    // counter we copy slightly stale, which user space tolerates.
+    let Some(entry) = (unsafe { FLOWS.get(&cookie) }) else {
+        return;
+    };
+    let event = FlowEvent {
+        cookie,
+        bytes_redirected: entry.bytes_redirected,
+        kind: FlowEventKind::StateChange as u32,
+        old_state: ctx.arg(0),
+        new_state: ctx.arg(1),
+        _pad: 0,
+    };
+    // bpf_ringbuf_output copies the event into the ring buffer and wakes the
+    // user-space poller; it fails only when the buffer is full.
+    if FLOW_EVENTS.output::<FlowEvent>(&event, 0).is_err() {
+        count(stat::EVENTS_LOST);
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
