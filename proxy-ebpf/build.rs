@@ -3,6 +3,7 @@
 use which::which;
 
 fn main() {
-    let bpf_linker = which("bpf-linker").expect("bpf-linker not found in PATH; run `cargo xtask setup`");
+    let bpf_linker =
+        which("bpf-linker").expect("bpf-linker not found in PATH; run `cargo xtask setup`");
     println!("cargo:rerun-if-changed={}", bpf_linker.to_string_lossy());
 }

@@ -9,7 +9,10 @@
 #![no_std]
 #![no_main]
 #![feature(core_intrinsics)]
-#![expect(internal_features, reason = "atomic_xadd is the only atomic add the bpfel target lowers")]
+#![expect(
+    internal_features,
+    reason = "atomic_xadd is the only atomic add the bpfel target lowers"
+)]
 
 use aya_ebpf::{
     bindings::{
@@ -47,6 +50,12 @@ static FLOWS: HashMap<u64, FlowEntry> = HashMap::with_max_entries(MAX_SOCKETS, 0
 #[map]
 static FLOW_EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 
+/// Test hook, set by user space at load time (`--test-hook redirect-empty-skbs`):
+/// when non-zero the verdict redirects empty FIN skbs instead of dropping them, so
+/// a test can show that dropping them is what keeps half-closed tunnels intact.
+#[no_mangle]
+static REDIRECT_EMPTY_SKBS: u8 = 0;
+
 /// Kernel-side counters, indexed by `proxy_common::stat`.
 #[map]
 static STATS: Array<u64> = Array::with_max_entries(stat::COUNT, 0);
@@ -73,7 +82,9 @@ fn count(index: u32) {
 #[stream_verdict]
 pub fn splice_verdict(ctx: SkBuffContext) -> u32 {
     let len = ctx.len();
-    if len == 0 {
+    // SAFETY: a read of a constant in .rodata that the loader may have patched.
+    let redirect_empty = unsafe { core::ptr::read_volatile(&REDIRECT_EMPTY_SKBS) } != 0;
+    if len == 0 && !redirect_empty {
         // A FIN without payload reaches the verdict as an empty skb. TCP has already
         // recorded the FIN on this socket; redirecting the empty skb makes the peer's
         // send path fail with EPIPE and cut the stream, so it is dropped here and user
@@ -98,7 +109,10 @@ pub fn splice_verdict(ctx: SkBuffContext) -> u32 {
     let verdict = REDIRECT_TARGETS.redirect_skb(&ctx, &mut peer, 0) as u32;
     if verdict == SK_PASS {
         // SAFETY: see `add`.
-        add(unsafe { &raw mut (*entry).bytes_redirected }, u64::from(len));
+        add(
+            unsafe { &raw mut (*entry).bytes_redirected },
+            u64::from(len),
+        );
     } else {
         count(stat::REDIRECT_FAILED);
     }

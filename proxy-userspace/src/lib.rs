@@ -1,1 +1,17 @@
+//! spliced: an HTTP CONNECT forward proxy whose tunnels are spliced in the kernel.
+//!
+//! The crate is split the way ARCHITECTURE.md describes:
+//! * [`control`] — the tokio control plane: accept, parse `CONNECT`, apply the
+//!   policy, resolve and connect upstream, answer `200`, hand the pair over;
+//! * [`dataplane`] — the one interface that moves a tunnel's bytes, with the
+//!   sockmap (eBPF), splice(2) and copy implementations;
+//! * [`access_log`] — Squid-style and JSON access log records.
 
+pub mod access_log;
+pub mod config;
+pub mod connect_request;
+pub mod control;
+pub mod dataplane;
+pub mod policy;
+pub mod sockopt;
+pub mod upstream;

@@ -1,0 +1,122 @@
+//! The data plane: what moves a tunnel's bytes once the control plane has
+//! answered `200`. One interface ([`DataPlane`]), three implementations:
+//!
+//! * [`sockmap::SockmapDataPlane`] — both sockets in an eBPF sockhash; the kernel
+//!   redirects every skb to the peer socket, user space never sees the bytes;
+//! * [`splice::SpliceDataPlane`] — splice(2) through a pipe per direction;
+//! * [`copy::CopyDataPlane`] — read/write through a user-space buffer.
+//!
+//! The control plane only ever holds an `Arc<dyn DataPlane>`.
+
+pub mod copy;
+mod pump;
+pub mod sockmap;
+pub mod splice;
+
+use std::{future::Future, pin::Pin, sync::Arc};
+
+use clap::ValueEnum;
+use tokio::net::TcpStream;
+
+use crate::config::Config;
+
+/// Which data plane `--dataplane` asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DataPlaneChoice {
+    /// sockmap when the eBPF programs load, splice otherwise.
+    Auto,
+    /// eBPF sockmap; fails to start if the programs do not load.
+    Sockmap,
+    /// splice(2) through pipes.
+    Splice,
+    /// User-space copy.
+    Copy,
+}
+
+/// An established tunnel handed from the control plane to a data plane.
+#[derive(Debug)]
+pub struct Tunnel {
+    /// The client socket; the `200` has been written to it.
+    pub client: TcpStream,
+    /// The upstream socket; the client's pipelined bytes have been written to it.
+    pub upstream: TcpStream,
+    /// Bytes user space has read from the client socket (request head and
+    /// pipelined bytes): the kernel-side accounting starts after them.
+    pub client_bytes_consumed: u64,
+}
+
+/// How a tunnel ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TunnelEnd {
+    /// Both sides closed their write side and every byte was delivered.
+    Closed,
+    /// The client reset the connection or an I/O error hit its socket.
+    ClientError,
+    /// The upstream reset the connection or an I/O error hit its socket.
+    UpstreamError,
+}
+
+impl TunnelEnd {
+    /// Name used in the access log.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Closed => "closed",
+            Self::ClientError => "client_error",
+            Self::UpstreamError => "upstream_error",
+        }
+    }
+}
+
+/// What a data plane reports when a tunnel is over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TunnelOutcome {
+    /// Bytes moved from the client to the upstream by the data plane.
+    pub client_to_upstream: u64,
+    /// Bytes moved from the upstream to the client by the data plane.
+    pub upstream_to_client: u64,
+    /// Name of the implementation that actually moved them (a sockmap tunnel that
+    /// could not be spliced reports its fallback).
+    pub dataplane: &'static str,
+    /// How it ended.
+    pub end: TunnelEnd,
+}
+
+/// A boxed tunnel future.
+pub type TunnelFuture = Pin<Box<dyn Future<Output = TunnelOutcome> + Send + 'static>>;
+
+/// Moves the bytes of established tunnels until both sides are done.
+pub trait DataPlane: Send + Sync {
+    /// Short name: `sockmap`, `splice` or `copy`.
+    fn name(&self) -> &'static str;
+
+    /// Runs `tunnel` to its end. The sockets are closed when the future completes.
+    fn run(&self, tunnel: Tunnel) -> TunnelFuture;
+
+    /// A one-line summary of kernel-side counters, for `SIGUSR1` and shutdown.
+    fn stats(&self) -> String {
+        String::new()
+    }
+}
+
+/// Builds the data plane `config` asks for and says why it was chosen.
+pub fn select(config: &Config) -> anyhow::Result<(Arc<dyn DataPlane>, String)> {
+    let fallback: Arc<dyn DataPlane> = Arc::new(splice::SpliceDataPlane);
+    match config.dataplane {
+        DataPlaneChoice::Copy => Ok((
+            Arc::new(copy::CopyDataPlane),
+            "requested with --dataplane copy".into(),
+        )),
+        DataPlaneChoice::Splice => Ok((fallback, "requested with --dataplane splice".into())),
+        DataPlaneChoice::Sockmap => {
+            let plane = sockmap::SockmapDataPlane::load(config, fallback)?;
+            Ok((Arc::new(plane), "requested with --dataplane sockmap".into()))
+        }
+        DataPlaneChoice::Auto => match sockmap::SockmapDataPlane::load(config, fallback.clone()) {
+            Ok(plane) => Ok((Arc::new(plane), "eBPF programs loaded and attached".into())),
+            Err(err) => Ok((
+                fallback,
+                format!("eBPF unavailable ({err:#}); falling back"),
+            )),
+        },
+    }
+}

@@ -1,0 +1,133 @@
+//! The bidirectional driver shared by the user-space data planes (splice, copy):
+//! run both directions, propagate each EOF as a half-close, and on an error
+//! reset both sides.
+
+use std::{
+    future::Future,
+    io,
+    os::fd::AsFd,
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
+};
+
+use socket2::SockRef;
+use tokio::net::TcpStream;
+
+use super::{TunnelEnd, TunnelOutcome};
+
+/// Byte counter a direction updates as it goes, so the count survives an error.
+#[derive(Debug, Default)]
+pub struct Moved(AtomicU64);
+
+impl Moved {
+    /// Counts `bytes` more.
+    pub fn add(&self, bytes: usize) {
+        self.0.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    /// The count so far.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Runs `client_to_upstream` and `upstream_to_client` until both end. Each must
+/// shut down its destination's write side after its source's EOF. The first
+/// error aborts the tunnel: both sockets are closed with a reset.
+pub async fn drive<A, B>(
+    client: &TcpStream,
+    upstream: &TcpStream,
+    client_to_upstream: A,
+    upstream_to_client: B,
+    name: &'static str,
+    moved: (&Moved, &Moved),
+) -> TunnelOutcome
+where
+    A: Future<Output = Result<(), DirectionError>>,
+    B: Future<Output = Result<(), DirectionError>>,
+{
+    tokio::pin!(client_to_upstream, upstream_to_client);
+    let (mut up_done, mut down_done) = (false, false);
+    let mut end = TunnelEnd::Closed;
+    while !(up_done && down_done) {
+        let result = tokio::select! {
+            result = &mut client_to_upstream, if !up_done => { up_done = true; result }
+            result = &mut upstream_to_client, if !down_done => { down_done = true; result }
+        };
+        if let Err(err) = result {
+            end = err.end();
+            log::debug!("{name} tunnel aborted: {err}");
+            reset(client);
+            reset(upstream);
+            break;
+        }
+    }
+    TunnelOutcome {
+        client_to_upstream: moved.0.get(),
+        upstream_to_client: moved.1.get(),
+        dataplane: name,
+        end,
+    }
+}
+
+/// Which socket of a tunnel.
+#[derive(Clone, Copy, Debug)]
+pub enum Side {
+    /// The client's.
+    Client,
+    /// The upstream's.
+    Upstream,
+}
+
+impl Side {
+    /// Wraps an I/O error on this side's socket.
+    pub fn error(self, err: io::Error) -> DirectionError {
+        match self {
+            Self::Client => DirectionError::Client(err),
+            Self::Upstream => DirectionError::Upstream(err),
+        }
+    }
+
+    /// The other side.
+    pub fn peer(self) -> Self {
+        match self {
+            Self::Client => Self::Upstream,
+            Self::Upstream => Self::Client,
+        }
+    }
+}
+
+/// An I/O error on one socket of a tunnel.
+#[derive(Debug, thiserror::Error)]
+pub enum DirectionError {
+    /// The client socket failed.
+    #[error("client socket: {0}")]
+    Client(io::Error),
+    /// The upstream socket failed.
+    #[error("upstream socket: {0}")]
+    Upstream(io::Error),
+}
+
+impl DirectionError {
+    fn end(&self) -> TunnelEnd {
+        match self {
+            Self::Client(_) => TunnelEnd::ClientError,
+            Self::Upstream(_) => TunnelEnd::UpstreamError,
+        }
+    }
+}
+
+/// Makes the next close of `stream` send a RST, so the other side learns that the
+/// tunnel broke instead of seeing a clean EOF.
+pub fn reset(stream: &impl AsFd) {
+    let _ = SockRef::from(stream).set_linger(Some(Duration::ZERO));
+}
+
+/// Half-closes `stream` (FIN after everything queued).
+pub fn shutdown_write(stream: &impl AsFd) -> io::Result<()> {
+    match SockRef::from(stream).shutdown(std::net::Shutdown::Write) {
+        // The peer may already be gone; the tunnel's other direction reports that.
+        Err(err) if err.kind() == io::ErrorKind::NotConnected => Ok(()),
+        other => other,
+    }
+}

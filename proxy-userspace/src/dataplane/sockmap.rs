@@ -1,0 +1,674 @@
+//! The eBPF sockmap data plane: after the `200`, both sockets of a tunnel go into
+//! a sockhash and the `splice_verdict` program (proxy-ebpf) redirects every skb
+//! that arrives on one socket out of the other. User space never reads the bytes;
+//! it only drives the tunnel's lifecycle from the `flow_state` program's events:
+//!
+//! 1. snapshot each socket's write position, register for events, insert the
+//!    `FLOWS` entries, then both sockets into `REDIRECT_TARGETS` (no program),
+//!    then into `SPLICED` (verdict attached) — in that order a redirect can never
+//!    find its peer missing — then kick both with `SO_RCVLOWAT` so bytes queued
+//!    before insertion are processed now and not when the next segment arrives;
+//! 2. on EOF from one side (a state change event, or the slow safety poll),
+//!    compute from `tcpi_bytes_received` how many bytes that side sent, wait until
+//!    they all reached the peer's send queue, and only then `shutdown(SHUT_WR)`
+//!    the peer: shutting down earlier cuts off bytes still in the redirect path;
+//! 3. when both directions are shut down, take the final byte counts from the
+//!    sockets' close events and close the sockets (which leaves both sockhashes).
+//!
+//! A socket that has already seen a FIN (CLOSE_WAIT) cannot be inserted; such a
+//! tunnel is handed to the fallback data plane.
+
+use std::{
+    collections::HashMap,
+    fs, io,
+    os::fd::{AsFd, BorrowedFd},
+    path::PathBuf,
+    sync::{Arc, Mutex, MutexGuard},
+    time::Duration,
+};
+
+use anyhow::{anyhow, Context as _};
+use aya::{
+    maps::{Array, HashMap as BpfHashMap, MapData, RingBuf, SockHash},
+    programs::{links::CgroupAttachMode, SkSkb, SockOps},
+    Ebpf, EbpfLoader,
+};
+use proxy_common::{stat, tcp_state, FlowEntry, FlowEvent};
+use std::net::TcpStream;
+
+use tokio::{io::unix::AsyncFd, sync::mpsc};
+
+use super::{pump, DataPlane, Tunnel, TunnelEnd, TunnelFuture, TunnelOutcome};
+use crate::{
+    config::{Config, TestHook},
+    sockopt,
+};
+
+/// The eBPF object built by build.rs from proxy-ebpf.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
+
+/// How often an open tunnel re-reads its sockets' TCP state, in case a flow event
+/// was lost (ring buffer full); events normally make this unnecessary.
+const SAFETY_POLL: Duration = Duration::from_secs(1);
+/// First and longest wait between drain checks after an EOF.
+const DRAIN_POLL_MIN: Duration = Duration::from_millis(1);
+const DRAIN_POLL_MAX: Duration = Duration::from_millis(64);
+/// How long to wait for both sockets' close events once a tunnel is done.
+const CLOSE_EVENT_GRACE: Duration = Duration::from_secs(2);
+
+/// The maps user space works with.
+struct Maps {
+    targets: SockHash<MapData, u64>,
+    spliced: SockHash<MapData, u64>,
+    flows: BpfHashMap<MapData, u64, FlowEntry>,
+    stats: Array<MapData, u64>,
+}
+
+/// Which misbehaviours tests asked for.
+#[derive(Clone, Copy, Debug, Default)]
+struct Hooks {
+    no_kick: bool,
+    no_drain_wait: bool,
+    verdict_before_targets: bool,
+    delay_before_splice: bool,
+}
+
+type Waiters = Mutex<HashMap<u64, mpsc::UnboundedSender<FlowEvent>>>;
+
+struct Shared {
+    maps: Mutex<Maps>,
+    waiters: Arc<Waiters>,
+    fallback: Arc<dyn DataPlane>,
+    congestion: String,
+    hooks: Hooks,
+    /// Keeps the programs loaded and attached for the life of the data plane.
+    _ebpf: Ebpf,
+}
+
+/// The sockmap data plane. See the module documentation.
+pub struct SockmapDataPlane {
+    shared: Arc<Shared>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl SockmapDataPlane {
+    /// Loads and attaches the eBPF programs. Must run inside a tokio runtime.
+    pub fn load(config: &Config, fallback: Arc<dyn DataPlane>) -> anyhow::Result<Self> {
+        raise_memlock_limit();
+        let redirect_empty_skbs = u8::from(config.hook(TestHook::RedirectEmptySkbs));
+        let mut ebpf = EbpfLoader::new()
+            .override_global("REDIRECT_EMPTY_SKBS", &redirect_empty_skbs, true)
+            .load(EBPF_OBJECT)
+            .context("loading the eBPF object")?;
+
+        let take = |ebpf: &mut Ebpf, name: &str| {
+            ebpf.take_map(name)
+                .ok_or_else(|| anyhow!("map {name} missing"))
+        };
+        let targets = SockHash::try_from(take(&mut ebpf, "REDIRECT_TARGETS")?)?;
+        let spliced: SockHash<MapData, u64> = SockHash::try_from(take(&mut ebpf, "SPLICED")?)?;
+        let flows = BpfHashMap::try_from(take(&mut ebpf, "FLOWS")?)?;
+        let stats = Array::try_from(take(&mut ebpf, "STATS")?)?;
+        let events = RingBuf::try_from(take(&mut ebpf, "FLOW_EVENTS")?)?;
+
+        let verdict: &mut SkSkb = ebpf
+            .program_mut("splice_verdict")
+            .context("program splice_verdict missing")?
+            .try_into()?;
+        verdict.load().context("loading splice_verdict (sk_skb)")?;
+        verdict
+            .attach(spliced.fd())
+            .context("attaching splice_verdict to SPLICED")?;
+
+        let cgroup_path = own_cgroup_v2()?;
+        let cgroup = fs::File::open(&cgroup_path)
+            .with_context(|| format!("opening cgroup {}", cgroup_path.display()))?;
+        let flow_state: &mut SockOps = ebpf
+            .program_mut("flow_state")
+            .context("program flow_state missing")?
+            .try_into()?;
+        flow_state.load().context("loading flow_state (sock_ops)")?;
+        flow_state
+            .attach(cgroup, CgroupAttachMode::Single)
+            .with_context(|| format!("attaching flow_state to cgroup {}", cgroup_path.display()))?;
+
+        let waiters: Arc<Waiters> = Arc::default();
+        // SAFETY: the RingBuf owns its map fd and keeps it open until the AsyncFd
+        // (which owns the RingBuf) is dropped; nothing else closes or replaces it.
+        let events =
+            unsafe { AsyncFd::register_with_interest(events, tokio::io::Interest::READABLE) }
+                .map_err(|err| anyhow!("registering the flow event ring buffer: {err}"))?;
+        tokio::spawn(dispatch_events(events, waiters.clone()));
+
+        Ok(Self {
+            shared: Arc::new(Shared {
+                maps: Mutex::new(Maps {
+                    targets,
+                    spliced,
+                    flows,
+                    stats,
+                }),
+                waiters,
+                fallback,
+                congestion: config.tcp_congestion.clone(),
+                hooks: Hooks {
+                    no_kick: config.hook(TestHook::NoRcvlowatKick),
+                    no_drain_wait: config.hook(TestHook::NoDrainWait),
+                    verdict_before_targets: config.hook(TestHook::VerdictBeforeTargets),
+                    delay_before_splice: config.hook(TestHook::DelayBeforeSplice),
+                },
+                _ebpf: ebpf,
+            }),
+        })
+    }
+}
+
+impl DataPlane for SockmapDataPlane {
+    fn name(&self) -> &'static str {
+        "sockmap"
+    }
+
+    fn run(&self, tunnel: Tunnel) -> TunnelFuture {
+        Box::pin(run_tunnel(self.shared.clone(), tunnel))
+    }
+
+    fn stats(&self) -> String {
+        let maps = lock(&self.shared.maps);
+        let stat = |index| maps.stats.get(&index, 0).unwrap_or(0);
+        format!(
+            "zero_length_dropped={} redirect_failed={} no_flow={} events_lost={} flows={} spliced_sockets={} target_sockets={}",
+            stat(stat::ZERO_LENGTH_DROPPED),
+            stat(stat::REDIRECT_FAILED),
+            stat(stat::NO_FLOW),
+            stat(stat::EVENTS_LOST),
+            maps.flows.keys().count(),
+            maps.spliced.keys().count(),
+            maps.targets.keys().count(),
+        )
+    }
+}
+
+/// Memory for maps is charged to the cgroup on kernels ≥ 5.11; older kernels
+/// need RLIMIT_MEMLOCK raised. Failure only matters on those.
+fn raise_memlock_limit() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit reads the struct, which is valid for the call.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        log::debug!(
+            "could not raise RLIMIT_MEMLOCK: {}",
+            io::Error::last_os_error()
+        );
+    }
+}
+
+/// The cgroup v2 directory this process belongs to: the sock_ops program is
+/// attached there, so it sees the proxy's sockets and no one else's outside it.
+fn own_cgroup_v2() -> anyhow::Result<PathBuf> {
+    let mountinfo =
+        fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    let mount_point = mountinfo
+        .lines()
+        .find_map(|line| {
+            let (before, after) = line.split_once(" - ")?;
+            (after.split_whitespace().next() == Some("cgroup2"))
+                .then(|| before.split_whitespace().nth(4).map(str::to_owned))?
+        })
+        .context("no cgroup v2 hierarchy is mounted")?;
+    let membership =
+        fs::read_to_string("/proc/self/cgroup").context("reading /proc/self/cgroup")?;
+    let relative = membership
+        .lines()
+        .find_map(|line| line.strip_prefix("0::"))
+        .context("process is in no cgroup v2 group")?;
+    Ok(PathBuf::from(mount_point).join(relative.trim_start_matches('/')))
+}
+
+async fn dispatch_events(mut events: AsyncFd<RingBuf<MapData>>, waiters: Arc<Waiters>) {
+    loop {
+        let mut guard = match events.readable_mut().await {
+            Ok(guard) => guard,
+            Err(err) => {
+                log::error!("flow event ring buffer failed: {err}; tunnels fall back to polling");
+                return;
+            }
+        };
+        let ring = guard.get_inner_mut();
+        while let Some(item) = ring.next() {
+            if item.len() < size_of::<FlowEvent>() {
+                continue;
+            }
+            let event: FlowEvent = bytemuck::pod_read_unaligned(&item[..size_of::<FlowEvent>()]);
+            if let Some(waiter) = lock(&waiters).get(&event.cookie) {
+                let _ = waiter.send(event);
+            }
+        }
+        guard.clear_ready();
+    }
+}
+
+/// One direction of a spliced tunnel, named by the socket the bytes come from.
+#[derive(Debug, Default)]
+struct Direction {
+    /// Whether the source sent its FIN.
+    eof: bool,
+    /// Bytes the kernel must still deliver from the source, known at EOF.
+    expected: u64,
+    /// Whether the destination has been shut down.
+    shut: bool,
+}
+
+/// Both sockets of a tunnel while they are spliced.
+struct SplicedPair<'a> {
+    shared: &'a Shared,
+    sockets: [&'a TcpStream; 2],
+    cookies: [u64; 2],
+    /// Bytes written into each socket before insertion (its write position then).
+    written_before: [u64; 2],
+    /// Bytes user space read from each socket before insertion.
+    consumed: [u64; 2],
+}
+
+const CLIENT: usize = 0;
+const UPSTREAM: usize = 1;
+
+async fn run_tunnel(shared: Arc<Shared>, tunnel: Tunnel) -> TunnelOutcome {
+    if shared.hooks.delay_before_splice {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let Tunnel {
+        client,
+        upstream,
+        client_bytes_consumed,
+    } = tunnel;
+    // Spliced sockets are taken out of tokio's reactor: the kernel's write-space
+    // wakeups on them would otherwise wake the process for every ACK.
+    let (client, upstream) = match (client.into_std(), upstream.into_std()) {
+        (Ok(client), Ok(upstream)) => (client, upstream),
+        (Err(err), _) | (_, Err(err)) => {
+            log::error!("sockmap: cannot take the sockets out of the reactor: {err}");
+            return TunnelOutcome {
+                client_to_upstream: 0,
+                upstream_to_client: 0,
+                dataplane: "sockmap",
+                end: TunnelEnd::ClientError,
+            };
+        }
+    };
+    let fallback = |client: TcpStream, upstream: TcpStream| {
+        let shared = shared.clone();
+        async move {
+            match (
+                tokio::net::TcpStream::from_std(client),
+                tokio::net::TcpStream::from_std(upstream),
+            ) {
+                (Ok(client), Ok(upstream)) => {
+                    let tunnel = Tunnel {
+                        client,
+                        upstream,
+                        client_bytes_consumed,
+                    };
+                    shared.fallback.run(tunnel).await
+                }
+                (Err(err), _) | (_, Err(err)) => {
+                    log::error!("sockmap: cannot hand the sockets to the fallback: {err}");
+                    TunnelOutcome {
+                        client_to_upstream: 0,
+                        upstream_to_client: 0,
+                        dataplane: "sockmap",
+                        end: TunnelEnd::ClientError,
+                    }
+                }
+            }
+        }
+    };
+    let sockets = [&client, &upstream];
+    let cookies = match (
+        sockopt::cookie(sockets[0].as_fd()),
+        sockopt::cookie(sockets[1].as_fd()),
+    ) {
+        (Ok(a), Ok(b)) => [a, b],
+        (Err(err), _) | (_, Err(err)) => {
+            log::warn!("sockmap: no socket cookie ({err}); using the fallback data plane");
+            return fallback(client, upstream).await;
+        }
+    };
+    for socket in sockets {
+        if !shared.congestion.is_empty() {
+            if let Err(err) = sockopt::set_congestion(socket.as_fd(), &shared.congestion) {
+                log::debug!("TCP_CONGESTION {}: {err}", shared.congestion);
+            }
+        }
+    }
+    let written_before = match (
+        stable_bytes_written(sockets[0].as_fd()),
+        stable_bytes_written(sockets[1].as_fd()),
+    ) {
+        (Ok(a), Ok(b)) => [a, b],
+        (Err(err), _) | (_, Err(err)) => {
+            log::warn!("sockmap: TCP_INFO failed ({err}); using the fallback data plane");
+            return fallback(client, upstream).await;
+        }
+    };
+    let pair = SplicedPair {
+        shared: &shared,
+        sockets,
+        cookies,
+        written_before,
+        consumed: [client_bytes_consumed, 0],
+    };
+    let (sender, mut events) = mpsc::unbounded_channel();
+    {
+        let mut waiters = lock(&shared.waiters);
+        waiters.insert(cookies[CLIENT], sender.clone());
+        waiters.insert(cookies[UPSTREAM], sender);
+    }
+    let outcome = match pair.insert().await {
+        Ok(()) => Some(pair.run(&mut events).await),
+        Err(err) => {
+            log::debug!("sockmap: tunnel not spliced ({err}); using the fallback data plane");
+            None
+        }
+    };
+    let redirected = pair.remove_flows();
+    {
+        let mut waiters = lock(&shared.waiters);
+        waiters.remove(&cookies[CLIENT]);
+        waiters.remove(&cookies[UPSTREAM]);
+    }
+    drop(pair);
+    match outcome {
+        Some(outcome) => outcome,
+        None => {
+            // Bytes the kernel moved before insertion failed count as moved too.
+            let mut outcome = fallback(client, upstream).await;
+            outcome.client_to_upstream += redirected[CLIENT];
+            outcome.upstream_to_client += redirected[UPSTREAM];
+            outcome
+        }
+    }
+}
+
+/// `sockopt::bytes_written`, read until two reads agree (an ACK can land between
+/// the two syscalls it makes).
+fn stable_bytes_written(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let mut last = sockopt::bytes_written(fd)?;
+    for _ in 0..16 {
+        let now = sockopt::bytes_written(fd)?;
+        if now == last {
+            return Ok(now);
+        }
+        last = now;
+    }
+    Ok(last)
+}
+
+fn is_fin_received(state: u8) -> bool {
+    matches!(
+        u32::from(state),
+        tcp_state::CLOSE_WAIT
+            | tcp_state::LAST_ACK
+            | tcp_state::CLOSING
+            | tcp_state::TIME_WAIT
+            | tcp_state::CLOSE
+    )
+}
+
+impl SplicedPair<'_> {
+    /// Inserts both sockets (see the module documentation for the order).
+    async fn insert(&self) -> anyhow::Result<()> {
+        let [client, upstream] = self.cookies;
+        {
+            let mut maps = lock(&self.shared.maps);
+            maps.flows.insert(
+                client,
+                FlowEntry {
+                    peer_cookie: upstream,
+                    bytes_redirected: 0,
+                },
+                0,
+            )?;
+            maps.flows.insert(
+                upstream,
+                FlowEntry {
+                    peer_cookie: client,
+                    bytes_redirected: 0,
+                },
+                0,
+            )?;
+        }
+        if self.shared.hooks.verdict_before_targets {
+            self.insert_into(Map::Spliced)?;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            self.insert_into(Map::Targets)?;
+        } else {
+            self.insert_into(Map::Targets)?;
+            if let Err(err) = self.insert_into(Map::Spliced) {
+                self.undo_partial_splice().await;
+                return Err(err);
+            }
+        }
+        if !self.shared.hooks.no_kick {
+            for socket in self.sockets {
+                sockopt::set_rcvlowat(socket.as_fd(), 1).context("SO_RCVLOWAT kick")?;
+            }
+        }
+        Ok(())
+    }
+
+    fn insert_into(&self, which: Map) -> anyhow::Result<()> {
+        let mut maps = lock(&self.shared.maps);
+        let map = match which {
+            Map::Targets => &mut maps.targets,
+            Map::Spliced => &mut maps.spliced,
+        };
+        for (cookie, socket) in self.cookies.iter().zip(self.sockets) {
+            map.insert(cookie, socket.as_fd(), 0).with_context(|| {
+                format!(
+                    "inserting socket into {which:?} (TCP state {})",
+                    tcp_state_of(socket)
+                )
+            })?;
+        }
+        Ok(())
+    }
+
+    /// One socket made it into SPLICED, the other did not (it saw a FIN in
+    /// between). Stop the verdict, let what it already redirected drain, and
+    /// leave both maps so the fallback gets plain sockets.
+    async fn undo_partial_splice(&self) {
+        {
+            let mut maps = lock(&self.shared.maps);
+            for cookie in self.cookies {
+                let _ = maps.spliced.remove(&cookie);
+            }
+        }
+        let mut wait = DRAIN_POLL_MIN;
+        for _ in 0..100 {
+            let redirected = self.redirected();
+            let drained = (0..2).all(|src| {
+                self.written_since_insert(1 - src)
+                    .is_ok_and(|w| w >= redirected[src])
+            });
+            if drained {
+                break;
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(DRAIN_POLL_MAX);
+        }
+        let mut maps = lock(&self.shared.maps);
+        for cookie in self.cookies {
+            let _ = maps.targets.remove(&cookie);
+        }
+    }
+
+    /// Bytes the verdict redirected out of each socket so far.
+    fn redirected(&self) -> [u64; 2] {
+        let maps = lock(&self.shared.maps);
+        self.cookies.map(|cookie| {
+            maps.flows
+                .get(&cookie, 0)
+                .map_or(0, |entry| entry.bytes_redirected)
+        })
+    }
+
+    /// Reads the final counters and deletes the FLOWS entries.
+    fn remove_flows(&self) -> [u64; 2] {
+        let redirected = self.redirected();
+        let mut maps = lock(&self.shared.maps);
+        for cookie in self.cookies {
+            let _ = maps.flows.remove(&cookie);
+        }
+        redirected
+    }
+
+    fn written_since_insert(&self, index: usize) -> io::Result<u64> {
+        Ok(sockopt::bytes_written(self.sockets[index].as_fd())?
+            .saturating_sub(self.written_before[index]))
+    }
+
+    /// Drives the spliced tunnel to its end.
+    async fn run(&self, events: &mut mpsc::UnboundedReceiver<FlowEvent>) -> TunnelOutcome {
+        let mut directions = [Direction::default(), Direction::default()];
+        let mut closed_counts: [Option<u64>; 2] = [None, None];
+        let mut drain_wait = DRAIN_POLL_MIN;
+        let end = loop {
+            // Observe both sockets: EOF, or a reset.
+            for (src, direction) in directions.iter_mut().enumerate() {
+                self.observe(src, direction);
+            }
+            if let Some(end) = self.check_errors() {
+                break end;
+            }
+            for (src, direction) in directions.iter_mut().enumerate() {
+                self.try_shutdown_peer(src, direction);
+            }
+            if directions.iter().all(|d| d.shut) {
+                break TunnelEnd::Closed;
+            }
+            let draining = directions.iter().any(|d| d.eof && !d.shut);
+            let wait = if draining { drain_wait } else { SAFETY_POLL };
+            tokio::select! {
+                event = events.recv() => {
+                    if let Some(event) = event {
+                        self.note_close(&event, &mut closed_counts);
+                    }
+                    drain_wait = DRAIN_POLL_MIN;
+                }
+                () = tokio::time::sleep(wait) => {
+                    drain_wait = (drain_wait * 2).min(DRAIN_POLL_MAX);
+                }
+            }
+        };
+        if end == TunnelEnd::Closed {
+            // Final counts come from the sockets' close events (bytes are final once
+            // both directions are shut down); the map is the fallback if a peer never
+            // acknowledges our FIN within the grace period.
+            let _ = tokio::time::timeout(CLOSE_EVENT_GRACE, async {
+                while closed_counts.iter().any(Option::is_none) {
+                    match events.recv().await {
+                        Some(event) => self.note_close(&event, &mut closed_counts),
+                        None => break,
+                    }
+                }
+            })
+            .await;
+        } else {
+            for socket in self.sockets {
+                pump::reset(socket);
+            }
+        }
+        let live = self.redirected();
+        TunnelOutcome {
+            client_to_upstream: closed_counts[CLIENT].unwrap_or(live[CLIENT]),
+            upstream_to_client: closed_counts[UPSTREAM].unwrap_or(live[UPSTREAM]),
+            dataplane: "sockmap",
+            end,
+        }
+    }
+
+    fn note_close(&self, event: &FlowEvent, closed_counts: &mut [Option<u64>; 2]) {
+        if event.new_state != tcp_state::CLOSE {
+            return;
+        }
+        if let Some(index) = self.cookies.iter().position(|&c| c == event.cookie) {
+            closed_counts[index] = Some(event.bytes_redirected);
+        }
+    }
+
+    /// Notes an EOF on socket `src` and how many bytes it sent in all.
+    fn observe(&self, src: usize, direction: &mut Direction) {
+        if direction.eof {
+            return;
+        }
+        let Ok(info) = sockopt::tcp_info(self.sockets[src].as_fd()) else {
+            return;
+        };
+        if is_fin_received(info.state) {
+            direction.eof = true;
+            // bytes_received counts the FIN's sequence number too.
+            direction.expected = info
+                .bytes_received
+                .saturating_sub(1)
+                .saturating_sub(self.consumed[src]);
+        }
+    }
+
+    /// A reset or error on either socket ends the tunnel.
+    fn check_errors(&self) -> Option<TunnelEnd> {
+        for (index, socket) in self.sockets.iter().enumerate() {
+            if let Ok(Some(err)) = sockopt::take_error(socket.as_fd()) {
+                log::debug!(
+                    "sockmap tunnel: {} socket error: {err}",
+                    if index == CLIENT {
+                        "client"
+                    } else {
+                        "upstream"
+                    }
+                );
+                return Some(if index == CLIENT {
+                    TunnelEnd::ClientError
+                } else {
+                    TunnelEnd::UpstreamError
+                });
+            }
+        }
+        None
+    }
+
+    /// Shuts the peer of `src` down once everything `src` sent has reached it.
+    fn try_shutdown_peer(&self, src: usize, direction: &mut Direction) {
+        if !direction.eof || direction.shut {
+            return;
+        }
+        let dst = 1 - src;
+        let drained = self.shared.hooks.no_drain_wait
+            || self
+                .written_since_insert(dst)
+                .is_ok_and(|written| written >= direction.expected);
+        if drained {
+            if let Err(err) = pump::shutdown_write(self.sockets[dst]) {
+                log::debug!("sockmap tunnel: shutdown: {err}");
+            }
+            direction.shut = true;
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Map {
+    Targets,
+    Spliced,
+}
+
+fn tcp_state_of(socket: &TcpStream) -> String {
+    sockopt::tcp_info(socket.as_fd())
+        .map_or_else(|err| err.to_string(), |info| info.state.to_string())
+}

@@ -1,0 +1,142 @@
+//! splice(2) data plane: each direction moves bytes socket → pipe → socket
+//! inside the kernel; user space only waits for readiness.
+
+use std::{
+    io,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+};
+
+use tokio::{io::Interest, net::TcpStream};
+
+use super::{
+    pump::{self, DirectionError, Moved, Side},
+    DataPlane, Tunnel, TunnelFuture,
+};
+
+/// Pipe capacity requested with F_SETPIPE_SZ (the default is 64 KiB).
+const PIPE_BYTES: libc::c_int = 1 << 20;
+
+/// splice(2) data plane.
+#[derive(Debug, Default)]
+pub struct SpliceDataPlane;
+
+impl DataPlane for SpliceDataPlane {
+    fn name(&self) -> &'static str {
+        "splice"
+    }
+
+    fn run(&self, tunnel: Tunnel) -> TunnelFuture {
+        Box::pin(async move {
+            let Tunnel {
+                client, upstream, ..
+            } = tunnel;
+            let (up, down) = (Moved::default(), Moved::default());
+            let pipes = Pipe::new().and_then(|a| Ok((a, Pipe::new()?)));
+            let (up_pipe, down_pipe) = match pipes {
+                Ok(pipes) => pipes,
+                Err(err) => {
+                    log::error!("splice: cannot create pipes ({err}); copying this tunnel instead");
+                    return super::copy::CopyDataPlane
+                        .run(Tunnel {
+                            client,
+                            upstream,
+                            client_bytes_consumed: 0,
+                        })
+                        .await;
+                }
+            };
+            pump::drive(
+                &client,
+                &upstream,
+                splice_one_way(&client, &upstream, &up_pipe, &up, Side::Client),
+                splice_one_way(&upstream, &client, &down_pipe, &down, Side::Upstream),
+                "splice",
+                (&up, &down),
+            )
+            .await
+        })
+    }
+}
+
+/// A pipe used as the in-kernel buffer of one direction; closed on drop.
+struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+}
+
+impl Pipe {
+    fn new() -> io::Result<Self> {
+        let mut fds = [0 as RawFd; 2];
+        // SAFETY: pipe2 writes two fds into the array, which is valid for the call.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: pipe2 succeeded, so both fds are open and owned by nobody else.
+        let pipe = unsafe {
+            Self {
+                read: OwnedFd::from_raw_fd(fds[0]),
+                write: OwnedFd::from_raw_fd(fds[1]),
+            }
+        };
+        // A bigger pipe means fewer wakeups; failure (pipe-max-size) is harmless.
+        // SAFETY: F_SETPIPE_SZ takes an int argument and touches no memory of ours.
+        unsafe { libc::fcntl(pipe.write.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_BYTES) };
+        Ok(pipe)
+    }
+}
+
+fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+    // SAFETY: both fds are open for the duration of the call; null offsets mean
+    // "use the file position", which is what sockets and pipes require.
+    let n = unsafe {
+        libc::splice(
+            from,
+            std::ptr::null_mut(),
+            to,
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
+async fn splice_one_way(
+    src: &TcpStream,
+    dst: &TcpStream,
+    pipe: &Pipe,
+    moved: &Moved,
+    src_side: Side,
+) -> Result<(), DirectionError> {
+    loop {
+        let mut in_pipe = loop {
+            src.readable().await.map_err(|e| src_side.error(e))?;
+            match src.try_io(Interest::READABLE, || {
+                splice(src.as_raw_fd(), pipe.write.as_raw_fd(), PIPE_BYTES as usize)
+            }) {
+                Ok(n) => break n,
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(err) => return Err(src_side.error(err)),
+            }
+        };
+        if in_pipe == 0 {
+            return pump::shutdown_write(dst).map_err(|e| src_side.peer().error(e));
+        }
+        while in_pipe > 0 {
+            dst.writable().await.map_err(|e| src_side.peer().error(e))?;
+            match dst.try_io(Interest::WRITABLE, || {
+                splice(pipe.read.as_raw_fd(), dst.as_raw_fd(), in_pipe)
+            }) {
+                Ok(n) => {
+                    in_pipe -= n;
+                    moved.add(n);
+                }
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(err) => return Err(src_side.peer().error(err)),
+            }
+        }
+    }
+}

@@ -1,0 +1,129 @@
+//! Thin, safe wrappers over the socket options and ioctls spliced needs beyond
+//! what `socket2` offers: socket cookies, `TCP_INFO`, `SIOCOUTQ`, `SO_RCVLOWAT`,
+//! `TCP_CONGESTION`.
+
+use std::{
+    io,
+    mem::{size_of, MaybeUninit},
+    os::fd::{AsRawFd, BorrowedFd},
+};
+
+fn getsockopt<T: Copy>(fd: BorrowedFd<'_>, level: libc::c_int, name: libc::c_int) -> io::Result<T> {
+    let mut value = MaybeUninit::<T>::zeroed();
+    let mut len = size_of::<T>() as libc::socklen_t;
+    // SAFETY: `value` is a writable buffer of `len` bytes that lives across the call,
+    // and the kernel writes at most `len` bytes; T is plain old data.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            value.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: zero-initialised and (partly) filled by the kernel; any bytes are a valid T.
+    Ok(unsafe { value.assume_init() })
+}
+
+fn setsockopt(
+    fd: BorrowedFd<'_>,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: &[u8],
+) -> io::Result<()> {
+    // SAFETY: `value` is a readable buffer of the given length for the whole call.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            value.as_ptr().cast(),
+            value.len() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The socket's cookie (`SO_COOKIE`): the key `bpf_get_socket_cookie` returns.
+pub fn cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    getsockopt::<u64>(fd, libc::SOL_SOCKET, libc::SO_COOKIE)
+}
+
+/// The fields of `struct tcp_info` spliced reads.
+#[derive(Clone, Copy, Debug)]
+pub struct TcpInfo {
+    /// TCP state (`tcp_state` numbers).
+    pub state: u8,
+    /// Bytes acknowledged by the peer (RFC 4898 tcpEStatsAppHCThruOctetsAcked);
+    /// an active open counts its SYN here too.
+    pub bytes_acked: u64,
+    /// Sequence space received: payload bytes, plus one for a received FIN.
+    pub bytes_received: u64,
+}
+
+/// Reads `TCP_INFO`.
+pub fn tcp_info(fd: BorrowedFd<'_>) -> io::Result<TcpInfo> {
+    // libc's tcp_info stops before the 64-bit counters, so read the raw struct.
+    // Offsets from include/uapi/linux/tcp.h (stable ABI): tcpi_state at 0,
+    // tcpi_bytes_acked at 120, tcpi_bytes_received at 128.
+    let raw = getsockopt::<[u8; 232]>(fd, libc::IPPROTO_TCP, libc::TCP_INFO)?;
+    let u64_at =
+        |offset: usize| u64::from_ne_bytes(raw[offset..offset + 8].try_into().expect("8 bytes"));
+    Ok(TcpInfo {
+        state: raw[0],
+        bytes_acked: u64_at(120),
+        bytes_received: u64_at(128),
+    })
+}
+
+/// Bytes in the send queue not yet acknowledged (`SIOCOUTQ`), FIN included.
+pub fn send_queue_len(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let mut value: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ writes one int through the pointer, which is valid for the call.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &mut value) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(u64::try_from(value).unwrap_or(0))
+}
+
+/// Everything ever written into the socket's send path: acknowledged bytes plus
+/// the send queue, i.e. `write_seq` minus a constant (the SYN for active opens).
+///
+/// `bytes_acked` is read before the queue: an ACK landing between the two reads
+/// then makes the sum smaller, never larger, so callers may wait a little longer
+/// but never shut a socket down before its bytes are queued.
+pub fn bytes_written(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let acked = tcp_info(fd)?.bytes_acked;
+    Ok(acked + send_queue_len(fd)?)
+}
+
+/// Sets `SO_RCVLOWAT`. For a socket in a sockmap the kernel also runs the
+/// socket's data-ready callback (tcp_set_rcvlowat → tcp_data_ready), which makes
+/// the verdict process bytes that were queued before insertion.
+pub fn set_rcvlowat(fd: BorrowedFd<'_>, bytes: i32) -> io::Result<()> {
+    setsockopt(
+        fd,
+        libc::SOL_SOCKET,
+        libc::SO_RCVLOWAT,
+        &bytes.to_ne_bytes(),
+    )
+}
+
+/// Sets the socket's congestion control algorithm (`TCP_CONGESTION`).
+pub fn set_congestion(fd: BorrowedFd<'_>, name: &str) -> io::Result<()> {
+    setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_CONGESTION, name.as_bytes())
+}
+
+/// Takes the socket's pending error (`SO_ERROR`), if any.
+pub fn take_error(fd: BorrowedFd<'_>) -> io::Result<Option<io::Error>> {
+    let errno = getsockopt::<libc::c_int>(fd, libc::SOL_SOCKET, libc::SO_ERROR)?;
+    Ok((errno != 0).then(|| io::Error::from_raw_os_error(errno)))
+}
