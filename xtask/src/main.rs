@@ -1,1 +1,240 @@
-fn main(){}
+//! `cargo xtask`: the one entry point for developers and CI of spliced.
+//!
+//! It installs whatever the build and the tests need on a Debian machine
+//! (`setup`), builds the proxy with its eBPF object (`build`), runs it (`run`)
+//! and runs every check CI runs (`test`). Each task installs only what is
+//! missing, so on a prepared machine the setup part costs a fraction of a second.
+
+mod prereq;
+mod proc;
+
+use std::{
+    ffi::OsString,
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
+
+use anyhow::Result;
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::{
+    prereq::Needs,
+    proc::{cargo, exec, run_checked},
+};
+
+/// Developer tasks of spliced: install prerequisites, build, run, test.
+#[derive(Parser)]
+#[command(name = "xtask", bin_name = "cargo xtask", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install missing prerequisites (Debian packages, nightly rust-src, bpf-linker, ...).
+    Setup {
+        /// Only the prerequisites of this task; all of them when omitted.
+        #[arg(long, value_enum)]
+        only: Option<Scope>,
+    },
+    /// Install the build prerequisites, then build target/release/spliced.
+    Build,
+    /// Build, then run target/release/spliced with the given arguments.
+    Run {
+        /// Arguments for spliced, after `--` (e.g. `-- --listen 127.0.0.1:3128`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// Run every CI check: setup, fmt, clippy, release build, cargo test.
+    Test {
+        /// Extra arguments for `cargo test`, after `--` (e.g. `-- -p spliced-tests -- --nocapture`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+}
+
+/// Which group of prerequisites `setup --only` installs.
+#[derive(Clone, Copy, ValueEnum)]
+enum Scope {
+    /// What building spliced needs.
+    Build,
+    /// What the tests need on top of the build.
+    Test,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    proc::put_cargo_bin_on_path();
+    match dispatch(cli.task) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // The error chain only: a backtrace of xtask itself helps nobody.
+            eprintln!("xtask: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs one task.
+fn dispatch(task: Task) -> Result<()> {
+    match task {
+        Task::Setup { only } => setup(only),
+        Task::Build => build().map(drop),
+        Task::Run { args } => run(args),
+        Task::Test { args } => test(args),
+    }
+}
+
+/// `cargo xtask setup`.
+fn setup(only: Option<Scope>) -> Result<()> {
+    let needs = match only {
+        None => Needs::ALL,
+        Some(Scope::Build) => Needs::BUILD,
+        Some(Scope::Test) => Needs::TEST,
+    };
+    prereq::ensure(needs)
+}
+
+/// `cargo xtask build`: returns the path of the built `spliced`.
+fn build() -> Result<PathBuf> {
+    prereq::ensure(Needs::BUILD)?;
+    build_spliced()
+}
+
+/// `cargo xtask run`: replaces this process with spliced.
+fn run(args: Vec<OsString>) -> Result<()> {
+    let spliced = build()?;
+    if !prereq::is_root()? {
+        eprintln!(
+            "warning: not root: spliced needs CAP_BPF and CAP_NET_ADMIN for the eBPF \
+             sockmap and will fall back to splice(2)"
+        );
+    }
+    let mut cmd = std::process::Command::new(&spliced);
+    cmd.args(args);
+    Err(exec(&mut cmd))
+}
+
+/// `cargo xtask test`: every check CI runs, stopping at the first failure.
+fn test(args: Vec<OsString>) -> Result<()> {
+    banner("setup");
+    prereq::ensure(Needs::ALL)?;
+
+    banner("cargo fmt --check");
+    run_checked(cargo().args(["fmt", "--all", "--", "--check"]))?;
+
+    banner("cargo clippy (host crates)");
+    run_checked(
+        cargo()
+            .args(["clippy", "--workspace"])
+            .args(HOST_ONLY)
+            .args(["--all-targets", "--", "-D", "warnings"]),
+    )?;
+
+    banner("cargo clippy (eBPF crate, nightly, bpfel-unknown-none)");
+    run_checked(cargo().args([
+        "+nightly",
+        "clippy",
+        "--package",
+        "proxy-ebpf",
+        "--release",
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+
+    banner("cargo build --release -p proxy-userspace");
+    let spliced = build_spliced()?;
+
+    banner("cargo test --workspace --release");
+    run_checked(
+        cargo()
+            .args(["test", "--workspace"])
+            .args(HOST_ONLY)
+            .arg("--release")
+            .args(args)
+            .env("SPLICED_BIN", &spliced),
+    )?;
+
+    banner("all checks passed");
+    Ok(())
+}
+
+/// proxy-ebpf is `no_std`, nightly-only and builds only for the BPF target
+/// (proxy-userspace's build.rs builds it), so host-side commands skip it.
+const HOST_ONLY: [&str; 2] = ["--exclude", "proxy-ebpf"];
+
+/// Builds spliced (and, through its build.rs, the eBPF object) in release mode.
+fn build_spliced() -> Result<PathBuf> {
+    run_checked(cargo().args(["build", "--release", "--package", "proxy-userspace"]))?;
+    let spliced = target_dir().join("release").join("spliced");
+    anyhow::ensure!(
+        spliced.is_file(),
+        "the build succeeded but {} does not exist",
+        spliced.display()
+    );
+    Ok(spliced)
+}
+
+/// Prints a stage banner that stands out in long CI logs.
+fn banner(stage: &str) {
+    eprintln!("\n==> xtask: {stage}");
+}
+
+/// The workspace root: the parent of this crate's directory.
+pub fn workspace_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives inside the workspace")
+}
+
+/// Cargo's target directory: `$CARGO_TARGET_DIR` (relative to the workspace
+/// root) if set, else `<root>/target`. Always absolute.
+fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) if !dir.is_empty() => workspace_root().join(dir),
+        _ => workspace_root().join("target"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory as _;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn run_passes_hyphenated_args_through() {
+        let cli = Cli::try_parse_from(["xtask", "run", "--", "--listen", "127.0.0.1:3128"])
+            .expect("parses");
+        let Task::Run { args } = cli.task else {
+            panic!("not run")
+        };
+        assert_eq!(args, ["--listen", "127.0.0.1:3128"]);
+    }
+
+    #[test]
+    fn test_passes_nested_separator_through() {
+        let cli = Cli::try_parse_from(["xtask", "test", "--", "-p", "x", "--", "--nocapture"])
+            .expect("parses");
+        let Task::Test { args } = cli.task else {
+            panic!("not test")
+        };
+        assert_eq!(args, ["-p", "x", "--", "--nocapture"]);
+    }
+
+    #[test]
+    fn workspace_root_has_the_workspace_manifest() {
+        assert!(workspace_root().join("Cargo.toml").is_file());
+        assert!(workspace_root().join("xtask").is_dir());
+    }
+}
