@@ -95,7 +95,7 @@ pub fn splice_verdict(ctx: SkBuffContext) -> u32 {
     // SAFETY: the context is a valid __sk_buff for the whole program run.
     // bpf_get_socket_cookie returns the socket's unique, never-reused 64-bit id.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let Some(entry) = FLOWS.get_ptr_mut(&cookie) else {
+    let Some(entry) = FLOWS.get_ptr_mut(cookie) else {
         // Not (or no longer) a tunnel socket: let the bytes reach its own queue.
         count(stat::NO_FLOW);
         return SK_PASS;
@@ -141,7 +141,7 @@ fn report_state_change(ctx: &SockOpsContext) {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: FLOWS values are plain integers; a racing update can only make the
     // counter we copy slightly stale, which user space tolerates.
-    let Some(entry) = (unsafe { FLOWS.get(&cookie) }) else {
+    let Some(entry) = (unsafe { FLOWS.get(cookie) }) else {
         return;
     };
     let event = FlowEvent {

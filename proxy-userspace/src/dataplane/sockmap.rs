@@ -12,8 +12,8 @@
 //!    compute from `tcpi_bytes_received` how many bytes that side sent, wait until
 //!    they all reached the peer's send queue, and only then `shutdown(SHUT_WR)`
 //!    the peer: shutting down earlier cuts off bytes still in the redirect path;
-//! 3. when both directions are shut down, take the final byte counts from the
-//!    sockets' close events and close the sockets (which leaves both sockhashes).
+//! 3. when both directions are shut down, read the final byte counts from
+//!    `FLOWS` and close the sockets (which removes them from both sockhashes).
 //!
 //! A socket that has already seen a FIN (CLOSE_WAIT) cannot be inserted; such a
 //! tunnel is handed to the fallback data plane.
@@ -53,8 +53,6 @@ const SAFETY_POLL: Duration = Duration::from_secs(1);
 /// First and longest wait between drain checks after an EOF.
 const DRAIN_POLL_MIN: Duration = Duration::from_millis(1);
 const DRAIN_POLL_MAX: Duration = Duration::from_millis(64);
-/// How long to wait for both sockets' close events once a tunnel is done.
-const CLOSE_EVENT_GRACE: Duration = Duration::from_secs(2);
 
 /// The maps user space works with.
 struct Maps {
@@ -125,9 +123,7 @@ impl SockmapDataPlane {
             .attach(spliced.fd())
             .context("attaching splice_verdict to SPLICED")?;
 
-        let cgroup_path = own_cgroup_v2()?;
-        let cgroup = fs::File::open(&cgroup_path)
-            .with_context(|| format!("opening cgroup {}", cgroup_path.display()))?;
+        let (cgroup, cgroup_path) = open_own_cgroup_v2()?;
         let flow_state: &mut SockOps = ebpf
             .program_mut("flow_state")
             .context("program flow_state missing")?
@@ -209,26 +205,68 @@ fn raise_memlock_limit() {
     }
 }
 
-/// The cgroup v2 directory this process belongs to: the sock_ops program is
-/// attached there, so it sees the proxy's sockets and no one else's outside it.
-fn own_cgroup_v2() -> anyhow::Result<PathBuf> {
-    let mountinfo =
-        fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
-    let mount_point = mountinfo
-        .lines()
-        .find_map(|line| {
-            let (before, after) = line.split_once(" - ")?;
-            (after.split_whitespace().next() == Some("cgroup2"))
-                .then(|| before.split_whitespace().nth(4).map(str::to_owned))?
-        })
-        .context("no cgroup v2 hierarchy is mounted")?;
+/// Opens the cgroup v2 directory this process belongs to: the sock_ops program
+/// is attached there, so it sees the proxy's sockets and no one else's outside it.
+///
+/// `ip netns exec` and some containers give the process a mount namespace without
+/// the cgroup2 hierarchy; then it is mounted on a private temporary directory just
+/// long enough to open the directory (the attachment outlives the mount).
+fn open_own_cgroup_v2() -> anyhow::Result<(fs::File, PathBuf)> {
     let membership =
         fs::read_to_string("/proc/self/cgroup").context("reading /proc/self/cgroup")?;
     let relative = membership
         .lines()
         .find_map(|line| line.strip_prefix("0::"))
-        .context("process is in no cgroup v2 group")?;
-    Ok(PathBuf::from(mount_point).join(relative.trim_start_matches('/')))
+        .context("process is in no cgroup v2 group")?
+        .trim_start_matches('/')
+        .to_owned();
+    let mountinfo =
+        fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    let mounted = mountinfo.lines().find_map(|line| {
+        let (before, after) = line.split_once(" - ")?;
+        (after.split_whitespace().next() == Some("cgroup2"))
+            .then(|| before.split_whitespace().nth(4).map(str::to_owned))?
+    });
+    if let Some(mount_point) = mounted {
+        let path = PathBuf::from(mount_point).join(&relative);
+        let dir =
+            fs::File::open(&path).with_context(|| format!("opening cgroup {}", path.display()))?;
+        return Ok((dir, path));
+    }
+    let temp = std::env::temp_dir().join(format!("spliced-cgroup2-{}", std::process::id()));
+    fs::create_dir_all(&temp).with_context(|| format!("creating {}", temp.display()))?;
+    let result = with_temporary_cgroup2_mount(&temp, |root| {
+        let path = root.join(&relative);
+        fs::File::open(&path).with_context(|| format!("opening cgroup {}", path.display()))
+    });
+    let _ = fs::remove_dir(&temp);
+    Ok((result?, PathBuf::from("cgroup2:/").join(relative)))
+}
+
+fn with_temporary_cgroup2_mount<T>(
+    dir: &std::path::Path,
+    f: impl FnOnce(&std::path::Path) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let target = std::ffi::CString::new(dir.as_os_str().as_bytes()).context("temporary path")?;
+    // SAFETY: all pointers are NUL-terminated strings that outlive the call.
+    let rc = unsafe {
+        libc::mount(
+            c"cgroup2".as_ptr(),
+            target.as_ptr(),
+            c"cgroup2".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error())
+            .context("no cgroup v2 hierarchy is mounted and mounting one failed");
+    }
+    let result = f(dir);
+    // SAFETY: as above; MNT_DETACH so an open directory fd does not block it.
+    unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+    result
 }
 
 async fn dispatch_events(mut events: AsyncFd<RingBuf<MapData>>, waiters: Arc<Waiters>) {
@@ -535,12 +573,16 @@ impl SplicedPair<'_> {
     }
 
     /// Drives the spliced tunnel to its end.
+    ///
+    /// Flow events only wake the loop; the final byte counts are read from
+    /// `FLOWS` once both directions have drained. The close event's own count can
+    /// be short: on a FIN_WAIT2 socket, a segment carrying data and the FIN makes
+    /// tcp_fin() → tcp_time_wait() → tcp_done() report TCP_CLOSE from
+    /// tcp_data_queue() before tcp_data_ready() runs the verdict on that data.
     async fn run(&self, events: &mut mpsc::UnboundedReceiver<FlowEvent>) -> TunnelOutcome {
         let mut directions = [Direction::default(), Direction::default()];
-        let mut closed_counts: [Option<u64>; 2] = [None, None];
         let mut drain_wait = DRAIN_POLL_MIN;
         let end = loop {
-            // Observe both sockets: EOF, or a reset.
             for (src, direction) in directions.iter_mut().enumerate() {
                 self.observe(src, direction);
             }
@@ -558,7 +600,7 @@ impl SplicedPair<'_> {
             tokio::select! {
                 event = events.recv() => {
                     if let Some(event) = event {
-                        self.note_close(&event, &mut closed_counts);
+                        log::trace!("flow event {event:?}");
                     }
                     drain_wait = DRAIN_POLL_MIN;
                 }
@@ -567,39 +609,21 @@ impl SplicedPair<'_> {
                 }
             }
         };
-        if end == TunnelEnd::Closed {
-            // Final counts come from the sockets' close events (bytes are final once
-            // both directions are shut down); the map is the fallback if a peer never
-            // acknowledges our FIN within the grace period.
-            let _ = tokio::time::timeout(CLOSE_EVENT_GRACE, async {
-                while closed_counts.iter().any(Option::is_none) {
-                    match events.recv().await {
-                        Some(event) => self.note_close(&event, &mut closed_counts),
-                        None => break,
-                    }
-                }
-            })
-            .await;
-        } else {
+        if end != TunnelEnd::Closed {
             for socket in self.sockets {
                 pump::reset(socket);
             }
         }
-        let live = self.redirected();
+        let moved = self.redirected();
+        log::debug!(
+            "sockmap tunnel ended ({end:?}): moved {moved:?}, expected {:?}",
+            directions.each_ref().map(|d| d.expected)
+        );
         TunnelOutcome {
-            client_to_upstream: closed_counts[CLIENT].unwrap_or(live[CLIENT]),
-            upstream_to_client: closed_counts[UPSTREAM].unwrap_or(live[UPSTREAM]),
+            client_to_upstream: moved[CLIENT],
+            upstream_to_client: moved[UPSTREAM],
             dataplane: "sockmap",
             end,
-        }
-    }
-
-    fn note_close(&self, event: &FlowEvent, closed_counts: &mut [Option<u64>; 2]) {
-        if event.new_state != tcp_state::CLOSE {
-            return;
-        }
-        if let Some(index) = self.cookies.iter().position(|&c| c == event.cookie) {
-            closed_counts[index] = Some(event.bytes_redirected);
         }
     }
 

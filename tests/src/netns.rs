@@ -1,0 +1,173 @@
+//! Network namespaces made by a test, as separate hosts joined by veth pairs.
+
+use std::{
+    fs,
+    net::Ipv4Addr,
+    os::fd::AsRawFd,
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+/// A network namespace that exists for the life of this value.
+pub struct Netns {
+    /// The name under /var/run/netns.
+    pub name: String,
+}
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// Runs a command and fails the test if it fails.
+pub fn run(program: &str, args: &[&str]) {
+    let output = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|err| panic!("cannot run {program}: {err}"));
+    assert!(
+        output.status.success(),
+        "{program} {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+impl Netns {
+    /// Creates a namespace with loopback up and a resolver that answers nothing
+    /// (`ip netns exec` bind-mounts /etc/netns/NAME/resolv.conf), so programs in it
+    /// never query the machine's real DNS server.
+    pub fn new() -> Self {
+        let name = format!(
+            "spl{}x{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        run("ip", &["netns", "add", &name]);
+        let ns = Self { name };
+        ns.ip(&["link", "set", "lo", "up"]);
+        let etc = format!("/etc/netns/{}", ns.name);
+        fs::create_dir_all(&etc).expect("create /etc/netns dir");
+        fs::write(
+            format!("{etc}/resolv.conf"),
+            "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n",
+        )
+        .expect("write resolv.conf");
+        ns
+    }
+
+    /// Runs `ip ARGS` inside the namespace.
+    pub fn ip(&self, args: &[&str]) {
+        let mut full = vec!["netns", "exec", &self.name, "ip"];
+        full.extend_from_slice(args);
+        run("ip", &full);
+    }
+
+    /// A command that runs `program` inside the namespace.
+    pub fn command(&self, program: &str) -> Command {
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", &self.name, program]);
+        command
+    }
+
+    /// Joins `self` and `other` with a veth pair: `self` gets `my_ip/24`, `other`
+    /// gets `their_ip/24`. Returns nothing; routes are the connected /24.
+    pub fn link(&self, other: &Netns, my_ip: Ipv4Addr, their_ip: Ipv4Addr) {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let (mine, theirs) = (
+            format!("va{}x{n}", std::process::id() % 100_000),
+            format!("vb{}x{n}", std::process::id() % 100_000),
+        );
+        run(
+            "ip",
+            &[
+                "link",
+                "add",
+                &mine,
+                "netns",
+                &self.name,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &theirs,
+                "netns",
+                &other.name,
+            ],
+        );
+        self.ip(&["addr", "add", &format!("{my_ip}/24"), "dev", &mine]);
+        self.ip(&["link", "set", &mine, "up"]);
+        other.ip(&["addr", "add", &format!("{their_ip}/24"), "dev", &theirs]);
+        other.ip(&["link", "set", &theirs, "up"]);
+    }
+
+    /// Adds a route in this namespace.
+    pub fn route(&self, destination: &str, via: Ipv4Addr) {
+        self.ip(&["route", "add", destination, "via", &via.to_string()]);
+    }
+
+    /// Runs `f` on a thread that has entered this namespace; sockets it creates
+    /// stay in the namespace whichever thread uses them later.
+    pub fn enter<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/var/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let file = fs::File::open(&path).expect("open netns");
+            // SAFETY: setns on this thread only, with a valid namespace fd.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .expect("thread in netns panicked")
+    }
+}
+
+impl Default for Netns {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+        let _ = fs::remove_dir_all(format!("/etc/netns/{}", self.name));
+    }
+}
+
+/// Three hosts in a row: client — proxy — server, as on an egress node.
+pub struct Topology {
+    /// The client host, 10.77.1.2.
+    pub client: Netns,
+    /// The proxy host, 10.77.1.1 towards the client and 10.77.2.1 towards the server.
+    pub proxy: Netns,
+    /// The server host, 10.77.2.2.
+    pub server: Netns,
+}
+
+impl Topology {
+    /// Client address.
+    pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 1, 2);
+    /// Proxy address as the client sees it.
+    pub const PROXY_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 1, 1);
+    /// Proxy address as the server sees it.
+    pub const PROXY_SERVER_SIDE_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 2, 1);
+    /// Server address.
+    pub const SERVER_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 2, 2);
+
+    /// Builds the three namespaces and the two veth links.
+    pub fn new() -> Self {
+        let (client, proxy, server) = (Netns::new(), Netns::new(), Netns::new());
+        client.link(&proxy, Self::CLIENT_IP, Self::PROXY_IP);
+        proxy.link(&server, Self::PROXY_SERVER_SIDE_IP, Self::SERVER_IP);
+        Self {
+            client,
+            proxy,
+            server,
+        }
+    }
+}
+
+impl Default for Topology {
+    fn default() -> Self {
+        Self::new()
+    }
+}
