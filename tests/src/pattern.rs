@@ -19,7 +19,7 @@ pub fn fill(seed: u64, offset: u64, buf: &mut [u8]) {
 
 /// Fast path of [`fill`] for word-aligned offsets.
 pub fn fill_fast(seed: u64, offset: u64, buf: &mut [u8]) {
-    if offset % 8 != 0 {
+    if !offset.is_multiple_of(8) {
         return fill(seed, offset, buf);
     }
     let mut chunks = buf.chunks_exact_mut(8);

@@ -183,14 +183,45 @@ impl Proxy {
             .unwrap_or(0)
     }
 
-    /// Bytes the process has read with read-like syscalls (`rchar` of /proc/PID/io).
-    pub fn bytes_read_by_process(&self) -> u64 {
-        let io =
-            fs::read_to_string(format!("/proc/{}/io", self.child.id())).expect("read /proc/PID/io");
-        io.lines()
-            .find_map(|line| line.strip_prefix("rchar: "))
-            .and_then(|v| v.trim().parse().ok())
-            .expect("rchar in /proc/PID/io")
+    /// Starts counting the bytes the process receives through read-like syscalls
+    /// (`strace` attached to every thread; /proc/PID/io's rchar misses recv*).
+    pub fn trace_reads(&self) -> ReadTrace {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let output = dir.path().join("strace.out");
+        let pid = self.child.id().to_string();
+        let child = Command::new("strace")
+            .args([
+                "-f",
+                "-qq",
+                "-e",
+                "trace=read,readv,recvfrom,recvmsg,recvmmsg",
+                "-e",
+                "signal=none",
+                "-o",
+            ])
+            .arg(&output)
+            .args(["-p", &pid])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("strace (Debian package strace) must be installed");
+        let traced = wait_until(Duration::from_secs(10), || {
+            fs::read_dir(format!("/proc/{pid}/task")).is_ok_and(|tasks| {
+                tasks.filter_map(Result::ok).all(|task| {
+                    fs::read_to_string(task.path().join("status")).is_ok_and(|status| {
+                        status.lines().any(|l| {
+                            l.starts_with("TracerPid:") && l.split_whitespace().nth(1) != Some("0")
+                        })
+                    })
+                })
+            })
+        });
+        assert!(traced, "strace did not attach to spliced");
+        ReadTrace {
+            child,
+            output,
+            _dir: dir,
+        }
     }
 
     /// Fails the test if the process has exited.
@@ -207,5 +238,32 @@ impl Drop for Proxy {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A running `strace` of the proxy's read-like syscalls.
+pub struct ReadTrace {
+    child: Child,
+    output: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl ReadTrace {
+    /// Stops tracing and returns the bytes all traced syscalls returned.
+    pub fn finish(mut self) -> u64 {
+        // SAFETY: kill(2) with the pid of our strace child and SIGINT, which makes it
+        // detach and flush its output.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let _ = self.child.wait();
+        fs::read_to_string(&self.output)
+            .expect("strace output")
+            .lines()
+            .filter_map(|line| {
+                line.rsplit_once(") = ")
+                    .and_then(|(_, rest)| rest.split_whitespace().next()?.parse::<i64>().ok())
+            })
+            .filter(|&n| n > 0)
+            .map(|n| n as u64)
+            .sum()
     }
 }

@@ -49,7 +49,7 @@ const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_LINKER_BUILD_PACKAGES: [&str; 2] = ["llvm-22-dev", "libpolly-22-dev"];
 
 /// Debian packages the tests use, with the commands they provide.
-const TEST_PACKAGES: [(&str, &str); 10] = [
+const TEST_PACKAGES: [(&str, &str); 11] = [
     ("curl", "curl"),
     ("openssl", "openssl"),
     ("iperf3", "iperf3"),
@@ -60,6 +60,7 @@ const TEST_PACKAGES: [(&str, &str); 10] = [
     ("util-linux", "setpriv/nsenter"),
     ("libcap2-bin", "capsh"),
     ("python3", "python3"),
+    ("strace", "strace"),
 ];
 
 /// A Debian package to install, and why.

@@ -23,7 +23,10 @@ use std::{
     fs, io,
     os::fd::{AsFd, BorrowedFd},
     path::PathBuf,
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, MutexGuard,
+    },
     time::Duration,
 };
 
@@ -72,6 +75,9 @@ struct Hooks {
 }
 
 type Waiters = Mutex<HashMap<u64, mpsc::UnboundedSender<FlowEvent>>>;
+
+/// Flow events read from the ring buffer since start.
+static EVENTS_RECEIVED: AtomicU64 = AtomicU64::new(0);
 
 struct Shared {
     maps: Mutex<Maps>,
@@ -177,11 +183,12 @@ impl DataPlane for SockmapDataPlane {
         let maps = lock(&self.shared.maps);
         let stat = |index| maps.stats.get(&index, 0).unwrap_or(0);
         format!(
-            "zero_length_dropped={} redirect_failed={} no_flow={} events_lost={} flows={} spliced_sockets={} target_sockets={}",
+            "zero_length_dropped={} redirect_failed={} no_flow={} events_lost={} events_received={} flows={} spliced_sockets={} target_sockets={}",
             stat(stat::ZERO_LENGTH_DROPPED),
             stat(stat::REDIRECT_FAILED),
             stat(stat::NO_FLOW),
             stat(stat::EVENTS_LOST),
+            EVENTS_RECEIVED.load(Ordering::Relaxed),
             maps.flows.keys().count(),
             maps.spliced.keys().count(),
             maps.targets.keys().count(),
@@ -284,6 +291,7 @@ async fn dispatch_events(mut events: AsyncFd<RingBuf<MapData>>, waiters: Arc<Wai
                 continue;
             }
             let event: FlowEvent = bytemuck::pod_read_unaligned(&item[..size_of::<FlowEvent>()]);
+            EVENTS_RECEIVED.fetch_add(1, Ordering::Relaxed);
             if let Some(waiter) = lock(&waiters).get(&event.cookie) {
                 let _ = waiter.send(event);
             }
@@ -421,7 +429,6 @@ async fn run_tunnel(shared: Arc<Shared>, tunnel: Tunnel) -> TunnelOutcome {
         waiters.remove(&cookies[CLIENT]);
         waiters.remove(&cookies[UPSTREAM]);
     }
-    drop(pair);
     match outcome {
         Some(outcome) => outcome,
         None => {

@@ -1,0 +1,382 @@
+//! The kernel behaviours of the sockmap data plane that lose or stall data
+//! (see shared notes/sockmap.md and proxy-userspace/src/dataplane/sockmap.rs),
+//! each shown twice: handled, the tunnel is exact; with the handling switched
+//! off by a `--test-hook`, the same traffic breaks. Also: user space reads none
+//! of a spliced tunnel's bytes, and nothing is left behind after thousands of
+//! tunnels.
+
+use std::{
+    io::{Read, Write},
+    net::{TcpListener, TcpStream},
+    time::Duration,
+};
+
+use spliced_tests::{
+    open_tunnel,
+    upstream::{exchange, Header},
+    Mode, Proxy, Upstream, DATA_PLANES, IO_TIMEOUT,
+};
+
+const MIB: u64 = 1 << 20;
+
+fn sockmap_proxy(upstream_port: u16, hooks: &[&str]) -> Proxy {
+    let port = upstream_port.to_string();
+    let mut args = vec![
+        "--dataplane",
+        "sockmap",
+        "--connect-ports",
+        &port,
+        "--log-format",
+        "json",
+    ];
+    for hook in hooks {
+        args.extend_from_slice(&["--test-hook", hook]);
+    }
+    Proxy::start(&args)
+}
+
+/// Bytes that reached a socket's receive queue before the socket was inserted
+/// are only forwarded when the next segment arrives; if none comes, the tunnel
+/// stalls. The SO_RCVLOWAT kick after insertion forwards them at once.
+fn queued_before_insertion(hooks: &[&str]) -> (usize, usize) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let upstream_port = listener.local_addr().unwrap().port();
+    // DelayBeforeSplice: 200 ms between the 200 and the insertion, so both
+    // directions' first bytes are certainly queued before it.
+    let mut all_hooks = vec!["delay-before-splice"];
+    all_hooks.extend_from_slice(hooks);
+    let proxy = sockmap_proxy(upstream_port, &all_hooks);
+    let server = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        stream.write_all(&[b's'; 40_000]).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .unwrap();
+        let mut got = 0;
+        let mut buf = [0u8; 65536];
+        while got < 40_000 {
+            match stream.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got += n,
+            }
+        }
+        got
+    });
+    let mut client = open_tunnel(proxy.addr, &format!("127.0.0.1:{upstream_port}"));
+    client.write_all(&[b'c'; 40_000]).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    let mut got = 0;
+    let mut buf = [0u8; 65536];
+    while got < 40_000 {
+        match client.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got += n,
+        }
+    }
+    (got, server.join().unwrap())
+}
+
+#[test]
+fn bytes_queued_before_insertion_are_forwarded() {
+    assert_eq!(queued_before_insertion(&[]), (40_000, 40_000));
+}
+
+#[test]
+fn without_the_rcvlowat_kick_queued_bytes_stall() {
+    let (to_client, to_server) = queued_before_insertion(&["no-rcvlowat-kick"]);
+    assert!(
+        to_client < 40_000 || to_server < 40_000,
+        "no stall without the kick: {to_client} {to_server}"
+    );
+}
+
+fn half_close_exchange(hooks: &[&str]) -> Vec<(Result<u64, String>, Result<u64, String>)> {
+    let upstream = Upstream::start();
+    let proxy = sockmap_proxy(upstream.addr.port(), hooks);
+    (0..4)
+        .map(|i| {
+            let h = Header {
+                up: 32 * MIB,
+                down: 8 * MIB,
+                seed: 300 + i * 2,
+                mode: Mode::AnswerAfterEof,
+            };
+            let client = exchange(
+                open_tunnel(proxy.addr, &upstream.addr.to_string()),
+                h,
+                false,
+            );
+            let server = upstream
+                .result_within(Duration::from_secs(10))
+                .map_or(Err("no result".to_owned()), |r| r.received);
+            (server, client.received)
+        })
+        .collect()
+}
+
+/// EOF is propagated with shutdown(2) only after every byte redirected from the
+/// closing side has reached the peer's send queue.
+#[test]
+fn half_close_waits_for_the_redirected_bytes() {
+    for (server, client) in half_close_exchange(&[]) {
+        assert_eq!(server, Ok(32 * MIB));
+        assert_eq!(client, Ok(8 * MIB));
+    }
+}
+
+#[test]
+fn without_the_drain_wait_half_close_cuts_data() {
+    let results = half_close_exchange(&["no-drain-wait"]);
+    assert!(
+        results.iter().any(|(server, _)| *server != Ok(32 * MIB)),
+        "shutting down at once lost nothing: {results:?}"
+    );
+}
+
+/// A FIN without data reaches the verdict as an empty skb; redirecting it breaks
+/// the peer's send path, so the verdict drops it.
+#[test]
+fn empty_fin_skbs_are_dropped_not_redirected() {
+    let upstream = Upstream::start();
+    let proxy = sockmap_proxy(upstream.addr.port(), &[]);
+    let h = Header {
+        up: 4 * MIB,
+        down: 4 * MIB,
+        seed: 400,
+        mode: Mode::Concurrent,
+    };
+    let client = exchange(
+        open_tunnel(proxy.addr, &upstream.addr.to_string()),
+        h,
+        false,
+    );
+    assert_eq!(upstream.result().received, Ok(h.up));
+    assert_eq!(client.received, Ok(h.down));
+    proxy.wait_json_records(1);
+    let stats = proxy.stats();
+    assert!(stats["zero_length_dropped"] >= 1, "{stats:?}");
+    assert_eq!(stats["redirect_failed"], 0, "{stats:?}");
+}
+
+#[test]
+fn redirecting_empty_fin_skbs_breaks_tunnels() {
+    let results = half_close_exchange(&["redirect-empty-skbs"]);
+    assert!(
+        results
+            .iter()
+            .any(|(server, client)| *server != Ok(32 * MIB) || *client != Ok(8 * MIB)),
+        "redirecting empty skbs broke nothing: {results:?}"
+    );
+}
+
+/// Both sockets go into the program-less redirect-target map before either goes
+/// into the verdict map, so a redirect never finds its peer missing.
+#[test]
+fn insertion_order_leaves_no_window_for_failed_redirects() {
+    let upstream = Upstream::start();
+    let proxy = sockmap_proxy(upstream.addr.port(), &[]);
+    for i in 0..50 {
+        let h = Header {
+            up: 100_000,
+            down: 100_000,
+            seed: 500 + i * 2,
+            mode: Mode::Concurrent,
+        };
+        let client = exchange(
+            open_tunnel(proxy.addr, &upstream.addr.to_string()),
+            h,
+            false,
+        );
+        assert_eq!(client.received, Ok(h.down));
+        assert_eq!(upstream.result().received, Ok(h.up));
+    }
+    assert_eq!(proxy.stats()["redirect_failed"], 0);
+}
+
+#[test]
+fn verdict_before_targets_loses_bytes() {
+    let upstream = Upstream::start();
+    let proxy = sockmap_proxy(upstream.addr.port(), &["verdict-before-targets"]);
+    // The client's header arrives while the verdict runs but the upstream is not
+    // yet a redirect target: it is dropped and the upstream never sees it.
+    let mut stream = open_tunnel(proxy.addr, &upstream.addr.to_string());
+    let h = Header {
+        up: 1000,
+        down: 1000,
+        seed: 600,
+        mode: Mode::Concurrent,
+    };
+    stream.write_all(&h.encode()).unwrap();
+    let got = upstream.result_within(Duration::from_secs(2));
+    let stats = proxy.stats();
+    assert!(
+        got.is_none() || stats["redirect_failed"] > 0,
+        "nothing lost: {got:?} {stats:?}"
+    );
+    assert!(stats["redirect_failed"] > 0, "{stats:?}");
+}
+
+/// A client that sent its payload and FIN before the 200 has a CLOSE_WAIT
+/// socket, which a sockhash refuses; the tunnel goes to the fallback intact.
+#[test]
+fn close_wait_sockets_take_the_fallback() {
+    let upstream = Upstream::start();
+    let proxy = sockmap_proxy(upstream.addr.port(), &["delay-before-splice"]);
+    let h = Header {
+        up: 50_000,
+        down: 3 * MIB,
+        seed: 700,
+        mode: Mode::AnswerAfterEof,
+    };
+    let mut stream = TcpStream::connect(proxy.addr).unwrap();
+    stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    let mut all = format!("CONNECT {0} HTTP/1.1\r\n\r\n", upstream.addr).into_bytes();
+    all.extend_from_slice(&h.encode());
+    let start = all.len();
+    all.resize(start + h.up as usize, 0);
+    spliced_tests::pattern::fill_fast(h.seed, 0, &mut all[start..]);
+    stream.write_all(&all).unwrap();
+    stream.shutdown(std::net::Shutdown::Write).unwrap();
+    spliced_tests::expect_connect_ok(&mut stream);
+    assert_eq!(
+        spliced_tests::pattern::receive(&mut stream, h.seed + 1).unwrap(),
+        Ok(h.down)
+    );
+    assert_eq!(upstream.result().received, Ok(h.up));
+    let record = &proxy.wait_json_records(1)[0];
+    assert_eq!(record["dataplane"], "splice", "{record}");
+    assert_eq!(record["bytes_to_client"], 39 + h.down);
+}
+
+/// EOF and close are learnt from sock_ops events over the ring buffer.
+#[test]
+fn flow_events_drive_the_tunnel_lifecycle() {
+    let upstream = Upstream::start();
+    let proxy = sockmap_proxy(upstream.addr.port(), &[]);
+    for i in 0..20 {
+        let h = Header {
+            up: 1000,
+            down: 1000,
+            seed: 800 + i * 2,
+            mode: Mode::Concurrent,
+        };
+        exchange(
+            open_tunnel(proxy.addr, &upstream.addr.to_string()),
+            h,
+            false,
+        );
+        upstream.result();
+    }
+    proxy.wait_json_records(20);
+    let stats = proxy.stats();
+    // At least one EOF-carrying state change per socket.
+    assert!(stats["events_received"] >= 40, "{stats:?}");
+    assert_eq!(stats["events_lost"], 0, "{stats:?}");
+}
+
+/// The sockmap tunnel's bytes never reach the process: its read syscalls see
+/// only the request head while the eBPF counters account for every byte.
+#[test]
+fn spliced_bytes_bypass_user_space() {
+    for (plane, size) in [("sockmap", 256 * MIB), ("copy", 16 * MIB)] {
+        let upstream = Upstream::start();
+        let port = upstream.addr.port().to_string();
+        let proxy = Proxy::start(&[
+            "--dataplane",
+            plane,
+            "--connect-ports",
+            &port,
+            "--log-format",
+            "json",
+        ]);
+        let trace = proxy.trace_reads();
+        let h = Header {
+            up: size,
+            down: size,
+            seed: 900,
+            mode: Mode::Concurrent,
+        };
+        let client = exchange(
+            open_tunnel(proxy.addr, &upstream.addr.to_string()),
+            h,
+            false,
+        );
+        assert_eq!(client.received, Ok(h.down));
+        assert_eq!(upstream.result().received, Ok(h.up));
+        let record = &proxy.wait_json_records(1)[0];
+        let read = trace.finish();
+        assert_eq!(record["bytes_from_client"], 32 + h.up);
+        assert_eq!(record["bytes_to_client"], 39 + h.down);
+        if plane == "sockmap" {
+            assert!(read < 4096, "the sockmap proxy read {read} bytes itself");
+        } else {
+            assert!(
+                read >= 2 * h.up,
+                "copy read only {read} bytes: the measurement is broken"
+            );
+        }
+    }
+}
+
+/// Map entries, pipes and descriptors are released: nothing grows after
+/// thousands of tunnels.
+#[test]
+fn nothing_grows_after_thousands_of_tunnels() {
+    for plane in DATA_PLANES {
+        let upstream = Upstream::start();
+        let port = upstream.addr.port().to_string();
+        let proxy = Proxy::start(&[
+            "--dataplane",
+            plane,
+            "--connect-ports",
+            &port,
+            "--access-log",
+            "/dev/null",
+        ]);
+        let fds_before = proxy.fd_count();
+        let (addr, target) = (proxy.addr, upstream.addr.to_string());
+        let workers: Vec<_> = (0..16u64)
+            .map(|worker| {
+                let target = target.clone();
+                std::thread::spawn(move || {
+                    for i in 0..125u64 {
+                        let h = Header {
+                            up: 3000,
+                            down: 5000,
+                            seed: worker * 1_000_000 + i * 2,
+                            mode: Mode::Concurrent,
+                        };
+                        let client = exchange(open_tunnel(addr, &target), h, false);
+                        assert_eq!(client.received, Ok(h.down));
+                    }
+                })
+            })
+            .collect();
+        for worker in workers {
+            worker.join().unwrap();
+        }
+        for _ in 0..2000 {
+            assert_eq!(upstream.result().received, Ok(3000));
+        }
+        let settled =
+            spliced_tests::wait_until(Duration::from_secs(10), || proxy.fd_count() <= fds_before);
+        assert!(
+            settled,
+            "{plane}: fds grew from {fds_before} to {}",
+            proxy.fd_count()
+        );
+        if plane == "sockmap" {
+            let stats = proxy.stats();
+            for key in [
+                "flows",
+                "spliced_sockets",
+                "target_sockets",
+                "redirect_failed",
+            ] {
+                assert_eq!(stats[key], 0, "{key} after 2000 tunnels: {stats:?}");
+            }
+        }
+    }
+}
