@@ -6,6 +6,7 @@
 use std::{
     io,
     net::SocketAddr,
+    os::fd::AsFd as _,
     sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
@@ -22,7 +23,7 @@ use crate::{
     connect_request::{self, HeadError},
     dataplane::{DataPlane, Tunnel},
     policy::BuiltinPolicy,
-    upstream,
+    sockopt, upstream,
 };
 
 /// The answer that opens a tunnel.
@@ -192,8 +193,14 @@ impl ControlPlane {
                 .map_err(refuse_upstream)?;
         record.upstream = Some(upstream_addr);
         record.hierarchy = "HIER_DIRECT";
-        let _ = client.set_nodelay(true);
-        let _ = upstream.set_nodelay(true);
+        for socket in [&*client, &upstream] {
+            let _ = socket.set_nodelay(true);
+            if !self.config.tcp_congestion.is_empty() {
+                if let Err(err) = sockopt::set_congestion(socket.as_fd(), &self.config.tcp_congestion) {
+                    log::debug!("TCP_CONGESTION {}: {err}", self.config.tcp_congestion);
+                }
+            }
+        }
         if !head.pipelined.is_empty() {
             upstream.write_all(&head.pipelined).await.map_err(|err| {
                 Refusal::new(502, format!("writing pipelined bytes upstream: {err}"))

@@ -83,7 +83,6 @@ struct Shared {
     maps: Mutex<Maps>,
     waiters: Arc<Waiters>,
     fallback: Arc<dyn DataPlane>,
-    congestion: String,
     hooks: Hooks,
     /// Keeps the programs loaded and attached for the life of the data plane.
     _ebpf: Ebpf,
@@ -157,7 +156,6 @@ impl SockmapDataPlane {
                 }),
                 waiters,
                 fallback,
-                congestion: config.tcp_congestion.clone(),
                 hooks: Hooks {
                     no_kick: config.hook(TestHook::NoRcvlowatKick),
                     no_drain_wait: config.hook(TestHook::NoDrainWait),
@@ -386,13 +384,6 @@ async fn run_tunnel(shared: Arc<Shared>, tunnel: Tunnel) -> TunnelOutcome {
             return fallback(client, upstream).await;
         }
     };
-    for socket in sockets {
-        if !shared.congestion.is_empty() {
-            if let Err(err) = sockopt::set_congestion(socket.as_fd(), &shared.congestion) {
-                log::debug!("TCP_CONGESTION {}: {err}", shared.congestion);
-            }
-        }
-    }
     let written_before = match (
         stable_bytes_written(sockets[0].as_fd()),
         stable_bytes_written(sockets[1].as_fd()),
