@@ -43,33 +43,51 @@ impl Proxy {
     /// Starts spliced on 127.0.0.1 with `args` (plus `--listen` and `--access-log`
     /// unless given).
     pub fn start(args: &[&str]) -> Self {
-        Self::spawn(None, args)
+        Self::spawn(args, |full_args| {
+            let mut command = Command::new(spliced_bin());
+            command.args(full_args);
+            command
+        })
     }
 
     /// Starts spliced inside `ns`.
     pub fn start_in(ns: &Netns, args: &[&str]) -> Self {
-        Self::spawn(Some(ns), args)
+        Self::spawn(args, |full_args| {
+            let mut command = ns.command(spliced_bin().to_str().expect("utf-8 path"));
+            command.args(full_args);
+            command
+        })
     }
 
-    fn spawn(ns: Option<&Netns>, args: &[&str]) -> Self {
+    /// Starts spliced on 127.0.0.1 through `wrapper`, a shell-like program that
+    /// runs `-c SCRIPT` (e.g. `capsh --drop=cap_bpf --`).
+    pub fn start_wrapped(wrapper: &[&str], args: &[&str]) -> Self {
+        Self::spawn(args, |full_args| {
+            let quoted: Vec<String> = full_args.iter().map(|a| format!("'{a}'")).collect();
+            let script = format!("exec '{}' {}", spliced_bin().display(), quoted.join(" "));
+            let mut command = Command::new(wrapper[0]);
+            command.args(&wrapper[1..]).arg("-c").arg(script);
+            command
+        })
+    }
+
+    /// Starts spliced with `args`, plus `--listen 127.0.0.1:0` and a temporary
+    /// `--access-log` unless given, using `build` to make the command.
+    fn spawn(args: &[&str], build: impl FnOnce(&[String]) -> Command) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let access_log = dir.path().join("access.log");
-        let mut command = match ns {
-            Some(ns) => {
-                let mut command = ns.command(spliced_bin().to_str().expect("utf-8 path"));
-                command.env("RUST_LOG", "info");
-                command
-            }
-            None => Command::new(spliced_bin()),
-        };
+        let mut full_args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
         if !args.contains(&"--listen") {
-            command.args(["--listen", "127.0.0.1:0"]);
+            full_args.extend(["--listen".into(), "127.0.0.1:0".into()]);
         }
         if !args.contains(&"--access-log") {
-            command.arg("--access-log").arg(&access_log);
+            full_args.extend([
+                "--access-log".into(),
+                access_log.to_str().expect("utf-8 path").to_owned(),
+            ]);
         }
+        let mut command = build(&full_args);
         command
-            .args(args)
             .env("RUST_LOG", "info,spliced=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
