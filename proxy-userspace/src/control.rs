@@ -196,7 +196,9 @@ impl ControlPlane {
         for socket in [&*client, &upstream] {
             let _ = socket.set_nodelay(true);
             if !self.config.tcp_congestion.is_empty() {
-                if let Err(err) = sockopt::set_congestion(socket.as_fd(), &self.config.tcp_congestion) {
+                if let Err(err) =
+                    sockopt::set_congestion(socket.as_fd(), &self.config.tcp_congestion)
+                {
                     log::debug!("TCP_CONGESTION {}: {err}", self.config.tcp_congestion);
                 }
             }
