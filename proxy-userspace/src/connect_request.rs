@@ -125,10 +125,12 @@ fn parse_host(host: &str) -> Result<Host, TargetError> {
         .rsplit('.')
         .next()
         .is_some_and(|tld| tld.bytes().all(|b| b.is_ascii_digit()));
+    // Byte-wise, so non-ASCII input cannot split a character.
     let hex_spelling = name.split('.').any(|label| {
+        let label = label.as_bytes();
         label.len() > 2
-            && label[..2].eq_ignore_ascii_case("0x")
-            && label[2..].bytes().all(|b| b.is_ascii_hexdigit())
+            && label[..2].eq_ignore_ascii_case(b"0x")
+            && label[2..].iter().all(u8::is_ascii_hexdigit)
     });
     if !labels_ok || tld_numeric || hex_spelling {
         return Err(TargetError::InvalidHost);

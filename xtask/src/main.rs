@@ -156,7 +156,7 @@ fn test(args: Vec<OsString>) -> Result<()> {
         cargo()
             .args(["test", "--workspace"])
             .args(HOST_ONLY)
-            .arg("--release")
+            .args(["--release", "--no-fail-fast"])
             .args(args)
             .env("SPLICED_BIN", &spliced),
     )?;
