@@ -7,6 +7,7 @@
 pub mod netns;
 pub mod pattern;
 pub mod proxy;
+pub mod tls;
 pub mod upstream;
 
 use std::{
