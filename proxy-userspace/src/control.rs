@@ -142,7 +142,9 @@ impl ControlPlane {
                 record.end = refusal.reason.clone();
                 if refusal.status != 0 {
                     record.status = refusal.status;
-                    record.bytes_to_client = answer_error(&mut client, &refusal).await;
+                    // RFC 9110 §9.3.2: an answer to HEAD carries no content.
+                    let with_body = record.method != "HEAD";
+                    record.bytes_to_client = answer_error(&mut client, &refusal, with_body).await;
                 }
             }
         }
@@ -243,7 +245,7 @@ fn reason_phrase(status: u16) -> &'static str {
 }
 
 /// Writes an error answer, then closes gracefully. Returns the bytes written.
-async fn answer_error(client: &mut TcpStream, refusal: &Refusal) -> u64 {
+async fn answer_error(client: &mut TcpStream, refusal: &Refusal, with_body: bool) -> u64 {
     let body = format!(
         "spliced: {} {}: {}\n",
         refusal.status,
@@ -256,10 +258,11 @@ async fn answer_error(client: &mut TcpStream, refusal: &Refusal) -> u64 {
         ""
     };
     let answer = format!(
-        "HTTP/1.1 {} {}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{allow}Connection: close\r\n\r\n{body}",
+        "HTTP/1.1 {} {}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{allow}Connection: close\r\n\r\n{}",
         refusal.status,
         reason_phrase(refusal.status),
         body.len(),
+        if with_body { body.as_str() } else { "" },
     );
     if client.write_all(answer.as_bytes()).await.is_err() {
         return 0;
