@@ -1,20 +1,75 @@
-//! Builds `proxy-ebpf` for the BPF target (with the nightly toolchain and
-//! bpf-linker) and leaves the object in OUT_DIR for `include_bytes_aligned!`.
-use anyhow::Context as _;
+//! Builds `proxy-ebpf` for the BPF target and leaves the object in OUT_DIR for
+//! `include_bytes_aligned!`.
+//!
+//! This is aya-build's `build_ebpf` with one difference: it passes
+//! `-C target-cpu=v3`. aya-build 0.2.0 sets CARGO_ENCODED_RUSTFLAGS itself and
+//! offers no way to add to them, and the programs need ISA v3 for atomic
+//! fetch-and-add (BPF_ATOMIC | BPF_FETCH, kernel ≥ 5.12), which the drain
+//! hand-off between the verdict and sock_ops relies on.
+use std::{
+    env,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context as _};
+
+const EBPF_PACKAGE: &str = "proxy-ebpf";
+const TOOLCHAIN: &str = "nightly";
+const TARGET: &str = "bpfel-unknown-none";
 
 fn main() -> anyhow::Result<()> {
-    let manifest_dir = std::env::var("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR")?;
-    let ebpf_dir = std::path::Path::new(&manifest_dir)
-        .join("../proxy-ebpf")
-        .canonicalize()
-        .context("proxy-ebpf directory")?;
-    let ebpf_dir = ebpf_dir.to_str().context("proxy-ebpf path is not UTF-8")?;
-    aya_build::build_ebpf(
-        [aya_build::Package {
-            name: "proxy-ebpf",
-            root_dir: ebpf_dir,
-            ..Default::default()
-        }],
-        aya_build::Toolchain::default(),
-    )
+    let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR")?);
+    let workspace = manifest_dir.parent().context("workspace root")?;
+    for watched in ["proxy-ebpf", "proxy-common"] {
+        println!(
+            "cargo:rerun-if-changed={}",
+            workspace.join(watched).display()
+        );
+    }
+    let out_dir = PathBuf::from(env::var("OUT_DIR").context("OUT_DIR")?);
+    let target_dir = out_dir.join("ebpf-target");
+    let arch = env::var("CARGO_CFG_TARGET_ARCH").context("CARGO_CFG_TARGET_ARCH")?;
+
+    let rustflags = [
+        format!("--cfg=bpf_target_arch=\"{arch}\""),
+        "-Cdebuginfo=2".into(),
+        "-Clink-arg=--btf".into(),
+        "-Ctarget-cpu=v3".into(),
+    ]
+    .join("\x1f");
+    let status = Command::new("rustup")
+        .args([
+            "run",
+            TOOLCHAIN,
+            "cargo",
+            "build",
+            "--package",
+            EBPF_PACKAGE,
+            "--bins",
+            "--release",
+        ])
+        .args(["--target", TARGET, "-Z", "build-std=core", "--target-dir"])
+        .arg(&target_dir)
+        .current_dir(workspace)
+        .env("CARGO_ENCODED_RUSTFLAGS", rustflags)
+        // The outer cargo's compiler settings must not leak into the nightly build.
+        .env_remove("RUSTC")
+        .env_remove("RUSTC_WORKSPACE_WRAPPER")
+        .env_remove("RUSTFLAGS")
+        .status()
+        .context(
+            "running `rustup run nightly cargo build` for proxy-ebpf (run `cargo xtask setup`)",
+        )?;
+    if !status.success() {
+        bail!("building proxy-ebpf failed ({status}); run `cargo xtask setup` if a prerequisite is missing");
+    }
+    let built = target_dir.join(TARGET).join("release").join(EBPF_PACKAGE);
+    copy(&built, &out_dir.join(EBPF_PACKAGE))
+}
+
+fn copy(from: &Path, to: &Path) -> anyhow::Result<()> {
+    std::fs::copy(from, to)
+        .with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
+    Ok(())
 }

@@ -5,6 +5,9 @@
 #![no_std]
 
 /// Value of the `FLOWS` map, keyed by the socket cookie of one side of a tunnel.
+///
+/// One direction of the tunnel: bytes that arrive on this socket and leave
+/// through the peer.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowEntry {
@@ -13,6 +16,14 @@ pub struct FlowEntry {
     pub peer_cookie: u64,
     /// Payload bytes received on this socket that the verdict redirected to the peer.
     pub bytes_redirected: u64,
+    /// Bytes of this socket's stream that user space read itself before the
+    /// socket was spliced (request head and pipelined bytes); set at insertion.
+    pub consumed_by_user: u64,
+    /// Once the peer's FIN has arrived: 1 + the number of bytes the verdict must
+    /// redirect in all (0 while the stream is still open).
+    pub eof_target_plus_one: u64,
+    /// Non-zero once the [`FlowEventKind::Drained`] event has been sent.
+    pub drained_reported: u64,
 }
 
 /// What a [`FlowEvent`] reports.
@@ -21,6 +32,9 @@ pub struct FlowEntry {
 pub enum FlowEventKind {
     /// The socket changed TCP state (see `old_state` / `new_state`).
     StateChange = 1,
+    /// The peer closed its side of this socket and the verdict has redirected
+    /// every byte it sent: `bytes_redirected` is this direction's final count.
+    Drained = 2,
 }
 
 /// One record of the `FLOW_EVENTS` ring buffer, written by the `sock_ops` program

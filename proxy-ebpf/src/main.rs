@@ -26,7 +26,7 @@ use aya_ebpf::{
     programs::{SkBuffContext, SockOpsContext},
     EbpfContext as _,
 };
-use proxy_common::{stat, FlowEntry, FlowEvent, FlowEventKind};
+use proxy_common::{stat, tcp_state, FlowEntry, FlowEvent, FlowEventKind};
 
 /// Upper bound on spliced sockets (two per tunnel); user space may lower it at load.
 const MAX_SOCKETS: u32 = 131_072;
@@ -60,16 +60,20 @@ static REDIRECT_EMPTY_SKBS: u8 = 0;
 #[map]
 static STATS: Array<u64> = Array::with_max_entries(stat::COUNT, 0);
 
+/// Atomically adds `value` to `*counter` and returns the previous value.
 #[inline(always)]
-fn add(counter: *mut u64, value: u64) {
+fn add(counter: *mut u64, value: u64) -> u64 {
     // SAFETY: `counter` points into a map value, which the kernel keeps alive for
-    // the whole program run; the add is atomic (BPF_ATOMIC | BPF_ADD) because the
-    // same socket's verdict and other CPUs' readers may touch it concurrently.
+    // the whole program run; the add is atomic (BPF_ATOMIC | BPF_ADD | BPF_FETCH)
+    // because user space and other CPUs may read the counter concurrently.
+    // SeqCst, not Relaxed: for a relaxed atomicrmw LLVM's BPF backend emits the
+    // legacy BPF_ADD without BPF_FETCH even when the result is used, and reads
+    // back the operand register instead of the old value.
     unsafe {
-        core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+        core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::SeqCst }>(
             counter, value,
         )
-    };
+    }
 }
 
 #[inline(always)]
@@ -113,6 +117,8 @@ pub fn splice_verdict(ctx: SkBuffContext) -> u32 {
             unsafe { &raw mut (*entry).bytes_redirected },
             u64::from(len),
         );
+        // SAFETY: `entry` is a live map value.
+        unsafe { report_if_drained(entry, cookie) };
     } else {
         count(stat::REDIRECT_FAILED);
     }
@@ -135,27 +141,100 @@ pub fn flow_state(ctx: SockOpsContext) -> u32 {
     1
 }
 
+/// Sends the `Drained` event once the redirected count reaches the EOF target.
+///
+/// Called by the verdict after adding to `bytes_redirected` and by sock_ops after
+/// setting `eof_target_plus_one`. They can run at once on two CPUs, so each side
+/// publishes its own write with a fully ordered atomic before reading the other's
+/// (atomic fetch-adds are full barriers): at least one of them sees both values,
+/// and the `drained_reported` fetch-add lets exactly one of them report.
+///
+/// # Safety
+/// `entry` must point to a live `FLOWS` value.
+#[inline(always)]
+unsafe fn report_if_drained(entry: *mut FlowEntry, cookie: u64) {
+    // SAFETY: guaranteed by the caller; adding 0 is an ordered atomic read.
+    let (target_plus_one, redirected) = unsafe {
+        (
+            add(&raw mut (*entry).eof_target_plus_one, 0),
+            add(&raw mut (*entry).bytes_redirected, 0),
+        )
+    };
+    if target_plus_one == 0 || redirected < target_plus_one - 1 {
+        return;
+    }
+    // SAFETY: as above.
+    if unsafe { add(&raw mut (*entry).drained_reported, 1) } != 0 {
+        return;
+    }
+    output(&FlowEvent {
+        cookie,
+        bytes_redirected: redirected,
+        kind: FlowEventKind::Drained as u32,
+        old_state: 0,
+        new_state: 0,
+        _pad: 0,
+    });
+}
+
+#[inline(always)]
+fn output(event: &FlowEvent) {
+    // bpf_ringbuf_output copies the event into the ring buffer and wakes the
+    // user-space poller; it fails only when the buffer is full.
+    if FLOW_EVENTS.output::<FlowEvent>(event, 0).is_err() {
+        count(stat::EVENTS_LOST);
+    }
+}
+
+/// Whether a transition `old → new` is the arrival of the peer's FIN. From
+/// FIN_WAIT2 the FIN goes straight to TCP_CLOSE (tcp_fin → tcp_time_wait →
+/// tcp_done); a reset takes the same path, and then the target computed from
+/// `bytes_received` is already reached, which is also right: nothing more comes.
+#[inline(always)]
+fn is_fin_arrival(old: u32, new: u32) -> bool {
+    matches!(
+        (old, new),
+        (tcp_state::ESTABLISHED, tcp_state::CLOSE_WAIT)
+            | (tcp_state::FIN_WAIT1, tcp_state::CLOSING)
+            | (tcp_state::FIN_WAIT2, tcp_state::CLOSE)
+    )
+}
+
 #[inline(always)]
 fn report_state_change(ctx: &SockOpsContext) {
     // SAFETY: the context is a valid bpf_sock_ops for the whole program run.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // SAFETY: FLOWS values are plain integers; a racing update can only make the
-    // counter we copy slightly stale, which user space tolerates.
-    let Some(entry) = (unsafe { FLOWS.get(cookie) }) else {
+    let Some(entry) = FLOWS.get_ptr_mut(cookie) else {
         return;
     };
-    let event = FlowEvent {
+    let (old_state, new_state) = (ctx.arg(0), ctx.arg(1));
+    // SAFETY: `entry` is a live map value (see `add`).
+    let redirected = unsafe { (*entry).bytes_redirected };
+    output(&FlowEvent {
         cookie,
-        bytes_redirected: entry.bytes_redirected,
+        bytes_redirected: redirected,
         kind: FlowEventKind::StateChange as u32,
-        old_state: ctx.arg(0),
-        new_state: ctx.arg(1),
+        old_state,
+        new_state,
         _pad: 0,
-    };
-    // bpf_ringbuf_output copies the event into the ring buffer and wakes the
-    // user-space poller; it fails only when the buffer is full.
-    if FLOW_EVENTS.output::<FlowEvent>(&event, 0).is_err() {
-        count(stat::EVENTS_LOST);
+    });
+    // SAFETY: as above.
+    if !is_fin_arrival(old_state, new_state) || unsafe { (*entry).eof_target_plus_one } != 0 {
+        return;
+    }
+    // The state changes inside tcp_fin(), before tcp_data_ready() hands the last
+    // segment to the verdict, so the count is not final yet. bytes_received is:
+    // it counts the sequence space received, the FIN's one included.
+    // SAFETY: the context is a valid bpf_sock_ops of a full TCP socket here.
+    let received = unsafe { (*ctx.ops).bytes_received };
+    // SAFETY: see `add`.
+    let consumed = unsafe { (*entry).consumed_by_user };
+    let target = received.saturating_sub(1).saturating_sub(consumed);
+    // SAFETY: see `add`; an atomic add to the still-zero field publishes the target
+    // to a verdict running concurrently on another CPU (see report_if_drained).
+    unsafe {
+        add(&raw mut (*entry).eof_target_plus_one, target + 1);
+        report_if_drained(entry, cookie);
     }
 }
 

@@ -30,6 +30,9 @@ pub enum TestHook {
     VerdictBeforeTargets,
     /// Wait 200 ms between reading the request head and splicing the tunnel.
     DelayBeforeSplice,
+    /// Do not read the client's queued bytes before the 200, so a segment the head
+    /// reader read only part of can reach the data plane.
+    NoQueueDrain,
 }
 
 /// `spliced` command line.

@@ -19,7 +19,7 @@ use tokio::{
 
 use crate::{
     access_log::{AccessLog, AccessRecord},
-    config::Config,
+    config::{Config, TestHook},
     connect_request::{self, HeadError},
     dataplane::{DataPlane, Tunnel},
     policy::BuiltinPolicy,
@@ -128,6 +128,7 @@ impl ControlPlane {
                     client,
                     upstream: opened.upstream,
                     client_bytes_consumed: opened.client_bytes_consumed,
+                    client_queue_clean: opened.client_queue_clean,
                 };
                 let outcome = self.dataplane.run(tunnel).await;
                 record.status = 200;
@@ -205,20 +206,82 @@ impl ControlPlane {
                 }
             }
         }
+        let write_upstream =
+            |err: io::Error| Refusal::new(502, format!("writing pipelined bytes upstream: {err}"));
         if !head.pipelined.is_empty() {
-            upstream.write_all(&head.pipelined).await.map_err(|err| {
-                Refusal::new(502, format!("writing pipelined bytes upstream: {err}"))
-            })?;
+            upstream
+                .write_all(&head.pipelined)
+                .await
+                .map_err(write_upstream)?;
         }
+        let queued = if self.config.hook(TestHook::NoQueueDrain) {
+            QueuedBytes {
+                bytes: 0,
+                clean: true,
+            }
+        } else {
+            forward_queued_bytes(client, &mut upstream)
+                .await
+                .map_err(write_upstream)?
+        };
         if let Err(err) = client.write_all(CONNECT_OK).await {
             return Err(Refusal::new(0, format!("client gone before 200: {err}")));
         }
+        let pipelined = head.pipelined.len() as u64 + queued.bytes;
         Ok(OpenedTunnel {
             upstream,
-            pipelined: head.pipelined.len() as u64,
-            client_bytes_consumed: (head.head_len + head.pipelined.len()) as u64,
+            pipelined,
+            client_bytes_consumed: head.head_len as u64 + pipelined,
+            client_queue_clean: queued.clean,
         })
     }
+}
+
+/// What [`forward_queued_bytes`] did.
+struct QueuedBytes {
+    /// Bytes read from the client and written upstream.
+    bytes: u64,
+    /// Whether the client's receive queue was seen empty, i.e. no segment is left
+    /// half-read.
+    clean: bool,
+}
+
+/// Forwards what the client has already sent beyond the part of the stream the
+/// head reader consumed, until its receive queue is seen empty.
+///
+/// The head is read in chunks, which can stop in the middle of a queued skb. A
+/// data plane that takes over the socket must not start there: the sockmap verdict
+/// is handed whole skbs (tcp_read_skb() does not skip what recvmsg() already
+/// copied out), so a half-read skb would be sent upstream twice. A read that
+/// returns less than the buffer, or would block, proves the queue was empty.
+async fn forward_queued_bytes(
+    client: &TcpStream,
+    upstream: &mut TcpStream,
+) -> io::Result<QueuedBytes> {
+    const CHUNK: usize = 256 * 1024;
+    const LIMIT: u64 = 4 * 1024 * 1024;
+    let mut buf = vec![0u8; CHUNK];
+    let mut bytes = 0;
+    while bytes < LIMIT {
+        match client.try_read(&mut buf) {
+            Ok(n) => {
+                upstream.write_all(&buf[..n]).await?;
+                bytes += n as u64;
+                if n < CHUNK {
+                    return Ok(QueuedBytes { bytes, clean: true });
+                }
+            }
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                return Ok(QueuedBytes { bytes, clean: true })
+            }
+            // The client's own error surfaces again in the data plane.
+            Err(_) => return Ok(QueuedBytes { bytes, clean: true }),
+        }
+    }
+    Ok(QueuedBytes {
+        bytes,
+        clean: false,
+    })
 }
 
 /// An upstream connection ready to become a tunnel.
@@ -228,6 +291,8 @@ struct OpenedTunnel {
     pipelined: u64,
     /// All bytes read from the client so far (head and pipelined bytes).
     client_bytes_consumed: u64,
+    /// Whether the client socket's receive queue holds no half-read segment.
+    client_queue_clean: bool,
 }
 
 fn reason_phrase(status: u16) -> &'static str {

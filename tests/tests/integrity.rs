@@ -173,7 +173,7 @@ fn payload_and_fin_before_the_200(plane: &str) {
     expect_connect_ok(&mut stream);
     let received = spliced_tests::pattern::receive(&mut stream, h.seed + 1).unwrap();
     assert_eq!(received, Ok(h.down));
-    assert_eq!(upstream.result().received, Ok(h.up));
+    assert_eq!(upstream.result().received, Ok(h.up), "{}", proxy.stderr());
     assert_logged(&proxy, &[h], plane);
 }
 

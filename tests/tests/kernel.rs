@@ -218,6 +218,54 @@ fn verdict_before_targets_loses_bytes() {
     assert!(stats["redirect_failed"] > 0, "{stats:?}");
 }
 
+/// The request head is read in chunks that can end inside a queued segment; the
+/// verdict gets whole segments (tcp_read_skb ignores what recvmsg copied out), so
+/// the control plane empties the queue before the socket is spliced.
+fn pipelined_segment(hooks: &[&str]) -> Result<u64, String> {
+    let upstream = Upstream::start();
+    let proxy = sockmap_proxy(upstream.addr.port(), hooks);
+    let h = Header {
+        up: 60_000,
+        down: 1000,
+        seed: 1100,
+        mode: Mode::AnswerAfterEof,
+    };
+    let mut stream = TcpStream::connect(proxy.addr).unwrap();
+    stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    let mut all = format!("CONNECT {0} HTTP/1.1\r\n\r\n", upstream.addr).into_bytes();
+    all.extend_from_slice(&h.encode());
+    let start = all.len();
+    all.resize(start + h.up as usize, 0);
+    spliced_tests::pattern::fill_fast(h.seed, 0, &mut all[start..]);
+    // One write: on loopback the head and 60 kB arrive as one segment.
+    stream.write_all(&all).unwrap();
+    spliced_tests::expect_connect_ok(&mut stream);
+    std::thread::sleep(Duration::from_millis(100));
+    stream.shutdown(std::net::Shutdown::Write).unwrap();
+    let _ = spliced_tests::pattern::receive(&mut stream, h.seed + 1);
+    upstream
+        .result_within(Duration::from_secs(10))
+        .map_or(Err("no result".into()), |r| r.received)
+}
+
+#[test]
+fn half_read_segments_are_never_spliced() {
+    for _ in 0..5 {
+        assert_eq!(pipelined_segment(&[]), Ok(60_000));
+    }
+}
+
+#[test]
+fn without_the_queue_drain_half_read_segments_are_sent_twice() {
+    let results: Vec<_> = (0..5)
+        .map(|_| pipelined_segment(&["no-queue-drain"]))
+        .collect();
+    assert!(
+        results.iter().any(|r| *r != Ok(60_000)),
+        "nothing duplicated: {results:?}"
+    );
+}
+
 /// A client that sent its payload and FIN before the 200 has a CLOSE_WAIT
 /// socket, which a sockhash refuses; the tunnel goes to the fallback intact.
 #[test]
@@ -274,6 +322,24 @@ fn flow_events_drive_the_tunnel_lifecycle() {
     // At least one EOF-carrying state change per socket.
     assert!(stats["events_received"] >= 40, "{stats:?}");
     assert_eq!(stats["events_lost"], 0, "{stats:?}");
+    // Every direction of every tunnel ended with the kernel's Drained event, whose
+    // count is the one logged.
+    let stderr = proxy.stderr();
+    let ends: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("sockmap tunnel ended"))
+        .collect();
+    // A client that sends its last bytes and FIN before the proxy inserts its
+    // socket (CLOSE_WAIT) takes the fallback instead.
+    let fallbacks = stderr.matches("tunnel not spliced").count();
+    assert_eq!(ends.len() + fallbacks, 20, "{stderr}");
+    assert!(ends.len() >= 10, "{stderr}");
+    for end in ends {
+        assert!(
+            end.contains("from events [Some(1032), Some(1000)]"),
+            "{end}\n{stderr}"
+        );
+    }
 }
 
 /// The sockmap tunnel's bytes never reach the process: its read syscalls see

@@ -43,6 +43,9 @@ pub struct Tunnel {
     /// Bytes user space has read from the client socket (request head and
     /// pipelined bytes): the kernel-side accounting starts after them.
     pub client_bytes_consumed: u64,
+    /// Whether the client socket's receive queue holds no segment that user space
+    /// has read only part of (the sockmap plane cannot take over such a socket).
+    pub client_queue_clean: bool,
 }
 
 /// How a tunnel ended.

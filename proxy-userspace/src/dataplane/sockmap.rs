@@ -8,12 +8,15 @@
 //!    then into `SPLICED` (verdict attached) — in that order a redirect can never
 //!    find its peer missing — then kick both with `SO_RCVLOWAT` so bytes queued
 //!    before insertion are processed now and not when the next segment arrives;
-//! 2. on EOF from one side (a state change event, or the slow safety poll),
-//!    compute from `tcpi_bytes_received` how many bytes that side sent, wait until
-//!    they all reached the peer's send queue, and only then `shutdown(SHUT_WR)`
-//!    the peer: shutting down earlier cuts off bytes still in the redirect path;
-//! 3. when both directions are shut down, read the final byte counts from
-//!    `FLOWS` and close the sockets (which removes them from both sockhashes).
+//! 2. when one side's FIN has arrived and the verdict has redirected every byte
+//!    before it, the `flow_state`/`splice_verdict` programs send a `Drained` event
+//!    with that direction's final count (from `bytes_received` at the FIN); the
+//!    task waits until the bytes reached the peer's send queue, and only then
+//!    `shutdown(SHUT_WR)`s the peer: shutting down earlier cuts off bytes still in
+//!    the redirect path. A slow `TCP_INFO` poll covers events lost to a full ring;
+//! 3. when both directions are shut down, the access log gets the counts of the
+//!    `Drained` events and the sockets are closed (which removes them from both
+//!    sockhashes).
 //!
 //! A socket that has already seen a FIN (CLOSE_WAIT) cannot be inserted; such a
 //! tunnel is handed to the fallback data plane.
@@ -36,7 +39,7 @@ use aya::{
     programs::{links::CgroupAttachMode, SkSkb, SockOps},
     Ebpf, EbpfLoader,
 };
-use proxy_common::{stat, tcp_state, FlowEntry, FlowEvent};
+use proxy_common::{stat, tcp_state, FlowEntry, FlowEvent, FlowEventKind};
 use std::net::TcpStream;
 
 use tokio::{io::unix::AsyncFd, sync::mpsc};
@@ -305,6 +308,8 @@ struct Direction {
     eof: bool,
     /// Bytes the kernel must still deliver from the source, known at EOF.
     expected: u64,
+    /// The final count from the kernel's `Drained` event, once it arrived.
+    drained: Option<u64>,
     /// Whether the destination has been shut down.
     shut: bool,
 }
@@ -327,10 +332,17 @@ async fn run_tunnel(shared: Arc<Shared>, tunnel: Tunnel) -> TunnelOutcome {
     if shared.hooks.delay_before_splice {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    if !tunnel.client_queue_clean {
+        log::debug!(
+            "sockmap: client socket has a half-read segment; using the fallback data plane"
+        );
+        return shared.fallback.run(tunnel).await;
+    }
     let Tunnel {
         client,
         upstream,
         client_bytes_consumed,
+        client_queue_clean,
     } = tunnel;
     // Spliced sockets are taken out of tokio's reactor: the kernel's write-space
     // wakeups on them would otherwise wake the process for every ACK.
@@ -358,6 +370,7 @@ async fn run_tunnel(shared: Arc<Shared>, tunnel: Tunnel) -> TunnelOutcome {
                         client,
                         upstream,
                         client_bytes_consumed,
+                        client_queue_clean,
                     };
                     shared.fallback.run(tunnel).await
                 }
@@ -463,22 +476,17 @@ impl SplicedPair<'_> {
         let [client, upstream] = self.cookies;
         {
             let mut maps = lock(&self.shared.maps);
-            maps.flows.insert(
-                client,
-                FlowEntry {
-                    peer_cookie: upstream,
-                    bytes_redirected: 0,
-                },
-                0,
-            )?;
-            maps.flows.insert(
-                upstream,
-                FlowEntry {
-                    peer_cookie: client,
-                    bytes_redirected: 0,
-                },
-                0,
-            )?;
+            for (index, (cookie, peer)) in [(client, upstream), (upstream, client)]
+                .into_iter()
+                .enumerate()
+            {
+                let entry = FlowEntry {
+                    peer_cookie: peer,
+                    consumed_by_user: self.consumed[index],
+                    ..FlowEntry::default()
+                };
+                maps.flows.insert(cookie, entry, 0)?;
+            }
         }
         if self.shared.hooks.verdict_before_targets {
             self.insert_into(Map::Spliced)?;
@@ -572,18 +580,17 @@ impl SplicedPair<'_> {
 
     /// Drives the spliced tunnel to its end.
     ///
-    /// Flow events only wake the loop; the final byte counts are read from
-    /// `FLOWS` once both directions have drained. The close event's own count can
-    /// be short: on a FIN_WAIT2 socket, a segment carrying data and the FIN makes
-    /// tcp_fin() → tcp_time_wait() → tcp_done() report TCP_CLOSE from
-    /// tcp_data_queue() before tcp_data_ready() runs the verdict on that data.
+    /// Each direction ends with the kernel's `Drained` event, sent when the
+    /// verdict has redirected every byte the peer sent before its FIN; it carries
+    /// the direction's final count. (A plain state-change event cannot: the state
+    /// changes inside tcp_fin(), before tcp_data_ready() runs the verdict over the
+    /// segment that carried the FIN.) Then the task waits until those bytes are in
+    /// the peer socket's send queue and shuts it down.
     async fn run(&self, events: &mut mpsc::UnboundedReceiver<FlowEvent>) -> TunnelOutcome {
         let mut directions = [Direction::default(), Direction::default()];
         let mut drain_wait = DRAIN_POLL_MIN;
+        let mut last_poll = tokio::time::Instant::now();
         let end = loop {
-            for (src, direction) in directions.iter_mut().enumerate() {
-                self.observe(src, direction);
-            }
             if let Some(end) = self.check_errors() {
                 break end;
             }
@@ -599,11 +606,20 @@ impl SplicedPair<'_> {
                 event = events.recv() => {
                     if let Some(event) = event {
                         log::trace!("flow event {event:?}");
+                        self.note_drained(&event, &mut directions);
                     }
                     drain_wait = DRAIN_POLL_MIN;
                 }
                 () = tokio::time::sleep(wait) => {
                     drain_wait = (drain_wait * 2).min(DRAIN_POLL_MAX);
+                }
+            }
+            // Events drive the tunnel; a TCP_INFO poll now and then covers any that
+            // a full ring buffer lost.
+            if last_poll.elapsed() >= SAFETY_POLL {
+                last_poll = tokio::time::Instant::now();
+                for (src, direction) in directions.iter_mut().enumerate() {
+                    self.observe(src, direction);
                 }
             }
         };
@@ -612,10 +628,13 @@ impl SplicedPair<'_> {
                 pump::reset(socket);
             }
         }
-        let moved = self.redirected();
+        // The kernel's Drained events carry each direction's final count; the map
+        // is read only when a direction never drained (reset) or its event was lost.
+        let live = self.redirected();
+        let moved = [0, 1].map(|i| directions[i].drained.unwrap_or(live[i]));
         log::debug!(
-            "sockmap tunnel ended ({end:?}): moved {moved:?}, expected {:?}",
-            directions.each_ref().map(|d| d.expected)
+            "sockmap tunnel ended ({end:?}): moved {moved:?}, map {live:?}, from events {:?}",
+            directions.each_ref().map(|d| d.drained)
         );
         TunnelOutcome {
             client_to_upstream: moved[CLIENT],
@@ -625,7 +644,21 @@ impl SplicedPair<'_> {
         }
     }
 
-    /// Notes an EOF on socket `src` and how many bytes it sent in all.
+    /// Notes a `Drained` event: the direction's final count, from the kernel.
+    fn note_drained(&self, event: &FlowEvent, directions: &mut [Direction; 2]) {
+        if event.kind != FlowEventKind::Drained as u32 {
+            return;
+        }
+        if let Some(index) = self.cookies.iter().position(|&c| c == event.cookie) {
+            let direction = &mut directions[index];
+            direction.eof = true;
+            direction.expected = event.bytes_redirected;
+            direction.drained = Some(event.bytes_redirected);
+        }
+    }
+
+    /// Notes an EOF on socket `src` and how many bytes it sent in all, from
+    /// `TCP_INFO`: the fallback for a `Drained` event lost to a full ring buffer.
     fn observe(&self, src: usize, direction: &mut Direction) {
         if direction.eof {
             return;

@@ -28,7 +28,10 @@ impl DataPlane for SpliceDataPlane {
     fn run(&self, tunnel: Tunnel) -> TunnelFuture {
         Box::pin(async move {
             let Tunnel {
-                client, upstream, ..
+                client,
+                upstream,
+                client_bytes_consumed,
+                client_queue_clean,
             } = tunnel;
             let (up, down) = (Moved::default(), Moved::default());
             let pipes = Pipe::new().and_then(|a| Ok((a, Pipe::new()?)));
@@ -40,7 +43,8 @@ impl DataPlane for SpliceDataPlane {
                         .run(Tunnel {
                             client,
                             upstream,
-                            client_bytes_consumed: 0,
+                            client_bytes_consumed,
+                            client_queue_clean,
                         })
                         .await;
                 }
