@@ -4,9 +4,12 @@
 //!
 //! Everything here talks only to loopback or to namespaces the test created.
 
+pub mod daemon;
 pub mod netns;
 pub mod pattern;
+pub mod paused;
 pub mod proxy;
+pub mod sockets;
 pub mod tls;
 pub mod upstream;
 
