@@ -5,7 +5,8 @@
 //!   policy, resolve and connect upstream, answer `200`, hand the pair over;
 //! * [`dataplane`] — the one interface that moves a tunnel's bytes, with the
 //!   sockmap (eBPF), splice(2) and copy implementations;
-//! * [`access_log`] — Squid-style and JSON access log records.
+//! * [`access_log`] — Squid-style and JSON access log records;
+//! * [`squid`] — a `squid.conf` subset reader and Squid's `http_access` semantics.
 
 pub mod access_log;
 pub mod config;
@@ -14,4 +15,5 @@ pub mod control;
 pub mod dataplane;
 pub mod policy;
 pub mod sockopt;
+pub mod squid;
 pub mod upstream;
