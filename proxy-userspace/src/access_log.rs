@@ -1,17 +1,20 @@
-//! Access log records: Squid's native `logformat squid` line, or JSON.
+//! Access log records: Squid `logformat` lines (the native `squid` format by
+//! default) or JSON.
 
 use std::{
     fs::OpenOptions,
     io::{self, Write},
-    net::{IpAddr, SocketAddr},
-    path::Path,
+    net::SocketAddr,
     sync::Mutex,
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::SystemTime,
 };
 
 use serde::Serialize;
 
-use crate::config::LogFormat;
+use crate::{
+    settings::AccessLogSpec,
+    squid::{LogFields, LogFormat},
+};
 
 /// One finished transaction: a tunnel, or a request that was answered with an error.
 #[derive(Clone, Debug, Serialize)]
@@ -23,6 +26,8 @@ pub struct AccessRecord {
     pub duration_ms: u64,
     /// Client address (`%>a` logs only the IP).
     pub client: SocketAddr,
+    /// The proxy address the client connected to (`%la`, `%lp`).
+    pub local: Option<SocketAddr>,
     /// Request method (`%rm`), `NONE` when no request line was read.
     pub method: String,
     /// Request target (`%ru`), `error:…` when none was read.
@@ -35,13 +40,15 @@ pub struct AccessRecord {
     pub hierarchy: &'static str,
     /// The upstream address connected to (`%<a`).
     pub upstream: Option<SocketAddr>,
+    /// The authenticated user (`%un`).
+    pub user: Option<String>,
     /// Bytes sent to the client, the response head included (`%<st`).
     pub bytes_to_client: u64,
     /// Bytes received from the client after the request head.
     pub bytes_from_client: u64,
     /// Data plane that moved the tunnel's bytes.
     pub dataplane: Option<&'static str>,
-    /// How the tunnel or request ended, for operators (`closed`, `client_reset`, …).
+    /// How the tunnel or request ended, for operators (`closed`, `client_error`, …).
     pub end: String,
 }
 
@@ -49,113 +56,201 @@ fn serialize_time<S: serde::Serializer>(ts: &SystemTime, serializer: S) -> Resul
     serializer.serialize_str(&humantime::format_rfc3339_millis(*ts).to_string())
 }
 
-impl AccessRecord {
+impl LogFields for AccessRecord {
+    fn time(&self) -> SystemTime {
+        self.ts
+    }
+    fn duration_ms(&self) -> u64 {
+        self.duration_ms
+    }
+    fn client(&self) -> SocketAddr {
+        self.client
+    }
+    fn upstream(&self) -> Option<SocketAddr> {
+        self.upstream
+    }
+    fn local(&self) -> Option<SocketAddr> {
+        self.local
+    }
+    fn result_code(&self) -> &str {
+        self.result
+    }
+    fn status(&self) -> u16 {
+        self.status
+    }
+    fn bytes_to_client(&self) -> u64 {
+        self.bytes_to_client
+    }
+    fn bytes_from_client(&self) -> u64 {
+        self.bytes_from_client
+    }
+    fn method(&self) -> &str {
+        &self.method
+    }
+    fn url(&self) -> &str {
+        &self.target
+    }
+    fn user(&self) -> Option<&str> {
+        self.user.as_deref()
+    }
+    fn hierarchy(&self) -> &str {
+        self.hierarchy
+    }
+    fn mime_type(&self) -> Option<&str> {
+        // Error answers carry a short text body; tunnels have no MIME type.
+        (self.result != "TCP_TUNNEL" && self.bytes_to_client > 0).then_some("text/plain")
+    }
+}
+
+/// How records are written.
+#[derive(Clone, Debug)]
+pub enum RecordFormat {
+    /// A Squid `logformat`.
+    Format(LogFormat),
+    /// One JSON object per line.
+    Json,
+}
+
+impl RecordFormat {
     /// Squid's native format: `%ts.%03tu %6tr %>a %Ss/%03>Hs %<st %rm %ru %[un %Sh/%<a %mt`.
-    pub fn squid_line(&self) -> String {
-        let since_epoch = self.ts.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
-        let upstream = self
-            .upstream
-            .map_or_else(|| "-".to_owned(), |addr| addr.ip().to_string());
-        let mime = if self.result == "TCP_TUNNEL" || self.status == 0 {
-            "-"
-        } else {
-            "text/plain"
-        };
-        format!(
-            "{}.{:03} {:>6} {} {}/{:03} {} {} {} - {}/{} {}",
-            since_epoch.as_secs(),
-            since_epoch.subsec_millis(),
-            self.duration_ms,
-            plain_ip(self.client.ip()),
-            self.result,
-            self.status,
-            self.bytes_to_client,
-            self.method,
-            self.target,
-            self.hierarchy,
-            upstream,
-            mime,
-        )
+    pub fn squid() -> Self {
+        Self::Format(LogFormat::builtin("squid").expect("squid is a built-in log format"))
     }
 
-    /// One JSON object.
-    pub fn json_line(&self) -> String {
-        serde_json::to_string(self).expect("an AccessRecord always serializes")
+    fn line(&self, record: &AccessRecord) -> String {
+        match self {
+            Self::Format(format) => format.format(record),
+            Self::Json => serde_json::to_string(record).expect("an AccessRecord always serializes"),
+        }
     }
 }
 
-fn plain_ip(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
-    }
+struct Sink {
+    format: RecordFormat,
+    writer: Mutex<Box<dyn Write + Send>>,
 }
 
-/// Where records go.
+/// Where records go: any number of destinations (none for `access_log none`).
 pub struct AccessLog {
-    format: LogFormat,
-    sink: Mutex<Box<dyn Write + Send>>,
+    sinks: Vec<Sink>,
 }
 
 impl AccessLog {
-    /// Opens `path` for appending, or standard output for `-`.
-    pub fn open(path: &Path, format: LogFormat) -> io::Result<Self> {
-        let sink: Box<dyn Write + Send> = if path == Path::new("-") {
-            Box::new(io::stdout())
-        } else {
-            Box::new(OpenOptions::new().create(true).append(true).open(path)?)
-        };
-        Ok(Self {
-            format,
-            sink: Mutex::new(sink),
-        })
+    /// Opens every destination (files for appending, `-` for standard output).
+    pub fn open(specs: &[AccessLogSpec]) -> io::Result<Self> {
+        let mut sinks = Vec::with_capacity(specs.len());
+        for spec in specs {
+            let writer: Box<dyn Write + Send> = if spec.path.as_os_str() == "-" {
+                Box::new(io::stdout())
+            } else {
+                let file = OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&spec.path)
+                    .map_err(|err| {
+                        io::Error::new(
+                            err.kind(),
+                            format!("access log {}: {err}", spec.path.display()),
+                        )
+                    })?;
+                Box::new(file)
+            };
+            sinks.push(Sink {
+                format: spec.format.clone(),
+                writer: Mutex::new(writer),
+            });
+        }
+        Ok(Self { sinks })
     }
 
-    /// Writes one record as one line (one write(2), so lines never interleave).
+    /// Writes one record as one line to every destination (one write(2) each, so
+    /// lines never interleave).
     pub fn write(&self, record: &AccessRecord) {
-        let mut line = match self.format {
-            LogFormat::Squid => record.squid_line(),
-            LogFormat::Json => record.json_line(),
-        };
-        line.push('\n');
-        let mut sink = self
-            .sink
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Err(err) = sink.write_all(line.as_bytes()).and_then(|()| sink.flush()) {
-            log::error!("access log write failed: {err}");
+        for sink in &self.sinks {
+            let mut line = sink.format.line(record);
+            line.push('\n');
+            let mut writer = sink
+                .writer
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            if let Err(err) = writer
+                .write_all(line.as_bytes())
+                .and_then(|()| writer.flush())
+            {
+                log::error!("access log write failed: {err}");
+            }
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::{Duration, UNIX_EPOCH};
+
     use super::*;
 
-    #[test]
-    fn squid_line_matches_the_istio_example() {
-        let record = AccessRecord {
+    fn istio_example() -> AccessRecord {
+        AccessRecord {
             ts: UNIX_EPOCH + Duration::from_millis(1_544_160_065_248),
             duration_ms: 228,
             client: "172.30.109.89:50000".parse().unwrap(),
+            local: None,
             method: "CONNECT".into(),
             target: "en.wikipedia.org:443".into(),
             status: 200,
             result: "TCP_TUNNEL",
             hierarchy: "HIER_DIRECT",
             upstream: Some("91.198.174.192:443".parse().unwrap()),
+            user: None,
             bytes_to_client: 87633,
             bytes_from_client: 1000,
             dataplane: Some("sockmap"),
             end: "closed".into(),
-        };
+        }
+    }
+
+    #[test]
+    fn squid_line_matches_the_istio_example() {
         assert_eq!(
-            record.squid_line(),
+            RecordFormat::squid().line(&istio_example()),
             "1544160065.248    228 172.30.109.89 TCP_TUNNEL/200 87633 CONNECT en.wikipedia.org:443 - HIER_DIRECT/91.198.174.192 -"
         );
-        let json: serde_json::Value = serde_json::from_str(&record.json_line()).unwrap();
+    }
+
+    #[test]
+    fn denials_log_like_squid() {
+        let mut record = istio_example();
+        record.status = 403;
+        record.result = "TCP_DENIED";
+        record.hierarchy = "HIER_NONE";
+        record.upstream = None;
+        record.bytes_to_client = 3970;
+        assert_eq!(
+            RecordFormat::squid().line(&record),
+            "1544160065.248    228 172.30.109.89 TCP_DENIED/403 3970 CONNECT en.wikipedia.org:443 - HIER_NONE/- text/plain"
+        );
+    }
+
+    #[test]
+    fn json_has_the_documented_fields() {
+        let json: serde_json::Value =
+            serde_json::from_str(&RecordFormat::Json.line(&istio_example())).unwrap();
+        for field in [
+            "ts",
+            "duration_ms",
+            "client",
+            "method",
+            "target",
+            "status",
+            "result",
+            "upstream",
+            "bytes_to_client",
+            "bytes_from_client",
+            "dataplane",
+        ] {
+            assert!(json.get(field).is_some(), "{field} missing in {json}");
+        }
         assert_eq!(json["bytes_to_client"], 87633);
-        assert_eq!(json["dataplane"], "sockmap");
         assert_eq!(json["ts"], "2018-12-07T05:21:05.248Z");
     }
 }

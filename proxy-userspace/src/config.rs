@@ -2,7 +2,7 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use clap::{Parser, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::{dataplane::DataPlaneChoice, policy::PortSet};
 
@@ -35,7 +35,7 @@ pub enum TestHook {
     NoQueueDrain,
 }
 
-/// `spliced` command line.
+/// `spliced` command line. Flags given here override the configuration file.
 #[derive(Clone, Debug, Parser)]
 #[command(
     name = "spliced",
@@ -43,38 +43,67 @@ pub enum TestHook {
     about = "HTTP CONNECT forward proxy with tunnels spliced in the kernel by eBPF"
 )]
 pub struct Config {
-    /// Address to listen on; repeat for several. Default: 0.0.0.0:3128 and [::]:3128.
+    /// A squid.conf (subset) to read; without it the built-in policy applies.
+    #[arg(short = 'f', long = "config", value_name = "FILE")]
+    pub config_file: Option<PathBuf>,
+
+    /// Check the configuration, print the effective rules and exit (like
+    /// `squid -k parse`); same as the `check` subcommand.
+    #[arg(long)]
+    pub check: bool,
+
+    /// Address to listen on; repeat for several. Default: the file's `http_port`
+    /// lines, else 0.0.0.0:3128 and [::]:3128.
     #[arg(long = "listen", value_name = "ADDR:PORT")]
     pub listen: Vec<SocketAddr>,
 
-    /// Ports that CONNECT may reach: a comma-separated list of ports and ranges.
-    #[arg(long, value_name = "PORTS", default_value = "443")]
-    pub connect_ports: PortSet,
+    /// Ports that CONNECT may reach under the built-in policy: a comma-separated
+    /// list of ports and ranges (default 443). Not allowed with `-f`.
+    #[arg(long, value_name = "PORTS")]
+    pub connect_ports: Option<PortSet>,
 
     /// Data plane that moves tunnel bytes: `auto` picks sockmap when the eBPF
     /// programs load and splice otherwise.
     #[arg(long, value_enum, default_value_t = DataPlaneChoice::Auto)]
     pub dataplane: DataPlaneChoice,
 
-    /// Access log destination: a file path, or `-` for standard output.
-    #[arg(long, value_name = "PATH", default_value = "-")]
-    pub access_log: PathBuf,
+    /// Access log destination: a file path, or `-` for standard output. Default:
+    /// the file's `access_log` lines, else `-`.
+    #[arg(long, value_name = "PATH")]
+    pub access_log: Option<PathBuf>,
 
-    /// Access log record format.
-    #[arg(long, value_enum, default_value_t = LogFormat::Squid)]
-    pub log_format: LogFormat,
+    /// Access log record format. Default: the file's, else `squid`.
+    #[arg(long, value_enum)]
+    pub log_format: Option<LogFormat>,
 
-    /// Deadline for a client to send its whole request head, in seconds.
-    #[arg(long, value_name = "SECS", default_value_t = 30.0)]
-    pub request_timeout: f64,
+    /// Deadline for a client to send its whole request head, in seconds
+    /// (`request_timeout`; default 30).
+    #[arg(long, value_name = "SECS")]
+    pub request_timeout: Option<f64>,
 
-    /// Timeout of one upstream connect attempt (per resolved address), in seconds.
-    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
-    pub connect_timeout: f64,
+    /// Timeout of one upstream connect attempt (per resolved address), in seconds
+    /// (`connect_timeout`; default 10).
+    #[arg(long, value_name = "SECS")]
+    pub connect_timeout: Option<f64>,
 
-    /// Timeout of a name resolution, in seconds.
-    #[arg(long, value_name = "SECS", default_value_t = 5.0)]
-    pub dns_timeout: f64,
+    /// Timeout of a name resolution, in seconds (`dns_timeout`; default 5).
+    #[arg(long, value_name = "SECS")]
+    pub dns_timeout: Option<f64>,
+
+    /// Close a tunnel that moved no byte in either direction for this long, in
+    /// seconds (`read_timeout`; default 900, Squid's).
+    #[arg(long, value_name = "SECS")]
+    pub read_timeout: Option<f64>,
+
+    /// Close a tunnel this long after it opened, in seconds (`client_lifetime`;
+    /// default 86400, Squid's).
+    #[arg(long, value_name = "SECS")]
+    pub client_lifetime: Option<f64>,
+
+    /// After SIGTERM, how long open tunnels may go on, in seconds
+    /// (`shutdown_lifetime`; default 30, Squid's).
+    #[arg(long, value_name = "SECS")]
+    pub shutdown_lifetime: Option<f64>,
 
     /// TCP congestion control set on the proxy's own tunnel sockets (`""` keeps the
     /// system default). Cubic avoids BBR's pacing, the biggest lever measured for
@@ -85,42 +114,31 @@ pub struct Config {
     /// Test-only misbehaviour (repeatable); see the test suite.
     #[arg(long = "test-hook", value_enum, hide = true)]
     pub test_hooks: Vec<TestHook>,
+
+    /// A subcommand instead of running the proxy.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Subcommands.
+#[derive(Clone, Debug, Subcommand)]
+pub enum Command {
+    /// Check a configuration file, print the effective rules and exit.
+    Check {
+        /// The file to check.
+        #[arg(short = 'f', long = "config", value_name = "FILE")]
+        file: PathBuf,
+    },
 }
 
 impl Config {
-    /// Listen addresses with the defaults applied.
-    pub fn listen_addrs(&self) -> Vec<SocketAddr> {
-        if self.listen.is_empty() {
-            vec![
-                "0.0.0.0:3128".parse().expect("valid literal"),
-                "[::]:3128".parse().expect("valid literal"),
-            ]
-        } else {
-            self.listen.clone()
-        }
-    }
-
     /// Whether a test hook is enabled.
     pub fn hook(&self, hook: TestHook) -> bool {
         self.test_hooks.contains(&hook)
     }
-
-    /// [`Config::request_timeout`] as a duration.
-    pub fn request_timeout(&self) -> Duration {
-        secs(self.request_timeout)
-    }
-
-    /// [`Config::connect_timeout`] as a duration.
-    pub fn connect_timeout(&self) -> Duration {
-        secs(self.connect_timeout)
-    }
-
-    /// [`Config::dns_timeout`] as a duration.
-    pub fn dns_timeout(&self) -> Duration {
-        secs(self.dns_timeout)
-    }
 }
 
-fn secs(value: f64) -> Duration {
-    Duration::try_from_secs_f64(value).unwrap_or(Duration::MAX)
+/// Seconds from the command line as a duration (negative or NaN → zero, huge → MAX).
+pub fn secs(value: f64) -> Duration {
+    Duration::try_from_secs_f64(value.max(0.0)).unwrap_or(Duration::MAX)
 }

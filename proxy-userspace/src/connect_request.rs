@@ -145,6 +145,8 @@ pub struct RequestHead {
     pub method: String,
     /// The request target, exactly as sent.
     pub target: String,
+    /// The `Proxy-Authorization` header (field names are case-insensitive).
+    pub proxy_authorization: Option<String>,
     /// Bytes the client sent after the head: the start of the tunnel payload.
     pub pipelined: Vec<u8>,
     /// Size of the head itself.
@@ -212,6 +214,12 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<RequestHead>, HeadError> {
         Ok(httparse::Status::Complete(head_len)) => Ok(Some(RequestHead {
             method: request.method.unwrap_or_default().to_owned(),
             target: request.path.unwrap_or_default().to_owned(),
+            proxy_authorization: request
+                .headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case("proxy-authorization"))
+                .and_then(|h| std::str::from_utf8(h.value).ok())
+                .map(|v| v.trim().to_owned()),
             pipelined: buf[head_len..].to_vec(),
             head_len,
         })),

@@ -1,29 +1,40 @@
 //! The control plane: accepts clients, reads and checks the `CONNECT` request,
 //! applies the policy, resolves and connects upstream, answers `200`, and hands
 //! the socket pair to the data plane. It never touches tunnel bytes itself,
-//! except the few the client pipelined behind its request head.
+//! except the few the client sent before the 200.
+//!
+//! The settings in force live behind an [`ArcSwap`]: a reload swaps them, and
+//! every connection keeps the snapshot it started with.
 
 use std::{
+    collections::HashMap,
     io,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     os::fd::AsFd as _,
-    sync::Arc,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
     time::{Duration, Instant, SystemTime},
 };
 
+use arc_swap::ArcSwap;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpListener, TcpStream},
+    sync::Notify,
 };
 
 use crate::{
     access_log::{AccessLog, AccessRecord},
-    config::{Config, TestHook},
-    connect_request::{self, HeadError},
-    dataplane::{DataPlane, Tunnel},
-    policy::BuiltinPolicy,
-    sockopt, upstream,
+    config::TestHook,
+    connect_request::{self, HeadError, Host, RequestHead, Target},
+    dataplane::{DataPlane, Tunnel, TunnelLimits},
+    settings::{Policy, Settings},
+    sockopt,
+    squid::{Decision, LocalTime, RequestFacts},
+    upstream,
 };
 
 /// The answer that opens a tunnel.
@@ -34,12 +45,24 @@ const LISTEN_BACKLOG: i32 = 4096;
 /// that closing does not reset the connection and destroy the answer in flight.
 const LINGER_AFTER_ERROR: Duration = Duration::from_secs(1);
 
+/// Settings in force and the access log they opened.
+pub struct Active {
+    /// The settings.
+    pub settings: Settings,
+    /// The access log destinations of these settings.
+    pub access_log: AccessLog,
+}
+
 /// Everything a connection handler needs.
 pub struct ControlPlane {
-    config: Config,
-    policy: BuiltinPolicy,
+    active: ArcSwap<Active>,
     dataplane: Arc<dyn DataPlane>,
-    access_log: AccessLog,
+    hooks: Vec<TestHook>,
+    per_client: Mutex<HashMap<IpAddr, u32>>,
+    open_connections: AtomicUsize,
+    all_closed: Notify,
+    /// Set once shutdown_lifetime is over: open tunnels end at once.
+    closing: tokio::sync::watch::Sender<bool>,
 }
 
 /// An error answer to a request.
@@ -47,6 +70,8 @@ struct Refusal {
     status: u16,
     result: &'static str,
     reason: String,
+    /// Extra header lines, each ending in CRLF.
+    headers: String,
 }
 
 impl Refusal {
@@ -55,6 +80,14 @@ impl Refusal {
             status,
             result: "NONE_NONE",
             reason: reason.into(),
+            headers: String::new(),
+        }
+    }
+
+    fn denied(status: u16, reason: impl Into<String>) -> Self {
+        Self {
+            result: "TCP_DENIED",
+            ..Self::new(status, reason)
         }
     }
 }
@@ -73,21 +106,79 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
+/// Counts a connection as open until dropped.
+struct ConnectionGuard<'a> {
+    control: &'a ControlPlane,
+    client: IpAddr,
+}
+
+impl Drop for ConnectionGuard<'_> {
+    fn drop(&mut self) {
+        let mut per_client = self
+            .control
+            .per_client
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = per_client.get_mut(&self.client) {
+            *count -= 1;
+            if *count == 0 {
+                per_client.remove(&self.client);
+            }
+        }
+        drop(per_client);
+        if self.control.open_connections.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.control.all_closed.notify_waiters();
+        }
+    }
+}
+
 impl ControlPlane {
     /// A control plane that hands tunnels to `dataplane`.
-    pub fn new(config: Config, dataplane: Arc<dyn DataPlane>, access_log: AccessLog) -> Self {
-        let policy = BuiltinPolicy {
-            connect_ports: config.connect_ports.clone(),
-        };
+    pub fn new(active: Active, dataplane: Arc<dyn DataPlane>, hooks: Vec<TestHook>) -> Self {
         Self {
-            config,
-            policy,
+            active: ArcSwap::from_pointee(active),
             dataplane,
-            access_log,
+            hooks,
+            per_client: Mutex::default(),
+            open_connections: AtomicUsize::new(0),
+            all_closed: Notify::new(),
+            closing: tokio::sync::watch::Sender::new(false),
         }
     }
 
-    /// Accepts clients on `listener` for ever.
+    /// Ends every open connection now (after shutdown_lifetime): each still
+    /// writes its access log line, with the end `shutdown`.
+    pub fn close_all(&self) {
+        self.closing.send_replace(true);
+    }
+
+    /// The settings in force.
+    pub fn active(&self) -> Arc<Active> {
+        self.active.load_full()
+    }
+
+    /// Puts new settings in force for connections accepted from now on.
+    pub fn replace(&self, active: Active) {
+        self.active.store(Arc::new(active));
+    }
+
+    /// Client connections open now (reading a request, or tunnelling).
+    pub fn open_connections(&self) -> usize {
+        self.open_connections.load(Ordering::Acquire)
+    }
+
+    /// Waits until no client connection is open.
+    pub async fn all_closed(&self) {
+        loop {
+            let notified = self.all_closed.notified();
+            if self.open_connections() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Accepts clients on `listener` until the task is aborted.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
         loop {
             match listener.accept().await {
@@ -104,37 +195,70 @@ impl ControlPlane {
         }
     }
 
+    fn admit(&self, client: IpAddr, limit: Option<u32>) -> (ConnectionGuard<'_>, bool) {
+        self.open_connections.fetch_add(1, Ordering::AcqRel);
+        let mut per_client = self.per_client.lock().unwrap_or_else(|p| p.into_inner());
+        let count = per_client.entry(client).or_insert(0);
+        *count += 1;
+        let within = limit.is_none_or(|limit| *count <= limit);
+        (
+            ConnectionGuard {
+                control: self,
+                client,
+            },
+            within,
+        )
+    }
+
     async fn handle(self: Arc<Self>, mut client: TcpStream, peer: SocketAddr) {
         let started = Instant::now();
+        let active = self.active();
+        let settings = &active.settings;
+        let (_guard, within_limit) = self.admit(peer.ip(), settings.client_ip_max_connections);
         let mut record = AccessRecord {
             ts: SystemTime::now(),
             duration_ms: 0,
             client: peer,
+            local: client.local_addr().ok(),
             method: "NONE".into(),
             target: "error:invalid-request".into(),
             status: 0,
             result: "NONE_NONE",
             hierarchy: "HIER_NONE",
             upstream: None,
+            user: None,
             bytes_to_client: 0,
             bytes_from_client: 0,
             dataplane: None,
             end: String::new(),
         };
-        match self.open_tunnel(&mut client, &mut record).await {
+        let mut closing = self.closing.subscribe();
+        let opened = if !within_limit {
+            Err(Refusal::denied(429, "client_ip_max_connections reached"))
+        } else {
+            tokio::select! {
+                opened = self.open_tunnel(settings, &mut client, &mut record) => opened,
+                _ = closing.wait_for(|closing| *closing) => Err(Refusal::new(0, "proxy shut down")),
+            }
+        };
+        match opened {
             Ok(opened) => {
-                let pipelined = opened.pipelined;
                 let tunnel = Tunnel {
                     client,
                     upstream: opened.upstream,
                     client_bytes_consumed: opened.client_bytes_consumed,
                     client_queue_clean: opened.client_queue_clean,
+                    limits: TunnelLimits {
+                        idle: settings.read_timeout,
+                        lifetime: settings.client_lifetime.saturating_sub(started.elapsed()),
+                    },
+                    shutdown: self.closing.subscribe(),
                 };
                 let outcome = self.dataplane.run(tunnel).await;
                 record.status = 200;
                 record.result = "TCP_TUNNEL";
                 record.bytes_to_client = CONNECT_OK.len() as u64 + outcome.upstream_to_client;
-                record.bytes_from_client = pipelined + outcome.client_to_upstream;
+                record.bytes_from_client = opened.pipelined + outcome.client_to_upstream;
                 record.dataplane = Some(outcome.dataplane);
                 record.end = outcome.end.as_str().into();
             }
@@ -151,15 +275,17 @@ impl ControlPlane {
         }
         record.ts = SystemTime::now();
         record.duration_ms = started.elapsed().as_millis() as u64;
-        self.access_log.write(&record);
+        // The log in force when the transaction ends: a reload reopens it.
+        self.active().access_log.write(&record);
     }
 
     async fn open_tunnel(
         &self,
+        settings: &Settings,
         client: &mut TcpStream,
         record: &mut AccessRecord,
     ) -> Result<OpenedTunnel, Refusal> {
-        let head = connect_request::read_head(client, self.config.request_timeout())
+        let head = connect_request::read_head(client, settings.request_timeout)
             .await
             .map_err(|err| match err {
                 HeadError::Timeout(_) => Refusal::new(408, err.to_string()),
@@ -178,31 +304,42 @@ impl ControlPlane {
         let target = connect_request::parse_target(&head.target)
             .map_err(|err| Refusal::new(400, format!("bad CONNECT target: {err}")))?;
         record.target = target.to_string();
-        self.policy
-            .check(record.client.ip(), target.port)
-            .map_err(|denial| Refusal {
-                status: 403,
-                result: "TCP_DENIED",
-                reason: denial.to_string(),
-            })?;
+
+        let judge = Judge::new(settings, record, &head, &target).await;
+        record.user.clone_from(&judge.user);
+        judge.decide(None)?;
         let refuse_upstream =
             |err: upstream::UpstreamError| Refusal::new(err.status(), err.to_string());
-        let addrs = upstream::resolve(&target, self.config.dns_timeout())
+        let mut addrs = upstream::resolve(&target, settings.dns_timeout)
             .await
             .map_err(refuse_upstream)?;
-        let (mut upstream, upstream_addr) =
-            upstream::connect(&addrs, self.config.connect_timeout())
-                .await
-                .map_err(refuse_upstream)?;
+        if judge.needs_destination() {
+            // `dst` and `to_localhost` judge the address actually connected to.
+            let mut last_denial = None;
+            addrs.retain(|addr| match judge.decide(Some(addr.ip())) {
+                Ok(()) => true,
+                Err(refusal) => {
+                    last_denial = Some(refusal);
+                    false
+                }
+            });
+            if addrs.is_empty() {
+                return Err(
+                    last_denial.unwrap_or_else(|| Refusal::denied(403, "no allowed address"))
+                );
+            }
+        }
+        let (mut upstream, upstream_addr) = upstream::connect(&addrs, settings.connect_timeout)
+            .await
+            .map_err(refuse_upstream)?;
         record.upstream = Some(upstream_addr);
         record.hierarchy = "HIER_DIRECT";
         for socket in [&*client, &upstream] {
             let _ = socket.set_nodelay(true);
-            if !self.config.tcp_congestion.is_empty() {
-                if let Err(err) =
-                    sockopt::set_congestion(socket.as_fd(), &self.config.tcp_congestion)
+            if !settings.tcp_congestion.is_empty() {
+                if let Err(err) = sockopt::set_congestion(socket.as_fd(), &settings.tcp_congestion)
                 {
-                    log::debug!("TCP_CONGESTION {}: {err}", self.config.tcp_congestion);
+                    log::debug!("TCP_CONGESTION {}: {err}", settings.tcp_congestion);
                 }
             }
         }
@@ -214,7 +351,7 @@ impl ControlPlane {
                 .await
                 .map_err(write_upstream)?;
         }
-        let queued = if self.config.hook(TestHook::NoQueueDrain) {
+        let queued = if self.hooks.contains(&TestHook::NoQueueDrain) {
             QueuedBytes {
                 bytes: 0,
                 clean: true,
@@ -235,6 +372,105 @@ impl ControlPlane {
             client_queue_clean: queued.clean,
         })
     }
+}
+
+/// Applies the policy in force to one request.
+struct Judge<'a> {
+    policy: &'a Policy,
+    client: IpAddr,
+    local: Option<SocketAddr>,
+    method: &'a str,
+    host: String,
+    port: u16,
+    user: Option<String>,
+}
+
+impl<'a> Judge<'a> {
+    async fn new(
+        settings: &'a Settings,
+        record: &AccessRecord,
+        head: &'a RequestHead,
+        target: &Target,
+    ) -> Self {
+        let host = match &target.host {
+            Host::Name(name) => name.clone(),
+            Host::Ip(ip) => ip.to_string(),
+        };
+        let user = match (&settings.policy, &head.proxy_authorization) {
+            (Policy::Squid(squid), Some(credentials)) if squid.auth.is_some() => {
+                let (squid, credentials) = (squid.clone(), credentials.clone());
+                // A bcrypt check costs milliseconds of CPU: keep it off the executor.
+                tokio::task::spawn_blocking(move || squid.verify_basic(&credentials))
+                    .await
+                    .ok()
+                    .flatten()
+            }
+            _ => None,
+        };
+        Self {
+            policy: &settings.policy,
+            client: record.client.ip(),
+            local: record.local,
+            method: &head.method,
+            host,
+            port: target.port,
+            user,
+        }
+    }
+
+    fn needs_destination(&self) -> bool {
+        matches!(self.policy, Policy::Squid(squid) if squid.needs_destination())
+    }
+
+    /// Decides with `dst` the address about to be connected to (`None` before
+    /// resolution: `dst` ACLs then do not match, as in Squid).
+    fn decide(&self, dst: Option<IpAddr>) -> Result<(), Refusal> {
+        match self.policy {
+            Policy::Builtin(builtin) => builtin
+                .check(self.client, self.port)
+                .map_err(|denial| Refusal::denied(403, denial.to_string())),
+            Policy::Squid(squid) => {
+                let facts = RequestFacts {
+                    client: self.client,
+                    local_ip: self.local.map(|l| l.ip()),
+                    local_port: self.local.map_or(0, |l| l.port()),
+                    method: self.method,
+                    host: &self.host,
+                    port: self.port,
+                    dst,
+                    user: self.user.as_deref(),
+                    now: LocalTime::now(),
+                };
+                match squid.decide(&facts) {
+                    Decision::Allow => Ok(()),
+                    // Before resolution a denial that a destination could lift is
+                    // not final; after it, it is.
+                    deny @ Decision::Deny { .. } if dst.is_some() || !squid.needs_destination() => {
+                        Err(Refusal::denied(403, deny.to_string()))
+                    }
+                    Decision::Deny { .. } => Ok(()),
+                    Decision::AuthRequired => {
+                        let realm = squid.auth_realm().unwrap_or("spliced").replace('"', "'");
+                        Err(Refusal {
+                            headers: format!("Proxy-Authenticate: Basic realm=\"{realm}\"\r\n"),
+                            ..Refusal::denied(407, "proxy authentication required")
+                        })
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// An upstream connection ready to become a tunnel.
+struct OpenedTunnel {
+    upstream: TcpStream,
+    /// Bytes the client sent behind its request head, already written upstream.
+    pipelined: u64,
+    /// All bytes read from the client so far (head and pipelined bytes).
+    client_bytes_consumed: u64,
+    /// Whether the client socket's receive queue holds no half-read segment.
+    client_queue_clean: bool,
 }
 
 /// What [`forward_queued_bytes`] did.
@@ -284,23 +520,14 @@ async fn forward_queued_bytes(
     })
 }
 
-/// An upstream connection ready to become a tunnel.
-struct OpenedTunnel {
-    upstream: TcpStream,
-    /// Bytes the client sent behind its request head, already written upstream.
-    pipelined: u64,
-    /// All bytes read from the client so far (head and pipelined bytes).
-    client_bytes_consumed: u64,
-    /// Whether the client socket's receive queue holds no half-read segment.
-    client_queue_clean: bool,
-}
-
 fn reason_phrase(status: u16) -> &'static str {
     match status {
         400 => "Bad Request",
         403 => "Forbidden",
         405 => "Method Not Allowed",
+        407 => "Proxy Authentication Required",
         408 => "Request Timeout",
+        429 => "Too Many Requests",
         431 => "Request Header Fields Too Large",
         502 => "Bad Gateway",
         503 => "Service Unavailable",
@@ -311,11 +538,19 @@ fn reason_phrase(status: u16) -> &'static str {
 
 /// Writes an error answer, then closes gracefully. Returns the bytes written.
 async fn answer_error(client: &mut TcpStream, refusal: &Refusal, with_body: bool) -> u64 {
+    // Like Squid's error pages, a denial names its kind but not the rule: which
+    // line of the policy matched is for the access log, not for clients.
+    let detail = match refusal.result {
+        "TCP_DENIED" if refusal.status == 403 => "ERR_ACCESS_DENIED",
+        "TCP_DENIED" if refusal.status == 407 => {
+            "ERR_CACHE_ACCESS_DENIED (proxy authentication required)"
+        }
+        _ => refusal.reason.as_str(),
+    };
     let body = format!(
-        "spliced: {} {}: {}\n",
+        "spliced: {} {}: {detail}\n",
         refusal.status,
-        reason_phrase(refusal.status),
-        refusal.reason
+        reason_phrase(refusal.status)
     );
     let allow = if refusal.status == 405 {
         "Allow: CONNECT\r\n"
@@ -323,10 +558,11 @@ async fn answer_error(client: &mut TcpStream, refusal: &Refusal, with_body: bool
         ""
     };
     let answer = format!(
-        "HTTP/1.1 {} {}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{allow}Connection: close\r\n\r\n{}",
+        "HTTP/1.1 {} {}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{allow}{}Connection: close\r\n\r\n{}",
         refusal.status,
         reason_phrase(refusal.status),
         body.len(),
+        refusal.headers,
         if with_body { body.as_str() } else { "" },
     );
     if client.write_all(answer.as_bytes()).await.is_err() {

@@ -14,6 +14,7 @@ pub mod connect_request;
 pub mod control;
 pub mod dataplane;
 pub mod policy;
+pub mod settings;
 pub mod sockopt;
 pub mod squid;
 pub mod upstream;

@@ -1,16 +1,40 @@
-//! The `spliced` binary: parses the command line, picks the data plane, binds
-//! the listeners and runs the control plane until SIGINT or SIGTERM.
+//! The `spliced` binary: reads the command line and configuration, picks the
+//! data plane, binds the listeners and runs the control plane. SIGHUP reloads
+//! the configuration, SIGTERM drains and stops, SIGUSR1 logs kernel counters.
 
-use std::{process::ExitCode, sync::Arc};
+use std::{collections::HashMap, io, net::SocketAddr, path::Path, process::ExitCode, sync::Arc};
 
 use anyhow::Context as _;
 use clap::Parser as _;
-use spliced::{access_log::AccessLog, config::Config, control, dataplane};
-use tokio::signal::unix::{signal, SignalKind};
+use spliced::{
+    config::{Command, Config},
+    control::{self, Active, ControlPlane},
+    dataplane,
+    settings::{Resolved, Settings},
+    squid,
+};
+use tokio::{
+    signal::unix::{signal, SignalKind},
+    task::JoinHandle,
+};
 
 fn main() -> ExitCode {
     let config = Config::parse();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let check_file = match (&config.command, config.check) {
+        (Some(Command::Check { file }), _) => Some(file.clone()),
+        (None, true) => match &config.config_file {
+            Some(file) => Some(file.clone()),
+            None => {
+                log::error!("--check needs -f FILE");
+                return ExitCode::FAILURE;
+            }
+        },
+        (None, false) => None,
+    };
+    if let Some(file) = check_file {
+        return check(&file);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -30,43 +54,204 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(config: Config) -> anyhow::Result<()> {
-    let access_log = AccessLog::open(&config.access_log, config.log_format)
-        .with_context(|| format!("opening access log {}", config.access_log.display()))?;
-    let (dataplane, why) = dataplane::select(&config)?;
-    log::info!("data plane: {} ({why})", dataplane.name());
-
-    let mut listeners = Vec::new();
-    for addr in config.listen_addrs() {
-        match control::bind(addr) {
-            Ok(listener) => listeners.push(listener),
-            // The default pair includes [::]; a host without IPv6 still serves IPv4.
-            Err(err) if config.listen.is_empty() && addr.is_ipv6() => {
-                log::warn!("not listening on {addr}: {err}");
+/// `spliced check -f FILE`: like `squid -k parse`.
+fn check(file: &Path) -> ExitCode {
+    match squid::load(file) {
+        Ok(loaded) => {
+            for warning in &loaded.warnings {
+                eprintln!("WARNING: {warning}");
             }
-            Err(err) => return Err(err).with_context(|| format!("binding {addr}")),
+            print!("{}", loaded.config.render_effective());
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("ERROR: {err}");
+            ExitCode::FAILURE
         }
     }
-    let control = Arc::new(control::ControlPlane::new(
-        config,
-        dataplane.clone(),
+}
+
+/// Resolves settings and opens their access log; logs the file's warnings.
+fn activate(config: &Config) -> anyhow::Result<Active> {
+    let Resolved { settings, warnings } = Settings::resolve(config)?;
+    for warning in warnings {
+        log::warn!("{warning}");
+    }
+    let access_log = settings.open_access_log()?;
+    Ok(Active {
+        settings,
         access_log,
-    ));
-    for listener in listeners {
-        log::info!("listening on {}", listener.local_addr()?);
-        tokio::spawn(control.clone().serve(listener));
+    })
+}
+
+/// The listening sockets in use, by address.
+#[derive(Default)]
+struct Listeners {
+    running: HashMap<SocketAddr, JoinHandle<()>>,
+}
+
+impl Listeners {
+    /// Binds what `settings` lists and is not bound yet, and stops listening on
+    /// the rest. Open connections are untouched either way. On an error nothing
+    /// changes, as far as the kernel lets it (see below).
+    async fn reconcile(
+        &mut self,
+        control: &Arc<ControlPlane>,
+        settings: &Settings,
+    ) -> anyhow::Result<()> {
+        let removed: Vec<SocketAddr> = self
+            .running
+            .keys()
+            .filter(|a| !settings.listen.contains(a))
+            .copied()
+            .collect();
+        let mut bound = Vec::new();
+        let mut blocked = Vec::new();
+        for &addr in settings
+            .listen
+            .iter()
+            .filter(|a| !self.running.contains_key(a))
+        {
+            match control::bind(addr) {
+                Ok(listener) => bound.push((addr, listener)),
+                // 127.0.0.1:P cannot be bound while 0.0.0.0:P listens (and the
+                // reverse): retry once the listeners being removed are closed.
+                Err(err)
+                    if err.kind() == io::ErrorKind::AddrInUse
+                        && removed.iter().any(|r| r.port() == addr.port()) =>
+                {
+                    blocked.push(addr);
+                }
+                // The default pair includes [::]; a host without IPv6 serves IPv4.
+                Err(err) if settings.listen_is_default && addr.is_ipv6() => {
+                    log::warn!("not listening on {addr}: {err}");
+                }
+                Err(err) => return Err(err).with_context(|| format!("binding {addr}")),
+            }
+        }
+        for addr in &removed {
+            self.stop_one(*addr).await;
+        }
+        for addr in blocked {
+            match control::bind(addr) {
+                Ok(listener) => bound.push((addr, listener)),
+                Err(err) => {
+                    // Put the old listeners back before reporting.
+                    for old in removed {
+                        if let Ok(listener) = control::bind(old) {
+                            self.start_one(control, old, listener);
+                        }
+                    }
+                    return Err(err).with_context(|| format!("binding {addr}"));
+                }
+            }
+        }
+        for (addr, listener) in bound {
+            self.start_one(control, addr, listener);
+        }
+        Ok(())
     }
 
+    fn start_one(
+        &mut self,
+        control: &Arc<ControlPlane>,
+        addr: SocketAddr,
+        listener: tokio::net::TcpListener,
+    ) {
+        log::info!("listening on {}", listener.local_addr().unwrap_or(addr));
+        self.running
+            .insert(addr, tokio::spawn(control.clone().serve(listener)));
+    }
+
+    /// Stops accepting on `addr` and waits until its socket is closed.
+    async fn stop_one(&mut self, addr: SocketAddr) {
+        if let Some(task) = self.running.remove(&addr) {
+            task.abort();
+            // The listener is dropped, and so closed, once the task has ended.
+            let _ = task.await;
+            log::info!("no longer listening on {addr}");
+        }
+    }
+
+    async fn stop(&mut self) {
+        let addrs: Vec<SocketAddr> = self.running.keys().copied().collect();
+        for addr in addrs {
+            self.stop_one(addr).await;
+        }
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let active = activate(&config)?;
+    let (dataplane, why) = dataplane::select(&config)?;
+    log::info!("data plane: {} ({why})", dataplane.name());
+    let settings = active.settings.clone();
+    let control = Arc::new(ControlPlane::new(
+        active,
+        dataplane.clone(),
+        config.test_hooks.clone(),
+    ));
+    let mut listeners = Listeners::default();
+    listeners.reconcile(&control, &settings).await?;
+
     let mut usr1 = signal(SignalKind::user_defined1())?;
+    let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     loop {
         tokio::select! {
             _ = usr1.recv() => log::info!("stats: dataplane={} {}", dataplane.name(), dataplane.stats()),
+            _ = hup.recv() => reload(&config, &control, &mut listeners).await,
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
     }
-    log::info!("shutting down");
+
+    // Graceful shutdown: stop accepting, let open tunnels finish for up to
+    // shutdown_lifetime; a second SIGTERM or SIGINT ends them at once.
+    listeners.stop().await;
+    let lifetime = control.active().settings.shutdown_lifetime;
+    let open = control.open_connections();
+    if open > 0 {
+        log::info!("shutting down: waiting up to {lifetime:?} for {open} open connections");
+        let forced = tokio::select! {
+            () = control.all_closed() => {
+                log::info!("all connections closed");
+                false
+            }
+            () = tokio::time::sleep(lifetime) => {
+                log::info!("shutdown_lifetime ({lifetime:?}) is over");
+                true
+            }
+            _ = term.recv() => true,
+            _ = int.recv() => true,
+        };
+        if forced {
+            log::info!("closing {} connections", control.open_connections());
+            control.close_all();
+            // Each closed connection still writes its access log line.
+            let _ =
+                tokio::time::timeout(std::time::Duration::from_secs(2), control.all_closed()).await;
+        }
+    }
+    log::info!("shut down");
     Ok(())
+}
+
+/// SIGHUP: new settings for new connections; established tunnels keep flowing;
+/// a configuration that fails leaves the old one in force.
+async fn reload(config: &Config, control: &Arc<ControlPlane>, listeners: &mut Listeners) {
+    let active = match activate(config) {
+        Ok(active) => active,
+        Err(err) => {
+            log::error!("reload failed, keeping the configuration in force: {err:#}");
+            return;
+        }
+    };
+    if let Err(err) = listeners.reconcile(control, &active.settings).await {
+        log::error!("reload failed, keeping the configuration in force: {err:#}");
+        return;
+    }
+    control.replace(active);
+    log::info!("configuration reloaded");
 }

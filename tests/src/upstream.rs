@@ -165,11 +165,19 @@ fn serve_one(mut stream: TcpStream) -> Option<ServerResult> {
             (receive(&mut stream), sent)
         }
         Mode::ResetAfterRead => {
-            let mut buf = vec![0u8; header.up as usize];
-            let received = stream
-                .read_exact(&mut buf)
-                .map(|()| header.up)
-                .map_err(|e| e.to_string());
+            // Read `up` bytes in bounded chunks (a garbage header must not make the
+            // server allocate its announced size).
+            let mut remaining = header.up;
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut received = Ok(header.up);
+            while remaining > 0 {
+                let want = remaining.min(buf.len() as u64) as usize;
+                if let Err(err) = stream.read_exact(&mut buf[..want]) {
+                    received = Err(err.to_string());
+                    break;
+                }
+                remaining -= want as u64;
+            }
             socket2::SockRef::from(&stream)
                 .set_linger(Some(Duration::ZERO))
                 .ok()?;

@@ -197,25 +197,26 @@ fn insertion_order_leaves_no_window_for_failed_redirects() {
 
 #[test]
 fn verdict_before_targets_loses_bytes() {
-    let upstream = Upstream::start();
-    let proxy = sockmap_proxy(upstream.addr.port(), &["verdict-before-targets"]);
-    // The client's header arrives while the verdict runs but the upstream is not
-    // yet a redirect target: it is dropped and the upstream never sees it.
-    let mut stream = open_tunnel(proxy.addr, &upstream.addr.to_string());
-    let h = Header {
-        up: 1000,
-        down: 1000,
-        seed: 600,
-        mode: Mode::Concurrent,
-    };
-    stream.write_all(&h.encode()).unwrap();
-    let got = upstream.result_within(Duration::from_secs(2));
+    let upstream = TcpListener::bind("127.0.0.1:0").unwrap();
+    let upstream_addr = upstream.local_addr().unwrap();
+    // Accept and hold the connection; what arrives does not matter here.
+    let _holder = std::thread::spawn(move || {
+        upstream.accept().map(|(stream, _)| {
+            std::thread::sleep(Duration::from_secs(2));
+            drop(stream);
+        })
+    });
+    let proxy = sockmap_proxy(upstream_addr.port(), &["verdict-before-targets"]);
+    // The hook leaves 50 ms between the verdict map and the target map. Bytes that
+    // arrive then are handed to a verdict whose peer is not yet a redirect target:
+    // they are dropped. The client trickles bytes for 300 ms so some land there.
+    let mut stream = open_tunnel(proxy.addr, &upstream_addr.to_string());
+    for _ in 0..150 {
+        stream.write_all(b"x").unwrap();
+        std::thread::sleep(Duration::from_millis(2));
+    }
     let stats = proxy.stats();
-    assert!(
-        got.is_none() || stats["redirect_failed"] > 0,
-        "nothing lost: {got:?} {stats:?}"
-    );
-    assert!(stats["redirect_failed"] > 0, "{stats:?}");
+    assert!(stats["redirect_failed"] > 0, "nothing lost: {stats:?}");
 }
 
 /// The request head is read in chunks that can end inside a queued segment; the
@@ -308,12 +309,18 @@ fn flow_events_drive_the_tunnel_lifecycle() {
             up: 1000,
             down: 1000,
             seed: 800 + i * 2,
-            mode: Mode::Concurrent,
+            mode: Mode::AnswerAfterEof,
         };
-        exchange(
-            open_tunnel(proxy.addr, &upstream.addr.to_string()),
-            h,
-            false,
+        let mut stream = open_tunnel(proxy.addr, &upstream.addr.to_string());
+        stream.write_all(&h.encode()).unwrap();
+        spliced_tests::pattern::send(&mut stream, h.seed, h.up).unwrap();
+        // Give the proxy time to splice before the FIN: a socket that has seen
+        // its peer's FIN cannot be inserted and takes the fallback instead.
+        std::thread::sleep(Duration::from_millis(100));
+        stream.shutdown(std::net::Shutdown::Write).unwrap();
+        assert_eq!(
+            spliced_tests::pattern::receive(&mut stream, h.seed + 1).unwrap(),
+            Ok(h.down)
         );
         upstream.result();
     }
@@ -333,7 +340,7 @@ fn flow_events_drive_the_tunnel_lifecycle() {
     // socket (CLOSE_WAIT) takes the fallback instead.
     let fallbacks = stderr.matches("tunnel not spliced").count();
     assert_eq!(ends.len() + fallbacks, 20, "{stderr}");
-    assert!(ends.len() >= 10, "{stderr}");
+    assert!(ends.len() >= 15, "{stderr}");
     for end in ends {
         assert!(
             end.contains("from events [Some(1032), Some(1000)]"),

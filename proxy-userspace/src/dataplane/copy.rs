@@ -22,16 +22,25 @@ impl DataPlane for CopyDataPlane {
     fn run(&self, tunnel: Tunnel) -> TunnelFuture {
         Box::pin(async move {
             let Tunnel {
-                client, upstream, ..
+                client,
+                upstream,
+                limits,
+                shutdown,
+                ..
             } = tunnel;
             let (up, down) = (Moved::default(), Moved::default());
+            let driven = pump::Driven {
+                client: &client,
+                upstream: &upstream,
+                moved: (&up, &down),
+                name: "copy",
+                limits,
+                shutdown,
+            };
             pump::drive(
-                &client,
-                &upstream,
+                driven,
                 copy_one_way(&client, &upstream, &up, Side::Client),
                 copy_one_way(&upstream, &client, &down, Side::Upstream),
-                "copy",
-                (&up, &down),
             )
             .await
         })

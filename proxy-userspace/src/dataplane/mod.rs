@@ -13,7 +13,7 @@ mod pump;
 pub mod sockmap;
 pub mod splice;
 
-use std::{future::Future, pin::Pin, sync::Arc};
+use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
 
 use clap::ValueEnum;
 use tokio::net::TcpStream;
@@ -46,6 +46,87 @@ pub struct Tunnel {
     /// Whether the client socket's receive queue holds no segment that user space
     /// has read only part of (the sockmap plane cannot take over such a socket).
     pub client_queue_clean: bool,
+    /// When the data plane must close the tunnel on its own.
+    pub limits: TunnelLimits,
+    /// Becomes `true` when the proxy shuts down: the tunnel must end at once
+    /// (reset) and report what it moved, with [`TunnelEnd::Shutdown`].
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
+}
+
+/// Limits a data plane enforces on a tunnel.
+#[derive(Clone, Copy, Debug)]
+pub struct TunnelLimits {
+    /// Close the tunnel when no byte moved in either direction for this long
+    /// (Squid's `read_timeout`).
+    pub idle: Duration,
+    /// Close the tunnel this long after the data plane got it (what is left of
+    /// Squid's `client_lifetime`).
+    pub lifetime: Duration,
+}
+
+impl Default for TunnelLimits {
+    fn default() -> Self {
+        Self {
+            idle: Duration::MAX,
+            lifetime: Duration::MAX,
+        }
+    }
+}
+
+/// Tracks a tunnel's progress against its [`TunnelLimits`].
+#[derive(Debug)]
+pub struct LimitClock {
+    limits: TunnelLimits,
+    started: tokio::time::Instant,
+    last_progress: tokio::time::Instant,
+    last_total: u64,
+}
+
+impl LimitClock {
+    /// Starts the clock now.
+    pub fn start(limits: TunnelLimits) -> Self {
+        let now = tokio::time::Instant::now();
+        Self {
+            limits,
+            started: now,
+            last_progress: now,
+            last_total: 0,
+        }
+    }
+
+    /// Given the bytes moved so far (both directions), says whether a limit is
+    /// exceeded.
+    pub fn check(&mut self, total_moved: u64) -> Option<TunnelEnd> {
+        let now = tokio::time::Instant::now();
+        if total_moved != self.last_total {
+            self.last_total = total_moved;
+            self.last_progress = now;
+        }
+        if now.duration_since(self.started) >= self.limits.lifetime {
+            Some(TunnelEnd::LifetimeExceeded)
+        } else if now.duration_since(self.last_progress) >= self.limits.idle {
+            Some(TunnelEnd::IdleTimeout)
+        } else {
+            None
+        }
+    }
+
+    /// How long until a limit could next be exceeded (at most `cap`).
+    pub fn next_check(&self, cap: Duration) -> Duration {
+        let now = tokio::time::Instant::now();
+        let to_lifetime = self
+            .limits
+            .lifetime
+            .saturating_sub(now.duration_since(self.started));
+        let to_idle = self
+            .limits
+            .idle
+            .saturating_sub(now.duration_since(self.last_progress));
+        to_lifetime
+            .min(to_idle)
+            .min(cap)
+            .max(Duration::from_millis(10))
+    }
 }
 
 /// How a tunnel ended.
@@ -57,6 +138,12 @@ pub enum TunnelEnd {
     ClientError,
     /// The upstream reset the connection or an I/O error hit its socket.
     UpstreamError,
+    /// No byte moved for `read_timeout`.
+    IdleTimeout,
+    /// The tunnel reached `client_lifetime`.
+    LifetimeExceeded,
+    /// The proxy shut down before the tunnel ended.
+    Shutdown,
 }
 
 impl TunnelEnd {
@@ -66,6 +153,9 @@ impl TunnelEnd {
             Self::Closed => "closed",
             Self::ClientError => "client_error",
             Self::UpstreamError => "upstream_error",
+            Self::IdleTimeout => "idle_timeout",
+            Self::LifetimeExceeded => "lifetime_exceeded",
+            Self::Shutdown => "shutdown",
         }
     }
 }
@@ -103,6 +193,7 @@ pub trait DataPlane: Send + Sync {
 
 /// Builds the data plane `config` asks for and says why it was chosen.
 pub fn select(config: &Config) -> anyhow::Result<(Arc<dyn DataPlane>, String)> {
+    // A data plane is chosen once per process; a reload does not change it.
     let fallback: Arc<dyn DataPlane> = Arc::new(splice::SpliceDataPlane);
     match config.dataplane {
         DataPlaneChoice::Copy => Ok((

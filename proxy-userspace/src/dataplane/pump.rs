@@ -13,7 +13,7 @@ use std::{
 use socket2::SockRef;
 use tokio::net::TcpStream;
 
-use super::{TunnelEnd, TunnelOutcome};
+use super::{LimitClock, TunnelEnd, TunnelLimits, TunnelOutcome};
 
 /// Byte counter a direction updates as it goes, so the count survives an error.
 #[derive(Debug, Default)]
@@ -31,28 +31,62 @@ impl Moved {
     }
 }
 
+/// Longest sleep between two checks of the tunnel limits.
+const LIMIT_CHECK_CAP: Duration = Duration::from_secs(1);
+
+/// The two sockets of a tunnel being driven, and what it has moved.
+pub struct Driven<'a> {
+    /// The client socket.
+    pub client: &'a TcpStream,
+    /// The upstream socket.
+    pub upstream: &'a TcpStream,
+    /// Bytes moved client → upstream and upstream → client.
+    pub moved: (&'a Moved, &'a Moved),
+    /// Data plane name for the outcome.
+    pub name: &'static str,
+    /// Idle and lifetime limits.
+    pub limits: TunnelLimits,
+    /// Shutdown signal (see [`super::Tunnel::shutdown`]).
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
+}
+
 /// Runs `client_to_upstream` and `upstream_to_client` until both end. Each must
 /// shut down its destination's write side after its source's EOF. The first
-/// error aborts the tunnel: both sockets are closed with a reset.
+/// error, or an exceeded limit, aborts the tunnel: both sockets are closed with
+/// a reset.
 pub async fn drive<A, B>(
-    client: &TcpStream,
-    upstream: &TcpStream,
+    tunnel: Driven<'_>,
     client_to_upstream: A,
     upstream_to_client: B,
-    name: &'static str,
-    moved: (&Moved, &Moved),
 ) -> TunnelOutcome
 where
     A: Future<Output = Result<(), DirectionError>>,
     B: Future<Output = Result<(), DirectionError>>,
 {
+    let Driven {
+        client,
+        upstream,
+        moved,
+        name,
+        limits,
+        mut shutdown,
+    } = tunnel;
     tokio::pin!(client_to_upstream, upstream_to_client);
     let (mut up_done, mut down_done) = (false, false);
     let mut end = TunnelEnd::Closed;
+    let mut clock = LimitClock::start(limits);
     while !(up_done && down_done) {
         let result = tokio::select! {
             result = &mut client_to_upstream, if !up_done => { up_done = true; result }
             result = &mut upstream_to_client, if !down_done => { down_done = true; result }
+            _ = shutdown.wait_for(|closing| *closing) => Err(DirectionError::Limit(TunnelEnd::Shutdown)),
+            () = tokio::time::sleep(clock.next_check(LIMIT_CHECK_CAP)) => {
+                match clock.check(moved.0.get() + moved.1.get()) {
+                    Some(exceeded) => Err(exceeded),
+                    None => continue,
+                }
+                .map_err(DirectionError::Limit)
+            }
         };
         if let Err(err) = result {
             end = err.end();
@@ -106,6 +140,9 @@ pub enum DirectionError {
     /// The upstream socket failed.
     #[error("upstream socket: {0}")]
     Upstream(io::Error),
+    /// A tunnel limit was exceeded.
+    #[error("limit exceeded: {}", .0.as_str())]
+    Limit(TunnelEnd),
 }
 
 impl DirectionError {
@@ -113,6 +150,7 @@ impl DirectionError {
         match self {
             Self::Client(_) => TunnelEnd::ClientError,
             Self::Upstream(_) => TunnelEnd::UpstreamError,
+            Self::Limit(end) => *end,
         }
     }
 }

@@ -44,7 +44,9 @@ use std::net::TcpStream;
 
 use tokio::{io::unix::AsyncFd, sync::mpsc};
 
-use super::{pump, DataPlane, Tunnel, TunnelEnd, TunnelFuture, TunnelOutcome};
+use super::{
+    pump, DataPlane, LimitClock, Tunnel, TunnelEnd, TunnelFuture, TunnelLimits, TunnelOutcome,
+};
 use crate::{
     config::{Config, TestHook},
     sockopt,
@@ -323,6 +325,8 @@ struct SplicedPair<'a> {
     written_before: [u64; 2],
     /// Bytes user space read from each socket before insertion.
     consumed: [u64; 2],
+    /// Idle and lifetime limits.
+    limits: TunnelLimits,
 }
 
 const CLIENT: usize = 0;
@@ -343,6 +347,8 @@ async fn run_tunnel(shared: Arc<Shared>, tunnel: Tunnel) -> TunnelOutcome {
         upstream,
         client_bytes_consumed,
         client_queue_clean,
+        limits,
+        shutdown,
     } = tunnel;
     // Spliced sockets are taken out of tokio's reactor: the kernel's write-space
     // wakeups on them would otherwise wake the process for every ACK.
@@ -358,8 +364,10 @@ async fn run_tunnel(shared: Arc<Shared>, tunnel: Tunnel) -> TunnelOutcome {
             };
         }
     };
+    let fallback_shutdown = shutdown.clone();
     let fallback = |client: TcpStream, upstream: TcpStream| {
         let shared = shared.clone();
+        let shutdown = fallback_shutdown.clone();
         async move {
             match (
                 tokio::net::TcpStream::from_std(client),
@@ -371,6 +379,8 @@ async fn run_tunnel(shared: Arc<Shared>, tunnel: Tunnel) -> TunnelOutcome {
                         upstream,
                         client_bytes_consumed,
                         client_queue_clean,
+                        limits,
+                        shutdown,
                     };
                     shared.fallback.run(tunnel).await
                 }
@@ -413,6 +423,7 @@ async fn run_tunnel(shared: Arc<Shared>, tunnel: Tunnel) -> TunnelOutcome {
         cookies,
         written_before,
         consumed: [client_bytes_consumed, 0],
+        limits,
     };
     let (sender, mut events) = mpsc::unbounded_channel();
     {
@@ -421,7 +432,7 @@ async fn run_tunnel(shared: Arc<Shared>, tunnel: Tunnel) -> TunnelOutcome {
         waiters.insert(cookies[UPSTREAM], sender);
     }
     let outcome = match pair.insert().await {
-        Ok(()) => Some(pair.run(&mut events).await),
+        Ok(()) => Some(pair.run(&mut events, shutdown.clone()).await),
         Err(err) => {
             log::debug!("sockmap: tunnel not spliced ({err}); using the fallback data plane");
             None
@@ -586,10 +597,15 @@ impl SplicedPair<'_> {
     /// changes inside tcp_fin(), before tcp_data_ready() runs the verdict over the
     /// segment that carried the FIN.) Then the task waits until those bytes are in
     /// the peer socket's send queue and shuts it down.
-    async fn run(&self, events: &mut mpsc::UnboundedReceiver<FlowEvent>) -> TunnelOutcome {
+    async fn run(
+        &self,
+        events: &mut mpsc::UnboundedReceiver<FlowEvent>,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> TunnelOutcome {
         let mut directions = [Direction::default(), Direction::default()];
         let mut drain_wait = DRAIN_POLL_MIN;
         let mut last_poll = tokio::time::Instant::now();
+        let mut clock = LimitClock::start(self.limits);
         let end = loop {
             if let Some(end) = self.check_errors() {
                 break end;
@@ -601,7 +617,11 @@ impl SplicedPair<'_> {
                 break TunnelEnd::Closed;
             }
             let draining = directions.iter().any(|d| d.eof && !d.shut);
-            let wait = if draining { drain_wait } else { SAFETY_POLL };
+            let wait = if draining {
+                drain_wait
+            } else {
+                clock.next_check(SAFETY_POLL)
+            };
             tokio::select! {
                 event = events.recv() => {
                     if let Some(event) = event {
@@ -613,13 +633,17 @@ impl SplicedPair<'_> {
                 () = tokio::time::sleep(wait) => {
                     drain_wait = (drain_wait * 2).min(DRAIN_POLL_MAX);
                 }
+                _ = shutdown.wait_for(|closing| *closing) => break TunnelEnd::Shutdown,
             }
             // Events drive the tunnel; a TCP_INFO poll now and then covers any that
             // a full ring buffer lost.
-            if last_poll.elapsed() >= SAFETY_POLL {
+            if last_poll.elapsed() >= SAFETY_POLL.min(clock.next_check(SAFETY_POLL)) {
                 last_poll = tokio::time::Instant::now();
                 for (src, direction) in directions.iter_mut().enumerate() {
                     self.observe(src, direction);
+                }
+                if let Some(exceeded) = clock.check(self.redirected().iter().sum()) {
+                    break exceeded;
                 }
             }
         };

@@ -32,6 +32,8 @@ impl DataPlane for SpliceDataPlane {
                 upstream,
                 client_bytes_consumed,
                 client_queue_clean,
+                limits,
+                shutdown,
             } = tunnel;
             let (up, down) = (Moved::default(), Moved::default());
             let pipes = Pipe::new().and_then(|a| Ok((a, Pipe::new()?)));
@@ -45,17 +47,24 @@ impl DataPlane for SpliceDataPlane {
                             upstream,
                             client_bytes_consumed,
                             client_queue_clean,
+                            limits,
+                            shutdown,
                         })
                         .await;
                 }
             };
+            let driven = pump::Driven {
+                client: &client,
+                upstream: &upstream,
+                moved: (&up, &down),
+                name: "splice",
+                limits,
+                shutdown,
+            };
             pump::drive(
-                &client,
-                &upstream,
+                driven,
                 splice_one_way(&client, &upstream, &up_pipe, &up, Side::Client),
                 splice_one_way(&upstream, &client, &down_pipe, &down, Side::Upstream),
-                "splice",
-                (&up, &down),
             )
             .await
         })
