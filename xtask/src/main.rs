@@ -1,10 +1,12 @@
 //! `cargo xtask`: the one entry point for developers and CI of spliced.
 //!
 //! It installs whatever the build and the tests need on a Debian machine
-//! (`setup`), builds the proxy with its eBPF object (`build`), runs it (`run`)
-//! and runs every check CI runs (`test`). Each task installs only what is
+//! (`setup`), builds the proxy with its eBPF object (`build`), runs it (`run`),
+//! runs every check CI runs (`test`) and benchmarks it against direct
+//! transfers, Squid and tinyproxy (`bench`). Each task installs only what is
 //! missing, so on a prepared machine the setup part costs a fraction of a second.
 
+mod bench;
 mod prereq;
 mod proc;
 
@@ -52,6 +54,10 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
+    /// Benchmark spliced's data planes against direct, Squid and tinyproxy
+    /// (iperf3 through CONNECT, CPU per GiB, connection setup, 10k tunnels);
+    /// writes target/bench/results.json and docs/benchmarks.md.
+    Bench(bench::BenchArgs),
 }
 
 /// Which group of prerequisites `setup --only` installs.
@@ -61,6 +67,8 @@ enum Scope {
     Build,
     /// What the tests need on top of the build.
     Test,
+    /// What the benchmark needs on top of the build.
+    Bench,
 }
 
 fn main() -> ExitCode {
@@ -83,15 +91,20 @@ fn dispatch(task: Task) -> Result<()> {
         Task::Build => build().map(drop),
         Task::Run { args } => run(args),
         Task::Test { args } => test(args),
+        Task::Bench(args) => bench(args),
     }
 }
 
 /// `cargo xtask setup`.
 fn setup(only: Option<Scope>) -> Result<()> {
     let needs = match only {
-        None => Needs::ALL,
+        None => Needs {
+            bench: true,
+            ..Needs::ALL
+        },
         Some(Scope::Build) => Needs::BUILD,
         Some(Scope::Test) => Needs::TEST,
+        Some(Scope::Bench) => Needs::BENCH,
     };
     prereq::ensure(needs)
 }
@@ -114,6 +127,19 @@ fn run(args: Vec<OsString>) -> Result<()> {
     let mut cmd = std::process::Command::new(&spliced);
     cmd.args(args);
     Err(exec(&mut cmd))
+}
+
+/// `cargo xtask bench`: after checking its arguments the benchmark installs
+/// the build and benchmark prerequisites and builds spliced.
+fn bench(args: bench::BenchArgs) -> Result<()> {
+    bench::run(args, || {
+        prereq::ensure(Needs {
+            build: true,
+            test: false,
+            bench: true,
+        })?;
+        build_spliced()
+    })
 }
 
 /// `cargo xtask test`: every check CI runs, stopping at the first failure.

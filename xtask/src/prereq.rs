@@ -22,20 +22,32 @@ pub struct Needs {
     pub build: bool,
     /// Running `cargo xtask test` (fmt, clippy, integration tests).
     pub test: bool,
+    /// Running `cargo xtask bench` (iperf3, proxychains4, Squid, tinyproxy).
+    pub bench: bool,
 }
 
 impl Needs {
     pub const BUILD: Self = Self {
         build: true,
         test: false,
+        bench: false,
     };
     pub const TEST: Self = Self {
         build: false,
         test: true,
+        bench: false,
     };
+    /// The benchmark's tools (without the build prerequisites).
+    pub const BENCH: Self = Self {
+        build: false,
+        test: false,
+        bench: true,
+    };
+    /// What `cargo xtask test` needs: build and test.
     pub const ALL: Self = Self {
         build: true,
         test: true,
+        bench: false,
     };
 }
 
@@ -61,6 +73,16 @@ const TEST_PACKAGES: [(&str, &str); 11] = [
     ("libcap2-bin", "capsh"),
     ("python3", "python3"),
     ("strace", "strace"),
+];
+
+/// Debian packages the benchmark (`cargo xtask bench`) uses, with the commands they provide.
+const BENCH_PACKAGES: [(&str, &str); 6] = [
+    ("iperf3", "iperf3"),
+    ("proxychains4", "proxychains4"),
+    ("squid", "squid"),
+    ("tinyproxy", "tinyproxy"),
+    ("iproute2", "ip"),
+    ("util-linux", "taskset"),
 ];
 
 /// A Debian package to install, and why.
@@ -107,13 +129,20 @@ pub fn ensure(needs: Needs) -> Result<()> {
     Ok(())
 }
 
-/// "build", "test" or "build and test", for messages.
-fn describe(needs: Needs) -> &'static str {
-    match (needs.build, needs.test) {
-        (true, true) => "build and test",
-        (true, false) => "build",
-        (false, true) => "test",
-        (false, false) => "no",
+/// "build", "test", "build and test", ... for messages.
+fn describe(needs: Needs) -> String {
+    let groups: Vec<&str> = [
+        (needs.build, "build"),
+        (needs.test, "test"),
+        (needs.bench, "bench"),
+    ]
+    .into_iter()
+    .filter_map(|(wanted, name)| wanted.then_some(name))
+    .collect();
+    match groups.as_slice() {
+        [] => "no".to_owned(),
+        [one] => (*one).to_owned(),
+        [init @ .., last] => format!("{} and {last}", init.join(", ")),
     }
 }
 
@@ -144,6 +173,13 @@ fn survey(needs: Needs) -> Result<Plan> {
         )?);
         for (package, commands) in TEST_PACKAGES {
             wanted.push((package, format!("the tests need `{commands}`")));
+        }
+    }
+    if needs.bench {
+        for (package, commands) in BENCH_PACKAGES {
+            if !wanted.iter().any(|(known, _)| *known == package) {
+                wanted.push((package, format!("the benchmark needs `{commands}`")));
+            }
         }
     }
     let installed = installed_packages(wanted.iter().map(|(package, _)| *package))?;

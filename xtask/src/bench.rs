@@ -1,0 +1,870 @@
+//! `cargo xtask bench`: spliced's data planes against no proxy, Squid and
+//! tinyproxy, measured with unmodified tools.
+//!
+//! - Throughput: `iperf3` through the proxy via `proxychains4` (forward and
+//!   `-R`, 1 and 4 streams), on loopback with three CPU placements and across
+//!   three network namespaces joined by veth pairs.
+//! - CPU cost: whole-machine busy time (kernel included, from cpuidle
+//!   residency) per GiB at a fixed rate.
+//! - Connection setup: tunnels per second and CONNECT→200 latency with many
+//!   concurrent clients.
+//! - Scale: spliced's RSS with thousands of idle tunnels open, and the
+//!   throughput of one busy tunnel among them.
+//!
+//! Every child process, namespace and temporary file is owned by a guard, so
+//! an error, a panic or ctrl-c leaves nothing behind. Results go to a JSON
+//! file, a terminal table, and docs/benchmarks.md with docs/benchmarks.svg.
+
+mod child;
+mod contenders;
+mod cpu;
+mod iperf;
+mod netns;
+mod report;
+mod scale;
+mod setup_rate;
+
+use std::{
+    collections::BTreeMap,
+    io::Write as _,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+
+use self::{
+    child::{check_interrupt, Ports, TempDir},
+    contenders::{Contender, Launch, Proxy},
+    iperf::{Ends, Kind, Sample},
+    netns::Topology,
+    setup_rate::{EchoServer, SetupResult},
+};
+
+/// `cargo xtask bench` options.
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// Short run (under 2 minutes): fewer cases, 1 run of 3 s each, 2,000
+    /// tunnels in the scale test. The full run takes about 13 minutes.
+    #[arg(long)]
+    quick: bool,
+    /// Where to write the raw results [default: target/bench/results.json].
+    #[arg(long, value_name = "FILE.json")]
+    out: Option<PathBuf>,
+    /// Run only the cases whose id contains SUBSTRING (repeatable: any of
+    /// them). Ids look like `tput/loopback-unpinned/sockmap/rev/P1`,
+    /// `cpu/loopback-unpinned/copy/fwd/P1/5G`, `setup/loopback/squid`,
+    /// `scale/loopback/splice`; `--list` prints them. docs/ is not rewritten.
+    #[arg(long, value_name = "SUBSTRING")]
+    filter: Vec<String>,
+    /// iperf3 runs per case (the tables show medians).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=20))]
+    runs: Option<u32>,
+    /// Seconds per iperf3 run.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=60))]
+    secs: Option<u32>,
+    /// Do not rewrite docs/benchmarks.md and docs/benchmarks.svg.
+    #[arg(long)]
+    no_docs: bool,
+    /// Print the case ids that would run, then exit.
+    #[arg(long)]
+    list: bool,
+}
+
+/// Where a throughput case runs.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, PartialOrd, Ord)]
+pub enum Env {
+    /// Loopback, no pinning.
+    Unpinned,
+    /// Loopback; iperf3 client, proxy and iperf3 server all on CPU 0.
+    SameCpu,
+    /// Loopback; iperf3 client and proxy on CPU 0, iperf3 server on CPU 1.
+    Apart,
+    /// client | proxy | server namespaces joined by veth pairs, no pinning.
+    Netns,
+}
+
+impl Env {
+    pub const ALL: [Self; 4] = [Self::Unpinned, Self::SameCpu, Self::Apart, Self::Netns];
+
+    pub fn id(self) -> &'static str {
+        match self {
+            Self::Unpinned => "loopback-unpinned",
+            Self::SameCpu => "loopback-pinned-same",
+            Self::Apart => "loopback-pinned-apart",
+            Self::Netns => "netns",
+        }
+    }
+
+    pub fn title(self) -> &'static str {
+        match self {
+            Self::Unpinned => "loopback, unpinned",
+            Self::SameCpu => "loopback, iperf3 client + proxy + iperf3 server all on CPU 0",
+            Self::Apart => "loopback, iperf3 client + proxy on CPU 0, iperf3 server on CPU 1",
+            Self::Netns => "client | proxy | server network namespaces joined by veth, unpinned",
+        }
+    }
+
+    /// CPUs of (iperf3 client, proxy, iperf3 server).
+    fn cpus(self) -> (Option<u32>, Option<u32>, Option<u32>) {
+        match self {
+            Self::Unpinned | Self::Netns => (None, None, None),
+            Self::SameCpu => (Some(0), Some(0), Some(0)),
+            Self::Apart => (Some(0), Some(0), Some(1)),
+        }
+    }
+}
+
+/// Parameters of one benchmark run.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub quick: bool,
+    pub runs: u32,
+    pub secs: u32,
+    pub setup_secs: f64,
+    pub setup_clients: usize,
+    pub scale_tunnels: usize,
+    pub rate: &'static str,
+}
+
+/// The fixed rate of the CPU-cost cases (per stream).
+const RATE: &str = "5G";
+
+/// One throughput (or CPU-cost) case.
+#[derive(Clone, Copy, Debug)]
+pub struct Case {
+    pub env: Env,
+    pub kind: Kind,
+    pub contender: Contender,
+}
+
+impl Case {
+    pub fn id(&self) -> String {
+        let section = if self.kind.rate.is_some() {
+            "cpu"
+        } else {
+            "tput"
+        };
+        format!(
+            "{section}/{}/{}/{}",
+            self.env.id(),
+            self.contender.id(),
+            self.kind.id()
+        )
+    }
+}
+
+/// What runs: kinds × contenders per environment. Contenders are interleaved
+/// run by run, so background noise spreads evenly over them.
+fn matrix(quick: bool) -> Vec<(Env, Vec<Kind>, Vec<Contender>)> {
+    use Contender::{Copy, Direct, Sockmap};
+    let all = Contender::ALL.to_vec();
+    let (fwd, rev) = (Kind::new(false, 1), Kind::new(true, 1));
+    let cpu = Kind::at_rate(false, 1, RATE);
+    if quick {
+        vec![
+            (Env::Unpinned, vec![fwd, rev, cpu], all),
+            (Env::SameCpu, vec![rev], vec![Direct, Sockmap]),
+            (Env::Netns, vec![fwd], vec![Direct, Sockmap]),
+        ]
+    } else {
+        // 45 cases × 3 runs × 5 s: about 13 minutes with the rest.
+        let p4 = [Kind::new(false, 4), Kind::new(true, 4)];
+        vec![
+            (Env::Unpinned, vec![fwd, rev], all.clone()),
+            (Env::Unpinned, p4.to_vec(), vec![Direct, Sockmap, Copy]),
+            (Env::Unpinned, vec![cpu], all.clone()),
+            (Env::SameCpu, vec![fwd, rev], vec![Direct, Sockmap, Copy]),
+            (Env::Apart, vec![rev], vec![Direct, Sockmap, Copy]),
+            (Env::Netns, vec![fwd, rev], all),
+        ]
+    }
+}
+
+/// The selected work.
+struct Plan {
+    cases: Vec<Case>,
+    setup: Vec<Contender>,
+    scale: Vec<Contender>,
+}
+
+fn setup_id(contender: Contender) -> String {
+    format!("setup/loopback/{}", contender.id())
+}
+
+fn scale_id(contender: Contender) -> String {
+    format!("scale/loopback/{}", contender.id())
+}
+
+fn plan(quick: bool, filters: &[String]) -> Plan {
+    let keep = |id: &str| filters.is_empty() || filters.iter().any(|f| id.contains(f.as_str()));
+    let mut cases = Vec::new();
+    for (env, kinds, contenders) in matrix(quick) {
+        if env == Env::Apart && cpu::online_cpus() < 2 {
+            continue;
+        }
+        for kind in kinds {
+            for &contender in &contenders {
+                let case = Case {
+                    env,
+                    kind,
+                    contender,
+                };
+                if keep(&case.id()) {
+                    cases.push(case);
+                }
+            }
+        }
+    }
+    Plan {
+        cases,
+        setup: Contender::ALL
+            .into_iter()
+            .filter(|c| keep(&setup_id(*c)))
+            .collect(),
+        scale: Contender::PLANES
+            .into_iter()
+            .filter(|c| keep(&scale_id(*c)))
+            .collect(),
+    }
+}
+
+/// The measurements of one throughput case.
+#[derive(Clone, Debug)]
+pub struct TputResult {
+    pub case: Case,
+    pub samples: Vec<Result<Sample, String>>,
+    pub start_failure: Option<String>,
+}
+
+impl TputResult {
+    fn ok(&self) -> impl Iterator<Item = &Sample> {
+        self.samples.iter().filter_map(|s| s.as_ref().ok())
+    }
+
+    pub fn median_gbps(&self) -> Option<f64> {
+        median(self.ok().map(|s| s.gbps).collect())
+    }
+
+    pub fn median_cpu_per_gib(&self) -> Option<f64> {
+        median(self.ok().filter_map(Sample::cpu_s_per_gib).collect())
+    }
+
+    pub fn median_own_cpu_per_gib(&self) -> Option<f64> {
+        median(self.ok().filter_map(Sample::own_cpu_s_per_gib).collect())
+    }
+
+    /// Other processes' CPU use during the runs, in CPUs.
+    pub fn median_others_cpus(&self) -> Option<f64> {
+        median(
+            self.ok()
+                .filter(|s| s.wall_s > 0.0)
+                .map(|s| s.others_cpu_s / s.wall_s)
+                .collect(),
+        )
+    }
+
+    pub fn median_busy_cpus(&self) -> Option<f64> {
+        median(
+            self.ok()
+                .filter(|s| s.wall_s > 0.0)
+                .map(|s| s.busy_cpu_s / s.wall_s)
+                .collect(),
+        )
+    }
+
+    pub fn errors(&self) -> Vec<&str> {
+        self.samples
+            .iter()
+            .filter_map(|s| s.as_ref().err().map(String::as_str))
+            .collect()
+    }
+}
+
+/// Median (mean of the middle two for an even count).
+pub fn median(mut values: Vec<f64>) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    Some(if values.len().is_multiple_of(2) {
+        (values[mid - 1] + values[mid]) / 2.0
+    } else {
+        values[mid]
+    })
+}
+
+/// Scale test outcome for one data plane.
+#[derive(Clone, Debug)]
+pub struct ScaleResult {
+    /// Tunnels asked for.
+    pub wanted: usize,
+    /// RLIMIT_NOFILE of the proxy.
+    pub nofile: u64,
+    /// Tunnels tried: `wanted`, capped by `nofile`.
+    pub target: usize,
+    pub opened: usize,
+    pub open_secs: f64,
+    pub open_errors: u64,
+    pub first_error: Option<String>,
+    pub rss_idle_kib: Option<u64>,
+    pub rss_open_kib: Option<u64>,
+    pub fds_open: Option<usize>,
+    pub busy: Result<Sample, String>,
+}
+
+/// Everything measured, plus what describes the run.
+pub struct Results {
+    pub meta: report::Meta,
+    pub settings: Settings,
+    pub tput: Vec<TputResult>,
+    pub setup: Vec<(Contender, Result<SetupResult, String>)>,
+    pub scale: Vec<(Contender, Result<ScaleResult, String>)>,
+}
+
+/// Progress line: `[12/40] loopback-unpinned spliced sockmap -R P1 run 2/3 … 20.3 Gbit/s`.
+struct Progress {
+    done: usize,
+    total: usize,
+    started: Instant,
+}
+
+impl Progress {
+    fn start(&mut self, what: &str) {
+        self.done += 1;
+        eprint!(
+            "[{}/{} {:>3.0}s] {what} … ",
+            self.done,
+            self.total,
+            self.started.elapsed().as_secs_f64()
+        );
+        let _ = std::io::stderr().flush();
+    }
+
+    fn finish(&self, outcome: &str) {
+        eprintln!("{outcome}");
+    }
+}
+
+/// Runs the benchmark; `build` installs the prerequisites and returns the
+/// path of the spliced it built.
+pub fn run(args: BenchArgs, build: impl FnOnce() -> Result<PathBuf>) -> Result<()> {
+    let settings = Settings {
+        quick: args.quick,
+        runs: args.runs.unwrap_or(if args.quick { 1 } else { 3 }),
+        secs: args.secs.unwrap_or(if args.quick { 3 } else { 5 }),
+        setup_secs: if args.quick { 1.0 } else { 3.0 },
+        setup_clients: 64,
+        scale_tunnels: if args.quick { 2_000 } else { 10_000 },
+        rate: RATE,
+    };
+    let plan = plan(args.quick, &args.filter);
+    if args.list {
+        for case in &plan.cases {
+            println!("{}", case.id());
+        }
+        for contender in &plan.setup {
+            println!("{}", setup_id(*contender));
+        }
+        for contender in &plan.scale {
+            println!("{}", scale_id(*contender));
+        }
+        return Ok(());
+    }
+    if plan.cases.is_empty() && plan.setup.is_empty() && plan.scale.is_empty() {
+        bail!(
+            "--filter {:?} matches no case; `cargo xtask bench --list` prints the ids",
+            args.filter
+        );
+    }
+    let build_started = Instant::now();
+    let spliced = build()?;
+    let spliced = spliced.as_path();
+    let build_s = build_started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    for tool in ["iperf3", "proxychains4", "ip", "taskset"] {
+        if !child::on_path(tool) {
+            bail!(
+                "`{tool}` is not on PATH; `cargo xtask setup --only bench` installs the \
+                 benchmark's tools"
+            );
+        }
+    }
+    let root = crate::prereq::is_root()?;
+    if !root {
+        eprintln!(
+            "bench: warning: not root: the network namespace cases are skipped and the \
+             sockmap plane will fail to start (it needs CAP_BPF and CAP_NET_ADMIN)"
+        );
+    }
+    child::install_interrupt_handler();
+    let tmp = TempDir::new()?;
+    let meta = report::Meta::collect(&settings);
+    eprintln!(
+        "bench: {} on {} × {}, kernel {}; {} iperf3 cases × {} run(s) of {} s, {} setup, {} scale",
+        if settings.quick { "quick" } else { "full" },
+        meta.nproc,
+        meta.cpu_model,
+        meta.kernel,
+        plan.cases.len(),
+        settings.runs,
+        settings.secs,
+        plan.setup.len(),
+        plan.scale.len()
+    );
+    eprintln!(
+        "bench: background load before starting: {:.2} busy CPUs of {} (loadavg {})",
+        meta.background_busy_cpus, meta.nproc, meta.loadavg
+    );
+
+    let mut results = Results {
+        meta,
+        settings: settings.clone(),
+        tput: plan
+            .cases
+            .iter()
+            .map(|&case| TputResult {
+                case,
+                samples: Vec::new(),
+                start_failure: None,
+            })
+            .collect(),
+        setup: Vec::new(),
+        scale: Vec::new(),
+    };
+    let mut progress = Progress {
+        done: 0,
+        total: plan.cases.len() * settings.runs as usize + plan.setup.len() + plan.scale.len(),
+        started,
+    };
+    let mut ports = Ports::default();
+    let outcome = (|| -> Result<()> {
+        for env in Env::ALL {
+            let setup = if env == Env::Unpinned {
+                plan.setup.as_slice()
+            } else {
+                &[]
+            };
+            let has_cases = results.tput.iter().any(|r| r.case.env == env);
+            if !has_cases && setup.is_empty() {
+                continue;
+            }
+            if env == Env::Netns && !root {
+                for result in results.tput.iter_mut().filter(|r| r.case.env == env) {
+                    result.start_failure = Some("skipped: network namespaces need root".into());
+                    progress.done += settings.runs as usize;
+                }
+                continue;
+            }
+            run_env(
+                env,
+                spliced,
+                tmp.path(),
+                &settings,
+                &mut ports,
+                &mut results,
+                setup,
+                &mut progress,
+            )?;
+        }
+        if !plan.scale.is_empty() {
+            run_scale(
+                spliced,
+                tmp.path(),
+                &settings,
+                &mut ports,
+                &mut results,
+                &plan.scale,
+                &mut progress,
+            )?;
+        }
+        Ok(())
+    })();
+    results.meta.elapsed_s = started.elapsed().as_secs_f64();
+    if let Err(err) = outcome {
+        if child::interrupted() {
+            bail!("interrupted; every child process and namespace was cleaned up");
+        }
+        return Err(err);
+    }
+
+    let out = args
+        .out
+        .unwrap_or_else(|| crate::target_dir().join("bench").join("results.json"));
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let json = report::to_json(&results);
+    std::fs::write(&out, serde_json::to_string_pretty(&json)? + "\n")
+        .with_context(|| format!("writing {}", out.display()))?;
+
+    let tables = report::tables(&results);
+    println!();
+    for table in &tables {
+        println!("{}", table.to_text());
+    }
+    println!("raw results: {}", out.display());
+    if args.filter.is_empty() && !args.no_docs {
+        let docs = crate::workspace_root().join("docs");
+        std::fs::create_dir_all(&docs)?;
+        let svg = report::svg(&results);
+        std::fs::write(docs.join("benchmarks.svg"), svg)?;
+        std::fs::write(
+            docs.join("benchmarks.md"),
+            report::markdown(&results, &tables),
+        )?;
+        println!("rewrote docs/benchmarks.md and docs/benchmarks.svg");
+    } else {
+        println!("docs/benchmarks.md left alone (--filter or --no-docs)");
+    }
+    println!(
+        "total elapsed: {:.0} s ({build_s:.0} s prerequisites and build, {:.0} s benchmark)",
+        build_s + results.meta.elapsed_s,
+        results.meta.elapsed_s
+    );
+    Ok(())
+}
+
+/// Runs every throughput case of `env` (and, on loopback, the connection
+/// setup cases) with all its proxies up at once.
+#[allow(clippy::too_many_arguments)]
+fn run_env(
+    env: Env,
+    spliced: &Path,
+    tmp: &Path,
+    settings: &Settings,
+    ports: &mut Ports,
+    results: &mut Results,
+    setup: &[Contender],
+    progress: &mut Progress,
+) -> Result<()> {
+    let topology = if env == Env::Netns {
+        eprintln!("bench: creating network namespaces");
+        Some(Topology::new().context("creating the network namespaces")?)
+    } else {
+        None
+    };
+    let (client_cpu, proxy_cpu, server_cpu) = env.cpus();
+    let loopback = Ipv4Addr::LOCALHOST;
+    let (server_ip, proxy_ip, clients) = match &topology {
+        Some(_) => (
+            Topology::SERVER_IP,
+            Topology::PROXY_IP,
+            Topology::CLIENT_NET,
+        ),
+        None => (loopback, loopback, "127.0.0.1/32"),
+    };
+    let iperf_port = if topology.is_some() {
+        5201
+    } else {
+        ports.take()?
+    };
+    let echo = if setup.is_empty() {
+        None
+    } else {
+        Some(EchoServer::start(ports.take()?, settings.setup_clients)?)
+    };
+    let mut allowed = vec![iperf_port];
+    allowed.extend(echo.as_ref().map(|e| e.addr.port()));
+
+    // Start every proxy this environment needs.
+    let wanted: Vec<Contender> = Contender::ALL
+        .into_iter()
+        .filter(|&c| c != Contender::Direct)
+        .filter(|&c| {
+            setup.contains(&c)
+                || results
+                    .tput
+                    .iter()
+                    .any(|r| r.case.env == env && r.case.contender == c)
+        })
+        .collect();
+    let mut proxies: BTreeMap<Contender, Result<Proxy, String>> = BTreeMap::new();
+    for (i, contender) in wanted.into_iter().enumerate() {
+        let port = if topology.is_some() {
+            3128 + u16::try_from(i).expect("few contenders")
+        } else {
+            ports.take()?
+        };
+        let launch = Launch {
+            spliced,
+            dir: tmp,
+            netns: topology.as_ref().map(|t| t.proxy.name.as_str()),
+            cpu: proxy_cpu,
+            listen: SocketAddr::from((proxy_ip, port)),
+            clients,
+            connect_ports: &allowed,
+            tag: env.id(),
+        };
+        let started = contenders::start(contender, &launch);
+        if let Err(reason) = &started {
+            eprintln!(
+                "bench: {} ({}) failed to start: {reason}",
+                contender.label(),
+                env.id()
+            );
+        }
+        proxies.insert(contender, started);
+        check_interrupt()?;
+    }
+
+    let ends = Ends {
+        server_netns: topology.as_ref().map(|t| t.server.name.as_str()),
+        server_cpu,
+        client_netns: topology.as_ref().map(|t| t.client.name.as_str()),
+        client_cpu,
+        server_ip: IpAddr::V4(server_ip),
+        port: iperf_port,
+        dir: tmp,
+    };
+    let indexes: Vec<usize> = (0..results.tput.len())
+        .filter(|&i| results.tput[i].case.env == env)
+        .collect();
+    let mut kinds: Vec<Kind> = Vec::new();
+    for &i in &indexes {
+        let kind = results.tput[i].case.kind;
+        if !kinds.contains(&kind) {
+            kinds.push(kind);
+        }
+    }
+    for kind in kinds {
+        let of_kind: Vec<usize> = indexes
+            .iter()
+            .copied()
+            .filter(|&i| results.tput[i].case.kind == kind)
+            .collect();
+        for run in 1..=settings.runs {
+            for &i in &of_kind {
+                let case = results.tput[i].case;
+                progress.start(&format!(
+                    "{} {} {} run {run}/{}",
+                    env.id(),
+                    case.contender.id(),
+                    kind.label(),
+                    settings.runs
+                ));
+                let conf = match proxies.get(&case.contender) {
+                    None => None,
+                    Some(Ok(proxy)) => Some(proxy.proxychains_conf.clone()),
+                    Some(Err(reason)) => {
+                        results.tput[i].start_failure = Some(reason.clone());
+                        progress.finish("skipped (failed to start)");
+                        continue;
+                    }
+                };
+                let sample = iperf::run(&ends, kind, settings.secs, conf.as_deref());
+                check_interrupt()?;
+                progress.finish(&match &sample {
+                    Ok(s) => match (kind.rate, s.cpu_s_per_gib()) {
+                        (Some(_), Some(cpu)) => {
+                            format!("{:.2} Gbit/s, {cpu:.3} CPU-s/GiB", s.gbps)
+                        }
+                        _ => format!("{:.2} Gbit/s", s.gbps),
+                    },
+                    Err(err) => format!("error: {err}"),
+                });
+                results.tput[i].samples.push(sample);
+            }
+        }
+    }
+
+    if let Some(echo) = &echo {
+        for &contender in setup {
+            progress.start(&format!(
+                "setup {} ({} clients, {:.0} s)",
+                contender.id(),
+                settings.setup_clients,
+                settings.setup_secs
+            ));
+            let proxy = match proxies.get(&contender) {
+                None => Ok(None),
+                Some(Ok(proxy)) => Ok(Some(proxy.addr)),
+                Some(Err(reason)) => Err(format!("failed to start: {reason}")),
+            };
+            let result = proxy.map(|proxy| {
+                setup_rate::measure(
+                    proxy,
+                    echo.addr,
+                    settings.setup_clients,
+                    Duration::from_secs_f64(settings.setup_secs),
+                )
+            });
+            check_interrupt()?;
+            progress.finish(&match &result {
+                Ok(r) => format!(
+                    "{:.0} tunnels/s, p50 {:.2} ms, p99 {:.2} ms, {} errors",
+                    r.per_sec, r.p50_ms, r.p99_ms, r.errors
+                ),
+                Err(err) => err.clone(),
+            });
+            results.setup.push((contender, result));
+        }
+    }
+    for (_, proxy) in proxies {
+        if let Ok(proxy) = proxy {
+            proxy.stop();
+        }
+    }
+    drop(echo);
+    drop(topology);
+    Ok(())
+}
+
+/// Opens many idle tunnels through each spliced plane, reads its RSS, and
+/// measures one busy tunnel among them.
+fn run_scale(
+    spliced: &Path,
+    tmp: &Path,
+    settings: &Settings,
+    ports: &mut Ports,
+    results: &mut Results,
+    planes: &[Contender],
+    progress: &mut Progress,
+) -> Result<()> {
+    // This process holds the client end of every tunnel (the hold server is a
+    // child of its own) and the proxy both ends: 2 fds per tunnel. Children
+    // inherit the limit; without CAP_SYS_RESOURCE the hard limit caps it.
+    let wanted = settings.scale_tunnels;
+    let nofile = child::raise_nofile((2 * wanted + 4096) as u64)?;
+    let count = wanted.min(
+        usize::try_from(nofile)
+            .unwrap_or(usize::MAX)
+            .saturating_sub(128)
+            / 2,
+    );
+    if count < wanted {
+        eprintln!(
+            "bench: RLIMIT_NOFILE cannot go above {nofile} here (hard limit; raising it needs \
+             CAP_SYS_RESOURCE): the scale test opens {count} tunnels instead of {wanted}"
+        );
+    }
+    let iperf_port = ports.take()?;
+    for &plane in planes {
+        progress.start(&format!(
+            "scale {} ({count} idle tunnels + 1 busy)",
+            plane.id()
+        ));
+        let hold = scale::HoldServer::start(ports.take()?)?;
+        let hold_addr = hold.addr;
+        let launch = Launch {
+            spliced,
+            dir: tmp,
+            netns: None,
+            cpu: None,
+            listen: SocketAddr::from((Ipv4Addr::LOCALHOST, ports.take()?)),
+            clients: "127.0.0.1/32",
+            connect_ports: &[iperf_port, hold_addr.port()],
+            tag: "scale",
+        };
+        let result = match contenders::start(plane, &launch) {
+            Err(reason) => Err(format!("failed to start: {reason}")),
+            Ok(proxy) => {
+                child::sleep(Duration::from_millis(300));
+                let rss_idle_kib = child::rss_kib(proxy.pid());
+                let open_limit = Duration::from_secs(if settings.quick { 30 } else { 90 });
+                let tunnels = scale::open_tunnels(proxy.addr, hold_addr, count, 32, open_limit);
+                scale::wait_accepted(&hold, tunnels.streams.len(), Duration::from_secs(10));
+                child::sleep(Duration::from_millis(if settings.quick {
+                    300
+                } else {
+                    700
+                }));
+                let rss_open_kib = child::rss_kib(proxy.pid());
+                let fds_open = child::fd_count(proxy.pid());
+                check_interrupt()?;
+                let ends = Ends {
+                    server_netns: None,
+                    server_cpu: None,
+                    client_netns: None,
+                    client_cpu: None,
+                    server_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+                    port: iperf_port,
+                    dir: tmp,
+                };
+                let busy = iperf::run(
+                    &ends,
+                    Kind::new(false, 1),
+                    settings.secs,
+                    Some(&proxy.proxychains_conf),
+                );
+                let result = ScaleResult {
+                    wanted,
+                    nofile,
+                    target: count,
+                    opened: tunnels.streams.len(),
+                    open_secs: tunnels.secs,
+                    open_errors: tunnels.errors,
+                    first_error: tunnels.first_error.clone(),
+                    rss_idle_kib,
+                    rss_open_kib,
+                    fds_open,
+                    busy,
+                };
+                // Close both ends of every idle tunnel, then the proxy.
+                drop(tunnels);
+                drop(hold);
+                proxy.stop();
+                Ok(result)
+            }
+        };
+        check_interrupt()?;
+        progress.finish(&match &result {
+            Ok(r) => format!(
+                "{}/{} open in {:.1} s, RSS {} → {} KiB, busy tunnel {}",
+                r.opened,
+                r.target,
+                r.open_secs,
+                r.rss_idle_kib.unwrap_or(0),
+                r.rss_open_kib.unwrap_or(0),
+                match &r.busy {
+                    Ok(s) => format!("{:.2} Gbit/s", s.gbps),
+                    Err(err) => format!("error: {err}"),
+                }
+            ),
+            Err(err) => err.clone(),
+        });
+        results.scale.push((plane, result));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), Some(2.5));
+        assert_eq!(median(Vec::new()), None);
+    }
+
+    #[test]
+    fn filters_select_by_id_substring() {
+        let all = plan(false, &[]);
+        let sockmap = plan(false, &["sockmap".to_owned()]);
+        assert!(sockmap.cases.len() < all.cases.len());
+        assert!(sockmap
+            .cases
+            .iter()
+            .all(|c| c.contender == Contender::Sockmap));
+        assert_eq!(sockmap.setup, [Contender::Sockmap]);
+        assert_eq!(sockmap.scale, [Contender::Sockmap]);
+        let cpu = plan(true, &["cpu/".to_owned()]);
+        assert!(cpu.cases.iter().all(|c| c.kind.rate.is_some()));
+        assert!(cpu.setup.is_empty() && cpu.scale.is_empty());
+    }
+
+    #[test]
+    fn case_ids_are_unique() {
+        for quick in [false, true] {
+            let cases = plan(quick, &[]).cases;
+            let mut ids: Vec<String> = cases.iter().map(Case::id).collect();
+            ids.sort();
+            ids.dedup();
+            assert_eq!(ids.len(), cases.len());
+        }
+    }
+}

@@ -1,0 +1,261 @@
+//! The contenders: no proxy, spliced's three data planes, Squid and tinyproxy;
+//! how each proxy is configured, started and reached (proxychains4).
+
+use std::{
+    fmt::Write as _,
+    fs,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result};
+
+use super::child::{self, placed, set_mode, tail, wait_listening, Guarded};
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, PartialOrd, Ord)]
+pub enum Contender {
+    /// No proxy: iperf3 straight to the server (the ceiling).
+    Direct,
+    Sockmap,
+    Splice,
+    Copy,
+    Squid,
+    Tinyproxy,
+}
+
+impl Contender {
+    pub const ALL: [Self; 6] = [
+        Self::Direct,
+        Self::Sockmap,
+        Self::Splice,
+        Self::Copy,
+        Self::Squid,
+        Self::Tinyproxy,
+    ];
+    pub const PLANES: [Self; 3] = [Self::Sockmap, Self::Splice, Self::Copy];
+
+    /// Short name, used in case ids and JSON.
+    pub fn id(self) -> &'static str {
+        match self {
+            Self::Direct => "direct",
+            Self::Sockmap => "sockmap",
+            Self::Splice => "splice",
+            Self::Copy => "copy",
+            Self::Squid => "squid",
+            Self::Tinyproxy => "tinyproxy",
+        }
+    }
+
+    /// Name in tables.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Direct => "direct (no proxy)",
+            Self::Sockmap => "spliced sockmap",
+            Self::Splice => "spliced splice",
+            Self::Copy => "spliced copy",
+            Self::Squid => "Squid",
+            Self::Tinyproxy => "tinyproxy",
+        }
+    }
+
+    /// spliced's `--dataplane` value, for the spliced contenders.
+    pub fn plane(self) -> Option<&'static str> {
+        match self {
+            Self::Sockmap => Some("sockmap"),
+            Self::Splice => Some("splice"),
+            Self::Copy => Some("copy"),
+            _ => None,
+        }
+    }
+}
+
+/// Where and how a proxy runs.
+pub struct Launch<'a> {
+    /// target/release/spliced.
+    pub spliced: &'a Path,
+    /// Scratch directory for configs and logs.
+    pub dir: &'a Path,
+    /// Network namespace, or `None` for the host's.
+    pub netns: Option<&'a str>,
+    /// CPU to pin the proxy to.
+    pub cpu: Option<u32>,
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// Who may use the proxy (CIDR), e.g. 127.0.0.1/32.
+    pub clients: &'a str,
+    /// Ports CONNECT may reach.
+    pub connect_ports: &'a [u16],
+    /// Label for file names: environment id.
+    pub tag: &'a str,
+}
+
+/// A running proxy, stopped when dropped.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    /// proxychains4 configuration that sends every connection through it.
+    pub proxychains_conf: PathBuf,
+    child: Guarded,
+}
+
+impl Proxy {
+    pub fn pid(&self) -> u32 {
+        self.child.pid()
+    }
+
+    /// Stops it now.
+    pub fn stop(mut self) {
+        self.child.stop();
+    }
+}
+
+/// Starts a proxy contender; the error is a one-line reason for the tables.
+pub fn start(contender: Contender, launch: &Launch<'_>) -> Result<Proxy, String> {
+    let name = format!("{}-{}", contender.id(), launch.tag);
+    let dir = launch.dir.join(&name);
+    fs::create_dir_all(&dir).map_err(|err| format!("creating {}: {err}", dir.display()))?;
+    let log = dir.join("stderr.log");
+    let (mut cmd, extra_log) = match contender {
+        Contender::Direct => return Err("direct has no proxy".to_owned()),
+        Contender::Sockmap | Contender::Splice | Contender::Copy => {
+            (spliced_command(contender, launch), None)
+        }
+        Contender::Squid => {
+            if !child::on_path("squid") {
+                return Err("squid is not installed (Debian package squid)".to_owned());
+            }
+            let conf = squid_conf(&dir, launch).map_err(|err| format!("{err:#}"))?;
+            let conf = conf.to_string_lossy().into_owned();
+            (
+                placed(launch.netns, launch.cpu, &["squid", "-N", "-f", &conf]),
+                Some(dir.join("cache.log")),
+            )
+        }
+        Contender::Tinyproxy => {
+            if !child::on_path("tinyproxy") {
+                return Err("tinyproxy is not installed (Debian package tinyproxy)".to_owned());
+            }
+            let conf = tinyproxy_conf(&dir, launch).map_err(|err| format!("{err:#}"))?;
+            let conf = conf.to_string_lossy().into_owned();
+            (
+                placed(launch.netns, launch.cpu, &["tinyproxy", "-d", "-c", &conf]),
+                None,
+            )
+        }
+    };
+    let stderr =
+        fs::File::create(&log).map_err(|err| format!("creating {}: {err}", log.display()))?;
+    cmd.stdout(Stdio::null()).stderr(stderr);
+    let mut child = Guarded::spawn(&mut cmd, name.clone()).map_err(|err| format!("{err:#}"))?;
+    if let Err(reason) = wait_listening(&mut child, launch.listen.port(), Duration::from_secs(15)) {
+        child.stop();
+        let mut why = reason;
+        for file in extra_log.iter().chain(std::iter::once(&log)) {
+            let text = tail(file, 3);
+            if !text.is_empty() {
+                let _ = write!(why, ": {text}");
+            }
+        }
+        return Err(why);
+    }
+    let proxychains_conf = dir.join("proxychains.conf");
+    fs::write(&proxychains_conf, proxychains(launch.listen))
+        .map_err(|err| format!("writing {}: {err}", proxychains_conf.display()))?;
+    Ok(Proxy {
+        addr: launch.listen,
+        proxychains_conf,
+        child,
+    })
+}
+
+fn spliced_command(contender: Contender, launch: &Launch<'_>) -> std::process::Command {
+    let spliced = launch.spliced.to_string_lossy();
+    let listen = launch.listen.to_string();
+    let ports = ports_list(launch.connect_ports);
+    let plane = contender.plane().expect("a spliced contender");
+    placed(
+        launch.netns,
+        launch.cpu,
+        &[
+            &spliced,
+            "--listen",
+            &listen,
+            "--connect-ports",
+            &ports,
+            "--dataplane",
+            plane,
+            "--access-log",
+            "/dev/null",
+        ],
+    )
+}
+
+fn ports_list(ports: &[u16]) -> String {
+    ports
+        .iter()
+        .map(u16::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// proxychains4: strict chain through one HTTP proxy, quiet.
+pub fn proxychains(proxy: SocketAddr) -> String {
+    format!(
+        "strict_chain\nquiet_mode\ntcp_read_time_out 15000\ntcp_connect_time_out 8000\n\
+         [ProxyList]\nhttp {} {}\n",
+        proxy.ip(),
+        proxy.port()
+    )
+}
+
+/// A minimal Squid 5 configuration: CONNECT to our ports from our clients,
+/// no cache, no access log, everything else in `dir`. Squid runs as root and
+/// drops to the Debian `proxy` user, so `dir` is made world-writable.
+fn squid_conf(dir: &Path, launch: &Launch<'_>) -> Result<PathBuf> {
+    set_mode(dir, 0o777)?;
+    let ports = launch
+        .connect_ports
+        .iter()
+        .map(u16::to_string)
+        .collect::<Vec<_>>()
+        .join(" ");
+    let d = dir.display();
+    let text = format!(
+        "http_port {listen}\n\
+         acl bench_clients src {clients}\n\
+         acl bench_ports port {ports}\n\
+         http_access allow CONNECT bench_clients bench_ports\n\
+         http_access deny all\n\
+         cache deny all\n\
+         access_log none\n\
+         cache_log {d}/cache.log\n\
+         pid_filename {d}/squid.pid\n\
+         coredump_dir {d}\n\
+         cache_effective_user proxy\n\
+         visible_hostname spliced-bench\n\
+         pinger_enable off\n\
+         shutdown_lifetime 0 seconds\n",
+        listen = launch.listen,
+        clients = launch.clients,
+    );
+    let path = dir.join("squid.conf");
+    fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
+}
+
+/// A minimal tinyproxy 1.11 configuration, foreground (`-d`).
+fn tinyproxy_conf(dir: &Path, launch: &Launch<'_>) -> Result<PathBuf> {
+    let mut text = format!(
+        "Port {port}\nListen {ip}\nTimeout 600\nMaxClients 1024\nAllow {clients}\nLogLevel Error\n",
+        port = launch.listen.port(),
+        ip = launch.listen.ip(),
+        clients = launch.clients,
+    );
+    for port in launch.connect_ports {
+        let _ = writeln!(text, "ConnectPort {port}");
+    }
+    let path = dir.join("tinyproxy.conf");
+    fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
+}

@@ -1,0 +1,205 @@
+//! One iperf3 measurement: a one-off server, an unmodified iperf3 client
+//! (through proxychains4 when a proxy is measured), the machine's busy time
+//! around it, and the numbers from `iperf3 -J`.
+
+use std::{fs, net::IpAddr, path::Path, process::Stdio, time::Duration};
+
+use serde_json::Value;
+
+use super::{
+    child::{placed, tail, wait_listening, Guarded},
+    cpu,
+};
+
+/// What a measurement asks iperf3 for.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct Kind {
+    /// `-R`: the server sends.
+    pub reverse: bool,
+    /// `-P N`.
+    pub streams: u32,
+    /// `-b RATE` (per stream), for the CPU cost at a fixed rate.
+    pub rate: Option<&'static str>,
+}
+
+impl Kind {
+    pub const fn new(reverse: bool, streams: u32) -> Self {
+        Self {
+            reverse,
+            streams,
+            rate: None,
+        }
+    }
+
+    pub const fn at_rate(reverse: bool, streams: u32, rate: &'static str) -> Self {
+        Self {
+            reverse,
+            streams,
+            rate: Some(rate),
+        }
+    }
+
+    /// `fwd/P1`, `rev/P4`, `fwd/P1/5G` (for case ids).
+    pub fn id(&self) -> String {
+        let dir = if self.reverse { "rev" } else { "fwd" };
+        match self.rate {
+            Some(rate) => format!("{dir}/P{}/{rate}", self.streams),
+            None => format!("{dir}/P{}", self.streams),
+        }
+    }
+
+    /// `fwd P1`, `-R P4`, `fwd P1 -b 5G` (for humans).
+    pub fn label(&self) -> String {
+        let dir = if self.reverse { "-R" } else { "fwd" };
+        match self.rate {
+            Some(rate) => format!("{dir} P{} -b {rate}", self.streams),
+            None => format!("{dir} P{}", self.streams),
+        }
+    }
+}
+
+/// Where the two iperf3 ends run.
+pub struct Ends<'a> {
+    pub server_netns: Option<&'a str>,
+    pub server_cpu: Option<u32>,
+    pub client_netns: Option<&'a str>,
+    pub client_cpu: Option<u32>,
+    /// The server's address (it binds to it; the client connects to it).
+    pub server_ip: IpAddr,
+    pub port: u16,
+    /// Scratch directory for the client's output.
+    pub dir: &'a Path,
+}
+
+/// The result of one iperf3 run.
+#[derive(Clone, Debug)]
+pub struct Sample {
+    /// end.sum_received.bits_per_second / 1e9.
+    pub gbps: f64,
+    /// end.sum_received.bytes.
+    pub bytes: u64,
+    /// Wall time around the client process.
+    pub wall_s: f64,
+    /// Busy CPU-seconds of the whole machine during that time.
+    pub busy_cpu_s: f64,
+    /// CPU-seconds of user processes outside the benchmark during that time
+    /// (other work on a shared machine).
+    pub others_cpu_s: f64,
+}
+
+impl Sample {
+    /// CPU-seconds per GiB received.
+    pub fn cpu_s_per_gib(&self) -> Option<f64> {
+        (self.bytes > 0).then(|| self.busy_cpu_s / self.gib())
+    }
+
+    /// CPU-seconds per GiB received, without other processes' CPU time.
+    pub fn own_cpu_s_per_gib(&self) -> Option<f64> {
+        (self.bytes > 0).then(|| (self.busy_cpu_s - self.others_cpu_s).max(0.0) / self.gib())
+    }
+
+    fn gib(&self) -> f64 {
+        self.bytes as f64 / f64::from(1u32 << 30)
+    }
+}
+
+/// Runs iperf3 once for `secs` seconds, through the proxy whose proxychains4
+/// configuration is given, or directly.
+pub fn run(
+    ends: &Ends<'_>,
+    kind: Kind,
+    secs: u32,
+    proxychains: Option<&Path>,
+) -> Result<Sample, String> {
+    let ip = ends.server_ip.to_string();
+    let port = ends.port.to_string();
+    let mut server_cmd = placed(
+        ends.server_netns,
+        ends.server_cpu,
+        &["iperf3", "-s", "-1", "-B", &ip, "-p", &port],
+    );
+    server_cmd.stdout(Stdio::null()).stderr(Stdio::null());
+    let mut server =
+        Guarded::spawn(&mut server_cmd, "iperf3 server").map_err(|err| format!("{err:#}"))?;
+    wait_listening(&mut server, ends.port, Duration::from_secs(10))
+        .map_err(|reason| format!("iperf3 server: {reason}"))?;
+
+    let secs_arg = secs.to_string();
+    let streams = kind.streams.to_string();
+    let mut argv: Vec<&str> = Vec::new();
+    let conf;
+    if let Some(path) = proxychains {
+        conf = path.to_string_lossy().into_owned();
+        argv.extend(["proxychains4", "-q", "-f", &conf]);
+    }
+    argv.extend([
+        "iperf3",
+        "-c",
+        &ip,
+        "-p",
+        &port,
+        "-t",
+        &secs_arg,
+        "-J",
+        "--connect-timeout",
+        "5000",
+        "-P",
+        &streams,
+    ]);
+    if kind.reverse {
+        argv.push("-R");
+    }
+    if let Some(rate) = kind.rate {
+        argv.extend(["-b", rate]);
+    }
+    let out_path = ends.dir.join("iperf3-client.json");
+    let err_path = ends.dir.join("iperf3-client.err");
+    let out = fs::File::create(&out_path).map_err(|err| err.to_string())?;
+    let err = fs::File::create(&err_path).map_err(|err| err.to_string())?;
+    let mut client_cmd = placed(ends.client_netns, ends.client_cpu, &argv);
+    client_cmd.stdout(out).stderr(err);
+
+    let others = cpu::OthersMeter::start();
+    let before = cpu::sample();
+    let mut client =
+        Guarded::spawn(&mut client_cmd, "iperf3 client").map_err(|err| format!("{err:#}"))?;
+    let limit = Duration::from_secs(u64::from(secs) + 20);
+    let status = client.wait_for(limit).map_err(|err| format!("{err:#}"))?;
+    let after = cpu::sample();
+    let others_cpu_s = others.finish();
+    let Some(status) = status else {
+        return Err(format!("iperf3 client did not finish within {limit:?}"));
+    };
+    // The one-off server exits by itself after the test; give it a moment.
+    let _ = server.wait_for(Duration::from_secs(2));
+    let (wall_s, busy_cpu_s) = before.busy_until(&after);
+    let others_cpu_s = others_cpu_s.min(busy_cpu_s);
+
+    let text = fs::read_to_string(&out_path).unwrap_or_default();
+    let json: Value = serde_json::from_str(&text).map_err(|parse| {
+        let stderr = tail(&err_path, 2);
+        format!(
+            "iperf3 {status}, no JSON ({parse}){}",
+            if stderr.is_empty() {
+                String::new()
+            } else {
+                format!(": {stderr}")
+            }
+        )
+    })?;
+    if let Some(error) = json.get("error").and_then(Value::as_str) {
+        return Err(format!("iperf3: {error}"));
+    }
+    let received = &json["end"]["sum_received"];
+    let bits = received["bits_per_second"]
+        .as_f64()
+        .ok_or("iperf3 JSON has no end.sum_received.bits_per_second")?;
+    let bytes = received["bytes"].as_f64().unwrap_or(0.0) as u64;
+    Ok(Sample {
+        gbps: bits / 1e9,
+        bytes,
+        wall_s,
+        busy_cpu_s,
+        others_cpu_s,
+    })
+}
