@@ -35,7 +35,13 @@ pub enum FlowEventKind {
     /// The peer closed its side of this socket and the verdict has redirected
     /// every byte it sent: `bytes_redirected` is this direction's final count.
     Drained = 2,
+    /// The verdict's count crossed a multiple of [`PROGRESS_EVERY_BYTES`]: user
+    /// space checks that the peer keeps up (flow control) and feeds its counters.
+    Progress = 3,
 }
+
+/// How many redirected bytes of one direction between two `Progress` events.
+pub const PROGRESS_EVERY_BYTES: u64 = 2 * 1024 * 1024;
 
 /// One record of the `FLOW_EVENTS` ring buffer, written by the `sock_ops` program
 /// when a socket that belongs to a tunnel changes TCP state.

@@ -26,7 +26,7 @@ use aya_ebpf::{
     programs::{SkBuffContext, SockOpsContext},
     EbpfContext as _,
 };
-use proxy_common::{stat, tcp_state, FlowEntry, FlowEvent, FlowEventKind};
+use proxy_common::{stat, tcp_state, FlowEntry, FlowEvent, FlowEventKind, PROGRESS_EVERY_BYTES};
 
 /// Upper bound on spliced sockets (two per tunnel); user space may lower it at load.
 const MAX_SOCKETS: u32 = 131_072;
@@ -113,10 +113,24 @@ pub fn splice_verdict(ctx: SkBuffContext) -> u32 {
     let verdict = REDIRECT_TARGETS.redirect_skb(&ctx, &mut peer, 0) as u32;
     if verdict == SK_PASS {
         // SAFETY: see `add`.
-        add(
+        let before = add(
             unsafe { &raw mut (*entry).bytes_redirected },
             u64::from(len),
         );
+        let after = before + u64::from(len);
+        // The redirect path has no backpressure of its own (the queued skbs are
+        // not charged to either socket's buffers), so user space watches each
+        // direction's backlog and pauses it; it learns of progress from here.
+        if before / PROGRESS_EVERY_BYTES != after / PROGRESS_EVERY_BYTES {
+            output(&FlowEvent {
+                cookie,
+                bytes_redirected: after,
+                kind: FlowEventKind::Progress as u32,
+                old_state: 0,
+                new_state: 0,
+                _pad: 0,
+            });
+        }
         // SAFETY: `entry` is a live map value.
         unsafe { report_if_drained(entry, cookie) };
     } else {
