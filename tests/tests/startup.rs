@@ -71,6 +71,79 @@ fn auto_falls_back_to_splice_without_bpf_privileges() {
     assert_eq!(proxy.wait_json_records(1)[0]["dataplane"], "splice");
 }
 
+/// The capabilities the DaemonSet grants (deploy/kubernetes): with exactly these,
+/// and no others, the eBPF programs load and tunnels are spliced.
+const DAEMONSET_CAPS: &[&str] = &[
+    "cap_bpf",
+    "cap_net_admin",
+    "cap_perfmon",
+    "cap_sys_resource",
+];
+
+#[test]
+fn the_daemonset_capabilities_are_enough_for_sockmap() {
+    let all_caps = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap").unwrap();
+    let last: u32 = all_caps.trim().parse().unwrap();
+    // Drop every capability from the bounding set except the DaemonSet's.
+    let keep: Vec<u32> = DAEMONSET_CAPS
+        .iter()
+        .map(|name| {
+            let output = std::process::Command::new("capsh")
+                .arg(format!("--explain={name}"))
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&output.stdout).into_owned();
+            text.split(|c: char| !c.is_ascii_digit())
+                .find_map(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("capsh --explain={name}: {text}"))
+        })
+        .collect();
+    let drop: Vec<String> = (0..=last)
+        .filter(|c| !keep.contains(c))
+        .map(|c| c.to_string())
+        .collect();
+    let drop_arg = format!("--drop={}", drop.join(","));
+    let upstream = Upstream::start();
+    let port = upstream.addr.port().to_string();
+    let proxy = Proxy::start_wrapped(
+        &["capsh", &drop_arg, "--"],
+        &["--connect-ports", &port, "--log-format", "json"],
+    );
+    let status = std::fs::read_to_string(format!("/proc/{}/status", proxy.pid())).unwrap();
+    let effective = status
+        .lines()
+        .find(|l| l.starts_with("CapEff:"))
+        .unwrap()
+        .to_owned();
+    let mask = u64::from_str_radix(effective.split_whitespace().nth(1).unwrap(), 16).unwrap();
+    // This machine's root has no CAP_SYS_RESOURCE (only needed on kernels older
+    // than 5.11, for RLIMIT_MEMLOCK): expect what the bounding set allows.
+    let own = std::fs::read_to_string("/proc/self/status").unwrap();
+    let bounding = own
+        .lines()
+        .find(|l| l.starts_with("CapBnd:"))
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .to_owned();
+    let bounding = u64::from_str_radix(&bounding, 16).unwrap();
+    let expected: u64 = keep.iter().map(|c| 1u64 << c).sum::<u64>() & bounding;
+    assert_eq!(
+        mask, expected,
+        "spliced runs with other capabilities than the DaemonSet's: {effective}"
+    );
+    assert!(
+        proxy
+            .stderr()
+            .contains("data plane: sockmap (eBPF programs loaded"),
+        "{}",
+        proxy.stderr()
+    );
+    exchange_once(&proxy, &upstream);
+    assert_eq!(proxy.wait_json_records(1)[0]["dataplane"], "sockmap");
+}
+
 #[test]
 fn explicit_sockmap_without_privileges_refuses_to_start() {
     let script = format!(
