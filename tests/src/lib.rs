@@ -5,6 +5,7 @@
 //! Everything here talks only to loopback or to namespaces the test created.
 
 pub mod daemon;
+pub mod deploy;
 pub mod netns;
 pub mod pattern;
 pub mod paused;

