@@ -33,6 +33,9 @@ pub enum TestHook {
     /// Do not read the client's queued bytes before the 200, so a segment the head
     /// reader read only part of can reach the data plane.
     NoQueueDrain,
+    /// Wait 2 s before binding the listeners, so tests can probe `/readyz`
+    /// while the proxy is starting.
+    DelayStartup,
 }
 
 /// `spliced` command line. Flags given here override the configuration file.
@@ -110,6 +113,17 @@ pub struct Config {
     /// spliced tunnels.
     #[arg(long, value_name = "NAME", default_value = "cubic")]
     pub tcp_congestion: String,
+
+    /// Serve `/healthz`, `/readyz` and `/metrics` (Prometheus) over HTTP on this
+    /// address (port 0 picks one; the log says which). Off by default; keep it on
+    /// loopback or a management network.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub admin: Option<SocketAddr>,
+
+    /// Also write an access log record (`TCP_TUNNEL`, end `periodic`, bytes so
+    /// far) every SECS seconds for each tunnel open that long.
+    #[arg(long, value_name = "SECS")]
+    pub access_log_periodic: Option<f64>,
 
     /// Test-only misbehaviour (repeatable); see the test suite.
     #[arg(long = "test-hook", value_enum, hide = true)]

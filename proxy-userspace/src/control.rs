@@ -30,7 +30,9 @@ use crate::{
     access_log::{AccessLog, AccessRecord},
     config::TestHook,
     connect_request::{self, HeadError, Host, RequestHead, Target},
-    dataplane::{DataPlane, Tunnel, TunnelLimits},
+    dataplane::{DataPlane, Progress, Tunnel, TunnelLimits, TunnelOutcome},
+    metrics::Metrics,
+    policy::Denial,
     settings::{Policy, Settings},
     sockopt,
     squid::{Decision, LocalTime, RequestFacts},
@@ -58,6 +60,7 @@ pub struct ControlPlane {
     active: ArcSwap<Active>,
     dataplane: Arc<dyn DataPlane>,
     hooks: Vec<TestHook>,
+    metrics: Arc<Metrics>,
     per_client: Mutex<HashMap<IpAddr, u32>>,
     open_connections: AtomicUsize,
     all_closed: Notify,
@@ -72,6 +75,9 @@ struct Refusal {
     reason: String,
     /// Extra header lines, each ending in CRLF.
     headers: String,
+    /// The access rule that denied the request, for metrics: `FILE:LINE`,
+    /// `implicit` or `builtin:REASON`.
+    rule: Option<String>,
 }
 
 impl Refusal {
@@ -81,6 +87,7 @@ impl Refusal {
             result: "NONE_NONE",
             reason: reason.into(),
             headers: String::new(),
+            rule: None,
         }
     }
 
@@ -133,12 +140,18 @@ impl Drop for ConnectionGuard<'_> {
 }
 
 impl ControlPlane {
-    /// A control plane that hands tunnels to `dataplane`.
-    pub fn new(active: Active, dataplane: Arc<dyn DataPlane>, hooks: Vec<TestHook>) -> Self {
+    /// A control plane that hands tunnels to `dataplane` and counts in `metrics`.
+    pub fn new(
+        active: Active,
+        dataplane: Arc<dyn DataPlane>,
+        hooks: Vec<TestHook>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
             active: ArcSwap::from_pointee(active),
             dataplane,
             hooks,
+            metrics,
             per_client: Mutex::default(),
             open_connections: AtomicUsize::new(0),
             all_closed: Notify::new(),
@@ -243,6 +256,11 @@ impl ControlPlane {
         };
         match opened {
             Ok(opened) => {
+                let plane = self.dataplane.name();
+                self.metrics.request_answered(200);
+                self.metrics
+                    .tunnel_opened(plane, started.elapsed(), opened.pipelined);
+                let progress = Progress::new(self.metrics.clone());
                 let tunnel = Tunnel {
                     client,
                     upstream: opened.upstream,
@@ -253,10 +271,15 @@ impl ControlPlane {
                         lifetime: settings.client_lifetime.saturating_sub(started.elapsed()),
                     },
                     shutdown: self.closing.subscribe(),
+                    progress: progress.clone(),
                 };
-                let outcome = self.dataplane.run(tunnel).await;
                 record.status = 200;
                 record.result = "TCP_TUNNEL";
+                let outcome = self
+                    .run_tunnel(tunnel, settings, &record, opened.pipelined, started)
+                    .await;
+                progress.finish(&outcome);
+                self.metrics.tunnel_closed(plane, &outcome);
                 record.bytes_to_client = CONNECT_OK.len() as u64 + outcome.upstream_to_client;
                 record.bytes_from_client = opened.pipelined + outcome.client_to_upstream;
                 record.dataplane = Some(outcome.dataplane);
@@ -265,7 +288,11 @@ impl ControlPlane {
             Err(refusal) => {
                 record.result = refusal.result;
                 record.end = refusal.reason.clone();
+                if let Some(rule) = &refusal.rule {
+                    self.metrics.acl_denied(rule);
+                }
                 if refusal.status != 0 {
+                    self.metrics.request_answered(refusal.status);
                     record.status = refusal.status;
                     // RFC 9110 §9.3.2: an answer to HEAD carries no content.
                     let with_body = record.method != "HEAD";
@@ -277,6 +304,44 @@ impl ControlPlane {
         record.duration_ms = started.elapsed().as_millis() as u64;
         // The log in force when the transaction ends: a reload reopens it.
         self.active().access_log.write(&record);
+    }
+
+    /// Runs `tunnel` on the data plane; with `access_log_periodic`, writes a
+    /// record of the bytes moved so far at every interval while it is open.
+    async fn run_tunnel(
+        &self,
+        tunnel: Tunnel,
+        settings: &Settings,
+        record: &AccessRecord,
+        pipelined: u64,
+        started: Instant,
+    ) -> TunnelOutcome {
+        let progress = tunnel.progress.clone();
+        let run = self.dataplane.run(tunnel);
+        let Some(every) = settings.access_log_periodic else {
+            return run.await;
+        };
+        tokio::pin!(run);
+        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                outcome = &mut run => return outcome,
+                _ = ticks.tick() => {
+                    let [up, down] = progress.reported();
+                    let periodic = AccessRecord {
+                        ts: SystemTime::now(),
+                        duration_ms: started.elapsed().as_millis() as u64,
+                        bytes_to_client: CONNECT_OK.len() as u64 + down,
+                        bytes_from_client: pipelined + up,
+                        dataplane: Some(self.dataplane.name()),
+                        end: "periodic".into(),
+                        ..record.clone()
+                    };
+                    self.active().access_log.write(&periodic);
+                }
+            }
+        }
     }
 
     async fn open_tunnel(
@@ -308,11 +373,16 @@ impl ControlPlane {
         let judge = Judge::new(settings, record, &head, &target).await;
         record.user.clone_from(&judge.user);
         judge.decide(None)?;
-        let refuse_upstream =
-            |err: upstream::UpstreamError| Refusal::new(err.status(), err.to_string());
-        let mut addrs = upstream::resolve(&target, settings.dns_timeout)
-            .await
-            .map_err(refuse_upstream)?;
+        let refuse_upstream = |err: upstream::UpstreamError| {
+            self.metrics.upstream_failed(&err);
+            Refusal::new(err.status(), err.to_string())
+        };
+        let resolving = Instant::now();
+        let resolved = upstream::resolve(&target, settings.dns_timeout).await;
+        if matches!(target.host, Host::Name(_)) {
+            self.metrics.dns_resolved(resolving.elapsed());
+        }
+        let mut addrs = resolved.map_err(refuse_upstream)?;
         if judge.needs_destination() {
             // `dst` and `to_localhost` judge the address actually connected to.
             let mut last_denial = None;
@@ -426,9 +496,16 @@ impl<'a> Judge<'a> {
     /// resolution: `dst` ACLs then do not match, as in Squid).
     fn decide(&self, dst: Option<IpAddr>) -> Result<(), Refusal> {
         match self.policy {
-            Policy::Builtin(builtin) => builtin
-                .check(self.client, self.port)
-                .map_err(|denial| Refusal::denied(403, denial.to_string())),
+            Policy::Builtin(builtin) => builtin.check(self.client, self.port).map_err(|denial| {
+                let rule = match denial {
+                    Denial::ClientNotLocal => "builtin:client_not_local",
+                    Denial::PortNotAllowed(_) => "builtin:port_not_allowed",
+                };
+                Refusal {
+                    rule: Some(rule.into()),
+                    ..Refusal::denied(403, denial.to_string())
+                }
+            }),
             Policy::Squid(squid) => {
                 let facts = RequestFacts {
                     client: self.client,
@@ -441,12 +518,23 @@ impl<'a> Judge<'a> {
                     user: self.user.as_deref(),
                     now: LocalTime::now(),
                 };
-                match squid.decide(&facts) {
+                let decision = squid.decide(&facts);
+                match decision {
                     Decision::Allow => Ok(()),
                     // Before resolution a denial that a destination could lift is
                     // not final; after it, it is.
-                    deny @ Decision::Deny { .. } if dst.is_some() || !squid.needs_destination() => {
-                        Err(Refusal::denied(403, deny.to_string()))
+                    Decision::Deny { ref file, line, .. }
+                        if dst.is_some() || !squid.needs_destination() =>
+                    {
+                        let rule = if line == 0 {
+                            "implicit".to_owned()
+                        } else {
+                            format!("{file}:{line}")
+                        };
+                        Err(Refusal {
+                            rule: Some(rule),
+                            ..Refusal::denied(403, decision.to_string())
+                        })
                     }
                     Decision::Deny { .. } => Ok(()),
                     Decision::AuthRequired => {

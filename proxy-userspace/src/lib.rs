@@ -6,13 +6,17 @@
 //! * [`dataplane`] — the one interface that moves a tunnel's bytes, with the
 //!   sockmap (eBPF), splice(2) and copy implementations;
 //! * [`access_log`] — Squid-style and JSON access log records;
-//! * [`squid`] — a `squid.conf` subset reader and Squid's `http_access` semantics.
+//! * [`squid`] — a `squid.conf` subset reader and Squid's `http_access` semantics;
+//! * [`admin`] and [`metrics`] — the `--admin` HTTP listener (health, readiness,
+//!   Prometheus metrics).
 
 pub mod access_log;
+pub mod admin;
 pub mod config;
 pub mod connect_request;
 pub mod control;
 pub mod dataplane;
+pub mod metrics;
 pub mod policy;
 pub mod settings;
 pub mod sockopt;

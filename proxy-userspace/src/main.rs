@@ -1,15 +1,19 @@
 //! The `spliced` binary: reads the command line and configuration, picks the
 //! data plane, binds the listeners and runs the control plane. SIGHUP reloads
 //! the configuration, SIGTERM drains and stops, SIGUSR1 logs kernel counters.
+//! With `--admin` it first starts the admin listener, whose `/readyz` says ready
+//! only between the listeners being bound and SIGTERM.
 
 use std::{collections::HashMap, io, net::SocketAddr, path::Path, process::ExitCode, sync::Arc};
 
 use anyhow::Context as _;
 use clap::Parser as _;
 use spliced::{
-    config::{Command, Config},
+    admin::{self, AdminState, Readiness},
+    config::{Command, Config, TestHook},
     control::{self, Active, ControlPlane},
     dataplane,
+    metrics::Metrics,
     settings::{Resolved, Settings},
     squid,
 };
@@ -181,18 +185,49 @@ impl Listeners {
     }
 }
 
+/// Starts the admin listener on `addr`.
+async fn start_admin(
+    addr: SocketAddr,
+    readiness: Arc<Readiness>,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<()> {
+    let listener = admin::bind(addr)
+        .await
+        .with_context(|| format!("binding the admin listener {addr}"))?;
+    log::info!(
+        "admin endpoint on http://{}/ (healthz, readyz, metrics)",
+        listener.local_addr().unwrap_or(addr)
+    );
+    let state = Arc::new(AdminState { readiness, metrics });
+    tokio::spawn(admin::serve(listener, state));
+    Ok(())
+}
+
 async fn run(config: Config) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new());
+    let readiness = Arc::new(Readiness::new("starting: loading the configuration"));
+    if let Some(addr) = config.admin {
+        start_admin(addr, readiness.clone(), metrics.clone()).await?;
+    }
     let active = activate(&config)?;
+    readiness.set_not_ready("starting: choosing the data plane");
     let (dataplane, why) = dataplane::select(&config)?;
     log::info!("data plane: {} ({why})", dataplane.name());
+    metrics.dataplane_chosen(dataplane.name());
     let settings = active.settings.clone();
     let control = Arc::new(ControlPlane::new(
         active,
         dataplane.clone(),
         config.test_hooks.clone(),
+        metrics.clone(),
     ));
+    readiness.set_not_ready("starting: binding the listeners");
+    if config.hook(TestHook::DelayStartup) {
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    }
     let mut listeners = Listeners::default();
     listeners.reconcile(&control, &settings).await?;
+    readiness.set_ready();
 
     let mut usr1 = signal(SignalKind::user_defined1())?;
     let mut hup = signal(SignalKind::hangup())?;
@@ -201,7 +236,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             _ = usr1.recv() => log::info!("stats: dataplane={} {}", dataplane.name(), dataplane.stats()),
-            _ = hup.recv() => reload(&config, &control, &mut listeners).await,
+            _ = hup.recv() => {
+                let success = reload(&config, &control, &mut listeners).await;
+                metrics.config_reloaded(success);
+            }
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
@@ -209,6 +247,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
 
     // Graceful shutdown: stop accepting, let open tunnels finish for up to
     // shutdown_lifetime; a second SIGTERM or SIGINT ends them at once.
+    readiness.set_not_ready("draining: shutting down");
     listeners.stop().await;
     let lifetime = control.active().settings.shutdown_lifetime;
     let open = control.open_connections();
@@ -239,19 +278,21 @@ async fn run(config: Config) -> anyhow::Result<()> {
 }
 
 /// SIGHUP: new settings for new connections; established tunnels keep flowing;
-/// a configuration that fails leaves the old one in force.
-async fn reload(config: &Config, control: &Arc<ControlPlane>, listeners: &mut Listeners) {
+/// a configuration that fails leaves the old one in force. Says whether the new
+/// one is in force.
+async fn reload(config: &Config, control: &Arc<ControlPlane>, listeners: &mut Listeners) -> bool {
     let active = match activate(config) {
         Ok(active) => active,
         Err(err) => {
             log::error!("reload failed, keeping the configuration in force: {err:#}");
-            return;
+            return false;
         }
     };
     if let Err(err) = listeners.reconcile(control, &active.settings).await {
         log::error!("reload failed, keeping the configuration in force: {err:#}");
-        return;
+        return false;
     }
     control.replace(active);
     log::info!("configuration reloaded");
+    true
 }

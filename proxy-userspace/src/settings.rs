@@ -56,6 +56,8 @@ pub struct Settings {
     pub client_ip_max_connections: Option<u32>,
     /// Congestion control for the proxy's sockets (empty: the system's).
     pub tcp_congestion: String,
+    /// Interval of the periodic access log records of open tunnels, if any.
+    pub access_log_periodic: Option<Duration>,
 }
 
 /// Settings, and the warnings the configuration file produced.
@@ -187,6 +189,10 @@ impl Settings {
             shutdown_lifetime: pick(cli.shutdown_lifetime, timeouts.shutdown_lifetime, 30),
             client_ip_max_connections: file.as_ref().and_then(|f| f.client_ip_max_connections),
             tcp_congestion: cli.tcp_congestion.clone(),
+            access_log_periodic: cli
+                .access_log_periodic
+                .map(secs)
+                .filter(|every| !every.is_zero()),
         };
         Ok(Resolved { settings, warnings })
     }

@@ -42,6 +42,32 @@ impl UpstreamError {
             Self::Connect { .. } => 502,
         }
     }
+
+    /// Every value of [`UpstreamError::kind`].
+    pub const KINDS: [&'static str; 7] = [
+        "resolve",
+        "resolve_timeout",
+        "timeout",
+        "refused",
+        "reset",
+        "unreachable",
+        "error",
+    ];
+
+    /// A short name of the kind of failure, for metrics: one of [`Self::KINDS`].
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Resolve(_) => "resolve",
+            Self::ResolveTimeout(_) => "resolve_timeout",
+            Self::Timeout { .. } => "timeout",
+            Self::Connect { source, .. } => match source.kind() {
+                io::ErrorKind::ConnectionRefused => "refused",
+                io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted => "reset",
+                io::ErrorKind::HostUnreachable | io::ErrorKind::NetworkUnreachable => "unreachable",
+                _ => "error",
+            },
+        }
+    }
 }
 
 /// Resolves `target` (all addresses, in the resolver's order).

@@ -26,9 +26,10 @@ impl DataPlane for CopyDataPlane {
                 upstream,
                 limits,
                 shutdown,
+                progress,
                 ..
             } = tunnel;
-            let (up, down) = (Moved::default(), Moved::default());
+            let (up, down) = Moved::pair(&progress, "copy");
             let driven = pump::Driven {
                 client: &client,
                 upstream: &upstream,

@@ -13,7 +13,16 @@ mod pump;
 pub mod sockmap;
 pub mod splice;
 
-use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
+use std::{
+    fmt,
+    future::Future,
+    pin::Pin,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use clap::ValueEnum;
 use tokio::net::TcpStream;
@@ -51,6 +60,100 @@ pub struct Tunnel {
     /// Becomes `true` when the proxy shuts down: the tunnel must end at once
     /// (reset) and report what it moved, with [`TunnelEnd::Shutdown`].
     pub shutdown: tokio::sync::watch::Receiver<bool>,
+    /// Where the data plane reports bytes as it moves them, so that an open
+    /// tunnel's traffic shows in the metrics before it ends.
+    pub progress: Progress,
+}
+
+/// One direction of a tunnel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flow {
+    /// Client → upstream.
+    ClientToUpstream = 0,
+    /// Upstream → client.
+    UpstreamToClient = 1,
+}
+
+/// Receives the bytes tunnels move while they are open (the metrics).
+pub trait ByteSink: Send + Sync {
+    /// `dataplane` moved `bytes` more in direction `flow`.
+    fn moved(&self, dataplane: &'static str, flow: Flow, bytes: u64);
+}
+
+/// One tunnel's progress report: the bytes its data plane has reported so far in
+/// each direction, passed on to a [`ByteSink`] as deltas. Data planes that see
+/// every chunk call [`Progress::add`]; sockmap, which only reads the kernel's
+/// cumulative counters now and then, calls [`Progress::advance_to`]. At the end
+/// the control plane calls [`Progress::finish`] with the outcome, which adds only
+/// what was not reported yet. Cloning shares the counts.
+#[derive(Clone, Default)]
+pub struct Progress(Arc<ProgressInner>);
+
+#[derive(Default)]
+struct ProgressInner {
+    reported: [AtomicU64; 2],
+    sink: Option<Arc<dyn ByteSink>>,
+}
+
+impl fmt::Debug for Progress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Progress")
+            .field("reported", &self.reported())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Progress {
+    /// A report that goes to `sink`.
+    pub fn new(sink: Arc<dyn ByteSink>) -> Self {
+        Self(Arc::new(ProgressInner {
+            reported: Default::default(),
+            sink: Some(sink),
+        }))
+    }
+
+    /// `dataplane` moved `bytes` more in direction `flow`.
+    pub fn add(&self, dataplane: &'static str, flow: Flow, bytes: u64) {
+        if bytes == 0 {
+            return;
+        }
+        self.0.reported[flow as usize].fetch_add(bytes, Ordering::Relaxed);
+        if let Some(sink) = &self.0.sink {
+            sink.moved(dataplane, flow, bytes);
+        }
+    }
+
+    /// `dataplane` has moved `totals` (client → upstream, upstream → client) in
+    /// all: reports the part of each not reported yet (never goes back).
+    pub fn advance_to(&self, dataplane: &'static str, totals: [u64; 2]) {
+        for (flow, total) in [Flow::ClientToUpstream, Flow::UpstreamToClient]
+            .into_iter()
+            .zip(totals)
+        {
+            let before = self.0.reported[flow as usize].fetch_max(total, Ordering::Relaxed);
+            if total > before {
+                if let Some(sink) = &self.0.sink {
+                    sink.moved(dataplane, flow, total - before);
+                }
+            }
+        }
+    }
+
+    /// Reports what `outcome` says was moved beyond what was reported already.
+    pub fn finish(&self, outcome: &TunnelOutcome) {
+        self.advance_to(
+            outcome.dataplane,
+            [outcome.client_to_upstream, outcome.upstream_to_client],
+        );
+    }
+
+    /// Bytes reported so far (client → upstream, upstream → client).
+    pub fn reported(&self) -> [u64; 2] {
+        self.0
+            .reported
+            .each_ref()
+            .map(|count| count.load(Ordering::Relaxed))
+    }
 }
 
 /// Limits a data plane enforces on a tunnel.

@@ -13,21 +13,46 @@ use std::{
 use socket2::SockRef;
 use tokio::net::TcpStream;
 
-use super::{LimitClock, TunnelEnd, TunnelLimits, TunnelOutcome};
+use super::{Flow, LimitClock, Progress, TunnelEnd, TunnelLimits, TunnelOutcome};
 
-/// Byte counter a direction updates as it goes, so the count survives an error.
-#[derive(Debug, Default)]
-pub struct Moved(AtomicU64);
+/// Byte counter a direction updates as it goes, so the count survives an error;
+/// every chunk is also reported to the tunnel's [`Progress`].
+#[derive(Debug)]
+pub struct Moved {
+    count: AtomicU64,
+    progress: Progress,
+    dataplane: &'static str,
+    flow: Flow,
+}
 
 impl Moved {
+    /// A counter of `flow` moved by `dataplane`, reporting to `progress`.
+    pub fn new(progress: &Progress, dataplane: &'static str, flow: Flow) -> Self {
+        Self {
+            count: AtomicU64::new(0),
+            progress: progress.clone(),
+            dataplane,
+            flow,
+        }
+    }
+
+    /// Both directions of a tunnel.
+    pub fn pair(progress: &Progress, dataplane: &'static str) -> (Self, Self) {
+        (
+            Self::new(progress, dataplane, Flow::ClientToUpstream),
+            Self::new(progress, dataplane, Flow::UpstreamToClient),
+        )
+    }
+
     /// Counts `bytes` more.
     pub fn add(&self, bytes: usize) {
-        self.0.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.count.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.progress.add(self.dataplane, self.flow, bytes as u64);
     }
 
     /// The count so far.
     pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
+        self.count.load(Ordering::Relaxed)
     }
 }
 

@@ -45,7 +45,8 @@ use std::net::TcpStream;
 use tokio::{io::unix::AsyncFd, sync::mpsc};
 
 use super::{
-    pump, DataPlane, LimitClock, Tunnel, TunnelEnd, TunnelFuture, TunnelLimits, TunnelOutcome,
+    pump, DataPlane, LimitClock, Progress, Tunnel, TunnelEnd, TunnelFuture, TunnelLimits,
+    TunnelOutcome,
 };
 use crate::{
     config::{Config, TestHook},
@@ -349,6 +350,7 @@ async fn run_tunnel(shared: Arc<Shared>, tunnel: Tunnel) -> TunnelOutcome {
         client_queue_clean,
         limits,
         shutdown,
+        progress,
     } = tunnel;
     // Spliced sockets are taken out of tokio's reactor: the kernel's write-space
     // wakeups on them would otherwise wake the process for every ACK.
@@ -365,9 +367,11 @@ async fn run_tunnel(shared: Arc<Shared>, tunnel: Tunnel) -> TunnelOutcome {
         }
     };
     let fallback_shutdown = shutdown.clone();
+    let fallback_progress = progress.clone();
     let fallback = |client: TcpStream, upstream: TcpStream| {
         let shared = shared.clone();
         let shutdown = fallback_shutdown.clone();
+        let progress = fallback_progress.clone();
         async move {
             match (
                 tokio::net::TcpStream::from_std(client),
@@ -381,6 +385,7 @@ async fn run_tunnel(shared: Arc<Shared>, tunnel: Tunnel) -> TunnelOutcome {
                         client_queue_clean,
                         limits,
                         shutdown,
+                        progress,
                     };
                     shared.fallback.run(tunnel).await
                 }
@@ -432,7 +437,7 @@ async fn run_tunnel(shared: Arc<Shared>, tunnel: Tunnel) -> TunnelOutcome {
         waiters.insert(cookies[UPSTREAM], sender);
     }
     let outcome = match pair.insert().await {
-        Ok(()) => Some(pair.run(&mut events, shutdown.clone()).await),
+        Ok(()) => Some(pair.run(&mut events, shutdown.clone(), &progress).await),
         Err(err) => {
             log::debug!("sockmap: tunnel not spliced ({err}); using the fallback data plane");
             None
@@ -601,6 +606,7 @@ impl SplicedPair<'_> {
         &self,
         events: &mut mpsc::UnboundedReceiver<FlowEvent>,
         mut shutdown: tokio::sync::watch::Receiver<bool>,
+        progress: &Progress,
     ) -> TunnelOutcome {
         let mut directions = [Direction::default(), Direction::default()];
         let mut drain_wait = DRAIN_POLL_MIN;
@@ -642,7 +648,9 @@ impl SplicedPair<'_> {
                 for (src, direction) in directions.iter_mut().enumerate() {
                     self.observe(src, direction);
                 }
-                if let Some(exceeded) = clock.check(self.redirected().iter().sum()) {
+                let redirected = self.redirected();
+                progress.advance_to("sockmap", redirected);
+                if let Some(exceeded) = clock.check(redirected.iter().sum()) {
                     break exceeded;
                 }
             }

@@ -34,8 +34,8 @@ impl DataPlane for SpliceDataPlane {
                 client_queue_clean,
                 limits,
                 shutdown,
+                progress,
             } = tunnel;
-            let (up, down) = (Moved::default(), Moved::default());
             let pipes = Pipe::new().and_then(|a| Ok((a, Pipe::new()?)));
             let (up_pipe, down_pipe) = match pipes {
                 Ok(pipes) => pipes,
@@ -49,10 +49,12 @@ impl DataPlane for SpliceDataPlane {
                             client_queue_clean,
                             limits,
                             shutdown,
+                            progress,
                         })
                         .await;
                 }
             };
+            let (up, down) = Moved::pair(&progress, "splice");
             let driven = pump::Driven {
                 client: &client,
                 upstream: &upstream,
@@ -72,13 +74,13 @@ impl DataPlane for SpliceDataPlane {
 }
 
 /// A pipe used as the in-kernel buffer of one direction; closed on drop.
-struct Pipe {
+pub(super) struct Pipe {
     read: OwnedFd,
     write: OwnedFd,
 }
 
 impl Pipe {
-    fn new() -> io::Result<Self> {
+    pub(super) fn new() -> io::Result<Self> {
         let mut fds = [0 as RawFd; 2];
         // SAFETY: pipe2 writes two fds into the array, which is valid for the call.
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
@@ -117,7 +119,8 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     Ok(n as usize)
 }
 
-async fn splice_one_way(
+/// Moves `src` → `dst` through `pipe` until `src`'s EOF, then half-closes `dst`.
+pub(super) async fn splice_one_way(
     src: &TcpStream,
     dst: &TcpStream,
     pipe: &Pipe,
