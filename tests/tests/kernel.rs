@@ -376,14 +376,18 @@ fn spliced_bytes_bypass_user_space() {
             h,
             false,
         );
-        assert_eq!(client.received, Ok(h.down));
+        assert_eq!(client.received, Ok(h.down), "{}", proxy.stderr());
         assert_eq!(upstream.result().received, Ok(h.up));
         let record = &proxy.wait_json_records(1)[0];
         let read = trace.finish();
         assert_eq!(record["bytes_from_client"], 32 + h.up);
         assert_eq!(record["bytes_to_client"], 39 + h.down);
         if plane == "sockmap" {
-            assert!(read < 4096, "the sockmap proxy read {read} bytes itself");
+            assert!(
+                read < 4096,
+                "the sockmap proxy read {read} bytes itself\n{}",
+                proxy.stderr()
+            );
         } else {
             assert!(
                 read >= 2 * h.up,

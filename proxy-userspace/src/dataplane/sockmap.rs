@@ -45,7 +45,7 @@ use std::net::TcpStream;
 use tokio::{io::unix::AsyncFd, sync::mpsc};
 
 use super::{
-    pump, DataPlane, LimitClock, Progress, Tunnel, TunnelEnd, TunnelFuture, TunnelLimits,
+    pump, DataPlane, Flow, LimitClock, Progress, Tunnel, TunnelEnd, TunnelFuture, TunnelLimits,
     TunnelOutcome,
 };
 use crate::{
@@ -59,6 +59,16 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 /// How often an open tunnel re-reads its sockets' TCP state, in case a flow event
 /// was lost (ring buffer full); events normally make this unnecessary.
 const SAFETY_POLL: Duration = Duration::from_secs(1);
+/// Flow control: a direction whose redirected-but-unsent bytes exceed the high
+/// mark is paused (its source leaves `SPLICED`, so TCP's own window stops the
+/// sender) until they fall below the low mark. The kernel queues redirected
+/// skbs without charging them to either socket (skb_set_owner_sk_safe), so
+/// without this a peer that stops reading lets the other side push gigabytes
+/// into kernel memory.
+const BACKLOG_HIGH: u64 = 16 * 1024 * 1024;
+const BACKLOG_LOW: u64 = 8 * 1024 * 1024;
+/// How often a paused direction's backlog is checked.
+const PAUSED_POLL: Duration = Duration::from_millis(1);
 /// First and longest wait between drain checks after an EOF.
 const DRAIN_POLL_MIN: Duration = Duration::from_millis(1);
 const DRAIN_POLL_MAX: Duration = Duration::from_millis(64);
@@ -84,6 +94,8 @@ type Waiters = Mutex<HashMap<u64, mpsc::UnboundedSender<FlowEvent>>>;
 
 /// Flow events read from the ring buffer since start.
 static EVENTS_RECEIVED: AtomicU64 = AtomicU64::new(0);
+/// Times a direction was paused by flow control.
+static PAUSES: AtomicU64 = AtomicU64::new(0);
 
 struct Shared {
     maps: Mutex<Maps>,
@@ -187,12 +199,13 @@ impl DataPlane for SockmapDataPlane {
         let maps = lock(&self.shared.maps);
         let stat = |index| maps.stats.get(&index, 0).unwrap_or(0);
         format!(
-            "zero_length_dropped={} redirect_failed={} no_flow={} events_lost={} events_received={} flows={} spliced_sockets={} target_sockets={}",
+            "zero_length_dropped={} redirect_failed={} no_flow={} events_lost={} events_received={} flow_control_pauses={} flows={} spliced_sockets={} target_sockets={}",
             stat(stat::ZERO_LENGTH_DROPPED),
             stat(stat::REDIRECT_FAILED),
             stat(stat::NO_FLOW),
             stat(stat::EVENTS_LOST),
             EVENTS_RECEIVED.load(Ordering::Relaxed),
+            PAUSES.load(Ordering::Relaxed),
             maps.flows.keys().count(),
             maps.spliced.keys().count(),
             maps.targets.keys().count(),
@@ -315,6 +328,11 @@ struct Direction {
     drained: Option<u64>,
     /// Whether the destination has been shut down.
     shut: bool,
+    /// Whether the source is out of `SPLICED` because the destination does not
+    /// keep up (flow control).
+    paused: bool,
+    /// Bytes user space copied itself after the source saw its FIN while paused.
+    copied_by_user: u64,
 }
 
 /// Both sockets of a tunnel while they are spliced.
@@ -622,17 +640,39 @@ impl SplicedPair<'_> {
             if directions.iter().all(|d| d.shut) {
                 break TunnelEnd::Closed;
             }
-            let draining = directions.iter().any(|d| d.eof && !d.shut);
-            let wait = if draining {
+            if let Err(err) = self.resume_paused(&mut directions, progress).await {
+                log::debug!("sockmap tunnel: {err:#}");
+                break TunnelEnd::ClientError;
+            }
+            let draining = directions.iter().any(|d| (d.eof && !d.shut) || d.paused);
+            let wait = if directions.iter().any(|d| d.paused) {
+                PAUSED_POLL
+            } else if draining {
                 drain_wait
             } else {
                 clock.next_check(SAFETY_POLL)
             };
             tokio::select! {
                 event = events.recv() => {
-                    if let Some(event) = event {
-                        log::trace!("flow event {event:?}");
-                        self.note_drained(&event, &mut directions);
+                    if let Some(first) = event {
+                        // Take every queued event at once; flow control looks at
+                        // the newest progress only, so a busy task cannot fall
+                        // behind the kernel event by event.
+                        let mut newest_progress: [Option<FlowEvent>; 2] = [None, None];
+                        let mut next = Some(first);
+                        while let Some(event) = next {
+                            log::trace!("flow event {event:?}");
+                            self.note_drained(&event, &mut directions);
+                            if event.kind == FlowEventKind::Progress as u32 {
+                                if let Some(src) = self.cookies.iter().position(|&c| c == event.cookie) {
+                                    newest_progress[src] = Some(event);
+                                }
+                            }
+                            next = events.try_recv().ok();
+                        }
+                        for event in newest_progress.iter().flatten() {
+                            self.note_progress(event, &mut directions);
+                        }
                     }
                     drain_wait = DRAIN_POLL_MIN;
                 }
@@ -674,6 +714,107 @@ impl SplicedPair<'_> {
             dataplane: "sockmap",
             end,
         }
+    }
+
+    /// Notes a `Progress` event: pauses its direction if the peer falls behind.
+    fn note_progress(&self, event: &FlowEvent, directions: &mut [Direction; 2]) {
+        if event.kind != FlowEventKind::Progress as u32 {
+            return;
+        }
+        let Some(src) = self.cookies.iter().position(|&c| c == event.cookie) else {
+            return;
+        };
+        let direction = &mut directions[src];
+        if direction.paused || direction.eof {
+            return;
+        }
+        let dst = self.sockets[1 - src];
+        let written = self.written_since_insert(1 - src).unwrap_or(0);
+        // A backlog while the destination's send buffer has room is only the
+        // kernel worker running behind; it is a stalled peer when the buffer is
+        // full as well.
+        let send_queue = sockopt::send_queue_len(dst.as_fd()).unwrap_or(0);
+        let send_buffer = socket2::SockRef::from(dst).send_buffer_size().unwrap_or(0) as u64;
+        let destination_full = send_queue * 4 >= send_buffer;
+        log::trace!(
+            "flow control: direction {src} redirected {} written {written} send queue {send_queue}/{send_buffer}",
+            event.bytes_redirected
+        );
+        if event.bytes_redirected.saturating_sub(written) > BACKLOG_HIGH && destination_full {
+            let mut maps = lock(&self.shared.maps);
+            // Leaving SPLICED stops the verdict (sock_map_del_link →
+            // sk_psock_stop_verdict); what arrives stays in the socket's receive
+            // queue, whose window throttles the sender.
+            if maps.spliced.remove(&self.cookies[src]).is_ok() {
+                direction.paused = true;
+                PAUSES.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Resumes paused directions whose backlog has drained below the low mark.
+    /// A source that saw its FIN meanwhile cannot go back into `SPLICED`; user
+    /// space then moves the rest of its bytes itself.
+    async fn resume_paused(
+        &self,
+        directions: &mut [Direction; 2],
+        progress: &Progress,
+    ) -> anyhow::Result<()> {
+        for src in [CLIENT, UPSTREAM] {
+            if !directions[src].paused {
+                continue;
+            }
+            let dst = 1 - src;
+            let redirected = self.redirected()[src];
+            let written = self.written_since_insert(dst)?;
+            if directions[src].drained.is_some() {
+                // Everything was redirected before the FIN: nothing to resume.
+                directions[src].paused = false;
+                continue;
+            }
+            if redirected.saturating_sub(written) > BACKLOG_LOW {
+                continue;
+            }
+            let inserted = {
+                let mut maps = lock(&self.shared.maps);
+                maps.spliced
+                    .insert(self.cookies[src], self.sockets[src].as_fd(), 0)
+            };
+            match inserted {
+                Ok(()) => {
+                    sockopt::set_rcvlowat(self.sockets[src].as_fd(), 1)
+                        .context("SO_RCVLOWAT kick")?;
+                    directions[src].paused = false;
+                }
+                // Not ESTABLISHED any more (its FIN arrived, or the other direction
+                // already shut it down): it cannot go back into the sockhash.
+                Err(err)
+                    if written >= redirected
+                        && sockopt::tcp_info(self.sockets[src].as_fd())
+                            .is_ok_and(|i| u32::from(i.state) != tcp_state::ESTABLISHED) =>
+                {
+                    log::debug!("sockmap tunnel: cannot resume a half-closed socket ({err}); splicing the rest");
+                    let flow = if src == CLIENT {
+                        Flow::ClientToUpstream
+                    } else {
+                        Flow::UpstreamToClient
+                    };
+                    let copied =
+                        splice_rest(self.sockets[src], self.sockets[dst], progress, flow).await?;
+                    let direction = &mut directions[src];
+                    direction.copied_by_user = copied;
+                    direction.paused = false;
+                    direction.eof = true;
+                    direction.expected = redirected + copied;
+                    direction.drained = Some(redirected + copied);
+                }
+                // The kernel has not sent all it redirected yet (user space must
+                // not write before it), or the insert failed for a passing
+                // reason: try again later.
+                Err(err) => log::debug!("sockmap tunnel: resume deferred: {err:?}"),
+            }
+        }
+        Ok(())
     }
 
     /// Notes a `Drained` event: the direction's final count, from the kernel.
@@ -747,6 +888,28 @@ impl SplicedPair<'_> {
             direction.shut = true;
         }
     }
+}
+
+/// Moves what is left of `src` into `dst` with splice(2) (the bytes stay in the
+/// kernel), half-closes `dst` at `src`'s EOF and returns the byte count. Used
+/// for a direction that was paused by flow control and whose source can no
+/// longer be put back in `SPLICED` (a sockhash only takes ESTABLISHED sockets).
+async fn splice_rest(
+    src: &TcpStream,
+    dst: &TcpStream,
+    progress: &Progress,
+    flow: Flow,
+) -> anyhow::Result<u64> {
+    // Duplicates registered with tokio for this copy only; the originals stay
+    // out of the reactor.
+    let src = tokio::net::TcpStream::from_std(src.try_clone()?)?;
+    let dst = tokio::net::TcpStream::from_std(dst.try_clone()?)?;
+    let pipe = super::splice::Pipe::new()?;
+    let moved = pump::Moved::new(progress, "sockmap", flow);
+    super::splice::splice_one_way(&src, &dst, &pipe, &moved, pump::Side::Client)
+        .await
+        .map_err(|err| anyhow!("{err}"))?;
+    Ok(moved.get())
 }
 
 #[derive(Clone, Copy, Debug)]
