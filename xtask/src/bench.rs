@@ -483,6 +483,19 @@ pub fn run(args: BenchArgs, build: impl FnOnce() -> Result<PathBuf>) -> Result<(
         Ok(())
     })();
     results.meta.elapsed_s = started.elapsed().as_secs_f64();
+    let logs = crate::target_dir().join("bench").join("logs");
+    let _ = std::fs::remove_dir_all(&logs);
+    if outcome.is_err() || report::has_failures(&results) {
+        // The scratch directory goes away with `tmp`: keep its logs, configs
+        // and iperf3 outputs for a post-mortem.
+        match copy_dir(tmp.path(), &logs) {
+            Ok(()) => eprintln!(
+                "bench: something failed; proxy logs, configs and iperf3 outputs are in {}",
+                logs.display()
+            ),
+            Err(err) => eprintln!("bench: could not keep the logs: {err:#}"),
+        }
+    }
     if let Err(err) = outcome {
         if child::interrupted() {
             bail!("interrupted; every child process and namespace was cleaned up");
@@ -524,6 +537,23 @@ pub fn run(args: BenchArgs, build: impl FnOnce() -> Result<PathBuf>) -> Result<(
         build_s + results.meta.elapsed_s,
         results.meta.elapsed_s
     );
+    Ok(())
+}
+
+/// Copies a directory tree (regular files only).
+fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let kind = entry.file_type()?;
+        let target = to.join(entry.file_name());
+        if kind.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else if kind.is_file() {
+            std::fs::copy(entry.path(), &target)
+                .with_context(|| format!("copying {}", entry.path().display()))?;
+        }
+    }
     Ok(())
 }
 

@@ -7,6 +7,7 @@
 //! missing, so on a prepared machine the setup part costs a fraction of a second.
 
 mod bench;
+mod fuzz;
 mod prereq;
 mod proc;
 
@@ -58,6 +59,9 @@ enum Task {
     /// (iperf3 through CONNECT, CPU per GiB, connection setup, 10k tunnels);
     /// writes target/bench/results.json and docs/benchmarks.md.
     Bench(bench::BenchArgs),
+    /// Run each `cargo fuzz` target (fuzz/, nightly) for a while; failing
+    /// inputs become regression tests in proxy-userspace/tests/fuzz_regressions/.
+    Fuzz(fuzz::FuzzArgs),
 }
 
 /// Which group of prerequisites `setup --only` installs.
@@ -92,6 +96,7 @@ fn dispatch(task: Task) -> Result<()> {
         Task::Run { args } => run(args),
         Task::Test { args } => test(args),
         Task::Bench(args) => bench(args),
+        Task::Fuzz(args) => fuzz::run(args),
     }
 }
 

@@ -7,6 +7,7 @@ use std::{
     fs,
     io::Read as _,
     net::TcpListener,
+    os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
     sync::atomic::{AtomicBool, Ordering},
@@ -224,6 +225,16 @@ pub fn placed(netns: Option<&str>, cpu: Option<u32>, argv: &[&str]) -> Command {
     full.extend(argv.iter().map(|arg| (*arg).to_owned()));
     let mut cmd = Command::new(&full[0]);
     cmd.args(&full[1..]).stdin(Stdio::null());
+    // If the benchmark itself is killed (SIGKILL: no guard runs), its children
+    // go too. Every child is spawned from the main thread, which lives as long
+    // as the process.
+    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
     cmd
 }
 
@@ -392,4 +403,32 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
 /// Number of open file descriptors of a process.
 pub fn fd_count(pid: u32) -> Option<usize> {
     Some(fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sees_its_own_listener_in_proc_net_tcp() {
+        let listener = TcpListener::bind(("127.0.0.1", 0)).expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        assert!(listening(std::process::id(), port));
+        drop(listener);
+        assert!(!listening(std::process::id(), port));
+    }
+
+    #[test]
+    fn ports_are_never_handed_out_twice() {
+        let mut ports = Ports::default();
+        let a = ports.take().expect("port");
+        let b = ports.take().expect("port");
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn placed_prefixes_netns_and_taskset() {
+        let cmd = placed(Some("ns1"), Some(1), &["iperf3", "-s"]);
+        assert_eq!(describe(&cmd), "ip netns exec ns1 taskset -c 1 iperf3 -s");
+    }
 }

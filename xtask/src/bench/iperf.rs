@@ -2,7 +2,14 @@
 //! (through proxychains4 when a proxy is measured), the machine's busy time
 //! around it, and the numbers from `iperf3 -J`.
 
-use std::{fs, net::IpAddr, path::Path, process::Stdio, time::Duration};
+use std::{
+    fs,
+    net::IpAddr,
+    path::Path,
+    process::Stdio,
+    sync::atomic::{AtomicUsize, Ordering},
+    time::Duration,
+};
 
 use serde_json::Value;
 
@@ -10,6 +17,9 @@ use super::{
     child::{placed, tail, wait_listening, Guarded},
     cpu,
 };
+
+/// Numbers the runs' output files.
+static RUN: AtomicUsize = AtomicUsize::new(1);
 
 /// What a measurement asks iperf3 for.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -152,8 +162,10 @@ pub fn run(
     if let Some(rate) = kind.rate {
         argv.extend(["-b", rate]);
     }
-    let out_path = ends.dir.join("iperf3-client.json");
-    let err_path = ends.dir.join("iperf3-client.err");
+    // One pair of files per run, kept for a post-mortem when a run fails.
+    let n = RUN.fetch_add(1, Ordering::Relaxed);
+    let out_path = ends.dir.join(format!("iperf3-{n:03}.json"));
+    let err_path = ends.dir.join(format!("iperf3-{n:03}.err"));
     let out = fs::File::create(&out_path).map_err(|err| err.to_string())?;
     let err = fs::File::create(&err_path).map_err(|err| err.to_string())?;
     let mut client_cmd = placed(ends.client_netns, ends.client_cpu, &argv);
@@ -168,7 +180,9 @@ pub fn run(
     let after = cpu::sample();
     let others_cpu_s = others.finish();
     let Some(status) = status else {
-        return Err(format!("iperf3 client did not finish within {limit:?}"));
+        return Err(format!(
+            "iperf3 client did not finish within {limit:?} (run {n:03})"
+        ));
     };
     // The one-off server exits by itself after the test; give it a moment.
     let _ = server.wait_for(Duration::from_secs(2));
@@ -188,7 +202,7 @@ pub fn run(
         )
     })?;
     if let Some(error) = json.get("error").and_then(Value::as_str) {
-        return Err(format!("iperf3: {error}"));
+        return Err(format!("iperf3: {error} (run {n:03})"));
     }
     let received = &json["end"]["sum_received"];
     let bits = received["bits_per_second"]

@@ -257,6 +257,8 @@ pub struct Table {
     pub title: String,
     pub header: Vec<String>,
     pub rows: Vec<Vec<String>>,
+    /// A line under the table.
+    pub note: Option<String>,
 }
 
 impl Table {
@@ -289,6 +291,9 @@ impl Table {
         for row in &self.rows {
             text += &line(row);
         }
+        if let Some(note) = &self.note {
+            text += &format!("({note})\n");
+        }
         text
     }
 
@@ -305,6 +310,9 @@ impl Table {
         for row in &self.rows {
             let cells: Vec<String> = row.iter().map(|c| c.replace('|', "\\|")).collect();
             let _ = writeln!(text, "| {} |", cells.join(" | "));
+        }
+        if let Some(note) = &self.note {
+            let _ = writeln!(text, "\n{note}");
         }
         text
     }
@@ -362,6 +370,24 @@ fn runs_phrase(settings: &Settings) -> String {
     }
 }
 
+/// How much CPU other processes took during these runs, when notable.
+fn background_note(rows: &[&TputResult]) -> Option<String> {
+    let shares: Vec<f64> = rows
+        .iter()
+        .flat_map(|r| r.samples.iter().filter_map(|s| s.as_ref().ok()))
+        .filter(|s| s.wall_s > 0.0)
+        .map(|s| s.others_cpu_s / s.wall_s)
+        .collect();
+    let max = shares.iter().copied().fold(0.0f64, f64::max);
+    (max >= 0.05).then(|| {
+        format!(
+            "Other processes on the machine used {:.2} CPUs on average during these runs (up to \
+             {max:.2}).",
+            shares.iter().sum::<f64>() / shares.len() as f64
+        )
+    })
+}
+
 /// Every table of the report.
 pub fn tables(results: &Results) -> Vec<Table> {
     let mut tables = Vec::new();
@@ -391,7 +417,7 @@ pub fn tables(results: &Results) -> Vec<Table> {
                     row.push(
                         rows.iter()
                             .find(|r| r.case.contender == c && r.case.kind == *kind)
-                            .map_or_else(String::new, |r| tput_cell(results, r)),
+                            .map_or_else(|| "not run".to_owned(), |r| tput_cell(results, r)),
                     );
                 }
                 row
@@ -405,6 +431,7 @@ pub fn tables(results: &Results) -> Vec<Table> {
             ),
             header,
             rows: body,
+            note: background_note(&rows),
         });
     }
 
@@ -472,6 +499,7 @@ pub fn tables(results: &Results) -> Vec<Table> {
             .map(str::to_owned)
             .to_vec(),
             rows: body,
+            note: None,
         });
     }
 
@@ -515,6 +543,7 @@ pub fn tables(results: &Results) -> Vec<Table> {
             .map(str::to_owned)
             .to_vec(),
             rows: body,
+            note: None,
         });
     }
 
@@ -560,6 +589,7 @@ pub fn tables(results: &Results) -> Vec<Table> {
             .map(str::to_owned)
             .to_vec(),
             rows: body,
+            note: None,
         });
     }
     tables
@@ -752,7 +782,7 @@ pub fn markdown(results: &Results, tables: &[Table]) -> String {
     );
     let _ = writeln!(
         md,
-        "- **Scale**: 32 threads open {} tunnels through one spliced to a server inside the \
+        "- **Scale**: 32 threads open {} tunnels (fewer if the hard RLIMIT_NOFILE caps them) through one spliced to a server inside the \
          benchmark that accepts and holds every connection; the proxy's VmRSS is read before \
          and with them all open (RLIMIT_NOFILE raised for the benchmark and the proxy), then \
          one iperf3 tunnel runs among them. Kernel memory (socket buffers, psocks) is not in \
@@ -763,9 +793,16 @@ pub fn markdown(results: &Results, tables: &[Table]) -> String {
         md,
         "- `cargo xtask bench --quick` runs a reduced matrix (1 run of 3 s, 2,000 tunnels) in \
          under 2 minutes; `--filter SUBSTRING` (repeatable), `--runs N`, `--secs N` and \
-         `--list` help speed work; `--filter` never rewrites this file."
+         `--list` help speed work; `--filter` never rewrites this file. When anything fails, the \
+         proxies' logs and configurations and the iperf3 outputs are kept in \
+         `target/bench/logs/`."
     );
     md
+}
+
+/// True if anything failed to start or a measurement failed.
+pub fn has_failures(results: &Results) -> bool {
+    !notes(results).is_empty()
 }
 
 /// Start failures and errors worth listing under the tables.
@@ -875,16 +912,19 @@ pub fn svg(results: &Results) -> String {
     let mut cpu_rows: Vec<ChartRow> = Vec::new();
     for c in Contender::ALL {
         if let Some(r) = find(Env::Unpinned, rate_kind, c) {
-            let bar = match (r.median_cpu_per_gib(), &r.start_failure) {
-                (Some(v), _) => (2, v, format!("{v:.3}")),
-                (None, Some(_)) => (2, 0.0, "failed to start".to_owned()),
-                (None, None) => (2, 0.0, "error".to_owned()),
-            };
-            cpu_rows.push((c.label().to_owned(), vec![bar]));
+            let bars = [(2, r.median_cpu_per_gib()), (3, r.median_own_cpu_per_gib())]
+                .into_iter()
+                .map(|(series, value)| match (value, &r.start_failure) {
+                    (Some(v), _) => (series, v, format!("{v:.3}")),
+                    (None, Some(_)) => (series, 0.0, "failed to start".to_owned()),
+                    (None, None) => (series, 0.0, "error".to_owned()),
+                })
+                .collect();
+            cpu_rows.push((c.label().to_owned(), bars));
         }
     }
 
-    let colors = ["#3b7dd8", "#e07b39", "#5a9e4b"];
+    let colors = ["#3b7dd8", "#e07b39", "#5a9e4b", "#a9d39e"];
     let mut body = String::new();
     let mut y = 20.0;
     let mut panel = |title: &str, legend: &[(usize, &str)], rows: &[ChartRow], y: &mut f64| {
@@ -950,10 +990,13 @@ pub fn svg(results: &Results) -> String {
     );
     panel(
         &format!(
-            "CPU-seconds per GiB at -b {}, whole machine incl. kernel (lower is better)",
+            "CPU-seconds per GiB at -b {}, kernel included (lower is better)",
             results.settings.rate
         ),
-        &[(2, "CPU-s per GiB")],
+        &[
+            (2, "whole machine"),
+            (3, "without other processes' CPU time"),
+        ],
         &cpu_rows,
         &mut y,
     );
@@ -978,6 +1021,7 @@ pub fn svg(results: &Results) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bench::setup_rate::SetupResult;
 
     #[test]
     fn markdown_table_escapes_pipes() {
@@ -985,9 +1029,152 @@ mod tests {
             title: "t".into(),
             header: vec!["a".into(), "b".into()],
             rows: vec![vec!["x|y".into(), "1".into()]],
+            note: None,
         };
         let md = table.to_markdown();
         assert!(md.contains("x\\|y"));
         assert!(table.to_text().contains("x|y"));
+    }
+
+    fn sample(gbps: f64) -> Result<Sample, String> {
+        Ok(Sample {
+            gbps,
+            bytes: 3 << 30,
+            wall_s: 5.0,
+            busy_cpu_s: 3.0,
+            others_cpu_s: 1.0,
+        })
+    }
+
+    fn results() -> Results {
+        let settings = Settings {
+            quick: false,
+            runs: 2,
+            secs: 5,
+            setup_secs: 3.0,
+            setup_clients: 64,
+            scale_tunnels: 10_000,
+            rate: "5G",
+        };
+        let case = |env, kind, contender| crate::bench::Case {
+            env,
+            kind,
+            contender,
+        };
+        let fwd = Kind::new(false, 1);
+        let cpu_kind = Kind::at_rate(false, 1, "5G");
+        let tput = vec![
+            TputResult {
+                case: case(Env::Unpinned, fwd, Contender::Direct),
+                samples: vec![sample(20.0), sample(22.0)],
+                start_failure: None,
+            },
+            TputResult {
+                case: case(Env::Unpinned, fwd, Contender::Sockmap),
+                samples: vec![sample(10.0), Err("iperf3: boom".into())],
+                start_failure: None,
+            },
+            TputResult {
+                case: case(Env::Unpinned, fwd, Contender::Squid),
+                samples: Vec::new(),
+                start_failure: Some("exited (exit status: 1): FATAL: no".into()),
+            },
+            TputResult {
+                case: case(Env::Unpinned, Kind::new(true, 4), Contender::Copy),
+                samples: vec![sample(15.0)],
+                start_failure: None,
+            },
+            TputResult {
+                case: case(Env::Unpinned, cpu_kind, Contender::Direct),
+                samples: vec![sample(5.0)],
+                start_failure: None,
+            },
+            TputResult {
+                case: case(Env::Unpinned, cpu_kind, Contender::Tinyproxy),
+                samples: vec![Err("no JSON".into())],
+                start_failure: None,
+            },
+        ];
+        Results {
+            meta: Meta {
+                command: "cargo xtask bench".into(),
+                date: "2026-11-26 12:00 UTC".into(),
+                nproc: 2,
+                cpu_model: "Test CPU <&>".into(),
+                kernel: "6.18".into(),
+                mem_total_gib: 23.5,
+                congestion: "bbr".into(),
+                cpu_source: cpu::Source::Cpuidle,
+                background_busy_cpus: 0.1,
+                loadavg: "0.1 0.2 0.3".into(),
+                tools: vec![("iperf3".into(), "3.12".into())],
+                elapsed_s: 1.0,
+            },
+            settings,
+            tput,
+            setup: vec![
+                (
+                    Contender::Direct,
+                    Ok(SetupResult {
+                        clients: 64,
+                        secs: 3.0,
+                        tunnels: 100,
+                        per_sec: 33.3,
+                        p50_ms: 0.1,
+                        p99_ms: f64::NAN,
+                        errors: 1,
+                        first_error: Some("refused".into()),
+                    }),
+                ),
+                (Contender::Squid, Err("failed to start: no".into())),
+            ],
+            scale: vec![
+                (
+                    Contender::Splice,
+                    Ok(ScaleResult {
+                        wanted: 10_000,
+                        nofile: 20_000,
+                        target: 9_936,
+                        opened: 3_341,
+                        open_secs: 9.4,
+                        open_errors: 95,
+                        first_error: Some("502".into()),
+                        rss_idle_kib: Some(5_000),
+                        rss_open_kib: Some(35_000),
+                        fds_open: Some(19_999),
+                        busy: Err("refused".into()),
+                    }),
+                ),
+                (Contender::Copy, Err("failed to start: x".into())),
+            ],
+        }
+    }
+
+    #[test]
+    fn every_table_row_fits_its_header_and_everything_renders() {
+        let results = results();
+        let tables = tables(&results);
+        assert_eq!(tables.len(), 4, "throughput, CPU, setup, scale");
+        for table in &tables {
+            for row in &table.rows {
+                assert_eq!(row.len(), table.header.len(), "{}: {row:?}", table.title);
+            }
+            table.to_text();
+        }
+        let tput = tables[0].to_text();
+        assert!(tput.contains("10.0 (0.48×) [1/2 runs failed]"), "{tput}");
+        assert!(tput.contains("failed to start: exited"), "{tput}");
+        assert!(tput.contains("not run"), "{tput}");
+        let md = markdown(&results, &tables);
+        assert!(md.contains("RLIMIT_NOFILE of 20000"), "{md}");
+        let svg = svg(&results);
+        assert!(
+            svg.starts_with("<svg") && svg.contains("&lt;&amp;&gt;"),
+            "{svg}"
+        );
+        let json = to_json(&results);
+        assert_eq!(json["throughput"][0]["median_gbps"], 21.0);
+        assert_eq!(json["throughput"][1]["ratio_to_direct"], 10.0 / 21.0);
+        assert!(json["setup"][0]["p99_ms"].is_null());
     }
 }
