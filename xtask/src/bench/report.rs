@@ -782,11 +782,11 @@ pub fn markdown(results: &Results, tables: &[Table]) -> String {
     );
     let _ = writeln!(
         md,
-        "- **Scale**: 32 threads open {} tunnels (fewer if the hard RLIMIT_NOFILE caps them) through one spliced to a server inside the \
-         benchmark that accepts and holds every connection; the proxy's VmRSS is read before \
-         and with them all open (RLIMIT_NOFILE raised for the benchmark and the proxy), then \
-         one iperf3 tunnel runs among them. Kernel memory (socket buffers, psocks) is not in \
-         RSS.",
+        "- **Scale**: 32 threads open {} tunnels (fewer if the hard RLIMIT_NOFILE caps them) \
+         through one spliced to a server inside the benchmark (a forked child) that accepts and \
+         holds every connection; the proxy's VmRSS is read before and with them all open \
+         (RLIMIT_NOFILE raised for the benchmark and the proxy), then one iperf3 tunnel runs \
+         among them. Kernel memory (socket buffers, psocks) is not in RSS.",
         s.scale_tunnels
     );
     let _ = writeln!(
