@@ -41,6 +41,8 @@ use crate::{
 
 /// The answer that opens a tunnel.
 pub const CONNECT_OK: &[u8] = b"HTTP/1.1 200 Connection established\r\n\r\n";
+/// Descriptors held back to answer clients when the process runs out.
+const FD_RESERVE: usize = 4;
 /// Listen backlog of each listening socket.
 const LISTEN_BACKLOG: i32 = 4096;
 /// After an error answer, how long to keep reading what the client still sends, so
@@ -66,6 +68,11 @@ pub struct ControlPlane {
     all_closed: Notify,
     /// Set once shutdown_lifetime is over: open tunnels end at once.
     closing: tokio::sync::watch::Sender<bool>,
+    /// The proxy's own listening sockets (proxy and admin): never a target.
+    own_addrs: Mutex<Vec<SocketAddr>>,
+    /// A descriptor held in reserve, given back to refuse clients cleanly when
+    /// the process runs out of descriptors.
+    fd_reserve: tokio::sync::Mutex<Vec<std::fs::File>>,
 }
 
 /// An error answer to a request.
@@ -156,7 +163,44 @@ impl ControlPlane {
             open_connections: AtomicUsize::new(0),
             all_closed: Notify::new(),
             closing: tokio::sync::watch::Sender::new(false),
+            own_addrs: Mutex::default(),
+            fd_reserve: tokio::sync::Mutex::new(
+                (0..FD_RESERVE)
+                    .filter_map(|_| std::fs::File::open("/dev/null").ok())
+                    .collect(),
+            ),
         }
+    }
+
+    /// Notes a socket the proxy listens on, so no tunnel may lead back to it.
+    pub fn add_own_addr(&self, addr: SocketAddr) {
+        self.own_addrs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(addr);
+    }
+
+    /// Forgets a socket the proxy no longer listens on.
+    pub fn remove_own_addr(&self, addr: SocketAddr) {
+        self.own_addrs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|a| *a != addr);
+    }
+
+    /// Whether connecting to `target` would reach one of the proxy's own
+    /// listening sockets (a forwarding loop).
+    fn is_own(&self, target: SocketAddr) -> bool {
+        let own = self.own_addrs.lock().unwrap_or_else(|p| p.into_inner());
+        let ip = canonical(target.ip());
+        own.iter().any(|addr| {
+            addr.port() == target.port()
+                && if addr.ip().is_unspecified() {
+                    is_local_ip(ip)
+                } else {
+                    canonical(addr.ip()) == ip
+                }
+        })
     }
 
     /// Ends every open connection now (after shutdown_lifetime): each still
@@ -198,13 +242,51 @@ impl ControlPlane {
                 Ok((client, peer)) => {
                     tokio::spawn(self.clone().handle(client, peer));
                 }
+                Err(err) if matches!(err.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                    self.refuse_for_lack_of_descriptors(&listener).await;
+                }
                 Err(err) => {
-                    // EMFILE and friends: back off instead of spinning; clients wait
-                    // in the backlog meanwhile.
+                    // Transient accept errors (ECONNABORTED, ENOBUFS): back off a
+                    // little instead of spinning.
                     log::warn!("accept failed: {err}");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }
+        }
+    }
+
+    /// Out of file descriptors: give back the ones held in reserve, accept the
+    /// waiting clients one by one, answer each 503 and close it, then take the
+    /// reserve again. Open tunnels are untouched; new clients get a clear
+    /// refusal instead of waiting in the backlog, until load drops.
+    async fn refuse_for_lack_of_descriptors(&self, listener: &TcpListener) {
+        const ANSWER: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 45\r\nConnection: close\r\n\r\nspliced: 503 Service Unavailable: overloaded\n";
+        let mut reserve = self.fd_reserve.lock().await;
+        let released = reserve.len();
+        reserve.clear();
+        let mut refused = 0;
+        // Until nothing is waiting, or there is still no descriptor for it.
+        while let Ok(Ok((client, _peer))) =
+            tokio::time::timeout(Duration::from_millis(20), listener.accept()).await
+        {
+            let _ = client.try_write(ANSWER);
+            drop(client);
+            self.metrics.request_answered(503);
+            refused += 1;
+        }
+        while reserve.len() < FD_RESERVE {
+            match std::fs::File::open("/dev/null") {
+                Ok(file) => reserve.push(file),
+                Err(_) => break,
+            }
+        }
+        log::warn!(
+            "out of file descriptors: refused {refused} clients with 503 (reserve {released} → {})",
+            reserve.len()
+        );
+        if refused == 0 {
+            // Let tunnels close before trying again.
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
@@ -398,6 +480,14 @@ impl ControlPlane {
                     last_denial.unwrap_or_else(|| Refusal::denied(403, "no allowed address"))
                 );
             }
+        }
+        let before = addrs.len();
+        addrs.retain(|addr| !self.is_own(*addr));
+        if addrs.is_empty() && before > 0 {
+            return Err(Refusal::denied(
+                403,
+                "forwarding loop: the target is this proxy",
+            ));
         }
         let (mut upstream, upstream_addr) = upstream::connect(&addrs, settings.connect_timeout)
             .await
@@ -671,4 +761,22 @@ async fn answer_error(client: &mut TcpStream, refusal: &Refusal, with_body: bool
     })
     .await;
     answer.len() as u64
+}
+
+/// IPv4-mapped IPv6 addresses as IPv4.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// Whether a connection to `ip` stays on this host: loopback, the unspecified
+/// address (which connect(2) treats as loopback), or an address of one of its
+/// interfaces.
+fn is_local_ip(ip: IpAddr) -> bool {
+    ip.is_loopback()
+        || ip.is_unspecified()
+        || if_addrs::get_if_addrs()
+            .is_ok_and(|ifaces| ifaces.iter().any(|iface| canonical(iface.ip()) == ip))
 }

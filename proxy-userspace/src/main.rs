@@ -92,6 +92,8 @@ fn activate(config: &Config) -> anyhow::Result<Active> {
 #[derive(Default)]
 struct Listeners {
     running: HashMap<SocketAddr, JoinHandle<()>>,
+    /// The address each configured one was bound to (port 0 picks one).
+    bound: HashMap<SocketAddr, SocketAddr>,
 }
 
 impl Listeners {
@@ -134,7 +136,7 @@ impl Listeners {
             }
         }
         for addr in &removed {
-            self.stop_one(*addr).await;
+            self.stop_one(control, *addr).await;
         }
         for addr in blocked {
             match control::bind(addr) {
@@ -162,13 +164,19 @@ impl Listeners {
         addr: SocketAddr,
         listener: tokio::net::TcpListener,
     ) {
-        log::info!("listening on {}", listener.local_addr().unwrap_or(addr));
+        let bound = listener.local_addr().unwrap_or(addr);
+        log::info!("listening on {bound}");
+        control.add_own_addr(bound);
         self.running
             .insert(addr, tokio::spawn(control.clone().serve(listener)));
+        self.bound.insert(addr, bound);
     }
 
     /// Stops accepting on `addr` and waits until its socket is closed.
-    async fn stop_one(&mut self, addr: SocketAddr) {
+    async fn stop_one(&mut self, control: &ControlPlane, addr: SocketAddr) {
+        if let Some(bound) = self.bound.remove(&addr) {
+            control.remove_own_addr(bound);
+        }
         if let Some(task) = self.running.remove(&addr) {
             task.abort();
             // The listener is dropped, and so closed, once the task has ended.
@@ -177,10 +185,10 @@ impl Listeners {
         }
     }
 
-    async fn stop(&mut self) {
+    async fn stop(&mut self, control: &ControlPlane) {
         let addrs: Vec<SocketAddr> = self.running.keys().copied().collect();
         for addr in addrs {
-            self.stop_one(addr).await;
+            self.stop_one(control, addr).await;
         }
     }
 }
@@ -190,7 +198,7 @@ async fn start_admin(
     addr: SocketAddr,
     readiness: Arc<Readiness>,
     metrics: Arc<Metrics>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<SocketAddr> {
     let listener = admin::bind(addr)
         .await
         .with_context(|| format!("binding the admin listener {addr}"))?;
@@ -198,17 +206,19 @@ async fn start_admin(
         "admin endpoint on http://{}/ (healthz, readyz, metrics)",
         listener.local_addr().unwrap_or(addr)
     );
+    let bound = listener.local_addr().unwrap_or(addr);
     let state = Arc::new(AdminState { readiness, metrics });
     tokio::spawn(admin::serve(listener, state));
-    Ok(())
+    Ok(bound)
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let readiness = Arc::new(Readiness::new("starting: loading the configuration"));
-    if let Some(addr) = config.admin {
-        start_admin(addr, readiness.clone(), metrics.clone()).await?;
-    }
+    let admin_addr = match config.admin {
+        Some(addr) => Some(start_admin(addr, readiness.clone(), metrics.clone()).await?),
+        None => None,
+    };
     let active = activate(&config)?;
     readiness.set_not_ready("starting: choosing the data plane");
     let (dataplane, why) = dataplane::select(&config)?;
@@ -221,6 +231,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
         config.test_hooks.clone(),
         metrics.clone(),
     ));
+    if let Some(addr) = admin_addr {
+        control.add_own_addr(addr);
+    }
     readiness.set_not_ready("starting: binding the listeners");
     if config.hook(TestHook::DelayStartup) {
         tokio::time::sleep(std::time::Duration::from_secs(2)).await;
@@ -248,7 +261,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     // Graceful shutdown: stop accepting, let open tunnels finish for up to
     // shutdown_lifetime; a second SIGTERM or SIGINT ends them at once.
     readiness.set_not_ready("draining: shutting down");
-    listeners.stop().await;
+    listeners.stop(&control).await;
     let lifetime = control.active().settings.shutdown_lifetime;
     let open = control.open_connections();
     if open > 0 {

@@ -348,3 +348,87 @@ on_every_data_plane!(
     burst_to_a_closed_port,
     resets_alongside_healthy_tunnels,
 );
+
+/// At the descriptor limit new clients get an HTTP refusal (503 when even the
+/// accept fails, 502 when the upstream socket cannot be made), open tunnels
+/// keep working, and the proxy serves again once load drops.
+#[test]
+fn descriptor_limit_gives_clean_refusals() {
+    let upstream = Upstream::start();
+    let port = upstream.addr.port().to_string();
+    let proxy = Proxy::start_wrapped(
+        &["prlimit", "--nofile=96:96", "sh"],
+        &["--dataplane", "splice", "--connect-ports", &port],
+    );
+    let target = upstream.addr.to_string();
+    let mut open = Vec::new();
+    let mut refusals = 0;
+    for _ in 0..200 {
+        let mut stream = TcpStream::connect(proxy.addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        stream
+            .write_all(format!("CONNECT {target} HTTP/1.1\r\n\r\n").as_bytes())
+            .unwrap();
+        let mut head = [0u8; 12];
+        stream.read_exact(&mut head).unwrap_or_else(|err| {
+            panic!(
+                "no HTTP answer at the descriptor limit: {err}\n{}",
+                proxy.stderr()
+            )
+        });
+        match &head[9..12] {
+            b"200" => {
+                let mut rest = vec![0u8; spliced_tests::CONNECT_OK.len() - 12];
+                stream.read_exact(&mut rest).unwrap();
+                open.push(stream);
+            }
+            b"502" | b"503" => {
+                refusals += 1;
+                if refusals >= 5 {
+                    break;
+                }
+            }
+            other => panic!("unexpected answer {:?}", String::from_utf8_lossy(other)),
+        }
+    }
+    assert!(
+        refusals >= 5,
+        "never reached the limit with {} tunnels",
+        open.len()
+    );
+    assert!(
+        open.len() >= 5,
+        "only {} tunnels before the limit",
+        open.len()
+    );
+    // The first open tunnel still carries bytes.
+    let first = open.remove(0);
+    let h = Header {
+        up: MIB,
+        down: MIB,
+        seed: 40_000,
+        mode: Mode::Concurrent,
+    };
+    assert_eq!(exchange(first, h, false).received, Ok(MIB));
+    // Drop the rest: new tunnels work again.
+    drop(open);
+    let ok = spliced_tests::wait_until(Duration::from_secs(10), || {
+        status_of(&raw_request(
+            proxy.addr,
+            b"CONNECT 127.0.0.1:1 HTTP/1.1\r\n\r\n",
+        )) == 403
+    });
+    assert!(ok, "proxy did not recover:\n{}", proxy.stderr());
+    let h = Header {
+        up: MIB,
+        down: MIB,
+        seed: 40_002,
+        mode: Mode::Concurrent,
+    };
+    assert_eq!(
+        exchange(open_tunnel(proxy.addr, &target), h, false).received,
+        Ok(MIB)
+    );
+}

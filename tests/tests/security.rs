@@ -113,3 +113,55 @@ fn only_connect_reaches_an_upstream() {
         "{records:#?}"
     );
 }
+
+/// The proxy cannot be made to connect to its own listening or admin sockets,
+/// however the target is spelled.
+#[test]
+fn tunnels_never_lead_back_into_the_proxy() {
+    let ns = Netns::new();
+    std::fs::write(
+        format!("/etc/netns/{}/hosts", ns.name),
+        "127.0.0.1 localhost me.test\n",
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("squid.conf");
+    std::fs::write(&conf, "http_access allow all\n").unwrap();
+    let proxy = Proxy::start_in(
+        &ns,
+        &[
+            "-f",
+            conf.to_str().unwrap(),
+            "--listen",
+            "0.0.0.0:3128",
+            "--admin",
+            "127.0.0.1:9090",
+            "--log-format",
+            "json",
+        ],
+    );
+    let status = |target: String| {
+        let request = format!("CONNECT {target} HTTP/1.1\r\n\r\n");
+        let proxy = proxy.addr;
+        status_of(&ns.enter(move || raw_request(proxy, request.as_bytes())))
+    };
+    for target in [
+        "127.0.0.1:3128",
+        "127.0.0.5:3128",
+        "[::ffff:127.0.0.1]:3128",
+        "0.0.0.0:3128",
+        "localhost:3128",
+        "me.test:3128",
+        "127.0.0.1:9090",
+        "me.test:9090",
+    ] {
+        assert_eq!(status(target.into()), 403, "{target}\n{}", proxy.stderr());
+    }
+    let records = proxy.wait_json_records(8);
+    assert!(
+        records
+            .iter()
+            .all(|r| r["end"].as_str().unwrap().contains("forwarding loop")),
+        "{records:#?}"
+    );
+}
