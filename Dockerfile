@@ -40,8 +40,12 @@ RUN cargo build --release --locked --package proxy-userspace
 FROM debian:bookworm-slim
 
 # The binary needs glibc and libgcc_s only (both in bookworm-slim, the
-# release the build stage links against). spliced makes no TLS connection
-# of its own, so the image has no CA certificates and no package layer.
+# release the build stage links against). CA certificates are the image's
+# only package: spliced makes no TLS connection of its own today, but the
+# image is the base operators extend (health checks, helpers).
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends ca-certificates \
+    && rm -rf /var/lib/apt/lists/*
 COPY --from=build /src/target/release/spliced /usr/local/bin/spliced
 
 # Root on purpose: the eBPF data plane needs CAP_BPF, CAP_NET_ADMIN and
