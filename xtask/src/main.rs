@@ -62,6 +62,14 @@ enum Task {
     /// Run each `cargo fuzz` target (fuzz/, nightly) for a while; failing
     /// inputs become regression tests in proxy-userspace/tests/fuzz_regressions/.
     Fuzz(fuzz::FuzzArgs),
+    /// Soak spliced: normal traffic mixed with faults and floods for N minutes,
+    /// every healthy byte checked, RSS/fds/map entries back to the baseline at
+    /// the end (tests/tests/soak.rs; CI runs it for 30 s).
+    Soak {
+        /// How long to run.
+        #[arg(long, default_value_t = 10)]
+        minutes: u64,
+    },
 }
 
 /// Which group of prerequisites `setup --only` installs.
@@ -97,6 +105,7 @@ fn dispatch(task: Task) -> Result<()> {
         Task::Test { args } => test(args),
         Task::Bench(args) => bench(args),
         Task::Fuzz(args) => fuzz::run(args),
+        Task::Soak { minutes } => soak(minutes),
     }
 }
 
@@ -145,6 +154,19 @@ fn bench(args: bench::BenchArgs) -> Result<()> {
         })?;
         build_spliced()
     })
+}
+
+/// `cargo xtask soak --minutes N`.
+fn soak(minutes: u64) -> Result<()> {
+    prereq::ensure(Needs::ALL)?;
+    let spliced = build_spliced()?;
+    banner(&format!("soak for {minutes} minutes"));
+    run_checked(
+        cargo()
+            .args(["test", "--release", "-p", "spliced-tests", "--test", "soak", "--", "--nocapture"])
+            .env("SPLICED_BIN", &spliced)
+            .env("SPLICED_SOAK_SECONDS", (minutes * 60).to_string()),
+    )
 }
 
 /// `cargo xtask test`: every check CI runs, stopping at the first failure.

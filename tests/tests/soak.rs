@@ -1,0 +1,295 @@
+//! A soak: normal traffic mixed with faults and floods against one spliced
+//! (sockmap data plane) for `SPLICED_SOAK_SECONDS` (default 30; `cargo xtask
+//! soak --minutes N` sets it), with a byte-exact check of every healthy tunnel
+//! and the proxy's RSS, descriptors and map entries compared with the baseline
+//! at the end. Prints a report.
+
+use std::{
+    io::{Read, Write},
+    net::{Shutdown, TcpListener, TcpStream},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use spliced_tests::{
+    open_tunnel, raw_request, status_of,
+    upstream::{exchange, Header},
+    wait_until, Mode, Proxy, Upstream,
+};
+
+#[derive(Default)]
+struct Counters {
+    tunnels: AtomicU64,
+    bytes: AtomicU64,
+    corrupt: AtomicU64,
+    resets: AtomicU64,
+    refused: AtomicU64,
+    slow_clients_cut: AtomicU64,
+    never_read: AtomicU64,
+    unexpected: AtomicU64,
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A tiny xorshift, so runs differ in sizes but need no crate.
+fn next(state: &mut u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state
+}
+
+#[test]
+fn soak() {
+    let seconds: u64 = std::env::var("SPLICED_SOAK_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(30);
+    let upstreams: Vec<Upstream> = (0..5).map(|_| Upstream::start()).collect();
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_port = silent.local_addr().unwrap().port();
+    let closed_port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let ports: Vec<String> = upstreams
+        .iter()
+        .map(|u| u.addr.port())
+        .chain([silent_port, closed_port])
+        .map(|p| p.to_string())
+        .collect();
+    let proxy = Proxy::start(&[
+        "--dataplane",
+        "sockmap",
+        "--connect-ports",
+        &ports.join(","),
+        "--request-timeout",
+        "3",
+        "--access-log",
+        "/dev/null",
+    ]);
+    let (pid, addr) = (proxy.pid(), proxy.addr);
+    let baseline = (rss_kib(pid), proxy.fd_count(), proxy.stats());
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let stop = Arc::new(AtomicBool::new(false));
+    let counters = Arc::new(Counters::default());
+    let mut workers = Vec::new();
+
+    // Healthy tunnels, byte-exact, 0 B to 3 MiB each way.
+    for (worker, upstream) in upstreams.into_iter().enumerate() {
+        let (stop, counters) = (stop.clone(), counters.clone());
+        let reset_worker = worker == 4;
+        workers.push(std::thread::spawn(move || {
+            let target = upstream.addr.to_string();
+            let mut rng = 0x9E37_79B9_7F4A_7C15u64 ^ (worker as u64 + 1);
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                let seed = (worker as u64) << 40 | i << 1;
+                if reset_worker {
+                    // Resets from both sides, alternately.
+                    let mut stream = open_tunnel(addr, &target);
+                    if i % 2 == 0 {
+                        let h = Header {
+                            up: 64 * 1024,
+                            down: 0,
+                            seed,
+                            mode: Mode::ResetAfterRead,
+                        };
+                        stream.write_all(&h.encode()).unwrap();
+                        let _ = spliced_tests::pattern::send(&mut stream, seed, 1 << 20);
+                    } else {
+                        let h = Header {
+                            up: 8 << 20,
+                            down: 8 << 20,
+                            seed,
+                            mode: Mode::Concurrent,
+                        };
+                        stream.write_all(&h.encode()).unwrap();
+                        let _ = spliced_tests::pattern::send(&mut stream, seed, 256 * 1024);
+                        socket2::SockRef::from(&stream)
+                            .set_linger(Some(Duration::ZERO))
+                            .unwrap();
+                    }
+                    drop(stream);
+                    // A reset can beat the header to the upstream, which then has
+                    // nothing to report.
+                    let _ = upstream.result_within(Duration::from_secs(2));
+                    counters.resets.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                let up = next(&mut rng) % (3 << 20);
+                let down = next(&mut rng) % (3 << 20);
+                let mode = [Mode::Concurrent, Mode::AnswerAfterEof, Mode::ServerFirst]
+                    [(next(&mut rng) % 3) as usize];
+                let h = Header {
+                    up,
+                    down,
+                    seed,
+                    mode,
+                };
+                let client = exchange(open_tunnel(addr, &target), h, false);
+                let server = upstream.result();
+                counters.tunnels.fetch_add(1, Ordering::Relaxed);
+                if client.received == Ok(down) && server.received == Ok(up) {
+                    counters.bytes.fetch_add(up + down, Ordering::Relaxed);
+                } else {
+                    eprintln!(
+                        "corrupt tunnel {h:?}: client {:?} server {:?}",
+                        client.received, server.received
+                    );
+                    counters.corrupt.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+
+    // Connect bursts to a closed port: every one must get a 502.
+    {
+        let (stop, counters) = (stop.clone(), counters.clone());
+        workers.push(std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let answer = raw_request(
+                    addr,
+                    format!("CONNECT 127.0.0.1:{closed_port} HTTP/1.1\r\n\r\n").as_bytes(),
+                );
+                if status_of(&answer) == 502 {
+                    counters.refused.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    counters.unexpected.fetch_add(1, Ordering::Relaxed);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }));
+    }
+
+    // Slowloris: 50 clients sending one byte of a head a second; each is cut
+    // off by the request deadline and comes back.
+    {
+        let (stop, counters) = (stop.clone(), counters.clone());
+        workers.push(std::thread::spawn(move || {
+            let head = b"CONNECT 127.0.0.1:443 HTTP/1.1\r\nX: ";
+            let mut clients: Vec<(TcpStream, usize)> = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                while clients.len() < 50 {
+                    let stream = TcpStream::connect(addr).unwrap();
+                    stream.set_nonblocking(true).unwrap();
+                    clients.push((stream, 0));
+                }
+                clients.retain_mut(|(stream, sent)| {
+                    let byte = [head[*sent % head.len()]];
+                    *sent += 1;
+                    let mut buf = [0u8; 512];
+                    match stream.read(&mut buf) {
+                        // The proxy answered (408) or closed: one slow client cut.
+                        Ok(_) => {
+                            counters.slow_clients_cut.fetch_add(1, Ordering::Relaxed);
+                            false
+                        }
+                        Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
+                            stream.write(&byte).is_ok()
+                        }
+                        Err(_) => {
+                            counters.slow_clients_cut.fetch_add(1, Ordering::Relaxed);
+                            false
+                        }
+                    }
+                });
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }));
+    }
+
+    // An upstream that never reads: push for a second, then give up.
+    {
+        let (stop, counters) = (stop.clone(), counters.clone());
+        workers.push(std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let mut stream = open_tunnel(addr, &format!("127.0.0.1:{silent_port}"));
+                let (held, _) = silent.accept().unwrap();
+                stream
+                    .set_write_timeout(Some(Duration::from_millis(100)))
+                    .unwrap();
+                let started = Instant::now();
+                let chunk = vec![1u8; 256 * 1024];
+                while started.elapsed() < Duration::from_secs(1) {
+                    let _ = stream.write(&chunk);
+                }
+                let _ = stream.shutdown(Shutdown::Both);
+                drop(stream);
+                drop(held);
+                counters.never_read.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+
+    // Samples while it runs.
+    let mut peak_rss = 0;
+    let mut peak_fds = 0;
+    while Instant::now() < deadline {
+        std::thread::sleep(
+            Duration::from_secs(5).min(deadline.saturating_duration_since(Instant::now())),
+        );
+        peak_rss = peak_rss.max(rss_kib(pid));
+        peak_fds = peak_fds.max(proxy.fd_count());
+    }
+    stop.store(true, Ordering::Relaxed);
+    for worker in workers {
+        worker.join().expect("soak worker");
+    }
+
+    // Everything returns to the baseline once the load is gone.
+    let settled = wait_until(Duration::from_secs(20), || {
+        let stats = proxy.stats();
+        proxy.fd_count() <= baseline.1 + 2
+            && stats["flows"] == 0
+            && stats["spliced_sockets"] == 0
+            && stats["target_sockets"] == 0
+    });
+    let end = (rss_kib(pid), proxy.fd_count(), proxy.stats());
+    let c = &counters;
+    eprintln!(
+        "soak {seconds} s: {} healthy tunnels, {} MiB moved byte-exact, {} corrupt; {} resets, {} closed-port refusals, {} slow clients cut, {} never-read tunnels, {} unexpected answers",
+        c.tunnels.load(Ordering::Relaxed),
+        c.bytes.load(Ordering::Relaxed) >> 20,
+        c.corrupt.load(Ordering::Relaxed),
+        c.resets.load(Ordering::Relaxed),
+        c.refused.load(Ordering::Relaxed),
+        c.slow_clients_cut.load(Ordering::Relaxed),
+        c.never_read.load(Ordering::Relaxed),
+        c.unexpected.load(Ordering::Relaxed),
+    );
+    eprintln!(
+        "soak RSS KiB start {} peak {peak_rss} end {}; fds start {} peak {peak_fds} end {}; map entries end flows={} spliced={} targets={}; flow-control pauses {}",
+        baseline.0, end.0, baseline.1, end.1, end.2["flows"], end.2["spliced_sockets"], end.2["target_sockets"], end.2["flow_control_pauses"],
+    );
+    assert_eq!(c.corrupt.load(Ordering::Relaxed), 0, "corrupt tunnels");
+    assert_eq!(
+        c.unexpected.load(Ordering::Relaxed),
+        0,
+        "unexpected answers"
+    );
+    assert!(c.tunnels.load(Ordering::Relaxed) > 0 && c.refused.load(Ordering::Relaxed) > 0);
+    assert!(
+        settled,
+        "did not return to the baseline: fds {} → {}, stats {:?}",
+        baseline.1, end.1, end.2
+    );
+    assert!(
+        end.0 < baseline.0 + 64 * 1024,
+        "RSS grew from {} to {} KiB",
+        baseline.0,
+        end.0
+    );
+}
