@@ -163,7 +163,16 @@ fn soak(minutes: u64) -> Result<()> {
     banner(&format!("soak for {minutes} minutes"));
     run_checked(
         cargo()
-            .args(["test", "--release", "-p", "spliced-tests", "--test", "soak", "--", "--nocapture"])
+            .args([
+                "test",
+                "--release",
+                "-p",
+                "spliced-tests",
+                "--test",
+                "soak",
+                "--",
+                "--nocapture",
+            ])
             .env("SPLICED_BIN", &spliced)
             .env("SPLICED_SOAK_SECONDS", (minutes * 60).to_string()),
     )
