@@ -3,7 +3,8 @@
 //!
 //! Every target starts from its committed seeds (`fuzz/corpus/<target>/`) and
 //! the inputs earlier runs kept (`fuzz/corpus-work/<target>/`, not committed;
-//! new inputs go there). An input that makes a target fail is copied from
+//! new inputs go there), with the dictionary `fuzz/dicts/<target>.dict` when
+//! there is one. An input that makes a target fail is copied from
 //! libFuzzer's `fuzz/artifacts/<target>/` to
 //! `proxy-userspace/tests/fuzz_regressions/<target>/`, where the
 //! `fuzz_regressions` test of proxy-userspace replays it in every `cargo test`
@@ -168,6 +169,11 @@ fn run_target(
     for dir in [&seeds, &work, &artifacts] {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
+    // A libFuzzer dictionary (keywords worth splicing into inputs), if any.
+    let dict = root
+        .join("fuzz")
+        .join("dicts")
+        .join(format!("{target}.dict"));
     let before = files_in(&artifacts)?;
     let log = logs.join(format!("{target}.log"));
     let log_file = fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
@@ -186,6 +192,11 @@ fn run_target(
         .arg(format!("-max_total_time={secs}"))
         .arg(format!("-timeout={INPUT_TIMEOUT_SECS}"))
         .arg("-print_final_stats=1")
+        .args(dict.is_file().then(|| {
+            let mut arg = OsString::from("-dict=");
+            arg.push(&dict);
+            arg
+        }))
         .args(extra)
         .stdin(Stdio::null())
         .stdout(log_file)

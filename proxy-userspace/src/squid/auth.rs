@@ -11,6 +11,7 @@ use std::{
     collections::HashMap,
     fmt, fs,
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
@@ -90,39 +91,23 @@ impl BasicAuth {
         let shown = password_file.display().to_string();
         let text = fs::read_to_string(&password_file)
             .map_err(|err| loc.diag(format!("cannot read the password file: {err}"), &shown))?;
-        let file: std::sync::Arc<str> = std::sync::Arc::from(shown);
-        let mut users = HashMap::new();
-        for (index, line) in text.lines().enumerate() {
-            let loc = Loc {
-                file: file.clone(),
-                line: index + 1,
-            };
-            let line = line.trim();
-            if line.is_empty() || line.starts_with('#') {
-                continue;
-            }
-            let Some((user, rest)) = line.split_once(':') else {
-                return Err(loc.diag("expected USER:HASH", first_word(line)));
-            };
-            let hash = rest.split(':').next().unwrap_or_default().trim();
-            if user.is_empty() {
-                return Err(loc.diag("empty user name", line_prefix(line)));
-            }
-            let hash = parse_hash(hash).map_err(|message| loc.diag(message, user))?;
-            if users
-                .insert(
-                    user.to_owned(),
-                    Entry {
-                        hash,
-                        loc: loc.clone(),
-                    },
-                )
-                .is_some()
-            {
-                warnings.push(loc.diag("user listed twice; this later entry wins", user));
-            }
-        }
-        Ok(Self {
+        let users = parse_users(&text, Arc::from(shown), warnings)?;
+        Ok(Self::with_users(program, password_file, users))
+    }
+
+    /// Parses the text of a password file, as `auth_param basic program
+    /// …/basic_ncsa_auth FILE` would read FILE; `file` names it in diagnostics
+    /// and becomes [`BasicAuth::password_file`]. The other settings are Squid's
+    /// defaults. Returns the warnings (users listed twice) beside the result.
+    pub fn parse_htpasswd(text: &str, file: &str) -> Result<(Self, Vec<Diagnostic>), Diagnostic> {
+        let mut warnings = Vec::new();
+        let users = parse_users(text, Arc::from(file), &mut warnings)?;
+        let auth = Self::with_users(PathBuf::from("basic_ncsa_auth"), PathBuf::from(file), users);
+        Ok((auth, warnings))
+    }
+
+    fn with_users(program: PathBuf, password_file: PathBuf, users: HashMap<String, Entry>) -> Self {
+        Self {
             program,
             password_file,
             realm: DEFAULT_REALM.to_owned(),
@@ -131,7 +116,7 @@ impl BasicAuth {
             credentials_ttl: None,
             utf8: None,
             users,
-        })
+        }
     }
 
     /// The number of users in the password file.
@@ -189,6 +174,47 @@ impl BasicAuth {
         };
         entry.hash.verify(password.as_bytes()).then_some(user)
     }
+}
+
+/// The users of a password file's text: `user:hash` per line, `#` comments and
+/// blank lines skipped; a later entry for the same user wins, with a warning.
+fn parse_users(
+    text: &str,
+    file: Arc<str>,
+    warnings: &mut Vec<Diagnostic>,
+) -> Result<HashMap<String, Entry>, Diagnostic> {
+    let mut users = HashMap::new();
+    for (index, line) in text.lines().enumerate() {
+        let loc = Loc {
+            file: file.clone(),
+            line: index + 1,
+        };
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let Some((user, rest)) = line.split_once(':') else {
+            return Err(loc.diag("expected USER:HASH", first_word(line)));
+        };
+        let hash = rest.split(':').next().unwrap_or_default().trim();
+        if user.is_empty() {
+            return Err(loc.diag("empty user name", line_prefix(line)));
+        }
+        let hash = parse_hash(hash).map_err(|message| loc.diag(message, user))?;
+        if users
+            .insert(
+                user.to_owned(),
+                Entry {
+                    hash,
+                    loc: loc.clone(),
+                },
+            )
+            .is_some()
+        {
+            warnings.push(loc.diag("user listed twice; this later entry wins", user));
+        }
+    }
+    Ok(users)
 }
 
 fn first_word(line: &str) -> String {
@@ -412,6 +438,30 @@ mod tests {
         let generated = bcrypt::hash("s3cret", 4).unwrap();
         let generated = parse_hash(&generated).unwrap();
         assert!(generated.verify(b"s3cret") && !generated.verify(b""));
+    }
+
+    #[test]
+    fn password_file_text() {
+        let text = "# users\nbob:$apr1$lZL6V/ci$eIMz/iKDkbtys/uU7LEK00\n\n carol:{SHA}87u9ZqY9S/F0eUBXjsPQEDUw4h0=:x\nbob:{SHA}87u9ZqY9S/F0eUBXjsPQEDUw4h0=\n";
+        let (auth, warnings) = BasicAuth::parse_htpasswd(text, "users.txt").unwrap();
+        assert_eq!(auth.user_count(), 2);
+        assert_eq!(auth.password_file, Path::new("users.txt"));
+        assert_eq!(auth.realm, DEFAULT_REALM);
+        assert!(is_ncsa_helper(&auth.program));
+        assert_eq!(warnings.len(), 1);
+        assert_eq!((warnings[0].line, warnings[0].text.as_str()), (5, "bob"));
+        let basic = |credentials: &str| format!("Basic {}", STANDARD.encode(credentials));
+        assert_eq!(
+            auth.verify_basic(&basic("bob:hunter2")).as_deref(),
+            Some("bob")
+        );
+        assert_eq!(
+            auth.verify_basic(&basic("Carol:hunter2")).as_deref(),
+            Some("carol")
+        );
+        let err = BasicAuth::parse_htpasswd("ok:{SHA}87u9ZqY9S/F0eUBXjsPQEDUw4h0=\nnocolon\n", "f")
+            .unwrap_err();
+        assert_eq!(err.to_string(), "f:2: expected USER:HASH: 'nocolon'");
     }
 
     #[test]
