@@ -18,7 +18,8 @@
 //!   every match in name order, and a pattern that matches nothing only warns.
 //!   Include loops and nesting deeper than 16 files are errors.
 //! * `"FILE"` (a quoted token) in an `acl` line reads the ACL's values from FILE,
-//!   one per line, `#` comments and blank lines skipped.
+//!   one per line, `#` comments and blank lines skipped; as in Squid, a word
+//!   starting with `#` ends a value. A value with whitespace inside is an error.
 //!
 //! Every error and warning names the file, the line and the offending text:
 //! `FILE:LINE: message: 'text'` (see [`Diagnostic`]).

@@ -271,29 +271,47 @@ pub(super) fn rest_after(text: &str, words: usize) -> &str {
     rest.trim_end()
 }
 
-/// Values read from an ACL value file: one per line, `#` comments and blank
-/// lines skipped.
+/// Values read from an ACL value file: one per line, blank lines and `#`
+/// comments skipped. As in Squid, a word starting with `#` ends the value
+/// (`.example.com  # ads`). A value with whitespace inside is an error: the
+/// effective configuration writes values as words of the `acl` line, where it
+/// would become several values.
 pub(super) fn read_value_file(path: &Path, loc: &Loc) -> Result<Vec<(String, Loc)>, Diagnostic> {
     let shown = path.display().to_string();
     let text = fs::read_to_string(path)
         .map_err(|err| loc.diag(format!("cannot read ACL value file: {err}"), &shown))?;
     let file: Arc<str> = Arc::from(shown);
-    Ok(text
-        .lines()
-        .enumerate()
-        .filter_map(|(index, line)| {
-            let value = line.trim();
-            (!value.is_empty() && !value.starts_with('#')).then(|| {
-                (
-                    value.to_owned(),
-                    Loc {
-                        file: file.clone(),
-                        line: index + 1,
-                    },
-                )
-            })
-        })
-        .collect())
+    let mut values = Vec::new();
+    for (index, line) in text.lines().enumerate() {
+        let value_loc = Loc {
+            file: file.clone(),
+            line: index + 1,
+        };
+        let value = without_trailing_comment(line.trim());
+        if value.is_empty() || value.starts_with('#') {
+            continue;
+        }
+        if value.contains(char::is_whitespace) {
+            return Err(value_loc.diag(
+                "an ACL value cannot contain whitespace (one value per line)",
+                value,
+            ));
+        }
+        values.push((value.to_owned(), value_loc));
+    }
+    Ok(values)
+}
+
+/// `text` up to a word that starts with `#`, trimmed.
+fn without_trailing_comment(text: &str) -> &str {
+    let mut previous_is_space = false;
+    for (at, c) in text.char_indices() {
+        if c == '#' && previous_is_space {
+            return text[..at].trim_end();
+        }
+        previous_is_space = c.is_whitespace();
+    }
+    text
 }
 
 #[cfg(test)]
@@ -328,6 +346,33 @@ mod tests {
         );
         assert_eq!(tokenize("a b#c").unwrap().len(), 2);
         assert!(tokenize(r#"acl x "open"#).is_err());
+    }
+
+    #[test]
+    fn value_file_comments_and_whitespace() {
+        assert_eq!(without_trailing_comment(".a.example  # ads"), ".a.example");
+        assert_eq!(without_trailing_comment("a#b #c"), "a#b");
+        assert_eq!(without_trailing_comment("#only"), "#only");
+        let dir = std::env::temp_dir().join(format!("spliced-values-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let loc = Loc {
+            file: Arc::from("squid.conf"),
+            line: 7,
+        };
+        let good = dir.join("good");
+        fs::write(&good, "# list\n.a.example\t# ads\n\n  b.example  \n").unwrap();
+        let values = read_value_file(&good, &loc).unwrap();
+        let values: Vec<(&str, usize)> = values
+            .iter()
+            .map(|(value, at)| (value.as_str(), at.line))
+            .collect();
+        assert_eq!(values, [(".a.example", 2), ("b.example", 4)]);
+        let bad = dir.join("bad");
+        fs::write(&bad, "ok\nfoo bar\n").unwrap();
+        let err = read_value_file(&bad, &loc).unwrap_err();
+        assert_eq!((err.line, err.text.as_str()), (2, "foo bar"));
+        assert!(err.file.ends_with("bad"), "{err}");
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

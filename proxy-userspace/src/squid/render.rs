@@ -2,9 +2,9 @@
 //! directive in normalized form (what `squid -k parse` shows), such that parsing
 //! the output gives the same rules again.
 
-use std::{fmt::Write as _, time::Duration};
+use std::{borrow::Cow, fmt::Write as _, time::Duration};
 
-use super::{acl::AclKind, AccessLogTarget, SquidConfig};
+use super::{acl::AclKind, AccessLogTarget, HttpPort, SquidConfig};
 
 fn duration(value: Duration) -> String {
     let millis = value.as_millis();
@@ -13,6 +13,19 @@ fn duration(value: Duration) -> String {
     } else {
         format!("{millis} milliseconds")
     }
+}
+
+/// A token the reader gives back as `text`: as it is when it is a plain word,
+/// else quoted (whitespace, or a leading `"` or `#`, which would start a
+/// quoted string or a comment).
+fn word(text: &str) -> Cow<'_, str> {
+    let plain =
+        !text.is_empty() && !text.starts_with(['"', '#']) && !text.chars().any(char::is_whitespace);
+    if plain {
+        return Cow::Borrowed(text);
+    }
+    let escaped = text.replace('\\', "\\\\").replace('"', "\\\"");
+    Cow::Owned(format!("\"{escaped}\""))
 }
 
 fn on_off(value: bool) -> &'static str {
@@ -37,7 +50,17 @@ impl SquidConfig {
             out.push('\n');
         };
         for port in &self.http_ports {
-            line(format!("http_port {port}"));
+            let listen = HttpPort {
+                name: None,
+                ..port.clone()
+            };
+            match &port.name {
+                None => line(format!("http_port {listen}")),
+                Some(name) => line(format!(
+                    "http_port {listen} {}",
+                    word(&format!("name={name}"))
+                )),
+            }
         }
         for format in &self.logformats {
             line(format!("logformat {} {}", format.name, format.spec));
@@ -46,7 +69,21 @@ impl SquidConfig {
             match target {
                 AccessLogTarget::None => line("access_log none".into()),
                 AccessLogTarget::File { path, format } => {
-                    line(format!("access_log {} {}", path.display(), format.name))
+                    let path = path.display().to_string();
+                    // A file named `none` (written `stdio:none`) keeps its prefix.
+                    let path = if path == "none" {
+                        format!("stdio:{path}")
+                    } else {
+                        path
+                    };
+                    // A name the reader would take for an option or a comment
+                    // is written as `logformat=NAME`.
+                    let format = if format.name.contains('=') || format.name.starts_with('#') {
+                        format!("logformat={}", format.name)
+                    } else {
+                        format.name.clone()
+                    };
+                    line(format!("access_log {} {}", word(&path), word(&format)))
                 }
             }
         }
