@@ -46,6 +46,13 @@ static SPLICED: SockHash<u64> = SockHash::with_max_entries(MAX_SOCKETS, 0);
 #[map]
 static FLOWS: HashMap<u64, FlowEntry> = HashMap::with_max_entries(MAX_SOCKETS, 0);
 
+/// Sockets whose direction user space has paused (flow control), keyed by
+/// cookie: the verdict passes their skbs to the socket's own receive queue,
+/// where they are charged to it (so TCP's window throttles the sender) and user
+/// space reads them. Paused directions are not redirected again.
+#[map]
+static PAUSED: HashMap<u64, u8> = HashMap::with_max_entries(MAX_SOCKETS, 0);
+
 /// Flow events for user space (TCP state changes of tunnel sockets).
 #[map]
 static FLOW_EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
@@ -104,6 +111,12 @@ pub fn splice_verdict(ctx: SkBuffContext) -> u32 {
         count(stat::NO_FLOW);
         return SK_PASS;
     };
+    // SAFETY: a lookup; the value is not dereferenced.
+    if unsafe { PAUSED.get(cookie) }.is_some() {
+        // SK_PASS without a redirect queues the skb on this socket's psock
+        // (sk_psock_skb_ingress_self), charged to its receive buffer.
+        return SK_PASS;
+    }
     // SAFETY: `entry` is a live map value (see `add`).
     let mut peer = unsafe { (*entry).peer_cookie };
     // bpf_sk_redirect_hash looks the peer up in REDIRECT_TARGETS and, with flags 0,

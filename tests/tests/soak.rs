@@ -100,7 +100,7 @@ fn soak() {
                 if reset_worker {
                     // Resets from both sides, alternately.
                     let mut stream = open_tunnel(addr, &target);
-                    if i % 2 == 0 {
+                    if i.is_multiple_of(2) {
                         let h = Header {
                             up: 64 * 1024,
                             down: 0,

@@ -45,7 +45,7 @@ use std::net::TcpStream;
 use tokio::{io::unix::AsyncFd, sync::mpsc};
 
 use super::{
-    pump, DataPlane, Flow, LimitClock, Progress, Tunnel, TunnelEnd, TunnelFuture, TunnelLimits,
+    pump, DataPlane, LimitClock, Progress, Tunnel, TunnelEnd, TunnelFuture, TunnelLimits,
     TunnelOutcome,
 };
 use crate::{
@@ -59,15 +59,18 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 /// How often an open tunnel re-reads its sockets' TCP state, in case a flow event
 /// was lost (ring buffer full); events normally make this unnecessary.
 const SAFETY_POLL: Duration = Duration::from_secs(1);
-/// Flow control: a direction whose redirected-but-unsent bytes exceed the high
-/// mark is paused (its source leaves `SPLICED`, so TCP's own window stops the
-/// sender) until they fall below the low mark. The kernel queues redirected
-/// skbs without charging them to either socket (skb_set_owner_sk_safe), so
-/// without this a peer that stops reading lets the other side push gigabytes
-/// into kernel memory.
-const BACKLOG_HIGH: u64 = 16 * 1024 * 1024;
-const BACKLOG_LOW: u64 = 8 * 1024 * 1024;
-/// How often a paused direction's backlog is checked.
+/// Flow control: a direction whose redirected-but-unsent bytes exceed this
+/// while the destination's send buffer is full is paused: the verdict passes
+/// its skbs to the source socket's own queue (charged to it, so TCP's window
+/// stops the sender) and user space copies them once the redirected backlog has
+/// gone out. The kernel queues redirected skbs without charging them to either
+/// socket (skb_set_owner_sk_safe), so without this a peer that stops reading
+/// lets the other side push gigabytes into kernel memory. The mark is high
+/// because the backlog is large even in healthy bulk transfers here (over
+/// 128 MiB seen in a 256 MiB transfer each way on 2 loaded vCPUs: the redirect
+/// worker lags the sender), and a paused direction stays in user space.
+const BACKLOG_HIGH: u64 = 256 * 1024 * 1024;
+/// How often a paused direction's backlog is checked before its copy starts.
 const PAUSED_POLL: Duration = Duration::from_millis(1);
 /// First and longest wait between drain checks after an EOF.
 const DRAIN_POLL_MIN: Duration = Duration::from_millis(1);
@@ -78,6 +81,7 @@ struct Maps {
     targets: SockHash<MapData, u64>,
     spliced: SockHash<MapData, u64>,
     flows: BpfHashMap<MapData, u64, FlowEntry>,
+    paused: BpfHashMap<MapData, u64, u8>,
     stats: Array<MapData, u64>,
 }
 
@@ -134,6 +138,7 @@ impl SockmapDataPlane {
         let targets = SockHash::try_from(take(&mut ebpf, "REDIRECT_TARGETS")?)?;
         let spliced: SockHash<MapData, u64> = SockHash::try_from(take(&mut ebpf, "SPLICED")?)?;
         let flows = BpfHashMap::try_from(take(&mut ebpf, "FLOWS")?)?;
+        let paused = BpfHashMap::try_from(take(&mut ebpf, "PAUSED")?)?;
         let stats = Array::try_from(take(&mut ebpf, "STATS")?)?;
         let events = RingBuf::try_from(take(&mut ebpf, "FLOW_EVENTS")?)?;
 
@@ -170,6 +175,7 @@ impl SockmapDataPlane {
                     targets,
                     spliced,
                     flows,
+                    paused,
                     stats,
                 }),
                 waiters,
@@ -331,9 +337,15 @@ struct Direction {
     /// Whether the source is out of `SPLICED` because the destination does not
     /// keep up (flow control).
     paused: bool,
-    /// Bytes user space copied itself after the source saw its FIN while paused.
-    copied_by_user: u64,
+    /// Whether user space copies the paused direction (started once the bytes
+    /// the kernel had redirected are all in the destination's send queue).
+    copying: bool,
+    /// Redirected and written bytes at the previous `Progress` event.
+    last_progress: (u64, u64),
 }
+
+/// The user-space copy of a paused direction.
+type CopyTask = tokio::task::JoinHandle<anyhow::Result<u64>>;
 
 /// Both sockets of a tunnel while they are spliced.
 struct SplicedPair<'a> {
@@ -603,6 +615,7 @@ impl SplicedPair<'_> {
         let mut maps = lock(&self.shared.maps);
         for cookie in self.cookies {
             let _ = maps.flows.remove(&cookie);
+            let _ = maps.paused.remove(&cookie);
         }
         redirected
     }
@@ -630,6 +643,7 @@ impl SplicedPair<'_> {
         let mut drain_wait = DRAIN_POLL_MIN;
         let mut last_poll = tokio::time::Instant::now();
         let mut clock = LimitClock::start(self.limits);
+        let mut copies: [Option<CopyTask>; 2] = [None, None];
         let end = loop {
             if let Some(end) = self.check_errors() {
                 break end;
@@ -640,18 +654,19 @@ impl SplicedPair<'_> {
             if directions.iter().all(|d| d.shut) {
                 break TunnelEnd::Closed;
             }
-            if let Err(err) = self.resume_paused(&mut directions, progress).await {
+            if let Err(err) = self.start_copies(&mut directions, &mut copies) {
                 log::debug!("sockmap tunnel: {err:#}");
                 break TunnelEnd::ClientError;
             }
             let draining = directions.iter().any(|d| (d.eof && !d.shut) || d.paused);
-            let wait = if directions.iter().any(|d| d.paused) {
+            let wait = if directions.iter().any(|d| d.paused && !d.copying) {
                 PAUSED_POLL
             } else if draining {
                 drain_wait
             } else {
                 clock.next_check(SAFETY_POLL)
             };
+            let [client_copy, upstream_copy] = &mut copies;
             tokio::select! {
                 event = events.recv() => {
                     if let Some(first) = event {
@@ -680,6 +695,20 @@ impl SplicedPair<'_> {
                     drain_wait = (drain_wait * 2).min(DRAIN_POLL_MAX);
                 }
                 _ = shutdown.wait_for(|closing| *closing) => break TunnelEnd::Shutdown,
+                result = join_copy(client_copy), if client_copy.is_some() => {
+                    *client_copy = None;
+                    if let Err(err) = self.copy_finished(CLIENT, result, &mut directions) {
+                        log::debug!("sockmap tunnel: client copy: {err:#}");
+                        break TunnelEnd::ClientError;
+                    }
+                }
+                result = join_copy(upstream_copy), if upstream_copy.is_some() => {
+                    *upstream_copy = None;
+                    if let Err(err) = self.copy_finished(UPSTREAM, result, &mut directions) {
+                        log::debug!("sockmap tunnel: upstream copy: {err:#}");
+                        break TunnelEnd::UpstreamError;
+                    }
+                }
             }
             // Events drive the tunnel; a TCP_INFO poll now and then covers any that
             // a full ring buffer lost.
@@ -695,6 +724,9 @@ impl SplicedPair<'_> {
                 }
             }
         };
+        for copy in copies.iter().flatten() {
+            copy.abort();
+        }
         if end != TunnelEnd::Closed {
             for socket in self.sockets {
                 pump::reset(socket);
@@ -730,90 +762,79 @@ impl SplicedPair<'_> {
         }
         let dst = self.sockets[1 - src];
         let written = self.written_since_insert(1 - src).unwrap_or(0);
-        // A backlog while the destination's send buffer has room is only the
-        // kernel worker running behind; it is a stalled peer when the buffer is
-        // full as well.
+        let redirected = event.bytes_redirected;
+        // A backlog alone is the kernel worker running behind a fast sender; a
+        // stalled peer shows as a full send buffer *and* a destination that
+        // took in less than a quarter of what arrived since the last check.
         let send_queue = sockopt::send_queue_len(dst.as_fd()).unwrap_or(0);
         let send_buffer = socket2::SockRef::from(dst).send_buffer_size().unwrap_or(0) as u64;
         let destination_full = send_queue * 4 >= send_buffer;
+        let (last_redirected, last_written) = direction.last_progress;
+        direction.last_progress = (redirected, written);
+        let stalled =
+            written.saturating_sub(last_written) * 4 < redirected.saturating_sub(last_redirected);
         log::trace!(
-            "flow control: direction {src} redirected {} written {written} send queue {send_queue}/{send_buffer}",
-            event.bytes_redirected
+            "flow control: direction {src} redirected {redirected} written {written} send queue {send_queue}/{send_buffer}"
         );
-        if event.bytes_redirected.saturating_sub(written) > BACKLOG_HIGH && destination_full {
+        if redirected.saturating_sub(written) > BACKLOG_HIGH && destination_full && stalled {
+            // From now on the verdict passes this socket's skbs to its own
+            // receive queue (charged to it: TCP's window stops the sender)
+            // instead of redirecting them. Removing the socket from SPLICED
+            // instead would race: a tcp_read_skb() loop running meanwhile hands
+            // its remaining skbs to a psock without a verdict, which drops them.
             let mut maps = lock(&self.shared.maps);
-            // Leaving SPLICED stops the verdict (sock_map_del_link →
-            // sk_psock_stop_verdict); what arrives stays in the socket's receive
-            // queue, whose window throttles the sender.
-            if maps.spliced.remove(&self.cookies[src]).is_ok() {
+            if maps.paused.insert(self.cookies[src], 1, 0).is_ok() {
                 direction.paused = true;
                 PAUSES.fetch_add(1, Ordering::Relaxed);
             }
         }
     }
 
-    /// Resumes paused directions whose backlog has drained below the low mark.
-    /// A source that saw its FIN meanwhile cannot go back into `SPLICED`; user
-    /// space then moves the rest of its bytes itself.
-    async fn resume_paused(
+    /// Starts user space copying each paused direction once everything the
+    /// kernel redirected before the pause is in the destination's send queue
+    /// (user space must not write before it). A paused direction stays with
+    /// user space until its EOF: it only happens for a peer that stopped
+    /// reading, where speed does not matter.
+    fn start_copies(
         &self,
         directions: &mut [Direction; 2],
-        progress: &Progress,
+        copies: &mut [Option<CopyTask>; 2],
     ) -> anyhow::Result<()> {
         for src in [CLIENT, UPSTREAM] {
-            if !directions[src].paused {
+            let direction = &mut directions[src];
+            if !direction.paused || direction.copying || direction.eof {
                 continue;
             }
-            let dst = 1 - src;
             let redirected = self.redirected()[src];
-            let written = self.written_since_insert(dst)?;
-            if directions[src].drained.is_some() {
-                // Everything was redirected before the FIN: nothing to resume.
-                directions[src].paused = false;
+            if self.written_since_insert(1 - src)? < redirected {
                 continue;
             }
-            if redirected.saturating_sub(written) > BACKLOG_LOW {
-                continue;
-            }
-            let inserted = {
-                let mut maps = lock(&self.shared.maps);
-                maps.spliced
-                    .insert(self.cookies[src], self.sockets[src].as_fd(), 0)
-            };
-            match inserted {
-                Ok(()) => {
-                    sockopt::set_rcvlowat(self.sockets[src].as_fd(), 1)
-                        .context("SO_RCVLOWAT kick")?;
-                    directions[src].paused = false;
-                }
-                // Not ESTABLISHED any more (its FIN arrived, or the other direction
-                // already shut it down): it cannot go back into the sockhash.
-                Err(err)
-                    if written >= redirected
-                        && sockopt::tcp_info(self.sockets[src].as_fd())
-                            .is_ok_and(|i| u32::from(i.state) != tcp_state::ESTABLISHED) =>
-                {
-                    log::debug!("sockmap tunnel: cannot resume a half-closed socket ({err}); splicing the rest");
-                    let flow = if src == CLIENT {
-                        Flow::ClientToUpstream
-                    } else {
-                        Flow::UpstreamToClient
-                    };
-                    let copied =
-                        splice_rest(self.sockets[src], self.sockets[dst], progress, flow).await?;
-                    let direction = &mut directions[src];
-                    direction.copied_by_user = copied;
-                    direction.paused = false;
-                    direction.eof = true;
-                    direction.expected = redirected + copied;
-                    direction.drained = Some(redirected + copied);
-                }
-                // The kernel has not sent all it redirected yet (user space must
-                // not write before it), or the insert failed for a passing
-                // reason: try again later.
-                Err(err) => log::debug!("sockmap tunnel: resume deferred: {err:?}"),
-            }
+            let (from, to) = (
+                self.sockets[src].try_clone()?,
+                self.sockets[1 - src].try_clone()?,
+            );
+            direction.copying = true;
+            // Bytes of the source's stream that are not the copy's: what user
+            // space read before splicing and what the verdict redirected.
+            let not_copied = self.consumed[src] + redirected;
+            copies[src] = Some(tokio::spawn(copy_rest(from, to, not_copied)));
         }
+        Ok(())
+    }
+
+    /// A finished copy ends its direction: redirected + copied bytes in all.
+    fn copy_finished(
+        &self,
+        src: usize,
+        result: anyhow::Result<u64>,
+        directions: &mut [Direction; 2],
+    ) -> anyhow::Result<()> {
+        let copied = result?;
+        let total = self.redirected()[src] + copied;
+        let direction = &mut directions[src];
+        direction.eof = true;
+        direction.expected = total;
+        direction.drained = Some(total);
         Ok(())
     }
 
@@ -833,7 +854,8 @@ impl SplicedPair<'_> {
     /// Notes an EOF on socket `src` and how many bytes it sent in all, from
     /// `TCP_INFO`: the fallback for a `Drained` event lost to a full ring buffer.
     fn observe(&self, src: usize, direction: &mut Direction) {
-        if direction.eof {
+        // A paused direction's end is its user-space copy's EOF.
+        if direction.eof || direction.paused {
             return;
         }
         let Ok(info) = sockopt::tcp_info(self.sockets[src].as_fd()) else {
@@ -890,26 +912,58 @@ impl SplicedPair<'_> {
     }
 }
 
-/// Moves what is left of `src` into `dst` with splice(2) (the bytes stay in the
-/// kernel), half-closes `dst` at `src`'s EOF and returns the byte count. Used
-/// for a direction that was paused by flow control and whose source can no
-/// longer be put back in `SPLICED` (a sockhash only takes ESTABLISHED sockets).
-async fn splice_rest(
-    src: &TcpStream,
-    dst: &TcpStream,
-    progress: &Progress,
-    flow: Flow,
-) -> anyhow::Result<u64> {
-    // Duplicates registered with tokio for this copy only; the originals stay
+/// Waits for a copy task (the caller guarantees there is one).
+async fn join_copy(task: &mut Option<CopyTask>) -> anyhow::Result<u64> {
+    match task.as_mut() {
+        Some(task) => task.await.unwrap_or_else(|err| Err(err.into())),
+        None => std::future::pending().await,
+    }
+}
+
+/// Copies `src` into `dst` in user space until `src`'s EOF (reads go through
+/// tcp_bpf_recvmsg, which returns the skbs the verdict passed to the socket).
+///
+/// A read of 0 is not trusted as the end: tcp_bpf_recvmsg returns 0 once the
+/// FIN is in while passed skbs can still wait on the psock's backlog to reach
+/// the queue it reads. The end is when every byte the peer sent before its FIN
+/// (`tcpi_bytes_received` − FIN − `not_copied`) has been copied.
+async fn copy_rest(src: TcpStream, dst: TcpStream, not_copied: u64) -> anyhow::Result<u64> {
+    // Duplicates, registered with tokio for this copy only; the originals stay
     // out of the reactor.
-    let src = tokio::net::TcpStream::from_std(src.try_clone()?)?;
-    let dst = tokio::net::TcpStream::from_std(dst.try_clone()?)?;
-    let pipe = super::splice::Pipe::new()?;
-    let moved = pump::Moved::new(progress, "sockmap", flow);
-    super::splice::splice_one_way(&src, &dst, &pipe, &moved, pump::Side::Client)
-        .await
-        .map_err(|err| anyhow!("{err}"))?;
-    Ok(moved.get())
+    let src = tokio::net::TcpStream::from_std(src)?;
+    let dst = tokio::net::TcpStream::from_std(dst)?;
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut copied = 0u64;
+    loop {
+        src.readable().await?;
+        let n = match src.try_read(&mut buf) {
+            Ok(0) => {
+                let info = sockopt::tcp_info(src.as_fd())?;
+                let sent_before_fin = info
+                    .bytes_received
+                    .saturating_sub(1)
+                    .saturating_sub(not_copied);
+                if is_fin_received(info.state) && copied >= sent_before_fin {
+                    return Ok(copied);
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                continue;
+            }
+            Ok(n) => n,
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(err) => return Err(err.into()),
+        };
+        let mut written = 0;
+        while written < n {
+            dst.writable().await?;
+            match dst.try_write(&buf[written..n]) {
+                Ok(m) => written += m,
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(err) => return Err(err.into()),
+            }
+        }
+        copied += n as u64;
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
