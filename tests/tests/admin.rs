@@ -727,28 +727,7 @@ fn upstream_connect_errors_are_counted_by_kind() {
             .unwrap()
             .port()
     });
-    let (black_hole, _fillers) = ns.enter(|| {
-        let listener =
-            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-        listener
-            .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
-            .unwrap();
-        listener.listen(1).unwrap();
-        let addr = listener.local_addr().unwrap();
-        let mut fillers = Vec::new();
-        for _ in 0..16 {
-            let socket =
-                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-            let filled = socket
-                .connect_timeout(&addr, Duration::from_millis(300))
-                .is_err();
-            fillers.push(socket);
-            if filled {
-                return (listener, fillers);
-            }
-        }
-        panic!("16 connections did not fill an accept queue of backlog 1");
-    });
+    let (black_hole, _fillers) = spliced_tests::sockets::black_hole(&ns);
     let full = black_hole.local_addr().unwrap().as_socket().unwrap().port();
     let ports = format!("443,{closed},{full}");
     let admin = Admin::start_in(

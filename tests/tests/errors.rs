@@ -17,11 +17,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use socket2::{Domain, Socket, Type};
 use spliced_tests::{
     expect_connect_ok,
     netns::Netns,
-    open_tunnel, raw_request, status_of,
+    open_tunnel, raw_request,
+    sockets::black_hole,
+    status_of,
     upstream::{exchange, Header},
     wait_until, Mode, Proxy, Upstream, IO_TIMEOUT,
 };
@@ -859,31 +860,6 @@ fn unresolvable_names_get_503() {
     let took = quickly(&mut bench, "timed out");
     assert!(took >= Duration::from_millis(900), "503 after {took:?}");
     bench.assert_no_more_records();
-}
-
-/// Fills the accept queue of a listener that never accepts, so further SYNs to it
-/// are dropped. Returns the listener and the connections that fill it.
-fn black_hole(ns: &Netns) -> (Socket, Vec<Socket>) {
-    ns.enter(|| {
-        let listener = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
-        listener
-            .bind(&SocketAddr::from((Ipv4Addr::LOCALHOST, 0)).into())
-            .unwrap();
-        listener.listen(1).unwrap();
-        let addr = listener.local_addr().unwrap();
-        let mut fillers = Vec::new();
-        for _ in 0..16 {
-            let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
-            let filled = socket
-                .connect_timeout(&addr, Duration::from_millis(300))
-                .is_err();
-            fillers.push(socket);
-            if filled {
-                return (listener, fillers);
-            }
-        }
-        panic!("16 connections did not fill an accept queue of backlog 1");
-    })
 }
 
 #[test]
