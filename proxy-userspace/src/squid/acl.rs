@@ -358,10 +358,7 @@ impl AclKind {
                     values = rest;
                     break;
                 }
-                if !(word.starts_with('-')
-                    && word.len() > 1
-                    && !word[1..].starts_with(|c: char| c.is_ascii_digit()))
-                {
+                if !looks_like_flag(word) {
                     break;
                 }
                 if !self.accepts_flag(word) {
@@ -472,6 +469,8 @@ impl AclKind {
     /// arguments (flags included).
     pub fn render_values(&self, skip: usize) -> Vec<String> {
         let mut out = Vec::new();
+        // How many of `out` are flags; the values follow them.
+        let mut flags = 0;
         match self {
             Self::Src(ranges) | Self::LocalIp(ranges) => {
                 out.extend(ranges.iter().skip(skip).map(IpRange::to_string))
@@ -479,6 +478,7 @@ impl AclKind {
             Self::Dst { ranges, no_lookup } => {
                 if *no_lookup {
                     out.push("-n".into());
+                    flags = 1;
                 }
                 out.extend(ranges.iter().skip(skip).map(IpRange::to_string));
             }
@@ -519,6 +519,7 @@ impl AclKind {
             Self::ProxyAuth(list) => {
                 if list.ignore_case {
                     out.push("-i".into());
+                    flags = 1;
                 }
                 if list.required {
                     out.push("REQUIRED".into());
@@ -527,8 +528,19 @@ impl AclKind {
             }
             Self::Manager | Self::Unsupported { .. } => {}
         }
+        // A first value that reads as a flag (a `dstdomain` named `-x`, given
+        // after `--`) needs the `--` again.
+        if !self.is_regex() && out.get(flags).is_some_and(|first| looks_like_flag(first)) {
+            out.insert(flags, "--".into());
+        }
         out
     }
+}
+
+/// Whether a word at the start of the values of a non-regex ACL is taken for
+/// a flag (`-n`, `-i`, or `--`, which ends the flags), not a value.
+fn looks_like_flag(word: &str) -> bool {
+    word.starts_with('-') && word.len() > 1 && !word[1..].starts_with(|c: char| c.is_ascii_digit())
 }
 
 fn hh_mm(minutes: u16) -> String {

@@ -19,7 +19,8 @@
 //!   Include loops and nesting deeper than 16 files are errors.
 //! * `"FILE"` (a quoted token) in an `acl` line reads the ACL's values from FILE,
 //!   one per line, `#` comments and blank lines skipped; as in Squid, a word
-//!   starting with `#` ends a value. A value with whitespace inside is an error.
+//!   starting with `#` ends a value. A value with whitespace inside, or starting
+//!   with `"`, is an error.
 //!
 //! Every error and warning names the file, the line and the offending text:
 //! `FILE:LINE: message: 'text'` (see [`Diagnostic`]).

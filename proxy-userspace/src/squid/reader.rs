@@ -273,9 +273,9 @@ pub(super) fn rest_after(text: &str, words: usize) -> &str {
 
 /// Values read from an ACL value file: one per line, blank lines and `#`
 /// comments skipped. As in Squid, a word starting with `#` ends the value
-/// (`.example.com  # ads`). A value with whitespace inside is an error: the
-/// effective configuration writes values as words of the `acl` line, where it
-/// would become several values.
+/// (`.example.com  # ads`). A value with whitespace inside, or starting with
+/// `"`, is an error: the effective configuration writes values as words of the
+/// `acl` line, where it would become several values, or a file name.
 pub(super) fn read_value_file(path: &Path, loc: &Loc) -> Result<Vec<(String, Loc)>, Diagnostic> {
     let shown = path.display().to_string();
     let text = fs::read_to_string(path)
@@ -296,6 +296,9 @@ pub(super) fn read_value_file(path: &Path, loc: &Loc) -> Result<Vec<(String, Loc
                 "an ACL value cannot contain whitespace (one value per line)",
                 value,
             ));
+        }
+        if value.starts_with('"') {
+            return Err(value_loc.diag("an ACL value cannot start with '\"'", value));
         }
         values.push((value.to_owned(), value_loc));
     }
@@ -372,6 +375,9 @@ mod tests {
         let err = read_value_file(&bad, &loc).unwrap_err();
         assert_eq!((err.line, err.text.as_str()), (2, "foo bar"));
         assert!(err.file.ends_with("bad"), "{err}");
+        fs::write(&bad, "\"quoted\n").unwrap();
+        let err = read_value_file(&bad, &loc).unwrap_err();
+        assert_eq!((err.line, err.text.as_str()), (1, "\"quoted"));
         fs::remove_dir_all(&dir).unwrap();
     }
 
