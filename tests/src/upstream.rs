@@ -52,6 +52,17 @@ impl Header {
         out
     }
 
+    /// `head` (a request head), then this header, then all `up` payload bytes:
+    /// what a client sends when it pipelines its whole request with the CONNECT.
+    pub fn after_head_with_payload(&self, head: &str) -> Vec<u8> {
+        let mut all = head.as_bytes().to_vec();
+        all.extend_from_slice(&self.encode());
+        let start = all.len();
+        all.resize(start + self.up as usize, 0);
+        crate::pattern::fill_fast(self.seed, 0, &mut all[start..]);
+        all
+    }
+
     fn decode(raw: &[u8; 32]) -> Self {
         let field = |i: usize| u64::from_le_bytes(raw[i * 8..i * 8 + 8].try_into().unwrap());
         let mode = match field(3) {

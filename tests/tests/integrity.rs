@@ -163,11 +163,10 @@ fn payload_and_fin_before_the_200(plane: &str) {
     let h = header(30_000, 2 * MIB, 13, Mode::AnswerAfterEof);
     let mut stream = TcpStream::connect(proxy.addr).unwrap();
     stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-    let mut all = format!("CONNECT {0} HTTP/1.1\r\nHost: {0}\r\n\r\n", upstream.addr).into_bytes();
-    all.extend_from_slice(&h.encode());
-    let start = all.len();
-    all.resize(start + h.up as usize, 0);
-    spliced_tests::pattern::fill_fast(h.seed, 0, &mut all[start..]);
+    let all = h.after_head_with_payload(&format!(
+        "CONNECT {0} HTTP/1.1\r\nHost: {0}\r\n\r\n",
+        upstream.addr
+    ));
     stream.write_all(&all).unwrap();
     stream.shutdown(Shutdown::Write).unwrap();
     expect_connect_ok(&mut stream);

@@ -233,11 +233,7 @@ fn pipelined_segment(hooks: &[&str]) -> Result<u64, String> {
     };
     let mut stream = TcpStream::connect(proxy.addr).unwrap();
     stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-    let mut all = format!("CONNECT {0} HTTP/1.1\r\n\r\n", upstream.addr).into_bytes();
-    all.extend_from_slice(&h.encode());
-    let start = all.len();
-    all.resize(start + h.up as usize, 0);
-    spliced_tests::pattern::fill_fast(h.seed, 0, &mut all[start..]);
+    let all = h.after_head_with_payload(&format!("CONNECT {0} HTTP/1.1\r\n\r\n", upstream.addr));
     // One write: on loopback the head and 60 kB arrive as one segment.
     stream.write_all(&all).unwrap();
     spliced_tests::expect_connect_ok(&mut stream);
@@ -281,11 +277,7 @@ fn close_wait_sockets_take_the_fallback() {
     };
     let mut stream = TcpStream::connect(proxy.addr).unwrap();
     stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-    let mut all = format!("CONNECT {0} HTTP/1.1\r\n\r\n", upstream.addr).into_bytes();
-    all.extend_from_slice(&h.encode());
-    let start = all.len();
-    all.resize(start + h.up as usize, 0);
-    spliced_tests::pattern::fill_fast(h.seed, 0, &mut all[start..]);
+    let all = h.after_head_with_payload(&format!("CONNECT {0} HTTP/1.1\r\n\r\n", upstream.addr));
     stream.write_all(&all).unwrap();
     stream.shutdown(std::net::Shutdown::Write).unwrap();
     spliced_tests::expect_connect_ok(&mut stream);
