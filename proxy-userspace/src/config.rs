@@ -114,6 +114,16 @@ pub struct Config {
     #[arg(long, value_name = "NAME", default_value = "cubic")]
     pub tcp_congestion: String,
 
+    /// Send buffer, in bytes, given to a spliced (sockmap) socket whose send
+    /// queue fills up; 0 keeps the kernel's autotuning. The kernel's redirect
+    /// worker, on a full send buffer, sleeps a whole timer tick (4 ms at HZ=250)
+    /// and ignores the wake-up in between, so the buffer must hold that long a
+    /// stretch of traffic: the default, 16 MiB, covers ~30 Gbit/s. Set with
+    /// `SO_SNDBUFFORCE` (needs `CAP_NET_ADMIN`), else `SO_SNDBUF` (capped by
+    /// `net.core.wmem_max`). Memory is only used while a receiver lags.
+    #[arg(long, value_name = "BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub redirect_send_buffer: u32,
+
     /// Serve `/healthz`, `/readyz` and `/metrics` (Prometheus) over HTTP on this
     /// address (port 0 picks one; the log says which). Off by default; keep it on
     /// loopback or a management network.

@@ -1,6 +1,6 @@
 //! Thin, safe wrappers over the socket options and ioctls spliced needs beyond
 //! what `socket2` offers: socket cookies, `TCP_INFO`, `SIOCOUTQ`, `SO_RCVLOWAT`,
-//! `TCP_CONGESTION`.
+//! `TCP_CONGESTION`, `SO_SNDBUFFORCE`.
 
 use std::{
     io,
@@ -120,6 +120,21 @@ pub fn set_rcvlowat(fd: BorrowedFd<'_>, bytes: i32) -> io::Result<()> {
 /// Sets the socket's congestion control algorithm (`TCP_CONGESTION`).
 pub fn set_congestion(fd: BorrowedFd<'_>, name: &str) -> io::Result<()> {
     setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_CONGESTION, name.as_bytes())
+}
+
+/// Sets the send buffer to `bytes` (the kernel's accounting size, i.e. what
+/// `SO_SNDBUF` reads back): `SO_SNDBUFFORCE` where the process has
+/// `CAP_NET_ADMIN`, else `SO_SNDBUF`, which `net.core.wmem_max` caps. Either
+/// locks the size (no more autotuning). Returns the size now in force.
+pub fn force_send_buffer(fd: BorrowedFd<'_>, bytes: u32) -> io::Result<u32> {
+    // The kernel doubles the value it is given to leave room for its overhead
+    // (sock_setsockopt → __sock_set_sndbuf).
+    let requested = i32::try_from(bytes / 2).unwrap_or(i32::MAX).to_ne_bytes();
+    if setsockopt(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, &requested).is_err() {
+        setsockopt(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, &requested)?;
+    }
+    let size: libc::c_int = getsockopt(fd, libc::SOL_SOCKET, libc::SO_SNDBUF)?;
+    Ok(u32::try_from(size).unwrap_or(0))
 }
 
 /// Takes the socket's pending error (`SO_ERROR`), if any.

@@ -449,3 +449,54 @@ fn nothing_grows_after_thousands_of_tunnels() {
         }
     }
 }
+
+/// Sends 48 MiB through a sockmap tunnel to an upstream that reads in small
+/// sips, so the proxy's upstream socket's send queue fills; returns the
+/// upstream's byte-exact count and the proxy's stats afterwards.
+fn into_a_slow_reader(
+    extra_args: &[&str],
+) -> (Result<u64, u64>, std::collections::HashMap<String, u64>) {
+    const LEN: u64 = 48 * MIB;
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let upstream_port = listener.local_addr().unwrap().port();
+    let port = upstream_port.to_string();
+    let mut args = vec!["--dataplane", "sockmap", "--connect-ports", &port];
+    args.extend_from_slice(extra_args);
+    let proxy = Proxy::start(&args);
+    let reader = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut received = 0u64;
+        // At most 256 KiB per millisecond: the sender is faster. Bounded by
+        // the read timeout and the byte count.
+        loop {
+            let n = stream.read(&mut buf).unwrap();
+            if n == 0 {
+                return Ok(received);
+            }
+            spliced_tests::pattern::check(7, received, &buf[..n])?;
+            received += n as u64;
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    });
+    let mut client = open_tunnel(proxy.addr, &format!("127.0.0.1:{upstream_port}"));
+    spliced_tests::pattern::send(&mut client, 7, LEN).unwrap();
+    client.shutdown(std::net::Shutdown::Write).unwrap();
+    let received = reader.join().unwrap();
+    proxy.wait_access_lines(1);
+    (received, proxy.stats())
+}
+
+/// A full destination send buffer makes the kernel's redirect worker sleep a
+/// whole tick; the sockmap plane raises that socket's send buffer
+/// (`--redirect-send-buffer`) so its queue outlasts the tick. Bytes stay exact.
+#[test]
+fn a_filling_send_queue_gets_a_bigger_send_buffer() {
+    let (received, stats) = into_a_slow_reader(&[]);
+    assert_eq!(received, Ok(48 * MIB));
+    assert!(stats["send_buffer_raises"] >= 1, "{stats:?}");
+    let (received, stats) = into_a_slow_reader(&["--redirect-send-buffer", "0"]);
+    assert_eq!(received, Ok(48 * MIB));
+    assert_eq!(stats["send_buffer_raises"], 0, "{stats:?}");
+}
