@@ -24,6 +24,38 @@ pub struct FlowEntry {
     pub eof_target_plus_one: u64,
     /// Non-zero once the [`FlowEventKind::Drained`] event has been sent.
     pub drained_reported: u64,
+    /// Payload bytes received on this socket that the verdict passed to the
+    /// socket's own queue while flow control held the direction back; user
+    /// space copies them (see [`FlowControl`]).
+    pub bytes_passed: u64,
+}
+
+/// Value of the `FLOW_CONTROL` map, keyed by socket cookie: present while user
+/// space holds a direction back because the peer's redirect backlog is too long.
+///
+/// Written by user space (whole-value updates); the verdict only ever sets
+/// `mode` from [`flow_mode::RESUMING`] to [`flow_mode::REDIRECT`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowControl {
+    /// One of [`flow_mode`].
+    pub mode: u64,
+    /// Of `FlowEntry::bytes_passed`, how many user space has read and written
+    /// to the peer socket so far.
+    pub bytes_copied: u64,
+}
+
+/// Values of [`FlowControl::mode`].
+pub mod flow_mode {
+    /// The verdict redirects (as with no `FLOW_CONTROL` entry).
+    pub const REDIRECT: u64 = 0;
+    /// The verdict passes every skb to the socket's own queue, where it is
+    /// charged to the socket's receive buffer, so TCP's window stops the sender.
+    pub const PAUSED: u64 = 1;
+    /// The verdict passes until user space has copied every passed byte
+    /// (`bytes_copied == bytes_passed`), then switches to `REDIRECT` itself: only
+    /// then can a redirected skb not overtake a passed one.
+    pub const RESUMING: u64 = 2;
 }
 
 /// What a [`FlowEvent`] reports.
@@ -32,8 +64,9 @@ pub struct FlowEntry {
 pub enum FlowEventKind {
     /// The socket changed TCP state (see `old_state` / `new_state`).
     StateChange = 1,
-    /// The peer closed its side of this socket and the verdict has redirected
-    /// every byte it sent: `bytes_redirected` is this direction's final count.
+    /// The peer closed its side of this socket and the verdict has handled
+    /// (redirected or passed) every byte it sent: `bytes_redirected` is this
+    /// direction's final count, passed bytes included.
     Drained = 2,
     /// The verdict's count crossed a multiple of [`PROGRESS_EVERY_BYTES`]: user
     /// space checks that the peer keeps up (flow control) and feeds its counters.
@@ -94,11 +127,13 @@ pub mod tcp_state {
 
 #[cfg(feature = "user")]
 mod user {
-    use super::{FlowEntry, FlowEvent};
+    use super::{FlowControl, FlowEntry, FlowEvent};
 
-    // SAFETY: both are #[repr(C)], made only of integers, and have no padding
+    // SAFETY: all three are #[repr(C)], made only of integers, and have no padding
     // (FlowEvent's padding is an explicit field), so every bit pattern is valid.
     unsafe impl aya::Pod for FlowEntry {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for FlowControl {}
     // SAFETY: see above.
     unsafe impl aya::Pod for FlowEvent {}
     // SAFETY: see above.

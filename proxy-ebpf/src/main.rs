@@ -26,7 +26,10 @@ use aya_ebpf::{
     programs::{SkBuffContext, SockOpsContext},
     EbpfContext as _,
 };
-use proxy_common::{stat, tcp_state, FlowEntry, FlowEvent, FlowEventKind, PROGRESS_EVERY_BYTES};
+use proxy_common::{
+    flow_mode, stat, tcp_state, FlowControl, FlowEntry, FlowEvent, FlowEventKind,
+    PROGRESS_EVERY_BYTES,
+};
 
 /// Upper bound on spliced sockets (two per tunnel); user space may lower it at load.
 const MAX_SOCKETS: u32 = 131_072;
@@ -46,12 +49,10 @@ static SPLICED: SockHash<u64> = SockHash::with_max_entries(MAX_SOCKETS, 0);
 #[map]
 static FLOWS: HashMap<u64, FlowEntry> = HashMap::with_max_entries(MAX_SOCKETS, 0);
 
-/// Sockets whose direction user space has paused (flow control), keyed by
-/// cookie: the verdict passes their skbs to the socket's own receive queue,
-/// where they are charged to it (so TCP's window throttles the sender) and user
-/// space reads them. Paused directions are not redirected again.
+/// Directions user space holds back (flow control), keyed by the source
+/// socket's cookie; see `proxy_common::FlowControl`.
 #[map]
-static PAUSED: HashMap<u64, u8> = HashMap::with_max_entries(MAX_SOCKETS, 0);
+static FLOW_CONTROL: HashMap<u64, FlowControl> = HashMap::with_max_entries(MAX_SOCKETS, 0);
 
 /// Flow events for user space (TCP state changes of tunnel sockets).
 #[map]
@@ -111,11 +112,18 @@ pub fn splice_verdict(ctx: SkBuffContext) -> u32 {
         count(stat::NO_FLOW);
         return SK_PASS;
     };
-    // SAFETY: a lookup; the value is not dereferenced.
-    if unsafe { PAUSED.get(cookie) }.is_some() {
-        // SK_PASS without a redirect queues the skb on this socket's psock
-        // (sk_psock_skb_ingress_self), charged to its receive buffer.
-        return SK_PASS;
+    if let Some(control) = FLOW_CONTROL.get_ptr_mut(cookie) {
+        // SAFETY: `entry` and `control` are live map values (see `add`).
+        if unsafe { hold_back(entry, control) } {
+            // SAFETY: see `add`.
+            unsafe {
+                add(&raw mut (*entry).bytes_passed, u64::from(len));
+                report_if_drained(entry, cookie);
+            }
+            // SK_PASS without a redirect queues the skb on this socket's psock
+            // (sk_psock_skb_ingress_self), charged to its receive buffer.
+            return SK_PASS;
+        }
     }
     // SAFETY: `entry` is a live map value (see `add`).
     let mut peer = unsafe { (*entry).peer_cookie };
@@ -152,6 +160,44 @@ pub fn splice_verdict(ctx: SkBuffContext) -> u32 {
     verdict
 }
 
+/// Whether flow control holds this skb back (pass) rather than redirecting it.
+///
+/// While `RESUMING`, the verdict passes until user space has copied every byte
+/// it passed before, then switches to `REDIRECT`: user space wrote those bytes
+/// into the peer's send queue already, so the redirected skb (sent later by the
+/// peer's psock worker) lands behind them. The verdict runs for one socket at a
+/// time (tcp_read_skb under the socket lock), so `bytes_passed` cannot change
+/// between the comparison and the switch.
+///
+/// # Safety
+/// `entry` and `control` must point to live `FLOWS` and `FLOW_CONTROL` values.
+#[inline(always)]
+unsafe fn hold_back(entry: *mut FlowEntry, control: *mut FlowControl) -> bool {
+    // SAFETY: guaranteed by the caller. User space replaces the whole value
+    // (a new element, RCU-freed), so these are plain reads of a stable copy.
+    let mode = unsafe { core::ptr::read_volatile(&raw const (*control).mode) };
+    if mode == flow_mode::REDIRECT {
+        return false;
+    }
+    if mode != flow_mode::RESUMING {
+        return true;
+    }
+    // SAFETY: as above; adding 0 is an ordered atomic read.
+    let (copied, passed) = unsafe {
+        (
+            core::ptr::read_volatile(&raw const (*control).bytes_copied),
+            add(&raw mut (*entry).bytes_passed, 0),
+        )
+    };
+    if copied != passed {
+        return true;
+    }
+    // SAFETY: as above. If user space replaced the value meanwhile, its copy
+    // still says RESUMING with the same count and the next skb switches again.
+    unsafe { core::ptr::write_volatile(&raw mut (*control).mode, flow_mode::REDIRECT) };
+    false
+}
+
 #[sock_ops]
 pub fn flow_state(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
@@ -168,7 +214,8 @@ pub fn flow_state(ctx: SockOpsContext) -> u32 {
     1
 }
 
-/// Sends the `Drained` event once the redirected count reaches the EOF target.
+/// Sends the `Drained` event once the handled (redirected + passed) count
+/// reaches the EOF target.
 ///
 /// Called by the verdict after adding to `bytes_redirected` and by sock_ops after
 /// setting `eof_target_plus_one`. They can run at once on two CPUs, so each side
@@ -181,13 +228,13 @@ pub fn flow_state(ctx: SockOpsContext) -> u32 {
 #[inline(always)]
 unsafe fn report_if_drained(entry: *mut FlowEntry, cookie: u64) {
     // SAFETY: guaranteed by the caller; adding 0 is an ordered atomic read.
-    let (target_plus_one, redirected) = unsafe {
+    let (target_plus_one, handled) = unsafe {
         (
             add(&raw mut (*entry).eof_target_plus_one, 0),
-            add(&raw mut (*entry).bytes_redirected, 0),
+            add(&raw mut (*entry).bytes_redirected, 0) + add(&raw mut (*entry).bytes_passed, 0),
         )
     };
-    if target_plus_one == 0 || redirected < target_plus_one - 1 {
+    if target_plus_one == 0 || handled < target_plus_one - 1 {
         return;
     }
     // SAFETY: as above.
@@ -196,7 +243,7 @@ unsafe fn report_if_drained(entry: *mut FlowEntry, cookie: u64) {
     }
     output(&FlowEvent {
         cookie,
-        bytes_redirected: redirected,
+        bytes_redirected: handled,
         kind: FlowEventKind::Drained as u32,
         old_state: 0,
         new_state: 0,

@@ -36,6 +36,9 @@ pub enum TestHook {
     /// Wait 2 s before binding the listeners, so tests can probe `/readyz`
     /// while the proxy is starting.
     DelayStartup,
+    /// Hold a sockmap direction back at a 256 KiB redirect backlog instead of
+    /// 16 MiB, so a bulk transfer is held back and resumed many times.
+    TinyBacklog,
 }
 
 /// `spliced` command line. Flags given here override the configuration file.

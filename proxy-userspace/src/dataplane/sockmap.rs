@@ -39,7 +39,7 @@ use aya::{
     programs::{links::CgroupAttachMode, SkSkb, SockOps},
     Ebpf, EbpfLoader,
 };
-use proxy_common::{stat, tcp_state, FlowEntry, FlowEvent, FlowEventKind};
+use proxy_common::{flow_mode, stat, tcp_state, FlowControl, FlowEntry, FlowEvent, FlowEventKind};
 use std::net::TcpStream;
 
 use tokio::{io::unix::AsyncFd, sync::mpsc};
@@ -59,19 +59,25 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 /// How often an open tunnel re-reads its sockets' TCP state, in case a flow event
 /// was lost (ring buffer full); events normally make this unnecessary.
 const SAFETY_POLL: Duration = Duration::from_secs(1);
-/// Flow control: a direction whose redirected-but-unsent bytes exceed this
-/// while the destination's send buffer is full is paused: the verdict passes
-/// its skbs to the source socket's own queue (charged to it, so TCP's window
-/// stops the sender) and user space copies them once the redirected backlog has
-/// gone out. The kernel queues redirected skbs without charging them to either
-/// socket (skb_set_owner_sk_safe), so without this a peer that stops reading
-/// lets the other side push gigabytes into kernel memory. The mark is high
-/// because the backlog is large even in healthy bulk transfers here (over
-/// 128 MiB seen in a 256 MiB transfer each way on 2 loaded vCPUs: the redirect
-/// worker lags the sender), and a paused direction stays in user space.
-const BACKLOG_HIGH: u64 = 256 * 1024 * 1024;
-/// How often a paused direction's backlog is checked before its copy starts.
+/// Flow control: a direction whose redirected-but-unsent bytes exceed this is
+/// held back: the verdict passes its skbs to the source socket's own queue
+/// (charged to it, so TCP's window stops the sender) until the redirected
+/// backlog has gone out; then user space copies the few passed bytes and the
+/// verdict resumes redirecting (see `proxy_common::FlowControl`). The kernel
+/// queues redirected skbs without charging them to either socket
+/// (tcp_read_skb → skb_set_owner_sk_safe), so without this a peer that stops
+/// reading lets the other side push gigabytes into kernel memory — and even a
+/// healthy bulk transfer builds a backlog of hundreds of MiB when the redirect
+/// worker shares a CPU with the sender.
+const BACKLOG_HIGH: u64 = 16 * 1024 * 1024;
+/// `BACKLOG_HIGH` under `--test-hook tiny-backlog`.
+const TINY_BACKLOG_HIGH: u64 = 256 * 1024;
+/// How often a held-back direction's backlog is checked before its copy starts.
 const PAUSED_POLL: Duration = Duration::from_millis(1);
+/// First and longest wait of a copy with nothing to read before it re-checks
+/// whether the verdict has resumed or the stream has ended.
+const COPY_IDLE_MIN: Duration = Duration::from_millis(1);
+const COPY_IDLE_MAX: Duration = Duration::from_millis(64);
 /// First and longest wait between drain checks after an EOF.
 const DRAIN_POLL_MIN: Duration = Duration::from_millis(1);
 const DRAIN_POLL_MAX: Duration = Duration::from_millis(64);
@@ -81,7 +87,7 @@ struct Maps {
     targets: SockHash<MapData, u64>,
     spliced: SockHash<MapData, u64>,
     flows: BpfHashMap<MapData, u64, FlowEntry>,
-    paused: BpfHashMap<MapData, u64, u8>,
+    flow_control: BpfHashMap<MapData, u64, FlowControl>,
     stats: Array<MapData, u64>,
 }
 
@@ -92,14 +98,19 @@ struct Hooks {
     no_drain_wait: bool,
     verdict_before_targets: bool,
     delay_before_splice: bool,
+    tiny_backlog: bool,
 }
 
 type Waiters = Mutex<HashMap<u64, mpsc::UnboundedSender<FlowEvent>>>;
 
 /// Flow events read from the ring buffer since start.
 static EVENTS_RECEIVED: AtomicU64 = AtomicU64::new(0);
-/// Times a direction was paused by flow control.
+/// Times a direction was held back by flow control.
 static PAUSES: AtomicU64 = AtomicU64::new(0);
+/// Times the verdict took a held-back direction back (redirecting again).
+static RESUMES: AtomicU64 = AtomicU64::new(0);
+/// Passed bytes user space copied for held-back directions.
+static BYTES_COPIED: AtomicU64 = AtomicU64::new(0);
 /// Times a socket's send buffer was raised to `redirect_send_buffer`.
 static SEND_BUFFER_RAISES: AtomicU64 = AtomicU64::new(0);
 
@@ -143,7 +154,7 @@ impl SockmapDataPlane {
         let targets = SockHash::try_from(take(&mut ebpf, "REDIRECT_TARGETS")?)?;
         let spliced: SockHash<MapData, u64> = SockHash::try_from(take(&mut ebpf, "SPLICED")?)?;
         let flows = BpfHashMap::try_from(take(&mut ebpf, "FLOWS")?)?;
-        let paused = BpfHashMap::try_from(take(&mut ebpf, "PAUSED")?)?;
+        let flow_control = BpfHashMap::try_from(take(&mut ebpf, "FLOW_CONTROL")?)?;
         let stats = Array::try_from(take(&mut ebpf, "STATS")?)?;
         let events = RingBuf::try_from(take(&mut ebpf, "FLOW_EVENTS")?)?;
 
@@ -180,7 +191,7 @@ impl SockmapDataPlane {
                     targets,
                     spliced,
                     flows,
-                    paused,
+                    flow_control,
                     stats,
                 }),
                 waiters,
@@ -190,6 +201,7 @@ impl SockmapDataPlane {
                     no_drain_wait: config.hook(TestHook::NoDrainWait),
                     verdict_before_targets: config.hook(TestHook::VerdictBeforeTargets),
                     delay_before_splice: config.hook(TestHook::DelayBeforeSplice),
+                    tiny_backlog: config.hook(TestHook::TinyBacklog),
                 },
                 redirect_send_buffer: config.redirect_send_buffer,
                 _ebpf: ebpf,
@@ -211,13 +223,15 @@ impl DataPlane for SockmapDataPlane {
         let maps = lock(&self.shared.maps);
         let stat = |index| maps.stats.get(&index, 0).unwrap_or(0);
         format!(
-            "zero_length_dropped={} redirect_failed={} no_flow={} events_lost={} events_received={} flow_control_pauses={} send_buffer_raises={} flows={} spliced_sockets={} target_sockets={}",
+            "zero_length_dropped={} redirect_failed={} no_flow={} events_lost={} events_received={} flow_control_pauses={} flow_control_resumes={} flow_control_copied_bytes={} send_buffer_raises={} flows={} spliced_sockets={} target_sockets={}",
             stat(stat::ZERO_LENGTH_DROPPED),
             stat(stat::REDIRECT_FAILED),
             stat(stat::NO_FLOW),
             stat(stat::EVENTS_LOST),
             EVENTS_RECEIVED.load(Ordering::Relaxed),
             PAUSES.load(Ordering::Relaxed),
+            RESUMES.load(Ordering::Relaxed),
+            BYTES_COPIED.load(Ordering::Relaxed),
             SEND_BUFFER_RAISES.load(Ordering::Relaxed),
             maps.flows.keys().count(),
             maps.spliced.keys().count(),
@@ -341,24 +355,25 @@ struct Direction {
     drained: Option<u64>,
     /// Whether the destination has been shut down.
     shut: bool,
-    /// Whether the source is out of `SPLICED` because the destination does not
-    /// keep up (flow control).
+    /// Whether flow control holds the direction back (its `FLOW_CONTROL` mode
+    /// is not `REDIRECT` as far as this task knows).
     paused: bool,
-    /// Whether user space copies the paused direction (started once the bytes
-    /// the kernel had redirected are all in the destination's send queue).
+    /// Whether user space copies the passed bytes (started once the bytes the
+    /// kernel had redirected are all in the destination's send queue).
     copying: bool,
-    /// Redirected and written bytes at the previous `Progress` event.
-    last_progress: (u64, u64),
+    /// Passed bytes user space has copied to the destination, over all pauses.
+    copied: u64,
     /// Whether the destination's send buffer was raised already.
     send_buffer_raised: bool,
 }
 
-/// The user-space copy of a paused direction.
+/// The user-space copy of a held-back direction's passed bytes; returns the
+/// direction's copied total.
 type CopyTask = tokio::task::JoinHandle<anyhow::Result<u64>>;
 
 /// Both sockets of a tunnel while they are spliced.
 struct SplicedPair<'a> {
-    shared: &'a Shared,
+    shared: &'a Arc<Shared>,
     sockets: [&'a TcpStream; 2],
     cookies: [u64; 2],
     /// Bytes written into each socket before insertion (its write position then).
@@ -591,7 +606,7 @@ impl SplicedPair<'_> {
         }
         let mut wait = DRAIN_POLL_MIN;
         for _ in 0..100 {
-            let redirected = self.redirected();
+            let redirected = self.handled();
             let drained = (0..2).all(|src| {
                 self.written_since_insert(1 - src)
                     .is_ok_and(|w| w >= redirected[src])
@@ -608,25 +623,28 @@ impl SplicedPair<'_> {
         }
     }
 
-    /// Bytes the verdict redirected out of each socket so far.
-    fn redirected(&self) -> [u64; 2] {
+    /// Each socket's `FLOWS` entry (zeroes if it is gone).
+    fn flow_entries(&self) -> [FlowEntry; 2] {
         let maps = lock(&self.shared.maps);
-        self.cookies.map(|cookie| {
-            maps.flows
-                .get(&cookie, 0)
-                .map_or(0, |entry| entry.bytes_redirected)
-        })
+        self.cookies
+            .map(|cookie| maps.flows.get(&cookie, 0).unwrap_or_default())
+    }
+
+    /// Bytes the verdict handled (redirected or passed) from each socket so far.
+    fn handled(&self) -> [u64; 2] {
+        self.flow_entries()
+            .map(|entry| entry.bytes_redirected + entry.bytes_passed)
     }
 
     /// Reads the final counters and deletes the FLOWS entries.
     fn remove_flows(&self) -> [u64; 2] {
-        let redirected = self.redirected();
+        let handled = self.handled();
         let mut maps = lock(&self.shared.maps);
         for cookie in self.cookies {
             let _ = maps.flows.remove(&cookie);
-            let _ = maps.paused.remove(&cookie);
+            let _ = maps.flow_control.remove(&cookie);
         }
-        redirected
+        handled
     }
 
     fn written_since_insert(&self, index: usize) -> io::Result<u64> {
@@ -726,7 +744,7 @@ impl SplicedPair<'_> {
                 for (src, direction) in directions.iter_mut().enumerate() {
                     self.observe(src, direction);
                 }
-                let redirected = self.redirected();
+                let redirected = self.handled();
                 progress.advance_to("sockmap", redirected);
                 if let Some(exceeded) = clock.check(redirected.iter().sum()) {
                     break exceeded;
@@ -743,7 +761,7 @@ impl SplicedPair<'_> {
         }
         // The kernel's Drained events carry each direction's final count; the map
         // is read only when a direction never drained (reset) or its event was lost.
-        let live = self.redirected();
+        let live = self.handled();
         let moved = [0, 1].map(|i| directions[i].drained.unwrap_or(live[i]));
         log::debug!(
             "sockmap tunnel ended ({end:?}): moved {moved:?}, map {live:?}, from events {:?}",
@@ -757,7 +775,9 @@ impl SplicedPair<'_> {
         }
     }
 
-    /// Notes a `Progress` event: pauses its direction if the peer falls behind.
+    /// Notes a `Progress` event: holds its direction back if the redirect
+    /// backlog (redirected bytes not yet in the destination's send queue) is
+    /// past the mark.
     fn note_progress(&self, event: &FlowEvent, directions: &mut [Direction; 2]) {
         if event.kind != FlowEventKind::Progress as u32 {
             return;
@@ -770,34 +790,40 @@ impl SplicedPair<'_> {
             return;
         }
         let dst = self.sockets[1 - src];
+        // What the destination took in: redirected and copied bytes alike.
         let written = self.written_since_insert(1 - src).unwrap_or(0);
-        let redirected = event.bytes_redirected;
-        // A backlog alone is the kernel worker running behind a fast sender; a
-        // stalled peer shows as a full send buffer *and* a destination that
-        // took in less than a quarter of what arrived since the last check.
+        let backlog = (event.bytes_redirected + direction.copied).saturating_sub(written);
         let send_queue = sockopt::send_queue_len(dst.as_fd()).unwrap_or(0);
         let send_buffer = socket2::SockRef::from(dst).send_buffer_size().unwrap_or(0) as u64;
-        let destination_full = send_queue * 4 >= send_buffer;
         self.raise_send_buffer(dst, send_queue, send_buffer, direction);
-        let (last_redirected, last_written) = direction.last_progress;
-        direction.last_progress = (redirected, written);
-        let stalled =
-            written.saturating_sub(last_written) * 4 < redirected.saturating_sub(last_redirected);
         log::trace!(
-            "flow control: direction {src} redirected {redirected} written {written} send queue {send_queue}/{send_buffer}"
+            "flow control: direction {src} backlog {backlog} send queue {send_queue}/{send_buffer}"
         );
-        if redirected.saturating_sub(written) > BACKLOG_HIGH && destination_full && stalled {
-            // From now on the verdict passes this socket's skbs to its own
-            // receive queue (charged to it: TCP's window stops the sender)
-            // instead of redirecting them. Removing the socket from SPLICED
-            // instead would race: a tcp_read_skb() loop running meanwhile hands
-            // its remaining skbs to a psock without a verdict, which drops them.
-            let mut maps = lock(&self.shared.maps);
-            if maps.paused.insert(self.cookies[src], 1, 0).is_ok() {
-                direction.paused = true;
-                PAUSES.fetch_add(1, Ordering::Relaxed);
-            }
+        let high = if self.shared.hooks.tiny_backlog {
+            TINY_BACKLOG_HIGH
+        } else {
+            BACKLOG_HIGH
+        };
+        if backlog > high
+            && self
+                .set_flow_mode(src, flow_mode::PAUSED, direction.copied)
+                .is_ok()
+        {
+            direction.paused = true;
+            PAUSES.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Writes the source socket's `FLOW_CONTROL` value.
+    fn set_flow_mode(&self, src: usize, mode: u64, copied: u64) -> anyhow::Result<()> {
+        let control = FlowControl {
+            mode,
+            bytes_copied: copied,
+        };
+        lock(&self.shared.maps)
+            .flow_control
+            .insert(self.cookies[src], control, 0)
+            .context("updating FLOW_CONTROL")
     }
 
     /// Gives the destination a `redirect_send_buffer`-sized send buffer once its
@@ -835,11 +861,10 @@ impl SplicedPair<'_> {
         }
     }
 
-    /// Starts user space copying each paused direction once everything the
-    /// kernel redirected before the pause is in the destination's send queue
-    /// (user space must not write before it). A paused direction stays with
-    /// user space until its EOF: it only happens for a peer that stopped
-    /// reading, where speed does not matter.
+    /// Starts user space copying each held-back direction's passed bytes once
+    /// everything the kernel redirected before the pause is in the
+    /// destination's send queue (user space must not write before it), and
+    /// asks the verdict to resume once the copy has caught up.
     fn start_copies(
         &self,
         directions: &mut [Direction; 2],
@@ -847,39 +872,48 @@ impl SplicedPair<'_> {
     ) -> anyhow::Result<()> {
         for src in [CLIENT, UPSTREAM] {
             let direction = &mut directions[src];
-            if !direction.paused || direction.copying || direction.eof {
+            if !direction.paused || direction.copying || direction.shut {
                 continue;
             }
-            let redirected = self.redirected()[src];
-            if self.written_since_insert(1 - src)? < redirected {
+            let redirected = self.flow_entries()[src].bytes_redirected;
+            if self.written_since_insert(1 - src)? < redirected + direction.copied {
                 continue;
             }
             let (from, to) = (
                 self.sockets[src].try_clone()?,
                 self.sockets[1 - src].try_clone()?,
             );
+            self.set_flow_mode(src, flow_mode::RESUMING, direction.copied)?;
             direction.copying = true;
-            // Bytes of the source's stream that are not the copy's: what user
-            // space read before splicing and what the verdict redirected.
-            let not_copied = self.consumed[src] + redirected;
-            copies[src] = Some(tokio::spawn(copy_rest(from, to, not_copied)));
+            copies[src] = Some(tokio::spawn(copy_passed(
+                Arc::clone(self.shared),
+                self.cookies[src],
+                from,
+                to,
+                direction.copied,
+            )));
         }
         Ok(())
     }
 
-    /// A finished copy ends its direction: redirected + copied bytes in all.
+    /// A finished copy: the verdict redirects again, or the stream has ended.
     fn copy_finished(
         &self,
         src: usize,
         result: anyhow::Result<u64>,
         directions: &mut [Direction; 2],
     ) -> anyhow::Result<()> {
-        let copied = result?;
-        let total = self.redirected()[src] + copied;
         let direction = &mut directions[src];
-        direction.eof = true;
-        direction.expected = total;
-        direction.drained = Some(total);
+        direction.copied = result?;
+        direction.copying = false;
+        let mode = lock(&self.shared.maps)
+            .flow_control
+            .get(&self.cookies[src], 0)
+            .map_or(flow_mode::REDIRECT, |control| control.mode);
+        if mode == flow_mode::REDIRECT {
+            direction.paused = false;
+            RESUMES.fetch_add(1, Ordering::Relaxed);
+        }
         Ok(())
     }
 
@@ -899,8 +933,7 @@ impl SplicedPair<'_> {
     /// Notes an EOF on socket `src` and how many bytes it sent in all, from
     /// `TCP_INFO`: the fallback for a `Drained` event lost to a full ring buffer.
     fn observe(&self, src: usize, direction: &mut Direction) {
-        // A paused direction's end is its user-space copy's EOF.
-        if direction.eof || direction.paused {
+        if direction.eof {
             return;
         }
         let Ok(info) = sockopt::tcp_info(self.sockets[src].as_fd()) else {
@@ -965,49 +998,84 @@ async fn join_copy(task: &mut Option<CopyTask>) -> anyhow::Result<u64> {
     }
 }
 
-/// Copies `src` into `dst` in user space until `src`'s EOF (reads go through
-/// tcp_bpf_recvmsg, which returns the skbs the verdict passed to the socket).
+/// Copies the bytes the verdict passed to `src`'s own queue into `dst`,
+/// publishing the count in `FLOW_CONTROL` (mode `RESUMING`) after each write,
+/// until the verdict has switched back to redirecting or the stream has ended
+/// with every passed byte copied. Returns the direction's copied total.
 ///
-/// A read of 0 is not trusted as the end: tcp_bpf_recvmsg returns 0 once the
-/// FIN is in while passed skbs can still wait on the psock's backlog to reach
-/// the queue it reads. The end is when every byte the peer sent before its FIN
-/// (`tcpi_bytes_received` − FIN − `not_copied`) has been copied.
-async fn copy_rest(src: TcpStream, dst: TcpStream, not_copied: u64) -> anyhow::Result<u64> {
+/// Reads go through tcp_bpf_recvmsg, which returns the passed skbs. Its 0 is
+/// not trusted as the end: it returns 0 once the FIN is in while passed skbs
+/// can still wait on the psock's backlog to reach the queue it reads.
+async fn copy_passed(
+    shared: Arc<Shared>,
+    cookie: u64,
+    src: TcpStream,
+    dst: TcpStream,
+    mut copied: u64,
+) -> anyhow::Result<u64> {
     // Duplicates, registered with tokio for this copy only; the originals stay
     // out of the reactor.
     let src = tokio::net::TcpStream::from_std(src)?;
     let dst = tokio::net::TcpStream::from_std(dst)?;
     let mut buf = vec![0u8; 256 * 1024];
-    let mut copied = 0u64;
+    let mut idle = COPY_IDLE_MIN;
     loop {
-        src.readable().await?;
-        let n = match src.try_read(&mut buf) {
-            Ok(0) => {
-                let info = sockopt::tcp_info(src.as_fd())?;
-                let sent_before_fin = info
-                    .bytes_received
-                    .saturating_sub(1)
-                    .saturating_sub(not_copied);
-                if is_fin_received(info.state) && copied >= sent_before_fin {
-                    return Ok(copied);
+        let read = tokio::select! {
+            ready = src.readable() => {
+                ready?;
+                match src.try_read(&mut buf) {
+                    Ok(n) => n,
+                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => 0,
+                    Err(err) => return Err(err.into()),
                 }
-                tokio::time::sleep(Duration::from_millis(1)).await;
-                continue;
             }
-            Ok(n) => n,
-            Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(err) => return Err(err.into()),
+            () = tokio::time::sleep(idle) => 0,
         };
+        if read == 0 {
+            let (entry, control) = {
+                let maps = lock(&shared.maps);
+                (
+                    maps.flows.get(&cookie, 0).unwrap_or_default(),
+                    maps.flow_control.get(&cookie, 0).unwrap_or_default(),
+                )
+            };
+            if copied > entry.bytes_passed {
+                // Bytes that never went through the verdict: the hand-back
+                // could reorder the stream, so the tunnel ends instead.
+                anyhow::bail!(
+                    "copied {copied} bytes but the verdict passed {}",
+                    entry.bytes_passed
+                );
+            }
+            let ended = entry.eof_target_plus_one != 0
+                && entry.bytes_redirected + entry.bytes_passed + 1 >= entry.eof_target_plus_one;
+            if copied == entry.bytes_passed && (control.mode == flow_mode::REDIRECT || ended) {
+                return Ok(copied);
+            }
+            tokio::time::sleep(idle).await;
+            idle = (idle * 2).min(COPY_IDLE_MAX);
+            continue;
+        }
+        idle = COPY_IDLE_MIN;
         let mut written = 0;
-        while written < n {
+        while written < read {
             dst.writable().await?;
-            match dst.try_write(&buf[written..n]) {
+            match dst.try_write(&buf[written..read]) {
                 Ok(m) => written += m,
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(err) => return Err(err.into()),
             }
         }
-        copied += n as u64;
+        copied += read as u64;
+        BYTES_COPIED.fetch_add(read as u64, Ordering::Relaxed);
+        let control = FlowControl {
+            mode: flow_mode::RESUMING,
+            bytes_copied: copied,
+        };
+        lock(&shared.maps)
+            .flow_control
+            .insert(cookie, control, 0)
+            .context("updating FLOW_CONTROL")?;
     }
 }
 
