@@ -684,7 +684,17 @@ fn run_env(
                         continue;
                     }
                 };
-                let sample = iperf::run(&ends, kind, settings.secs, conf.as_deref());
+                let sockmap = match proxies.get(&case.contender) {
+                    Some(Ok(proxy)) if case.contender == Contender::Sockmap => Some(proxy),
+                    _ => None,
+                };
+                let copied_before = sockmap.and_then(|proxy| proxy.flow_control_copied());
+                let mut sample = iperf::run(&ends, kind, settings.secs, conf.as_deref());
+                if let (Ok(sample), Some(before)) = (&mut sample, copied_before) {
+                    sample.user_copied_bytes = sockmap
+                        .and_then(|proxy| proxy.flow_control_copied())
+                        .map(|after| after.saturating_sub(before));
+                }
                 check_interrupt()?;
                 progress.finish(&match &sample {
                     Ok(s) => match (kind.rate, s.cpu_s_per_gib()) {

@@ -97,11 +97,35 @@ pub struct Proxy {
     /// proxychains4 configuration that sends every connection through it.
     pub proxychains_conf: PathBuf,
     child: Guarded,
+    /// Its stderr, where spliced prints its stats on SIGUSR1.
+    log: PathBuf,
 }
 
 impl Proxy {
     pub fn pid(&self) -> u32 {
         self.child.pid()
+    }
+
+    /// spliced's `flow_control_copied_bytes` stat so far (asked for with
+    /// SIGUSR1); `None` for other proxies or when it does not answer.
+    pub fn flow_control_copied(&self) -> Option<u64> {
+        const KEY: &str = "flow_control_copied_bytes=";
+        let count = |text: &str| text.matches(KEY).count();
+        let before = count(&fs::read_to_string(&self.log).unwrap_or_default());
+        // SAFETY: kill(2) on our own child, which handles SIGUSR1.
+        if unsafe { libc::kill(self.pid() as libc::pid_t, libc::SIGUSR1) } != 0 {
+            return None;
+        }
+        for _ in 0..50 {
+            std::thread::sleep(Duration::from_millis(10));
+            let text = fs::read_to_string(&self.log).unwrap_or_default();
+            if count(&text) > before {
+                let last = &text[text.rfind(KEY)? + KEY.len()..];
+                let digits: String = last.chars().take_while(char::is_ascii_digit).collect();
+                return digits.parse().ok();
+            }
+        }
+        None
     }
 
     /// Stops it now.
@@ -166,6 +190,7 @@ pub fn start(contender: Contender, launch: &Launch<'_>) -> Result<Proxy, String>
         addr: launch.listen,
         proxychains_conf,
         child,
+        log,
     })
 }
 

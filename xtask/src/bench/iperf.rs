@@ -95,6 +95,9 @@ pub struct Sample {
     /// CPU-seconds of user processes outside the benchmark during that time
     /// (other work on a shared machine).
     pub others_cpu_s: f64,
+    /// Bytes spliced's sockmap flow control copied through user space during
+    /// the run (its `flow_control_copied_bytes` stat); `None` for others.
+    pub user_copied_bytes: Option<u64>,
 }
 
 impl Sample {
@@ -215,5 +218,6 @@ pub fn run(
         wall_s,
         busy_cpu_s,
         others_cpu_s,
+        user_copied_bytes: None,
     })
 }

@@ -124,6 +124,7 @@ fn sample_json(sample: &Result<Sample, String>) -> Value {
             "wall_s": s.wall_s,
             "busy_cpu_s": s.busy_cpu_s,
             "others_cpu_s": s.others_cpu_s,
+            "user_copied_bytes": s.user_copied_bytes,
             "cpu_s_per_gib": opt(s.cpu_s_per_gib()),
             "own_cpu_s_per_gib": opt(s.own_cpu_s_per_gib()),
         }),
@@ -370,6 +371,29 @@ fn runs_phrase(settings: &Settings) -> String {
     }
 }
 
+/// How much of the sockmap plane's traffic flow control copied in user space.
+fn user_copy_note(rows: &[&TputResult]) -> Option<String> {
+    let shares: Vec<f64> = rows
+        .iter()
+        .filter(|r| r.case.contender == Contender::Sockmap)
+        .flat_map(|r| r.samples.iter().filter_map(|s| s.as_ref().ok()))
+        .filter_map(|s| Some(s.user_copied_bytes? as f64 / s.bytes.max(1) as f64))
+        .collect();
+    let max = shares.iter().copied().fold(0.0f64, f64::max);
+    let med = super::median(shares)?;
+    Some(format!(
+        "spliced sockmap: flow control's hand-over copied {:.0} % of the bytes through \
+         user space (median of the runs above, up to {:.0} %); the kernel moved the rest.",
+        med * 100.0,
+        max * 100.0
+    ))
+}
+
+fn join_notes(notes: [Option<String>; 2]) -> Option<String> {
+    let notes: Vec<String> = notes.into_iter().flatten().collect();
+    (!notes.is_empty()).then(|| notes.join(" "))
+}
+
 /// How much CPU other processes took during these runs, when notable.
 fn background_note(rows: &[&TputResult]) -> Option<String> {
     let shares: Vec<f64> = rows
@@ -431,7 +455,7 @@ pub fn tables(results: &Results) -> Vec<Table> {
             ),
             header,
             rows: body,
-            note: background_note(&rows),
+            note: join_notes([user_copy_note(&rows), background_note(&rows)]),
         });
     }
 
@@ -1043,6 +1067,7 @@ mod tests {
             wall_s: 5.0,
             busy_cpu_s: 3.0,
             others_cpu_s: 1.0,
+            user_copied_bytes: None,
         })
     }
 
