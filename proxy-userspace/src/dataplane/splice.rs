@@ -1,5 +1,12 @@
 //! splice(2) data plane: each direction moves bytes socket → pipe → socket
 //! inside the kernel; user space only waits for readiness.
+//!
+//! A direction holds a pipe only while bytes are in flight: it makes one when
+//! its source turns readable and closes it, empty, when the source has nothing
+//! more for now. An idle tunnel costs its two sockets' descriptors and no pipes
+//! (a pipe per direction for good made 6 descriptors per tunnel and ran out of
+//! them at ~3,300 tunnels). No pool: pooled pipes would keep descriptors after
+//! the load has gone.
 
 use std::{
     io,
@@ -30,30 +37,11 @@ impl DataPlane for SpliceDataPlane {
             let Tunnel {
                 client,
                 upstream,
-                client_bytes_consumed,
-                client_queue_clean,
                 limits,
                 shutdown,
                 progress,
+                ..
             } = tunnel;
-            let pipes = Pipe::new().and_then(|a| Ok((a, Pipe::new()?)));
-            let (up_pipe, down_pipe) = match pipes {
-                Ok(pipes) => pipes,
-                Err(err) => {
-                    log::error!("splice: cannot create pipes ({err}); copying this tunnel instead");
-                    return super::copy::CopyDataPlane
-                        .run(Tunnel {
-                            client,
-                            upstream,
-                            client_bytes_consumed,
-                            client_queue_clean,
-                            limits,
-                            shutdown,
-                            progress,
-                        })
-                        .await;
-                }
-            };
             let (up, down) = Moved::pair(&progress, "splice");
             let driven = pump::Driven {
                 client: &client,
@@ -65,8 +53,8 @@ impl DataPlane for SpliceDataPlane {
             };
             pump::drive(
                 driven,
-                splice_one_way(&client, &upstream, &up_pipe, &up, Side::Client),
-                splice_one_way(&upstream, &client, &down_pipe, &down, Side::Upstream),
+                splice_one_way(&client, &upstream, &up, Side::Client),
+                splice_one_way(&upstream, &client, &down, Side::Upstream),
             )
             .await
         })
@@ -119,40 +107,85 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     Ok(n as usize)
 }
 
-/// Moves `src` → `dst` through `pipe` until `src`'s EOF, then half-closes `dst`.
+/// Moves `src` → `dst` until `src`'s EOF, then half-closes `dst`. Bytes go
+/// through a pipe made for each burst; when no pipe can be had (descriptor limit), the
+/// chunk is copied through a buffer instead, so the tunnel goes on.
 pub(super) async fn splice_one_way(
     src: &TcpStream,
     dst: &TcpStream,
-    pipe: &Pipe,
     moved: &Moved,
     src_side: Side,
 ) -> Result<(), DirectionError> {
     loop {
-        let mut in_pipe = loop {
-            src.readable().await.map_err(|e| src_side.error(e))?;
-            match src.try_io(Interest::READABLE, || {
-                splice(src.as_raw_fd(), pipe.write.as_raw_fd(), PIPE_BYTES as usize)
-            }) {
-                Ok(n) => break n,
-                Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(err) => return Err(src_side.error(err)),
+        src.readable().await.map_err(|e| src_side.error(e))?;
+        let pipe = match Pipe::new() {
+            Ok(pipe) => pipe,
+            Err(err) => {
+                log::debug!("splice: no pipe ({err}); copying a chunk");
+                if copy_chunk(src, dst, moved, src_side).await? {
+                    return pump::shutdown_write(dst).map_err(|e| src_side.peer().error(e));
+                }
+                continue;
             }
         };
-        if in_pipe == 0 {
-            return pump::shutdown_write(dst).map_err(|e| src_side.peer().error(e));
-        }
-        while in_pipe > 0 {
-            dst.writable().await.map_err(|e| src_side.peer().error(e))?;
-            match dst.try_io(Interest::WRITABLE, || {
-                splice(pipe.read.as_raw_fd(), dst.as_raw_fd(), in_pipe)
+        // Keep the pipe while the source has more; close it before waiting.
+        loop {
+            let in_pipe = match src.try_io(Interest::READABLE, || {
+                splice(src.as_raw_fd(), pipe.write.as_raw_fd(), PIPE_BYTES as usize)
             }) {
-                Ok(n) => {
-                    in_pipe -= n;
-                    moved.add(n);
+                Ok(n) => n,
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
+                Err(err) => return Err(src_side.error(err)),
+            };
+            if in_pipe == 0 {
+                return pump::shutdown_write(dst).map_err(|e| src_side.peer().error(e));
+            }
+            let mut left = in_pipe;
+            while left > 0 {
+                dst.writable().await.map_err(|e| src_side.peer().error(e))?;
+                match dst.try_io(Interest::WRITABLE, || {
+                    splice(pipe.read.as_raw_fd(), dst.as_raw_fd(), left)
+                }) {
+                    Ok(n) => {
+                        left -= n;
+                        moved.add(n);
+                    }
+                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(err) => return Err(src_side.peer().error(err)),
                 }
-                Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(err) => return Err(src_side.peer().error(err)),
             }
         }
+        drop(pipe);
     }
+}
+
+/// Copies one chunk `src` → `dst` through a buffer; returns whether `src` is at EOF.
+async fn copy_chunk(
+    src: &TcpStream,
+    dst: &TcpStream,
+    moved: &Moved,
+    src_side: Side,
+) -> Result<bool, DirectionError> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let read = loop {
+        src.readable().await.map_err(|e| src_side.error(e))?;
+        match src.try_read(&mut buf) {
+            Ok(n) => break n,
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(err) => return Err(src_side.error(err)),
+        }
+    };
+    let mut written = 0;
+    while written < read {
+        dst.writable().await.map_err(|e| src_side.peer().error(e))?;
+        match dst.try_write(&buf[written..read]) {
+            Ok(n) => {
+                written += n;
+                moved.add(n);
+            }
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(err) => return Err(src_side.peer().error(err)),
+        }
+    }
+    Ok(read == 0)
 }
