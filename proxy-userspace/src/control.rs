@@ -9,7 +9,7 @@
 use std::{
     collections::HashMap,
     io,
-    net::{IpAddr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::AsFd as _,
     sync::{
         atomic::{AtomicUsize, Ordering},
@@ -192,7 +192,15 @@ impl ControlPlane {
     /// listening sockets (a forwarding loop).
     fn is_own(&self, target: SocketAddr) -> bool {
         let own = self.own_addrs.lock().unwrap_or_else(|p| p.into_inner());
-        let ip = canonical(target.ip());
+        // Judge the address connect(2) really reaches: it takes 0.0.0.0 for
+        // 127.0.0.1 and :: for ::1, so `0.0.0.0:PORT` (a literal, or what a name
+        // resolved to) must count as a socket bound to loopback, not only as one
+        // bound to the unspecified address.
+        let ip = match canonical(target.ip()) {
+            IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+            ip => ip,
+        };
         own.iter().any(|addr| {
             addr.port() == target.port()
                 && if addr.ip().is_unspecified() {

@@ -6,6 +6,7 @@
 
 pub mod daemon;
 pub mod deploy;
+pub mod dns;
 pub mod netns;
 pub mod pattern;
 pub mod paused;
@@ -20,6 +21,7 @@ use std::{
     time::Duration,
 };
 
+pub use dns::DnsStub;
 pub use netns::Netns;
 pub use proxy::Proxy;
 pub use upstream::{Mode, ServerResult, Upstream};

@@ -32,7 +32,8 @@ pub fn run(program: &str, args: &[&str]) {
 impl Netns {
     /// Creates a namespace with loopback up and a resolver that answers nothing
     /// (`ip netns exec` bind-mounts /etc/netns/NAME/resolv.conf), so programs in it
-    /// never query the machine's real DNS server.
+    /// never query the machine's real DNS server. The resolver is 127.0.0.1:53 of
+    /// the namespace, where a test may start a [`crate::DnsStub`].
     pub fn new() -> Self {
         let name = format!(
             "spl{}x{}",

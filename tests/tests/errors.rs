@@ -9,22 +9,23 @@
 use std::{
     fs,
     io::{ErrorKind, Read, Write},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream},
     sync::{
         atomic::{AtomicBool, Ordering},
-        mpsc, Arc,
+        Arc,
     },
     time::{Duration, Instant},
 };
 
 use spliced_tests::{
+    dns::Reply,
     expect_connect_ok,
     netns::Netns,
     open_tunnel, raw_request,
     sockets::black_hole,
     status_of,
     upstream::{exchange, Header},
-    wait_until, Mode, Proxy, Upstream, IO_TIMEOUT,
+    wait_until, DnsStub, Mode, Proxy, Upstream, IO_TIMEOUT,
 };
 
 /// 127.0.0.1, where every test's proxy, upstream and clients live.
@@ -767,50 +768,6 @@ fn refused_upstream_gets_502() {
     bench.assert_no_more_records();
 }
 
-/// A DNS server on 127.0.0.1:53 inside `ns` that answers every query with
-/// NXDOMAIN while `answer` is set (and ignores queries otherwise); it reports the
-/// names it was asked. It stops after a minute.
-fn dns_stub(ns: &Netns, answer: Arc<AtomicBool>) -> mpsc::Receiver<String> {
-    let socket = ns.enter(|| UdpSocket::bind("127.0.0.1:53").expect("bind DNS stub"));
-    socket
-        .set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
-    let (names, received) = mpsc::channel();
-    std::thread::spawn(move || {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let mut buf = [0u8; 1500];
-        while Instant::now() < deadline {
-            let Ok((len, peer)) = socket.recv_from(&mut buf) else {
-                continue;
-            };
-            let query = &buf[..len];
-            let _ = names.send(query_name(query));
-            if answer.load(Ordering::SeqCst) && len >= 12 {
-                let mut reply = query.to_vec();
-                reply[2] |= 0x80; // QR: a response (opcode and RD kept)
-                reply[3] = 0x80 | 3; // RA, RCODE NXDOMAIN
-                let _ = socket.send_to(&reply, peer);
-            }
-        }
-    });
-    received
-}
-
-/// The question name of a DNS query, dotted.
-fn query_name(query: &[u8]) -> String {
-    let mut labels = Vec::new();
-    let mut at = 12;
-    while let Some(&len) = query.get(at) {
-        let len = len as usize;
-        if len == 0 || len > 63 || at + 1 + len > query.len() {
-            break;
-        }
-        labels.push(String::from_utf8_lossy(&query[at + 1..at + 1 + len]).into_owned());
-        at += 1 + len;
-    }
-    labels.join(".")
-}
-
 #[test]
 fn unresolvable_names_get_503() {
     let host = Netns::new();
@@ -847,11 +804,20 @@ fn unresolvable_names_get_503() {
 
     // A resolver that says NXDOMAIN; it proves the lookup stayed in the namespace.
     let answer = Arc::new(AtomicBool::new(true));
-    let names = dns_stub(&bench.host, answer.clone());
+    let answers = answer.clone();
+    let stub = DnsStub::start(&bench.host, move |_query| {
+        if answers.load(Ordering::SeqCst) {
+            Reply::NxDomain
+        } else {
+            Reply::Silence
+        }
+    });
     quickly(&mut bench, "did not resolve");
-    let asked: Vec<String> = names.try_iter().collect();
+    let asked = stub.queries();
     assert!(
-        asked.iter().any(|name| name == "no-such-host.invalid"),
+        asked
+            .iter()
+            .any(|query| query.name == "no-such-host.invalid"),
         "the namespace's resolver was not asked: {asked:?}"
     );
 
