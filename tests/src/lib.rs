@@ -7,6 +7,8 @@
 pub mod daemon;
 pub mod deploy;
 pub mod dns;
+pub mod echo;
+pub mod healthy;
 pub mod netns;
 pub mod pattern;
 pub mod paused;

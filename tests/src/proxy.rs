@@ -201,6 +201,19 @@ impl Proxy {
             .unwrap_or(0)
     }
 
+    /// Resident memory of the process in KiB (VmRSS).
+    pub fn rss_kib(&self) -> u64 {
+        fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .ok()
+            .and_then(|status| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            })
+            .unwrap_or_else(|| panic!("no VmRSS for spliced:\n{}", self.stderr()))
+    }
+
     /// Starts counting the bytes the process receives through read-like syscalls
     /// (`strace` attached to every thread; /proc/PID/io's rchar misses recv*).
     pub fn trace_reads(&self) -> ReadTrace {

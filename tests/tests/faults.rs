@@ -6,7 +6,7 @@
 
 use std::{
     io::{Read, Write},
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{TcpListener, TcpStream},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
@@ -16,67 +16,13 @@ use std::{
 };
 
 use spliced_tests::{
+    healthy::Healthy,
     open_tunnel, raw_request, status_of,
-    upstream::{exchange, ClientResult, Header},
+    upstream::{exchange, Header},
     Mode, Proxy, Upstream,
 };
 
 const MIB: u64 = 1 << 20;
-
-/// A few exchanges running in the background on their own upstream, checked
-/// when joined.
-struct Healthy {
-    workers: Vec<JoinHandle<Vec<ClientResult>>>,
-    upstream: Upstream,
-    expected: usize,
-}
-
-impl Healthy {
-    fn start(proxy: SocketAddr, upstream: Upstream) -> Self {
-        let target = upstream.addr.to_string();
-        let workers = (0..3u64)
-            .map(|worker| {
-                let target = target.clone();
-                std::thread::spawn(move || {
-                    (0..4u64)
-                        .map(|i| {
-                            let h = Header {
-                                up: 4 * MIB + i,
-                                down: 3 * MIB + i,
-                                seed: 10_000 + worker * 100 + i * 2,
-                                mode: Mode::Concurrent,
-                            };
-                            exchange(open_tunnel(proxy, &target), h, false)
-                        })
-                        .collect()
-                })
-            })
-            .collect();
-        Self {
-            workers,
-            upstream,
-            expected: 12,
-        }
-    }
-
-    fn assert_exact(self) {
-        for worker in self.workers {
-            for result in worker.join().expect("healthy worker") {
-                assert!(
-                    matches!(result.received, Ok(n) if n >= 3 * MIB),
-                    "healthy tunnel broke: {result:?}"
-                );
-            }
-        }
-        for _ in 0..self.expected {
-            let server = self.upstream.result();
-            assert!(
-                matches!(server.received, Ok(n) if n >= 4 * MIB),
-                "healthy upstream got {server:?}"
-            );
-        }
-    }
-}
 
 fn proxy_for(plane: &str, ports: &[u16]) -> Proxy {
     let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
@@ -103,16 +49,6 @@ fn tcp_mem_pages() -> u64 {
                 .parse()
                 .ok()
         })
-        .unwrap()
-}
-
-/// Resident memory of a process in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap()
 }
 
@@ -145,7 +81,7 @@ fn peer_that_never_reads(plane: &str, upstream_reads: bool) {
     let healthy_upstream = Upstream::start();
     let proxy = proxy_for(plane, &[idle_port, healthy_upstream.addr.port()]);
     let tcp_before = tcp_mem_pages();
-    let rss_before = rss_kib(proxy.pid());
+    let rss_before = proxy.rss_kib();
     let client = open_tunnel(proxy.addr, &format!("127.0.0.1:{idle_port}"));
     let (upstream_side, _) = idle_listener.accept().unwrap();
     // Either the upstream never reads what the client sends, or the client never

@@ -32,15 +32,6 @@ struct Counters {
     unexpected: AtomicU64,
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
 /// A tiny xorshift, so runs differ in sizes but need no crate.
 fn next(state: &mut u64) -> u64 {
     *state ^= *state << 13;
@@ -79,8 +70,8 @@ fn soak() {
         "--access-log",
         "/dev/null",
     ]);
-    let (pid, addr) = (proxy.pid(), proxy.addr);
-    let baseline = (rss_kib(pid), proxy.fd_count(), proxy.stats());
+    let addr = proxy.addr;
+    let baseline = (proxy.rss_kib(), proxy.fd_count(), proxy.stats());
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let stop = Arc::new(AtomicBool::new(false));
     let counters = Arc::new(Counters::default());
@@ -241,7 +232,7 @@ fn soak() {
         std::thread::sleep(
             Duration::from_secs(5).min(deadline.saturating_duration_since(Instant::now())),
         );
-        peak_rss = peak_rss.max(rss_kib(pid));
+        peak_rss = peak_rss.max(proxy.rss_kib());
         peak_fds = peak_fds.max(proxy.fd_count());
     }
     stop.store(true, Ordering::Relaxed);
@@ -257,7 +248,7 @@ fn soak() {
             && stats["spliced_sockets"] == 0
             && stats["target_sockets"] == 0
     });
-    let end = (rss_kib(pid), proxy.fd_count(), proxy.stats());
+    let end = (proxy.rss_kib(), proxy.fd_count(), proxy.stats());
     let c = &counters;
     eprintln!(
         "soak {seconds} s: {} healthy tunnels, {} MiB moved byte-exact, {} corrupt; {} resets, {} closed-port refusals, {} slow clients cut, {} never-read tunnels, {} unexpected answers",
