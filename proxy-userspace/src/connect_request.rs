@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use tokio::{io::AsyncReadExt as _, net::TcpStream};
+use tokio::net::TcpStream;
 
 /// Largest request head accepted (request line and headers).
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
@@ -187,16 +187,20 @@ pub async fn read_head(
 }
 
 async fn read_head_inner(client: &mut TcpStream) -> Result<RequestHead, HeadError> {
-    let mut buf = Vec::with_capacity(4096);
+    // Grown only as bytes arrive and never zeroed first: a client that sends a
+    // byte a second costs a few KiB while it waits, not a 16 KiB buffer.
+    let mut buf = Vec::with_capacity(1024);
     loop {
         if buf.len() >= MAX_HEAD_BYTES {
             return Err(HeadError::TooLarge);
         }
-        let room = (MAX_HEAD_BYTES - buf.len()).min(16 * 1024);
-        let start = buf.len();
-        buf.resize(start + room, 0);
-        let n = client.read(&mut buf[start..]).await?;
-        buf.truncate(start + n);
+        client.readable().await?;
+        buf.reserve((MAX_HEAD_BYTES - buf.len()).min(16 * 1024));
+        let n = match client.try_read_buf(&mut buf) {
+            Ok(n) => n,
+            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(err) => return Err(err.into()),
+        };
         if n == 0 {
             return Err(HeadError::ClosedEarly(buf.len()));
         }

@@ -682,14 +682,19 @@ async fn forward_queued_bytes(
 ) -> io::Result<QueuedBytes> {
     const CHUNK: usize = 256 * 1024;
     const LIMIT: u64 = 4 * 1024 * 1024;
-    let mut buf = vec![0u8; CHUNK];
+    // Usually nothing is queued: a small first read, no zeroing, and the big
+    // buffer only once the first read came back full.
+    let mut buf = Vec::new();
     let mut bytes = 0;
     while bytes < LIMIT {
-        match client.try_read(&mut buf) {
+        buf.clear();
+        buf.reserve(if bytes == 0 { 4096 } else { CHUNK });
+        let room = buf.capacity();
+        match client.try_read_buf(&mut buf) {
             Ok(n) => {
                 upstream.write_all(&buf[..n]).await?;
                 bytes += n as u64;
-                if n < CHUNK {
+                if n < room {
                     return Ok(QueuedBytes { bytes, clean: true });
                 }
             }
