@@ -1020,18 +1020,21 @@ async fn copy_passed(
     let mut buf = vec![0u8; 256 * 1024];
     let mut idle = COPY_IDLE_MIN;
     loop {
+        // Wait for passed bytes, or a tick to see whether the verdict has
+        // taken the direction back (or the stream ended). The tick backs off
+        // while nothing arrives.
         let read = tokio::select! {
             ready = src.readable() => {
                 ready?;
                 match src.try_read(&mut buf) {
-                    Ok(n) => n,
-                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => 0,
+                    Ok(n) => Some(n),
+                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
                     Err(err) => return Err(err.into()),
                 }
             }
-            () = tokio::time::sleep(idle) => 0,
+            () = tokio::time::sleep(idle) => None,
         };
-        if read == 0 {
+        if matches!(read, None | Some(0)) {
             let (entry, control) = {
                 let maps = lock(&shared.maps);
                 (
@@ -1052,10 +1055,14 @@ async fn copy_passed(
             if copied == entry.bytes_passed && (control.mode == flow_mode::REDIRECT || ended) {
                 return Ok(copied);
             }
-            tokio::time::sleep(idle).await;
+            if read == Some(0) {
+                // At EOF the socket stays readable; do not spin on it.
+                tokio::time::sleep(idle).await;
+            }
             idle = (idle * 2).min(COPY_IDLE_MAX);
             continue;
         }
+        let read = read.unwrap_or(0);
         idle = COPY_IDLE_MIN;
         let mut written = 0;
         while written < read {
