@@ -23,6 +23,17 @@ use std::{
     time::Duration,
 };
 
+/// Declares `mod sockmap`, `mod splice` and `mod copy`, each with one `#[test]`
+/// per named function, calling it with that data plane's name.
+#[macro_export]
+macro_rules! on_every_data_plane {
+    ($($test:ident),* $(,)?) => {
+        mod sockmap { $( #[test] fn $test() { super::$test("sockmap") } )* }
+        mod splice { $( #[test] fn $test() { super::$test("splice") } )* }
+        mod copy { $( #[test] fn $test() { super::$test("copy") } )* }
+    };
+}
+
 pub use dns::DnsStub;
 pub use netns::Netns;
 pub use proxy::Proxy;

@@ -272,15 +272,7 @@ fn resets_alongside_healthy_tunnels(plane: &str) {
     healthy.assert_exact();
 }
 
-macro_rules! on_every_data_plane {
-    ($($test:ident),* $(,)?) => {
-        mod sockmap { $( #[test] fn $test() { super::$test("sockmap") } )* }
-        mod splice { $( #[test] fn $test() { super::$test("splice") } )* }
-        mod copy { $( #[test] fn $test() { super::$test("copy") } )* }
-    };
-}
-
-on_every_data_plane!(
+spliced_tests::on_every_data_plane!(
     upstream_that_never_reads,
     client_that_never_reads,
     stopped_upstream_process,

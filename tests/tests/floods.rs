@@ -758,12 +758,4 @@ fn churn(plane: &str) {
     );
 }
 
-macro_rules! on_every_data_plane {
-    ($($test:ident),* $(,)?) => {
-        mod sockmap { $( #[test] fn $test() { super::$test("sockmap") } )* }
-        mod splice { $( #[test] fn $test() { super::$test("splice") } )* }
-        mod copy { $( #[test] fn $test() { super::$test("copy") } )* }
-    };
-}
-
-on_every_data_plane!(slowloris, header_floods, many_open_tunnels, churn);
+spliced_tests::on_every_data_plane!(slowloris, header_floods, many_open_tunnels, churn);

@@ -305,15 +305,7 @@ fn across_network_namespaces(plane: &str) {
         .all(|r| r["client"].as_str().unwrap().starts_with("10.77.1.2:")));
 }
 
-macro_rules! on_every_data_plane {
-    ($($test:ident),* $(,)?) => {
-        mod sockmap { $( #[test] fn $test() { super::$test("sockmap") } )* }
-        mod splice { $( #[test] fn $test() { super::$test("splice") } )* }
-        mod copy { $( #[test] fn $test() { super::$test("copy") } )* }
-    };
-}
-
-on_every_data_plane!(
+spliced_tests::on_every_data_plane!(
     concurrent_tunnels_of_many_sizes,
     hundreds_of_mib_both_ways,
     bytes_pipelined_with_the_connect,

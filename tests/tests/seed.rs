@@ -230,12 +230,4 @@ fn origin_in_another_namespace(plane: &str) {
     );
 }
 
-macro_rules! on_every_data_plane {
-    ($($test:ident),* $(,)?) => {
-        mod sockmap { $( #[test] fn $test() { super::$test("sockmap") } )* }
-        mod splice { $( #[test] fn $test() { super::$test("splice") } )* }
-        mod copy { $( #[test] fn $test() { super::$test("copy") } )* }
-    };
-}
-
-on_every_data_plane!(istio_seed, origin_in_another_namespace);
+spliced_tests::on_every_data_plane!(istio_seed, origin_in_another_namespace);

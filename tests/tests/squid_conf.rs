@@ -2137,15 +2137,7 @@ fn command_line_access_log_overrides_the_file() {
     assert_eq!(records[1]["status"], 403, "{}", records[1]);
 }
 
-macro_rules! on_every_data_plane {
-    ($($test:ident),* $(,)?) => {
-        mod sockmap { $( #[test] fn $test() { super::$test("sockmap") } )* }
-        mod splice { $( #[test] fn $test() { super::$test("splice") } )* }
-        mod copy { $( #[test] fn $test() { super::$test("copy") } )* }
-    };
-}
-
-on_every_data_plane!(
+spliced_tests::on_every_data_plane!(
     reload_changes_policy_for_new_requests_only,
     reload_moves_http_port,
     sigterm_lets_open_tunnels_finish,
