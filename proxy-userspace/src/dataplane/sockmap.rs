@@ -42,7 +42,10 @@ use aya::{
 use proxy_common::{flow_mode, stat, tcp_state, FlowControl, FlowEntry, FlowEvent, FlowEventKind};
 use std::net::TcpStream;
 
-use tokio::{io::unix::AsyncFd, sync::mpsc};
+use tokio::{
+    io::{unix::AsyncFd, AsyncWriteExt as _},
+    sync::mpsc,
+};
 
 use super::{
     pump, DataPlane, LimitClock, Progress, Tunnel, TunnelEnd, TunnelFuture, TunnelLimits,
@@ -124,6 +127,20 @@ struct Shared {
     redirect_send_buffer: u32,
     /// Keeps the programs loaded and attached for the life of the data plane.
     _ebpf: Ebpf,
+}
+
+impl Shared {
+    /// Replaces a socket's `FLOW_CONTROL` value.
+    fn set_flow_control(&self, cookie: u64, mode: u64, copied: u64) -> anyhow::Result<()> {
+        let control = FlowControl {
+            mode,
+            bytes_copied: copied,
+        };
+        lock(&self.maps)
+            .flow_control
+            .insert(cookie, control, 0)
+            .context("updating FLOW_CONTROL")
+    }
 }
 
 /// The sockmap data plane. See the module documentation.
@@ -816,14 +833,8 @@ impl SplicedPair<'_> {
 
     /// Writes the source socket's `FLOW_CONTROL` value.
     fn set_flow_mode(&self, src: usize, mode: u64, copied: u64) -> anyhow::Result<()> {
-        let control = FlowControl {
-            mode,
-            bytes_copied: copied,
-        };
-        lock(&self.shared.maps)
-            .flow_control
-            .insert(self.cookies[src], control, 0)
-            .context("updating FLOW_CONTROL")
+        self.shared
+            .set_flow_control(self.cookies[src], mode, copied)
     }
 
     /// Gives the destination a `redirect_send_buffer`-sized send buffer once its
@@ -1016,7 +1027,7 @@ async fn copy_passed(
     // Duplicates, registered with tokio for this copy only; the originals stay
     // out of the reactor.
     let src = tokio::net::TcpStream::from_std(src)?;
-    let dst = tokio::net::TcpStream::from_std(dst)?;
+    let mut dst = tokio::net::TcpStream::from_std(dst)?;
     // One read must take everything queued on the socket. tcp_bpf_recvmsg
     // reads the receive queue directly (tcp_recvmsg) when the psock has no
     // passed bytes ready; a read that ends inside an skb leaves the rest
@@ -1072,25 +1083,10 @@ async fn copy_passed(
         }
         let read = read.unwrap_or(0);
         idle = COPY_IDLE_MIN;
-        let mut written = 0;
-        while written < read {
-            dst.writable().await?;
-            match dst.try_write(&buf[written..read]) {
-                Ok(m) => written += m,
-                Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(err) => return Err(err.into()),
-            }
-        }
+        dst.write_all(&buf[..read]).await?;
         copied += read as u64;
         BYTES_COPIED.fetch_add(read as u64, Ordering::Relaxed);
-        let control = FlowControl {
-            mode: flow_mode::RESUMING,
-            bytes_copied: copied,
-        };
-        lock(&shared.maps)
-            .flow_control
-            .insert(cookie, control, 0)
-            .context("updating FLOW_CONTROL")?;
+        shared.set_flow_control(cookie, flow_mode::RESUMING, copied)?;
     }
 }
 
