@@ -53,7 +53,8 @@ impl DataPlane for CopyDataPlane {
     }
 }
 
-async fn copy_one_way(
+/// Copies `src` → `dst` until `src`'s EOF, then half-closes `dst`.
+pub(super) async fn copy_one_way(
     src: &TcpStream,
     dst: &TcpStream,
     moved: &Moved,

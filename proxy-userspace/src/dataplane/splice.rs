@@ -108,8 +108,9 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
 }
 
 /// Moves `src` → `dst` until `src`'s EOF, then half-closes `dst`. Bytes go
-/// through a pipe made for each burst; when no pipe can be had (descriptor limit), the
-/// chunk is copied through a buffer instead, so the tunnel goes on.
+/// through a pipe made for each burst; when no pipe can be had (descriptor
+/// limit), the rest of the direction is copied through a buffer (copy plane),
+/// so the tunnel goes on.
 pub(super) async fn splice_one_way(
     src: &TcpStream,
     dst: &TcpStream,
@@ -121,11 +122,8 @@ pub(super) async fn splice_one_way(
         let pipe = match Pipe::new() {
             Ok(pipe) => pipe,
             Err(err) => {
-                log::debug!("splice: no pipe ({err}); copying a chunk");
-                if copy_chunk(src, dst, moved, src_side).await? {
-                    return pump::shutdown_write(dst).map_err(|e| src_side.peer().error(e));
-                }
-                continue;
+                log::debug!("splice: no pipe ({err}); copying this direction instead");
+                return super::copy::copy_one_way(src, dst, moved, src_side).await;
             }
         };
         // Keep the pipe while the source has more; close it before waiting.
@@ -157,35 +155,4 @@ pub(super) async fn splice_one_way(
         }
         drop(pipe);
     }
-}
-
-/// Copies one chunk `src` → `dst` through a buffer; returns whether `src` is at EOF.
-async fn copy_chunk(
-    src: &TcpStream,
-    dst: &TcpStream,
-    moved: &Moved,
-    src_side: Side,
-) -> Result<bool, DirectionError> {
-    let mut buf = vec![0u8; 64 * 1024];
-    let read = loop {
-        src.readable().await.map_err(|e| src_side.error(e))?;
-        match src.try_read(&mut buf) {
-            Ok(n) => break n,
-            Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(err) => return Err(src_side.error(err)),
-        }
-    };
-    let mut written = 0;
-    while written < read {
-        dst.writable().await.map_err(|e| src_side.peer().error(e))?;
-        match dst.try_write(&buf[written..read]) {
-            Ok(n) => {
-                written += n;
-                moved.add(n);
-            }
-            Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(err) => return Err(src_side.peer().error(err)),
-        }
-    }
-    Ok(read == 0)
 }
