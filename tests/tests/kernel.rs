@@ -20,6 +20,10 @@ use spliced_tests::{
 const MIB: u64 = 1 << 20;
 
 fn sockmap_proxy(upstream_port: u16, hooks: &[&str]) -> Proxy {
+    sockmap_proxy_with(upstream_port, hooks, &[])
+}
+
+fn sockmap_proxy_with(upstream_port: u16, hooks: &[&str], extra: &[&str]) -> Proxy {
     let port = upstream_port.to_string();
     let mut args = vec![
         "--dataplane",
@@ -29,6 +33,7 @@ fn sockmap_proxy(upstream_port: u16, hooks: &[&str]) -> Proxy {
         "--log-format",
         "json",
     ];
+    args.extend_from_slice(extra);
     for hook in hooks {
         args.extend_from_slice(&["--test-hook", hook]);
     }
@@ -92,9 +97,12 @@ fn without_the_rcvlowat_kick_queued_bytes_stall() {
     );
 }
 
-fn half_close_exchange(hooks: &[&str]) -> Vec<(Result<u64, String>, Result<u64, String>)> {
+fn half_close_exchange(
+    hooks: &[&str],
+    extra: &[&str],
+) -> Vec<(Result<u64, String>, Result<u64, String>)> {
     let upstream = Upstream::start();
-    let proxy = sockmap_proxy(upstream.addr.port(), hooks);
+    let proxy = sockmap_proxy_with(upstream.addr.port(), hooks, extra);
     (0..4)
         .map(|i| {
             let h = Header {
@@ -120,7 +128,7 @@ fn half_close_exchange(hooks: &[&str]) -> Vec<(Result<u64, String>, Result<u64, 
 /// closing side has reached the peer's send queue.
 #[test]
 fn half_close_waits_for_the_redirected_bytes() {
-    for (server, client) in half_close_exchange(&[]) {
+    for (server, client) in half_close_exchange(&[], &[]) {
         assert_eq!(server, Ok(32 * MIB));
         assert_eq!(client, Ok(8 * MIB));
     }
@@ -128,7 +136,9 @@ fn half_close_waits_for_the_redirected_bytes() {
 
 #[test]
 fn without_the_drain_wait_half_close_cuts_data() {
-    let results = half_close_exchange(&["no-drain-wait"]);
+    // Without the send-buffer raise the redirect backlog drains slowly enough
+    // that an early shutdown reliably cuts it.
+    let results = half_close_exchange(&["no-drain-wait"], &["--redirect-send-buffer", "0"]);
     assert!(
         results
             .iter()
@@ -164,7 +174,7 @@ fn empty_fin_skbs_are_dropped_not_redirected() {
 
 #[test]
 fn redirecting_empty_fin_skbs_breaks_tunnels() {
-    let results = half_close_exchange(&["redirect-empty-skbs"]);
+    let results = half_close_exchange(&["redirect-empty-skbs"], &[]);
     assert!(
         results
             .iter()
