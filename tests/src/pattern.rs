@@ -45,6 +45,51 @@ pub fn check(seed: u64, offset: u64, buf: &[u8]) -> Result<(), u64> {
     }
 }
 
+/// How far around a corrupt offset [`explain`] looks for the bytes found there.
+const EXPLAIN_WINDOW: u64 = 64 << 20;
+
+/// Describes a corruption found by [`check`] at `bad` in `chunk` (stream bytes
+/// from `chunk_offset` on): where in the stream the bytes found at `bad` really
+/// come from, and for how long — "duplicate", "skipped" and "zeros" tell the
+/// kernel bugs apart.
+pub fn explain(seed: u64, chunk_offset: u64, chunk: &[u8], bad: u64) -> String {
+    let start = (bad - chunk_offset) as usize;
+    let found = &chunk[start..];
+    let probe = &found[..found.len().min(32)];
+    if probe.len() < 8 {
+        return format!("corrupt byte at offset {bad} (too few bytes to locate)");
+    }
+    if probe.iter().all(|&b| b == 0) {
+        let zeros = found.iter().take_while(|&&b| b == 0).count();
+        return format!("corrupt byte at offset {bad}: {zeros} zero bytes");
+    }
+    let from = bad.saturating_sub(EXPLAIN_WINDOW);
+    let mut window = vec![0u8; (bad + EXPLAIN_WINDOW - from) as usize];
+    fill_fast(seed, from, &mut window);
+    let Some(at) = window.windows(probe.len()).position(|w| w == probe) else {
+        return format!(
+            "corrupt byte at offset {bad}: the bytes there are not from the stream within {} MiB",
+            EXPLAIN_WINDOW >> 20
+        );
+    };
+    let source = from + at as u64;
+    let run = found
+        .iter()
+        .zip(&window[at..])
+        .take_while(|(a, b)| a == b)
+        .count();
+    let shift = source as i64 - bad as i64;
+    let kind = if shift < 0 {
+        "a duplicate of earlier bytes"
+    } else {
+        "bytes from later in the stream (some skipped)"
+    };
+    format!(
+        "corrupt byte at offset {bad}: the next {run}{} bytes are stream bytes {source}.. ({kind}, shift {shift})",
+        if start + run == chunk.len() { "+" } else { "" },
+    )
+}
+
 /// Writes `len` bytes of stream `seed` to `out`.
 pub fn send(out: &mut impl std::io::Write, seed: u64, len: u64) -> std::io::Result<()> {
     let mut buf = vec![0u8; 256 * 1024];
@@ -61,6 +106,14 @@ pub fn send(out: &mut impl std::io::Write, seed: u64, len: u64) -> std::io::Resu
 /// Reads until EOF from `input`, checking every byte against stream `seed`.
 /// Returns the number of bytes read, or where the first mismatch was.
 pub fn receive(input: &mut impl std::io::Read, seed: u64) -> std::io::Result<Result<u64, u64>> {
+    Ok(receive_explained(input, seed)?.map_err(|(bad, _)| bad))
+}
+
+/// [`receive`], with the mismatch [`explain`]ed.
+pub fn receive_explained(
+    input: &mut impl std::io::Read,
+    seed: u64,
+) -> std::io::Result<Result<u64, (u64, String)>> {
     let mut buf = vec![0u8; 256 * 1024];
     let mut received = 0u64;
     loop {
@@ -69,7 +122,7 @@ pub fn receive(input: &mut impl std::io::Read, seed: u64) -> std::io::Result<Res
             return Ok(Ok(received));
         }
         if let Err(bad) = check(seed, received, &buf[..n]) {
-            return Ok(Err(bad));
+            return Ok(Err((bad, explain(seed, received, &buf[..n], bad))));
         }
         received += n as u64;
     }
@@ -90,5 +143,19 @@ mod tests {
         assert_eq!(super::check(7, 16, &a), Ok(()));
         a[10] ^= 1;
         assert_eq!(super::check(7, 16, &a), Err(26));
+    }
+
+    #[test]
+    fn explain_names_a_duplicate() {
+        let mut stream = vec![0u8; 4096];
+        super::fill(3, 0, &mut stream);
+        // Bytes 1000..1500 arrive twice.
+        let mut received = stream[..1500].to_vec();
+        received.extend_from_slice(&stream[1000..]);
+        let bad = super::check(3, 0, &received).unwrap_err();
+        assert_eq!(bad, 1500);
+        let text = super::explain(3, 0, &received, bad);
+        assert!(text.contains("stream bytes 1000.."), "{text}");
+        assert!(text.contains("shift -500"), "{text}");
     }
 }

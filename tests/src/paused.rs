@@ -125,7 +125,7 @@ fn receive_range(
             return Ok(received);
         }
         pattern::check(seed, from + received, &buf[..n])
-            .map_err(|bad| format!("corrupt byte at offset {bad}"))?;
+            .map_err(|bad| pattern::explain(seed, from + received, &buf[..n], bad))?;
         received += n as u64;
     }
 }

@@ -146,9 +146,9 @@ fn serve_one(mut stream: TcpStream) -> Option<ServerResult> {
     let mut raw = [0u8; 32];
     stream.read_exact(&mut raw).ok()?;
     let header = Header::decode(&raw);
-    let receive = |stream: &mut TcpStream| match pattern::receive(stream, header.seed) {
+    let receive = |stream: &mut TcpStream| match pattern::receive_explained(stream, header.seed) {
         Ok(Ok(n)) => Ok(n),
-        Ok(Err(bad)) => Err(format!("corrupt byte at offset {bad}")),
+        Ok(Err((_, explained))) => Err(explained),
         Err(err) => Err(err.to_string()),
     };
     let send = move |stream: &mut TcpStream| -> u64 {
@@ -220,9 +220,10 @@ pub fn exchange(mut stream: TcpStream, header: Header, header_sent: bool) -> Cli
     if !header_sent {
         stream.write_all(&header.encode()).expect("send header");
     }
-    let receive = |stream: &mut TcpStream| match pattern::receive(stream, header.seed + 1) {
+    let receive = |stream: &mut TcpStream| match pattern::receive_explained(stream, header.seed + 1)
+    {
         Ok(Ok(n)) => Ok(n),
-        Ok(Err(bad)) => Err(format!("corrupt byte at offset {bad}")),
+        Ok(Err((_, explained))) => Err(explained),
         Err(err) => Err(err.to_string()),
     };
     let send = move |stream: &mut TcpStream| {
