@@ -28,6 +28,22 @@ pub struct FlowEntry {
     /// socket's own queue while flow control held the direction back; user
     /// space copies them (see [`FlowControl`]).
     pub bytes_passed: u64,
+    /// TCP sequence number just past the last payload byte the verdict handled
+    /// (valid once `flags` has [`flow_flags::SEQ_KNOWN`]); bytes of a later
+    /// skb before it were handled already and are trimmed off.
+    pub next_seq: u32,
+    /// [`flow_flags`], set by the verdict.
+    pub flags: u32,
+}
+
+/// Bits of [`FlowEntry::flags`].
+pub mod flow_flags {
+    /// The verdict has seen the socket's first skb: `next_seq` is valid.
+    pub const SEQ_KNOWN: u32 = 1;
+    /// An skb could not be trimmed and was dropped: the direction has a hole,
+    /// so the verdict drops every later skb too until user space resets the
+    /// tunnel.
+    pub const BROKEN: u32 = 2;
 }
 
 /// Value of the `FLOW_CONTROL` map, keyed by socket cookie: present while user
@@ -71,6 +87,10 @@ pub enum FlowEventKind {
     /// The verdict's count crossed a multiple of [`PROGRESS_EVERY_BYTES`]: user
     /// space checks that the peer keeps up (flow control) and feeds its counters.
     Progress = 3,
+    /// The verdict met a retransmission that repeats more handled bytes than
+    /// it can trim and dropped it: the direction can no longer be exact, so
+    /// user space resets the tunnel.
+    OverlapNotTrimmed = 4,
 }
 
 /// How many redirected bytes of one direction between two `Progress` events.
@@ -106,8 +126,19 @@ pub mod stat {
     pub const NO_FLOW: u32 = 2;
     /// Flow events lost because the ring buffer was full.
     pub const EVENTS_LOST: u32 = 3;
+    /// Payload bytes the verdict trimmed off skbs because they repeated bytes it
+    /// had handled already (a retransmission that overlapped received data).
+    pub const DUPLICATE_BYTES_TRIMMED: u32 = 4;
+    /// skbs that started after the byte the verdict expected next. TCP hands
+    /// the verdict its stream in order, so this stays 0 unless the sequence
+    /// numbers it reads are wrong.
+    pub const SEQUENCE_GAPS: u32 = 5;
+    /// skbs whose repeated bytes could not be trimmed (`bpf_skb_adjust_room`
+    /// failed or the overlap was longer than the verdict trims); each was
+    /// dropped and its tunnel reset.
+    pub const TRIM_FAILED: u32 = 6;
     /// Number of counters.
-    pub const COUNT: u32 = 4;
+    pub const COUNT: u32 = 7;
 }
 
 /// TCP states as the kernel numbers them (`include/net/tcp_states.h`).

@@ -27,7 +27,7 @@ use aya_ebpf::{
     EbpfContext as _,
 };
 use proxy_common::{
-    flow_mode, stat, tcp_state, FlowControl, FlowEntry, FlowEvent, FlowEventKind,
+    flow_flags, flow_mode, stat, tcp_state, FlowControl, FlowEntry, FlowEvent, FlowEventKind,
     PROGRESS_EVERY_BYTES,
 };
 
@@ -63,6 +63,18 @@ static FLOW_EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 /// a test can show that dropping them is what keeps half-closed tunnels intact.
 #[no_mangle]
 static REDIRECT_EMPTY_SKBS: u8 = 0;
+
+/// Test hook, set by user space at load time: zero (`--test-hook
+/// no-overlap-trim`) lets skbs that repeat handled bytes through whole, so a
+/// test can show that trimming them is what keeps the stream exact.
+#[no_mangle]
+static TRIM_OVERLAPS: u8 = 1;
+
+/// Test hook, set by user space at load time (`--test-hook short-trim`): the
+/// most trim steps per skb, below [`MAX_TRIM_STEPS`], so a test can reach the
+/// reset that follows an overlap too long to trim.
+#[no_mangle]
+static TRIM_STEPS: u32 = MAX_TRIM_STEPS;
 
 /// Kernel-side counters, indexed by `proxy_common::stat`.
 #[map]
@@ -112,6 +124,35 @@ pub fn splice_verdict(ctx: SkBuffContext) -> u32 {
         count(stat::NO_FLOW);
         return SK_PASS;
     };
+    // SAFETY: `entry` is a live map value (see `add`); only this socket's
+    // verdict writes `flags`.
+    if unsafe { (*entry).flags } & flow_flags::BROKEN != 0 {
+        return SK_DROP;
+    }
+    // SAFETY: as above.
+    let Some(trimmed_len) = (unsafe { trim_handled_bytes(&ctx, entry, len) }) else {
+        // Repeated bytes left in the skb: forwarding it would corrupt the
+        // stream, dropping it loses new bytes. From here on the direction
+        // forwards nothing, and user space resets the tunnel.
+        // SAFETY: as above.
+        unsafe { (*entry).flags |= flow_flags::BROKEN };
+        count(stat::TRIM_FAILED);
+        output(&FlowEvent {
+            cookie,
+            bytes_redirected: 0,
+            kind: FlowEventKind::OverlapNotTrimmed as u32,
+            old_state: 0,
+            new_state: 0,
+            _pad: 0,
+        });
+        return SK_DROP;
+    };
+    if trimmed_len == 0 && len != 0 {
+        // Nothing new in this skb. Dropping it once empty leaves copied_seq
+        // alone (tcp_eat_skb returns early for skb->len == 0).
+        return SK_DROP;
+    }
+    let len = trimmed_len;
     if let Some(control) = FLOW_CONTROL.get_ptr_mut(cookie) {
         // SAFETY: `entry` and `control` are live map values (see `add`).
         if unsafe { hold_back(entry, control) } {
@@ -158,6 +199,86 @@ pub fn splice_verdict(ctx: SkBuffContext) -> u32 {
         count(stat::REDIRECT_FAILED);
     }
     verdict
+}
+
+/// How many payload bytes one `bpf_skb_adjust_room` call may trim
+/// (sk_skb_adjust_room rejects more than 0xfff).
+const TRIM_STEP: u32 = 0xfff;
+/// Trim steps per skb: overlaps up to 128 KiB. A retransmission overlaps
+/// received bytes by at most one GSO segment (64 KiB without BIG TCP); each
+/// step makes the verifier walk the rest of the program once more.
+const MAX_TRIM_STEPS: u32 = 32;
+
+/// Trims off the front of the skb the bytes the verdict handled already and
+/// returns the skb's new length, or `None` if repeated bytes are left.
+///
+/// TCP queues a segment that overlaps received data — a retransmission that
+/// starts before `rcv_nxt`, or an out-of-order segment merged after the gap
+/// filled — without trimming it (tcp_data_queue's "partial packet" case,
+/// tcp_ofo_queue): tcp_recvmsg skips the overlap using copied_seq, but
+/// tcp_read_skb hands the verdict the whole skb (since commit 9b7177b1df64,
+/// "bpf: tcp_read_skb needs to pop skb regardless of seq", 6.6: "tcp_read_skb()
+/// reads entire skbs so there is no need to handle the 'offset!=0' case").
+/// Redirected or passed whole, the overlap reaches the peer twice. Seen here
+/// as 130,966 repeated bytes (two loopback segments) in a 200 MiB transfer
+/// whose receiver paused, about one run in ten under load.
+///
+/// # Safety
+/// `entry` must point to a live `FLOWS` value.
+#[inline(always)]
+unsafe fn trim_handled_bytes(ctx: &SkBuffContext, entry: *mut FlowEntry, len: u32) -> Option<u32> {
+    // For sk_skb programs cb[0] reads the first word of skb->cb (struct
+    // sk_skb_cb's data, at offset 0), which for a TCP skb is
+    // TCP_SKB_CB(skb)->seq: the sequence number of its first payload byte.
+    let seq = ctx.cb()[0];
+    // SAFETY: a read of a constant in .rodata that the loader may have patched.
+    if len == 0 || unsafe { core::ptr::read_volatile(&TRIM_OVERLAPS) } == 0 {
+        return Some(len);
+    }
+    // SAFETY: guaranteed by the caller; only this socket's verdict touches
+    // these fields, and it runs for one skb at a time (under the socket lock).
+    let (flags, next) = unsafe { ((*entry).flags, (*entry).next_seq) };
+    let end = seq.wrapping_add(len);
+    if flags & flow_flags::SEQ_KNOWN == 0 {
+        // SAFETY: as above.
+        unsafe {
+            (*entry).flags = flags | flow_flags::SEQ_KNOWN;
+            (*entry).next_seq = end;
+        }
+        return Some(len);
+    }
+    let overlap = next.wrapping_sub(seq) as i32;
+    if overlap < 0 {
+        count(stat::SEQUENCE_GAPS);
+    }
+    if (end.wrapping_sub(next) as i32) > 0 {
+        // SAFETY: as above.
+        unsafe { (*entry).next_seq = end };
+    }
+    if overlap <= 0 {
+        return Some(len);
+    }
+    let overlap = (overlap as u32).min(len);
+    let mut left = overlap;
+    // SAFETY: a read of a constant in .rodata that the loader may have patched.
+    let steps = unsafe { core::ptr::read_volatile(&TRIM_STEPS) };
+    for step_index in 0..MAX_TRIM_STEPS {
+        if left == 0 || step_index >= steps {
+            break;
+        }
+        let step = left.min(TRIM_STEP);
+        // bpf_skb_adjust_room with a negative length on an sk_skb pulls that
+        // many bytes into the linear area and drops them from the front
+        // (sk_skb_adjust_room → pskb_may_pull + __skb_pull).
+        if ctx.adjust_room(-(step as i32), 0, 0).is_err() {
+            break;
+        }
+        left -= step;
+    }
+    if let Some(counter) = STATS.get_ptr_mut(stat::DUPLICATE_BYTES_TRIMMED) {
+        add(counter, u64::from(overlap - left));
+    }
+    (left == 0).then(|| ctx.len())
 }
 
 /// Whether flow control holds this skb back (pass) rather than redirecting it.

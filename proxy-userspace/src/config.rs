@@ -39,6 +39,12 @@ pub enum TestHook {
     /// Hold a sockmap direction back at a 256 KiB redirect backlog instead of
     /// 16 MiB, so a bulk transfer is held back and resumed many times.
     TinyBacklog,
+    /// Let the verdict forward skbs whole even when they repeat bytes it has
+    /// handled already (a retransmission overlapping received data).
+    NoOverlapTrim,
+    /// Let the verdict trim at most 4095 repeated bytes per skb, so a longer
+    /// overlap takes the reset path.
+    ShortTrim,
 }
 
 /// `spliced` command line. Flags given here override the configuration file.

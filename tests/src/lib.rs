@@ -13,6 +13,7 @@ pub mod netns;
 pub mod pattern;
 pub mod paused;
 pub mod proxy;
+pub mod retransmit;
 pub mod sockets;
 pub mod tls;
 pub mod upstream;

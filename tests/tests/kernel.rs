@@ -8,13 +8,14 @@
 use std::{
     io::{Read, Write},
     net::{TcpListener, TcpStream},
+    os::fd::AsRawFd as _,
     time::Duration,
 };
 
 use spliced_tests::{
-    open_tunnel,
+    open_tunnel, pattern, retransmit,
     upstream::{exchange, Header},
-    Mode, Proxy, Upstream, DATA_PLANES, IO_TIMEOUT,
+    wait_until, Mode, Netns, Proxy, Upstream, DATA_PLANES, IO_TIMEOUT,
 };
 
 const MIB: u64 = 1 << 20;
@@ -521,10 +522,10 @@ fn a_filling_send_queue_gets_a_bigger_send_buffer() {
 /// passed byte. With a 256 KiB backlog mark a bulk transfer each way goes
 /// through that hand-over many times; not one byte may move or repeat.
 ///
-/// Found here: about one run in eight delivered corrupt bytes while a
-/// user-space read of a held-back socket ended inside an skb (see
-/// `copy_passed`); the copy now reads with a buffer larger than the receive
-/// queue can grow.
+/// Found here: about one run in eight delivered two skbs' worth of bytes
+/// twice — a held-back socket's full receive buffer makes loopback drop and
+/// retransmit, and the retransmission overlapped received bytes (see
+/// `overlapping_retransmissions_are_forwarded_once`).
 #[test]
 fn held_back_directions_resume_in_order() {
     let upstream = Upstream::start();
@@ -565,4 +566,159 @@ fn held_back_directions_resume_in_order() {
     assert!(stats["flow_control_pauses"] >= 5, "{stats:?}");
     assert!(stats["flow_control_resumes"] >= 1, "{stats:?}");
     assert_eq!(stats["redirect_failed"], 0, "{stats:?}");
+}
+
+/// Pattern bytes the client has sent before it retransmits by hand.
+const BEFORE_RETRANSMIT: u64 = MIB;
+/// Already-received bytes the hand-made retransmission repeats.
+const REPEATED: u64 = 5000;
+/// New bytes it carries after them (the client's socket sends them again).
+const NEW_IN_RETRANSMIT: u64 = 100;
+
+/// A tunnel whose client retransmits by hand, after everything it sent has
+/// been received, one segment of [`REPEATED`] received bytes and
+/// [`NEW_IN_RETRANSMIT`] new ones; its own socket then sends the new bytes
+/// again with the rest. Runs in a namespace of its own without TCP timestamps
+/// (the hand-made segment carries none).
+fn overlapping_retransmission(hooks: &[&str]) -> RetransmissionOutcome {
+    let ns = Netns::new();
+    let sysctl = ns
+        .command("sysctl")
+        .args(["-qw", "net.ipv4.tcp_timestamps=0"])
+        .status()
+        .expect("run sysctl");
+    assert!(sysctl.success(), "sysctl net.ipv4.tcp_timestamps=0 failed");
+    let upstream = Upstream::start_in(&ns, "127.0.0.1:8443".parse().unwrap());
+    let mut args = vec![
+        "--dataplane",
+        "sockmap",
+        "--connect-ports",
+        "8443",
+        "--listen",
+        "127.0.0.1:3128",
+    ];
+    for hook in hooks {
+        args.extend_from_slice(&["--test-hook", hook]);
+    }
+    let proxy = Proxy::start_in(&ns, &args);
+    let h = Header {
+        up: 4 * MIB,
+        down: 1000,
+        seed: 950,
+        mode: Mode::AnswerAfterEof,
+    };
+    let proxy_addr = proxy.addr;
+    let client = ns.enter(move || -> Result<u64, String> {
+        let mut stream = open_tunnel(proxy_addr, "127.0.0.1:8443");
+        stream.write_all(&h.encode()).map_err(|e| e.to_string())?;
+        write_pattern(&mut stream, h.seed, 0, BEFORE_RETRANSMIT)?;
+        let acknowledged = wait_until(IO_TIMEOUT, || {
+            let mut queued: libc::c_int = 0;
+            // SAFETY: SIOCOUTQ writes one int through the pointer.
+            let rc = unsafe { libc::ioctl(stream.as_raw_fd(), libc::TIOCOUTQ, &mut queued) };
+            rc == 0 && queued == 0
+        });
+        assert!(
+            acknowledged,
+            "the proxy did not acknowledge the first bytes"
+        );
+        let (next_seq, ack) = retransmit::sequence_numbers(&stream).expect("TCP_REPAIR");
+        let mut payload = vec![0u8; (REPEATED + NEW_IN_RETRANSMIT) as usize];
+        pattern::fill(h.seed, BEFORE_RETRANSMIT - REPEATED, &mut payload);
+        retransmit::send_segment(
+            &stream,
+            next_seq.wrapping_sub(REPEATED as u32),
+            ack,
+            &payload,
+        )
+        .expect("send the hand-made retransmission");
+        write_pattern(&mut stream, h.seed, BEFORE_RETRANSMIT, h.up)?;
+        stream
+            .shutdown(std::net::Shutdown::Write)
+            .map_err(|e| e.to_string())?;
+        match pattern::receive(&mut stream, h.seed + 1) {
+            Ok(Ok(n)) => Ok(n),
+            Ok(Err(bad)) => Err(format!("corrupt byte at offset {bad}")),
+            Err(err) => Err(err.to_string()),
+        }
+    });
+    RetransmissionOutcome {
+        client,
+        upstream: upstream.result().received,
+        stats: proxy.stats(),
+        log: proxy.stderr(),
+    }
+}
+
+/// What [`overlapping_retransmission`] saw.
+struct RetransmissionOutcome {
+    /// The answer the client read.
+    client: Result<u64, String>,
+    /// What the upstream received.
+    upstream: Result<u64, String>,
+    stats: std::collections::HashMap<String, u64>,
+    log: String,
+}
+
+/// Writes bytes `from..to` of pattern stream `seed`.
+fn write_pattern(stream: &mut TcpStream, seed: u64, from: u64, to: u64) -> Result<(), String> {
+    let mut buf = vec![0u8; (to - from) as usize];
+    pattern::fill(seed, from, &mut buf);
+    stream.write_all(&buf).map_err(|e| e.to_string())
+}
+
+/// TCP queues a retransmission that overlaps received bytes without trimming
+/// it, and tcp_read_skb hands the verdict the whole skb: the verdict trims
+/// the bytes it has handled already, so the upstream gets each byte once.
+/// Found in a 200 MiB transfer whose receiver paused: 130,966 bytes arrived
+/// twice, about one run in ten under load (loopback drops and retransmits
+/// when the held-back socket's receive buffer is full).
+#[test]
+fn overlapping_retransmissions_are_forwarded_once() {
+    let outcome = overlapping_retransmission(&[]);
+    let stats = &outcome.stats;
+    assert_eq!(outcome.upstream, Ok(4 * MIB), "{stats:?}");
+    assert_eq!(outcome.client, Ok(1000), "{stats:?}");
+    assert_eq!(
+        stats["duplicate_bytes_trimmed"],
+        REPEATED + NEW_IN_RETRANSMIT,
+        "{stats:?}"
+    );
+    assert_eq!(stats["sequence_gaps"], 0, "{stats:?}");
+    assert_eq!(stats["trim_failed"], 0, "{stats:?}");
+}
+
+#[test]
+fn without_the_trim_overlapping_retransmissions_repeat_bytes() {
+    let outcome = overlapping_retransmission(&["no-overlap-trim"]);
+    let err = outcome
+        .upstream
+        .expect_err("the upstream got an exact stream without the trim");
+    assert!(
+        err.contains("a duplicate of earlier bytes"),
+        "{err} {:?}",
+        outcome.stats
+    );
+}
+
+/// An overlap longer than the verdict can trim (here: one 4095-byte step
+/// under `short-trim`, against 5,000 repeated bytes) resets the tunnel
+/// instead of forwarding repeated bytes or losing new ones.
+#[test]
+fn untrimmable_overlaps_reset_the_tunnel() {
+    let outcome = overlapping_retransmission(&["short-trim"]);
+    let stats = &outcome.stats;
+    let err = outcome
+        .upstream
+        .expect_err("the upstream got an exact stream through a broken tunnel");
+    assert!(!err.contains("corrupt"), "{err} {stats:?}");
+    assert!(outcome.client.is_err(), "{:?}", outcome.client);
+    assert_eq!(stats["trim_failed"], 1, "{stats:?}");
+    assert!(
+        outcome
+            .log
+            .contains("repeated more bytes than the verdict can trim"),
+        "{}",
+        outcome.log
+    );
 }

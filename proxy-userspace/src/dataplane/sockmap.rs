@@ -77,6 +77,8 @@ const BACKLOG_HIGH: u64 = 16 * 1024 * 1024;
 const TINY_BACKLOG_HIGH: u64 = 256 * 1024;
 /// How often a held-back direction's backlog is checked before its copy starts.
 const PAUSED_POLL: Duration = Duration::from_millis(1);
+/// Read size of a held-back direction's copy.
+const COPY_BUFFER_BYTES: usize = 256 * 1024;
 /// First and longest wait of a copy with nothing to read before it re-checks
 /// whether the verdict has resumed or the stream has ended.
 const COPY_IDLE_MIN: Duration = Duration::from_millis(1);
@@ -159,8 +161,17 @@ impl SockmapDataPlane {
     pub fn load(config: &Config, fallback: Arc<dyn DataPlane>) -> anyhow::Result<Self> {
         raise_memlock_limit();
         let redirect_empty_skbs = u8::from(config.hook(TestHook::RedirectEmptySkbs));
-        let mut ebpf = EbpfLoader::new()
+        let trim_overlaps = u8::from(!config.hook(TestHook::NoOverlapTrim));
+        // One step of bpf_skb_adjust_room (at most 4095 bytes).
+        let one_trim_step: u32 = 1;
+        let mut loader = EbpfLoader::new();
+        loader
             .override_global("REDIRECT_EMPTY_SKBS", &redirect_empty_skbs, true)
+            .override_global("TRIM_OVERLAPS", &trim_overlaps, true);
+        if config.hook(TestHook::ShortTrim) {
+            loader.override_global("TRIM_STEPS", &one_trim_step, true);
+        }
+        let mut ebpf = loader
             .load(EBPF_OBJECT)
             .context("loading the eBPF object")?;
 
@@ -240,11 +251,14 @@ impl DataPlane for SockmapDataPlane {
         let maps = lock(&self.shared.maps);
         let stat = |index| maps.stats.get(&index, 0).unwrap_or(0);
         format!(
-            "zero_length_dropped={} redirect_failed={} no_flow={} events_lost={} events_received={} flow_control_pauses={} flow_control_resumes={} flow_control_copied_bytes={} send_buffer_raises={} flows={} spliced_sockets={} target_sockets={}",
+            "zero_length_dropped={} redirect_failed={} no_flow={} events_lost={} duplicate_bytes_trimmed={} sequence_gaps={} trim_failed={} events_received={} flow_control_pauses={} flow_control_resumes={} flow_control_copied_bytes={} send_buffer_raises={} flows={} spliced_sockets={} target_sockets={}",
             stat(stat::ZERO_LENGTH_DROPPED),
             stat(stat::REDIRECT_FAILED),
             stat(stat::NO_FLOW),
             stat(stat::EVENTS_LOST),
+            stat(stat::DUPLICATE_BYTES_TRIMMED),
+            stat(stat::SEQUENCE_GAPS),
+            stat(stat::TRIM_FAILED),
             EVENTS_RECEIVED.load(Ordering::Relaxed),
             PAUSES.load(Ordering::Relaxed),
             RESUMES.load(Ordering::Relaxed),
@@ -718,10 +732,14 @@ impl SplicedPair<'_> {
                         // the newest progress only, so a busy task cannot fall
                         // behind the kernel event by event.
                         let mut newest_progress: [Option<FlowEvent>; 2] = [None, None];
+                        let mut broken = None;
                         let mut next = Some(first);
                         while let Some(event) = next {
                             log::trace!("flow event {event:?}");
                             self.note_drained(&event, &mut directions);
+                            if event.kind == FlowEventKind::OverlapNotTrimmed as u32 {
+                                broken = self.cookies.iter().position(|&c| c == event.cookie);
+                            }
                             if event.kind == FlowEventKind::Progress as u32 {
                                 if let Some(src) = self.cookies.iter().position(|&c| c == event.cookie) {
                                     newest_progress[src] = Some(event);
@@ -731,6 +749,13 @@ impl SplicedPair<'_> {
                         }
                         for event in newest_progress.iter().flatten() {
                             self.note_progress(event, &mut directions);
+                        }
+                        if let Some(src) = broken {
+                            log::warn!(
+                                "sockmap tunnel reset: a retransmission from the {} repeated more bytes than the verdict can trim",
+                                if src == CLIENT { "client" } else { "upstream" }
+                            );
+                            break if src == CLIENT { TunnelEnd::ClientError } else { TunnelEnd::UpstreamError };
                         }
                     }
                     drain_wait = DRAIN_POLL_MIN;
@@ -826,6 +851,11 @@ impl SplicedPair<'_> {
                 .set_flow_mode(src, flow_mode::PAUSED, direction.copied)
                 .is_ok()
         {
+            log::debug!(
+                "flow control: direction {src} paused at redirected {}, copied {}, written {written}",
+                event.bytes_redirected,
+                direction.copied
+            );
             direction.paused = true;
             PAUSES.fetch_add(1, Ordering::Relaxed);
         }
@@ -895,6 +925,11 @@ impl SplicedPair<'_> {
                 self.sockets[1 - src].try_clone()?,
             );
             self.set_flow_mode(src, flow_mode::RESUMING, direction.copied)?;
+            log::debug!(
+                "flow control: direction {src} copy starts: redirected {redirected}, copied {}, passed {}",
+                direction.copied,
+                self.flow_entries()[src].bytes_passed
+            );
             direction.copying = true;
             copies[src] = Some(tokio::spawn(copy_passed(
                 Arc::clone(self.shared),
@@ -921,6 +956,11 @@ impl SplicedPair<'_> {
             .flow_control
             .get(&self.cookies[src], 0)
             .map_or(flow_mode::REDIRECT, |control| control.mode);
+        log::debug!(
+            "flow control: direction {src} copy ended at copied {}, mode {mode}, entry {:?}",
+            direction.copied,
+            self.flow_entries()[src]
+        );
         if mode == flow_mode::REDIRECT {
             direction.paused = false;
             RESUMES.fetch_add(1, Ordering::Relaxed);
@@ -1028,15 +1068,7 @@ async fn copy_passed(
     // out of the reactor.
     let src = tokio::net::TcpStream::from_std(src)?;
     let mut dst = tokio::net::TcpStream::from_std(dst)?;
-    // One read must take everything queued on the socket. tcp_bpf_recvmsg
-    // reads the receive queue directly (tcp_recvmsg) when the psock has no
-    // passed bytes ready; a read that ends inside an skb leaves the rest
-    // queued, and tcp_read_skb later hands the verdict the *whole* skb, so the
-    // part already read went out twice. Seen as corrupt bytes in about one
-    // held-back run in eight with a 256 KiB buffer; none in 16 with a buffer
-    // larger than the receive buffer can grow. Only pages a read fills become
-    // resident.
-    let mut buf = vec![0u8; read_buffer_bytes(&src)];
+    let mut buf = vec![0u8; COPY_BUFFER_BYTES];
     let mut idle = COPY_IDLE_MIN;
     loop {
         // Wait for passed bytes, or a tick to see whether the verdict has
@@ -1082,28 +1114,13 @@ async fn copy_passed(
             continue;
         }
         let read = read.unwrap_or(0);
+        log::trace!("flow control: copy {cookie:x} read {read} at copied {copied}");
         idle = COPY_IDLE_MIN;
         dst.write_all(&buf[..read]).await?;
         copied += read as u64;
         BYTES_COPIED.fetch_add(read as u64, Ordering::Relaxed);
         shared.set_flow_control(cookie, flow_mode::RESUMING, copied)?;
     }
-}
-
-/// Larger than anything the socket's receive queue can hold: its receive
-/// buffer, or what autotuning may grow it to (`net.ipv4.tcp_rmem`'s maximum).
-fn read_buffer_bytes(socket: &tokio::net::TcpStream) -> usize {
-    static TCP_RMEM_MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    let autotune_max = *TCP_RMEM_MAX.get_or_init(|| {
-        fs::read_to_string("/proc/sys/net/ipv4/tcp_rmem")
-            .ok()
-            .and_then(|text| text.split_whitespace().nth(2)?.parse().ok())
-            .unwrap_or(64 << 20)
-    });
-    let current = socket2::SockRef::from(socket)
-        .recv_buffer_size()
-        .unwrap_or(0);
-    autotune_max.max(current) + (1 << 20)
 }
 
 #[derive(Clone, Copy, Debug)]
