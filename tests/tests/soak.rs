@@ -15,7 +15,9 @@ use std::{
 };
 
 use spliced_tests::{
-    open_tunnel, raw_request, status_of,
+    open_tunnel,
+    paused::PausedExchange,
+    raw_request, status_of,
     upstream::{exchange, Header},
     wait_until, Mode, Proxy, Upstream,
 };
@@ -29,6 +31,7 @@ struct Counters {
     refused: AtomicU64,
     slow_clients_cut: AtomicU64,
     never_read: AtomicU64,
+    paused_readers: AtomicU64,
     unexpected: AtomicU64,
 }
 
@@ -47,6 +50,7 @@ fn soak() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(30);
     let upstreams: Vec<Upstream> = (0..5).map(|_| Upstream::start()).collect();
+    let paused_upstream = Upstream::start();
     let silent = TcpListener::bind("127.0.0.1:0").unwrap();
     let silent_port = silent.local_addr().unwrap().port();
     let closed_port = TcpListener::bind("127.0.0.1:0")
@@ -57,7 +61,7 @@ fn soak() {
     let ports: Vec<String> = upstreams
         .iter()
         .map(|u| u.addr.port())
-        .chain([silent_port, closed_port])
+        .chain([paused_upstream.addr.port(), silent_port, closed_port])
         .map(|p| p.to_string())
         .collect();
     let proxy = Proxy::start(&[
@@ -138,6 +142,41 @@ fn soak() {
                 } else {
                     eprintln!(
                         "corrupt tunnel {h:?}: client {:?} server {:?}",
+                        client.received, server.received
+                    );
+                    counters.corrupt.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+
+    // Healthy bulk tunnels whose client stops reading (and sending) half-way
+    // for a moment: the sockmap plane holds the direction back and hands it
+    // back to the kernel; byte-exact like the others.
+    {
+        let (stop, counters) = (stop.clone(), counters.clone());
+        workers.push(std::thread::spawn(move || {
+            let target = paused_upstream.addr.to_string();
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                let h = Header {
+                    up: 48 << 20,
+                    down: 48 << 20,
+                    seed: 7 << 40 | i << 1,
+                    mode: Mode::Concurrent,
+                };
+                let paused = PausedExchange::start(open_tunnel(addr, &target), h);
+                std::thread::sleep(Duration::from_millis(300));
+                let client = paused.finish();
+                let server = paused_upstream.result();
+                counters.tunnels.fetch_add(1, Ordering::Relaxed);
+                counters.paused_readers.fetch_add(1, Ordering::Relaxed);
+                if client.received == Ok(h.down) && server.received == Ok(h.up) {
+                    counters.bytes.fetch_add(h.up + h.down, Ordering::Relaxed);
+                } else {
+                    eprintln!(
+                        "corrupt paused tunnel {h:?}: client {:?} server {:?}",
                         client.received, server.received
                     );
                     counters.corrupt.fetch_add(1, Ordering::Relaxed);
@@ -251,8 +290,9 @@ fn soak() {
     let end = (proxy.rss_kib(), proxy.fd_count(), proxy.stats());
     let c = &counters;
     eprintln!(
-        "soak {seconds} s: {} healthy tunnels, {} MiB moved byte-exact, {} corrupt; {} resets, {} closed-port refusals, {} slow clients cut, {} never-read tunnels, {} unexpected answers",
+        "soak {seconds} s: {} healthy tunnels ({} with a paused reader), {} MiB moved byte-exact, {} corrupt; {} resets, {} closed-port refusals, {} slow clients cut, {} never-read tunnels, {} unexpected answers",
         c.tunnels.load(Ordering::Relaxed),
+        c.paused_readers.load(Ordering::Relaxed),
         c.bytes.load(Ordering::Relaxed) >> 20,
         c.corrupt.load(Ordering::Relaxed),
         c.resets.load(Ordering::Relaxed),
@@ -262,8 +302,9 @@ fn soak() {
         c.unexpected.load(Ordering::Relaxed),
     );
     eprintln!(
-        "soak RSS KiB start {} peak {peak_rss} end {}; fds start {} peak {peak_fds} end {}; map entries end flows={} spliced={} targets={}; flow-control pauses {}",
+        "soak RSS KiB start {} peak {peak_rss} end {}; fds start {} peak {peak_fds} end {}; map entries end flows={} spliced={} targets={}; flow-control pauses {} resumes {} copied {} MiB; retransmitted bytes trimmed {}, untrimmable {}",
         baseline.0, end.0, baseline.1, end.1, end.2["flows"], end.2["spliced_sockets"], end.2["target_sockets"], end.2["flow_control_pauses"],
+        end.2["flow_control_resumes"], end.2["flow_control_copied_bytes"] >> 20, end.2["duplicate_bytes_trimmed"], end.2["trim_failed"],
     );
     assert_eq!(c.corrupt.load(Ordering::Relaxed), 0, "corrupt tunnels");
     assert_eq!(
