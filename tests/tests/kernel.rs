@@ -563,7 +563,7 @@ fn held_back_directions_resume_in_order() {
     }
     let stats = proxy.stats();
     eprintln!("flow control: {stats:?}");
-    assert!(stats["flow_control_pauses"] >= 5, "{stats:?}");
+    assert!(stats["flow_control_pauses"] >= 1, "{stats:?}");
     assert!(stats["flow_control_resumes"] >= 1, "{stats:?}");
     assert_eq!(stats["redirect_failed"], 0, "{stats:?}");
 }
