@@ -46,7 +46,7 @@ use self::{
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
     /// Short run (under 2 minutes): fewer cases, 1 run of 3 s each, 2,000
-    /// tunnels in the scale test. The full run takes about 13 minutes.
+    /// tunnels in the scale test. The full run takes about 14 minutes.
     #[arg(long)]
     quick: bool,
     /// Where to write the raw results [default: target/bench/results.json].
@@ -158,7 +158,7 @@ impl Case {
 /// What runs: kinds × contenders per environment. Contenders are interleaved
 /// run by run, so background noise spreads evenly over them.
 fn matrix(quick: bool) -> Vec<(Env, Vec<Kind>, Vec<Contender>)> {
-    use Contender::{Copy, Direct, Sockmap};
+    use Contender::{Copy, Direct, Sockmap, Splice};
     let all = Contender::ALL.to_vec();
     let (fwd, rev) = (Kind::new(false, 1), Kind::new(true, 1));
     let cpu = Kind::at_rate(false, 1, RATE);
@@ -169,7 +169,7 @@ fn matrix(quick: bool) -> Vec<(Env, Vec<Kind>, Vec<Contender>)> {
             (Env::Netns, vec![fwd], vec![Direct, Sockmap]),
         ]
     } else {
-        // 45 cases × 3 runs × 5 s: about 13 minutes with the rest.
+        // 49 cases × 3 runs × 5 s: about 14 minutes with the rest.
         let p4 = [Kind::new(false, 4), Kind::new(true, 4)];
         vec![
             (Env::Unpinned, vec![fwd, rev], all.clone()),
@@ -178,6 +178,7 @@ fn matrix(quick: bool) -> Vec<(Env, Vec<Kind>, Vec<Contender>)> {
             (Env::SameCpu, vec![fwd, rev], vec![Direct, Sockmap, Copy]),
             (Env::Apart, vec![rev], vec![Direct, Sockmap, Copy]),
             (Env::Netns, vec![fwd, rev], all),
+            (Env::Netns, vec![cpu], vec![Direct, Sockmap, Splice, Copy]),
         ]
     }
 }

@@ -459,12 +459,15 @@ pub fn tables(results: &Results) -> Vec<Table> {
         });
     }
 
-    let cpu_rows: Vec<&TputResult> = results
-        .tput
-        .iter()
-        .filter(|r| r.case.kind.rate.is_some())
-        .collect();
-    if !cpu_rows.is_empty() {
+    for env in Env::ALL {
+        let cpu_rows: Vec<&TputResult> = results
+            .tput
+            .iter()
+            .filter(|r| r.case.kind.rate.is_some() && r.case.env == env)
+            .collect();
+        if cpu_rows.is_empty() {
+            continue;
+        }
         let body = cpu_rows
             .iter()
             .map(|r| {
@@ -498,7 +501,6 @@ pub fn tables(results: &Results) -> Vec<Table> {
                 row
             })
             .collect();
-        let env = cpu_rows[0].case.env;
         tables.push(Table {
             title: format!(
                 "CPU cost at a fixed rate ({}; whole machine incl. kernel, {}), {}",
