@@ -137,8 +137,10 @@ pub mod stat {
     /// failed or the overlap was longer than the verdict trims); each was
     /// dropped and its tunnel reset.
     pub const TRIM_FAILED: u32 = 6;
+    /// The longest overlap the verdict trimmed off one skb, in bytes.
+    pub const LONGEST_OVERLAP: u32 = 7;
     /// Number of counters.
-    pub const COUNT: u32 = 7;
+    pub const COUNT: u32 = 8;
 }
 
 /// TCP states as the kernel numbers them (`include/net/tcp_states.h`).

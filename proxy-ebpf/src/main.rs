@@ -16,11 +16,12 @@
 
 use aya_ebpf::{
     bindings::{
+        __sk_buff,
         sk_action::{SK_DROP, SK_PASS},
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
     },
-    helpers::bpf_get_socket_cookie,
+    helpers::{bpf_get_socket_cookie, bpf_skb_adjust_room},
     macros::{map, sock_ops, stream_verdict},
     maps::{Array, HashMap, RingBuf, SockHash},
     programs::{SkBuffContext, SockOpsContext},
@@ -204,10 +205,10 @@ pub fn splice_verdict(ctx: SkBuffContext) -> u32 {
 /// How many payload bytes one `bpf_skb_adjust_room` call may trim
 /// (sk_skb_adjust_room rejects more than 0xfff).
 const TRIM_STEP: u32 = 0xfff;
-/// Trim steps per skb: overlaps up to 128 KiB. A retransmission overlaps
-/// received bytes by at most one GSO segment (64 KiB without BIG TCP); each
-/// step makes the verifier walk the rest of the program once more.
-const MAX_TRIM_STEPS: u32 = 32;
+/// Trim steps per skb: overlaps up to 2 MiB, more than an skb TCP queues
+/// carries (a coalesced receive-queue skb holds at most MAX_SKB_FRAGS page
+/// fragments); 32 steps (128 KiB) cover two loopback segments only.
+const MAX_TRIM_STEPS: u32 = 512;
 
 /// Trims off the front of the skb the bytes the verdict handled already and
 /// returns the skb's new length, or `None` if repeated bytes are left.
@@ -259,26 +260,52 @@ unsafe fn trim_handled_bytes(ctx: &SkBuffContext, entry: *mut FlowEntry, len: u3
         return Some(len);
     }
     let overlap = (overlap as u32).min(len);
-    let mut left = overlap;
     // SAFETY: a read of a constant in .rodata that the loader may have patched.
     let steps = unsafe { core::ptr::read_volatile(&TRIM_STEPS) };
+    (trim_front(ctx.skb.skb, overlap, steps) == TRIMMED).then(|| ctx.len())
+}
+
+/// What [`trim_front`] returns when every byte asked for was trimmed.
+const TRIMMED: u32 = 0;
+
+/// Drops `bytes` from the front of the skb, in at most `steps` calls of
+/// `bpf_skb_adjust_room`, and counts them; returns [`TRIMMED`], or 1 if bytes
+/// are left.
+///
+/// A function of its own (a BPF-to-BPF call) that returns one of two values,
+/// so the verifier walks the rest of the verdict twice after it, not once per
+/// way out of the loop (with the loop inlined, 256 steps already made the
+/// program too complex to load).
+#[inline(never)]
+fn trim_front(skb: *mut __sk_buff, bytes: u32, steps: u32) -> u32 {
+    let mut left = bytes;
     for step_index in 0..MAX_TRIM_STEPS {
         if left == 0 || step_index >= steps {
             break;
         }
         let step = left.min(TRIM_STEP);
-        // bpf_skb_adjust_room with a negative length on an sk_skb pulls that
-        // many bytes into the linear area and drops them from the front
-        // (sk_skb_adjust_room → pskb_may_pull + __skb_pull).
-        if ctx.adjust_room(-(step as i32), 0, 0).is_err() {
+        // SAFETY: `skb` is the program's context. bpf_skb_adjust_room with a
+        // negative length on an sk_skb pulls that many bytes into the linear
+        // area and drops them from the front (sk_skb_adjust_room →
+        // pskb_may_pull + __skb_pull); it fails only if the skb is shorter.
+        if unsafe { bpf_skb_adjust_room(skb, -(step as i32), 0, 0) } != 0 {
             break;
         }
         left -= step;
     }
     if let Some(counter) = STATS.get_ptr_mut(stat::DUPLICATE_BYTES_TRIMMED) {
-        add(counter, u64::from(overlap - left));
+        add(counter, u64::from(bytes - left));
     }
-    (left == 0).then(|| ctx.len())
+    if let Some(longest) = STATS.get_ptr_mut(stat::LONGEST_OVERLAP) {
+        // SAFETY: a live map value (see `add`). Not atomic: two CPUs may race
+        // and keep the smaller value, which is fine for a diagnostic.
+        unsafe {
+            if u64::from(bytes) > *longest {
+                *longest = u64::from(bytes);
+            }
+        }
+    }
+    u32::from(left != 0)
 }
 
 /// Whether flow control holds this skb back (pass) rather than redirecting it.

@@ -1575,6 +1575,18 @@ fn only_port(listen: &str, port: u16) -> String {
 /// disturb.
 const BIG: u64 = 200 * MIB;
 
+/// Runs `check`; if it fails, prints `proxy`'s log before failing the test, so
+/// a tunnel that broke says why.
+fn with_log_on_failure<T>(proxy: &Spliced, check: impl FnOnce() -> T) -> T {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(check)) {
+        Ok(value) => value,
+        Err(panic) => {
+            eprintln!("spliced's log:\n{}", proxy.stderr());
+            std::panic::resume_unwind(panic)
+        }
+    }
+}
+
 fn reload_changes_policy_for_new_requests_only(plane: &str) {
     let site = Site::new(&[8001, 8002]);
     let conf = site.conf(&only_port("127.0.0.1:3128", 8001));
@@ -1595,7 +1607,7 @@ fn reload_changes_policy_for_new_requests_only(plane: &str) {
     let refused = site.connect(LOCAL4, "127.0.0.1:8001", None);
     assert_eq!(refused.status, 403, "{refused:?}");
     let down = site.check_tunnel(site.tunnel(LOCAL4, "127.0.0.1:8002"), 8002);
-    site.finish_paused(paused, big, 8001);
+    with_log_on_failure(&proxy, || site.finish_paused(paused, big, 8001));
 
     assert_log(
         &log,
@@ -1626,7 +1638,7 @@ fn reload_moves_http_port(plane: &str) {
         wait_until(Duration::from_secs(5), || site.refuses(old.proxy)),
         "the old port still accepts"
     );
-    site.finish_paused(paused, big, 8001);
+    with_log_on_failure(&proxy, || site.finish_paused(paused, big, 8001));
     site.check_tunnel(site.tunnel(new, "127.0.0.1:8001"), 8001);
     proxy.assert_running();
 }
@@ -1761,7 +1773,7 @@ fn sigterm_lets_open_tunnels_finish(plane: &str) {
         wait_until(Duration::from_secs(2), || site.refuses(LOCAL4.proxy)),
         "new connections are still accepted while draining"
     );
-    site.finish_paused(paused, big, 8001);
+    with_log_on_failure(&proxy, || site.finish_paused(paused, big, 8001));
     assert_clean_exit(&mut proxy, Duration::from_secs(10));
     assert!(
         proxy.stderr().contains("all connections closed"),

@@ -251,12 +251,13 @@ impl DataPlane for SockmapDataPlane {
         let maps = lock(&self.shared.maps);
         let stat = |index| maps.stats.get(&index, 0).unwrap_or(0);
         format!(
-            "zero_length_dropped={} redirect_failed={} no_flow={} events_lost={} duplicate_bytes_trimmed={} sequence_gaps={} trim_failed={} events_received={} flow_control_pauses={} flow_control_resumes={} flow_control_copied_bytes={} send_buffer_raises={} flows={} spliced_sockets={} target_sockets={}",
+            "zero_length_dropped={} redirect_failed={} no_flow={} events_lost={} duplicate_bytes_trimmed={} longest_overlap={} sequence_gaps={} trim_failed={} events_received={} flow_control_pauses={} flow_control_resumes={} flow_control_copied_bytes={} send_buffer_raises={} flows={} spliced_sockets={} target_sockets={}",
             stat(stat::ZERO_LENGTH_DROPPED),
             stat(stat::REDIRECT_FAILED),
             stat(stat::NO_FLOW),
             stat(stat::EVENTS_LOST),
             stat(stat::DUPLICATE_BYTES_TRIMMED),
+            stat(stat::LONGEST_OVERLAP),
             stat(stat::SEQUENCE_GAPS),
             stat(stat::TRIM_FAILED),
             EVENTS_RECEIVED.load(Ordering::Relaxed),
