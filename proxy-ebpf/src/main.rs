@@ -275,7 +275,7 @@ const TRIMMED: u32 = 0;
 /// A function of its own (a BPF-to-BPF call) that returns one of two values,
 /// so the verifier walks the rest of the verdict twice after it, not once per
 /// way out of the loop (with the loop inlined, 256 steps already made the
-/// program too complex to load).
+/// program too complex to load under one test hook: E2BIG).
 #[inline(never)]
 fn trim_front(skb: *mut __sk_buff, bytes: u32, steps: u32) -> u32 {
     let mut left = bytes;
@@ -287,7 +287,8 @@ fn trim_front(skb: *mut __sk_buff, bytes: u32, steps: u32) -> u32 {
         // SAFETY: `skb` is the program's context. bpf_skb_adjust_room with a
         // negative length on an sk_skb pulls that many bytes into the linear
         // area and drops them from the front (sk_skb_adjust_room →
-        // pskb_may_pull + __skb_pull); it fails only if the skb is shorter.
+        // pskb_may_pull + __skb_pull); it fails if the skb is shorter or the
+        // pull cannot allocate.
         if unsafe { bpf_skb_adjust_room(skb, -(step as i32), 0, 0) } != 0 {
             break;
         }
