@@ -582,12 +582,9 @@ const NEW_IN_RETRANSMIT: u64 = 100;
 /// (the hand-made segment carries none).
 fn overlapping_retransmission(hooks: &[&str]) -> RetransmissionOutcome {
     let ns = Netns::new();
-    let sysctl = ns
-        .command("sysctl")
-        .args(["-qw", "net.ipv4.tcp_timestamps=0"])
-        .status()
-        .expect("run sysctl");
-    assert!(sysctl.success(), "sysctl net.ipv4.tcp_timestamps=0 failed");
+    // /proc/sys/net shows the network namespace of the thread that opens it.
+    ns.enter(|| std::fs::write("/proc/sys/net/ipv4/tcp_timestamps", "0"))
+        .expect("turn TCP timestamps off in the test's namespace");
     let upstream = Upstream::start_in(&ns, "127.0.0.1:8443".parse().unwrap());
     let mut args = vec![
         "--dataplane",
