@@ -298,3 +298,20 @@ impl ReadTrace {
             .sum()
     }
 }
+
+/// The highest RSS and descriptor count sampled from a proxy.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Peaks {
+    /// Resident memory, KiB.
+    pub rss_kib: u64,
+    /// Open descriptors.
+    pub fds: usize,
+}
+
+impl Peaks {
+    /// Takes one sample of `proxy`.
+    pub fn sample(&mut self, proxy: &Proxy) {
+        self.rss_kib = self.rss_kib.max(proxy.rss_kib());
+        self.fds = self.fds.max(proxy.fd_count());
+    }
+}

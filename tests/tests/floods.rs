@@ -22,13 +22,16 @@ use std::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex, MutexGuard, PoisonError,
     },
+    thread::JoinHandle,
     time::{Duration, Instant},
 };
 
 use spliced_tests::{
     echo::EchoProcess,
     healthy::Healthy,
-    open_tunnel, status_of,
+    open_tunnel,
+    proxy::Peaks,
+    status_of,
     upstream::{exchange, Header},
     wait_until, Mode, Proxy, Upstream, CONNECT_OK,
 };
@@ -40,6 +43,16 @@ static SERIAL: Mutex<()> = Mutex::new(());
 /// One test of this file at a time (a failed one does not stop the others).
 fn serial() -> MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Samples `proxy` every `every` until all `workers` have finished.
+fn peaks_until_done<T>(proxy: &Proxy, workers: &[JoinHandle<T>], every: Duration) -> Peaks {
+    let mut peaks = Peaks::default();
+    while !workers.iter().all(JoinHandle::is_finished) {
+        peaks.sample(proxy);
+        std::thread::sleep(every);
+    }
+    peaks
 }
 
 fn proxy_for(plane: &str, ports: &[u16], extra: &[&str]) -> Proxy {
@@ -174,7 +187,7 @@ fn slowloris(plane: &str) {
     let opened_in = started.elapsed();
     // (time from connect to the proxy's close, what it answered), or an error.
     let mut cut: Vec<Result<(Duration, Vec<u8>), String>> = Vec::with_capacity(SLOW_CLIENTS);
-    let (mut peak_rss, mut peak_fds) = (0, 0);
+    let mut peaks = Peaks::default();
     let mut next_byte = Instant::now();
     let give_up = Instant::now() + REQUEST_TIMEOUT + Duration::from_secs(5);
     let mut buf = [0u8; 1024];
@@ -214,10 +227,13 @@ fn slowloris(plane: &str) {
                 false
             }
         });
-        peak_rss = peak_rss.max(proxy.rss_kib());
-        peak_fds = peak_fds.max(proxy.fd_count());
+        peaks.sample(&proxy);
         std::thread::sleep(Duration::from_millis(50));
     }
+    let Peaks {
+        rss_kib: peak_rss,
+        fds: peak_fds,
+    } = peaks;
     let all_cut_in = started.elapsed();
     let exchanges = healthy.assert_exact();
     assert!(
@@ -350,12 +366,10 @@ fn header_floods(plane: &str) {
             })
         })
         .collect();
-    let (mut peak_rss, mut peak_fds) = (0, 0);
-    while !workers.iter().all(|w| w.is_finished()) {
-        peak_rss = peak_rss.max(proxy.rss_kib());
-        peak_fds = peak_fds.max(proxy.fd_count());
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let Peaks {
+        rss_kib: peak_rss,
+        fds: peak_fds,
+    } = peaks_until_done(&proxy, &workers, Duration::from_millis(10));
     let flood_secs = started.elapsed().as_secs_f64();
     let exchanges = healthy.assert_exact();
     let mut per_kind: HashMap<&str, usize> = HashMap::new();
@@ -711,12 +725,10 @@ fn churn(plane: &str) {
             })
         })
         .collect();
-    let (mut peak_rss, mut peak_fds) = (0, 0);
-    while !workers.iter().all(|w| w.is_finished()) {
-        peak_rss = peak_rss.max(proxy.rss_kib());
-        peak_fds = peak_fds.max(proxy.fd_count());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let Peaks {
+        rss_kib: peak_rss,
+        fds: peak_fds,
+    } = peaks_until_done(&proxy, &workers, Duration::from_millis(100));
     let (mut exchanged, mut refused, mut failed) = (0, Vec::new(), Vec::new());
     for worker in workers {
         let (e, r, f) = worker.join().expect("churn worker");

@@ -17,6 +17,7 @@ use std::{
 use spliced_tests::{
     open_tunnel,
     paused::PausedExchange,
+    proxy::Peaks,
     raw_request, status_of,
     upstream::{exchange, Header},
     wait_until, Mode, Proxy, Upstream,
@@ -33,6 +34,26 @@ struct Counters {
     never_read: AtomicU64,
     paused_readers: AtomicU64,
     unexpected: AtomicU64,
+}
+
+impl Counters {
+    /// Counts one healthy exchange: its bytes if both ends got exactly theirs,
+    /// else a corrupt tunnel (and says which).
+    fn record_exchange(
+        &self,
+        what: &str,
+        h: Header,
+        client: &Result<u64, String>,
+        server: &Result<u64, String>,
+    ) {
+        self.tunnels.fetch_add(1, Ordering::Relaxed);
+        if *client == Ok(h.down) && *server == Ok(h.up) {
+            self.bytes.fetch_add(h.up + h.down, Ordering::Relaxed);
+        } else {
+            eprintln!("corrupt {what} {h:?}: client {client:?} server {server:?}");
+            self.corrupt.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 /// A tiny xorshift, so runs differ in sizes but need no crate.
@@ -136,16 +157,7 @@ fn soak() {
                 };
                 let client = exchange(open_tunnel(addr, &target), h, false);
                 let server = upstream.result();
-                counters.tunnels.fetch_add(1, Ordering::Relaxed);
-                if client.received == Ok(down) && server.received == Ok(up) {
-                    counters.bytes.fetch_add(up + down, Ordering::Relaxed);
-                } else {
-                    eprintln!(
-                        "corrupt tunnel {h:?}: client {:?} server {:?}",
-                        client.received, server.received
-                    );
-                    counters.corrupt.fetch_add(1, Ordering::Relaxed);
-                }
+                counters.record_exchange("tunnel", h, &client.received, &server.received);
             }
         }));
     }
@@ -170,17 +182,8 @@ fn soak() {
                 std::thread::sleep(Duration::from_millis(300));
                 let client = paused.finish();
                 let server = paused_upstream.result();
-                counters.tunnels.fetch_add(1, Ordering::Relaxed);
                 counters.paused_readers.fetch_add(1, Ordering::Relaxed);
-                if client.received == Ok(h.down) && server.received == Ok(h.up) {
-                    counters.bytes.fetch_add(h.up + h.down, Ordering::Relaxed);
-                } else {
-                    eprintln!(
-                        "corrupt paused tunnel {h:?}: client {:?} server {:?}",
-                        client.received, server.received
-                    );
-                    counters.corrupt.fetch_add(1, Ordering::Relaxed);
-                }
+                counters.record_exchange("paused tunnel", h, &client.received, &server.received);
             }
         }));
     }
@@ -265,15 +268,17 @@ fn soak() {
     }
 
     // Samples while it runs.
-    let mut peak_rss = 0;
-    let mut peak_fds = 0;
+    let mut peaks = Peaks::default();
     while Instant::now() < deadline {
         std::thread::sleep(
             Duration::from_secs(5).min(deadline.saturating_duration_since(Instant::now())),
         );
-        peak_rss = peak_rss.max(proxy.rss_kib());
-        peak_fds = peak_fds.max(proxy.fd_count());
+        peaks.sample(&proxy);
     }
+    let Peaks {
+        rss_kib: peak_rss,
+        fds: peak_fds,
+    } = peaks;
     stop.store(true, Ordering::Relaxed);
     for worker in workers {
         worker.join().expect("soak worker");
