@@ -109,8 +109,18 @@ pub fn receive(input: &mut impl std::io::Read, seed: u64) -> std::io::Result<Res
     Ok(receive_explained(input, seed)?.map_err(|(bad, _)| bad))
 }
 
+/// [`receive`] as one result: the byte count, or what went wrong — an I/O
+/// error, or the mismatch [`explain`]ed.
+pub fn receive_checked(input: &mut impl std::io::Read, seed: u64) -> Result<u64, String> {
+    match receive_explained(input, seed) {
+        Ok(Ok(n)) => Ok(n),
+        Ok(Err((_, explained))) => Err(explained),
+        Err(err) => Err(err.to_string()),
+    }
+}
+
 /// [`receive`], with the mismatch [`explain`]ed.
-pub fn receive_explained(
+fn receive_explained(
     input: &mut impl std::io::Read,
     seed: u64,
 ) -> std::io::Result<Result<u64, (u64, String)>> {

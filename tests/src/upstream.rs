@@ -146,11 +146,7 @@ fn serve_one(mut stream: TcpStream) -> Option<ServerResult> {
     let mut raw = [0u8; 32];
     stream.read_exact(&mut raw).ok()?;
     let header = Header::decode(&raw);
-    let receive = |stream: &mut TcpStream| match pattern::receive_explained(stream, header.seed) {
-        Ok(Ok(n)) => Ok(n),
-        Ok(Err((_, explained))) => Err(explained),
-        Err(err) => Err(err.to_string()),
-    };
+    let receive = |stream: &mut TcpStream| pattern::receive_checked(stream, header.seed);
     let send = move |stream: &mut TcpStream| -> u64 {
         let ok = pattern::send(stream, header.seed + 1, header.down).is_ok();
         let _ = stream.shutdown(Shutdown::Write);
@@ -220,12 +216,7 @@ pub fn exchange(mut stream: TcpStream, header: Header, header_sent: bool) -> Cli
     if !header_sent {
         stream.write_all(&header.encode()).expect("send header");
     }
-    let receive = |stream: &mut TcpStream| match pattern::receive_explained(stream, header.seed + 1)
-    {
-        Ok(Ok(n)) => Ok(n),
-        Ok(Err((_, explained))) => Err(explained),
-        Err(err) => Err(err.to_string()),
-    };
+    let receive = |stream: &mut TcpStream| pattern::receive_checked(stream, header.seed + 1);
     let send = move |stream: &mut TcpStream| {
         pattern::send(stream, header.seed, header.up).expect("client send");
         stream.shutdown(Shutdown::Write).expect("client shutdown");

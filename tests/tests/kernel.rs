@@ -547,7 +547,7 @@ fn held_back_directions_resume_in_order() {
         );
         let received = upstream.result().received;
         if received != Ok(h.up) || client.received != Ok(h.down) {
-            let _ = std::fs::write("/tmp/held-back-stderr.log", proxy.stderr());
+            eprintln!("spliced's log:\n{}", proxy.stderr());
         }
         assert_eq!(
             (&received, &client.received),
@@ -633,11 +633,7 @@ fn overlapping_retransmission(hooks: &[&str]) -> RetransmissionOutcome {
         stream
             .shutdown(std::net::Shutdown::Write)
             .map_err(|e| e.to_string())?;
-        match pattern::receive(&mut stream, h.seed + 1) {
-            Ok(Ok(n)) => Ok(n),
-            Ok(Err(bad)) => Err(format!("corrupt byte at offset {bad}")),
-            Err(err) => Err(err.to_string()),
-        }
+        pattern::receive_checked(&mut stream, h.seed + 1)
     });
     RetransmissionOutcome {
         client,
