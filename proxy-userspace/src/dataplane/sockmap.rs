@@ -655,6 +655,14 @@ impl SplicedPair<'_> {
         }
     }
 
+    /// Socket `index`'s `FLOWS` entry (zeroes if it is gone).
+    fn flow_entry(&self, index: usize) -> FlowEntry {
+        lock(&self.shared.maps)
+            .flows
+            .get(&self.cookies[index], 0)
+            .unwrap_or_default()
+    }
+
     /// Each socket's `FLOWS` entry (zeroes if it is gone).
     fn flow_entries(&self) -> [FlowEntry; 2] {
         let maps = lock(&self.shared.maps);
@@ -738,13 +746,15 @@ impl SplicedPair<'_> {
                         while let Some(event) = next {
                             log::trace!("flow event {event:?}");
                             self.note_drained(&event, &mut directions);
-                            if event.kind == FlowEventKind::OverlapNotTrimmed as u32 {
-                                broken = self.cookies.iter().position(|&c| c == event.cookie);
-                            }
-                            if event.kind == FlowEventKind::Progress as u32 {
-                                if let Some(src) = self.cookies.iter().position(|&c| c == event.cookie) {
+                            let src = self.cookies.iter().position(|&c| c == event.cookie);
+                            match (event.kind, src) {
+                                (kind, Some(src)) if kind == FlowEventKind::Progress as u32 => {
                                     newest_progress[src] = Some(event);
                                 }
+                                (kind, _) if kind == FlowEventKind::OverlapNotTrimmed as u32 => {
+                                    broken = src;
+                                }
+                                _ => {}
                             }
                             next = events.try_recv().ok();
                         }
@@ -917,8 +927,8 @@ impl SplicedPair<'_> {
             if !direction.paused || direction.copying || direction.shut {
                 continue;
             }
-            let redirected = self.flow_entries()[src].bytes_redirected;
-            if self.written_since_insert(1 - src)? < redirected + direction.copied {
+            let entry = self.flow_entry(src);
+            if self.written_since_insert(1 - src)? < entry.bytes_redirected + direction.copied {
                 continue;
             }
             let (from, to) = (
@@ -927,9 +937,10 @@ impl SplicedPair<'_> {
             );
             self.set_flow_mode(src, flow_mode::RESUMING, direction.copied)?;
             log::debug!(
-                "flow control: direction {src} copy starts: redirected {redirected}, copied {}, passed {}",
+                "flow control: direction {src} copy starts: redirected {}, copied {}, passed {}",
+                entry.bytes_redirected,
                 direction.copied,
-                self.flow_entries()[src].bytes_passed
+                entry.bytes_passed
             );
             direction.copying = true;
             copies[src] = Some(tokio::spawn(copy_passed(
@@ -960,7 +971,7 @@ impl SplicedPair<'_> {
         log::debug!(
             "flow control: direction {src} copy ended at copied {}, mode {mode}, entry {:?}",
             direction.copied,
-            self.flow_entries()[src]
+            self.flow_entry(src)
         );
         if mode == flow_mode::REDIRECT {
             direction.paused = false;
