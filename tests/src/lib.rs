@@ -35,6 +35,15 @@ macro_rules! on_every_data_plane {
     };
 }
 
+/// The complete lines of a file another process is appending to. A line that
+/// crosses a page boundary reaches the file in two steps, and a read between
+/// them sees half of it; that half is left out.
+pub fn complete_lines(path: &std::path::Path) -> Vec<String> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+    complete.lines().map(str::to_owned).collect()
+}
+
 pub use dns::DnsStub;
 pub use netns::Netns;
 pub use proxy::Proxy;

@@ -141,11 +141,7 @@ impl Proxy {
 
     /// Access log lines written so far.
     pub fn access_lines(&self) -> Vec<String> {
-        fs::read_to_string(&self.access_log)
-            .unwrap_or_default()
-            .lines()
-            .map(str::to_owned)
-            .collect()
+        crate::complete_lines(&self.access_log)
     }
 
     /// Waits until at least `count` access log lines exist and returns them all.

@@ -21,6 +21,7 @@ use std::{
 
 use base64::{engine::general_purpose::STANDARD, Engine as _};
 use spliced_tests::{
+    complete_lines,
     daemon::{check_config, Spliced},
     netns::Netns,
     paused::PausedExchange,
@@ -406,13 +407,7 @@ fn wait_closed(stream: &mut TcpStream, since: Instant) -> Duration {
 
 /// Waits until the file at `path` has at least `count` lines; returns them all.
 fn wait_lines(path: &Path, count: usize) -> Vec<String> {
-    let read = || -> Vec<String> {
-        fs::read_to_string(path)
-            .unwrap_or_default()
-            .lines()
-            .map(str::to_owned)
-            .collect()
-    };
+    let read = || complete_lines(path);
     let ok = wait_until(Duration::from_secs(30), || read().len() >= count);
     let lines = read();
     assert!(
