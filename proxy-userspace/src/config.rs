@@ -4,7 +4,10 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::{dataplane::DataPlaneChoice, policy::PortSet};
+use crate::{
+    dataplane::{DataPlaneChoice, PlaneKind},
+    policy::PortSet,
+};
 
 /// Format of access log records.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -74,10 +77,24 @@ pub struct Config {
     #[arg(long, value_name = "PORTS")]
     pub connect_ports: Option<PortSet>,
 
-    /// Data plane that moves tunnel bytes: `auto` picks sockmap when the eBPF
-    /// programs load and splice otherwise.
+    /// Data plane that moves tunnel bytes: `auto` picks one per tunnel by where
+    /// its two ends are (`--auto-local`, `--auto-network`); splice stands in for
+    /// sockmap when the eBPF programs do not load.
     #[arg(long, value_enum, default_value_t = DataPlaneChoice::Auto)]
     pub dataplane: DataPlaneChoice,
+
+    /// With `--dataplane auto`: the data plane of a tunnel whose client and
+    /// upstream are both on this host (loopback or one of its own addresses).
+    /// Default sockmap: measured on loopback it beats a direct connection.
+    #[arg(long, value_enum, value_name = "PLANE")]
+    pub auto_local: Option<PlaneKind>,
+
+    /// With `--dataplane auto`: the data plane of every other tunnel (an end
+    /// reached through a network device). Default splice: measured across veth
+    /// it moves the most; sockmap costs ~20 % less CPU per byte there but is
+    /// slower (docs/benchmarks.md).
+    #[arg(long, value_enum, value_name = "PLANE")]
+    pub auto_network: Option<PlaneKind>,
 
     /// Access log destination: a file path, or `-` for standard output. Default:
     /// the file's `access_log` lines, else `-`.

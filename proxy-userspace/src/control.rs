@@ -346,10 +346,6 @@ impl ControlPlane {
         };
         match opened {
             Ok(opened) => {
-                let plane = self.dataplane.name();
-                self.metrics.request_answered(200);
-                self.metrics
-                    .tunnel_opened(plane, started.elapsed(), opened.pipelined);
                 let progress = Progress::new(self.metrics.clone());
                 let tunnel = Tunnel {
                     client,
@@ -363,13 +359,17 @@ impl ControlPlane {
                     shutdown: self.closing.subscribe(),
                     progress: progress.clone(),
                 };
+                let plane = self.dataplane.pick(&tunnel);
+                self.metrics.request_answered(200);
+                self.metrics
+                    .tunnel_opened(plane.name(), started.elapsed(), opened.pipelined);
                 record.status = 200;
                 record.result = "TCP_TUNNEL";
                 let outcome = self
-                    .run_tunnel(tunnel, settings, &record, opened.pipelined, started)
+                    .run_tunnel(plane, tunnel, settings, &record, opened.pipelined, started)
                     .await;
                 progress.finish(&outcome);
-                self.metrics.tunnel_closed(plane, &outcome);
+                self.metrics.tunnel_closed(plane.name(), &outcome);
                 record.bytes_to_client = CONNECT_OK.len() as u64 + outcome.upstream_to_client;
                 record.bytes_from_client = opened.pipelined + outcome.client_to_upstream;
                 record.dataplane = Some(outcome.dataplane);
@@ -400,6 +400,7 @@ impl ControlPlane {
     /// record of the bytes moved so far at every interval while it is open.
     async fn run_tunnel(
         &self,
+        plane: &dyn DataPlane,
         tunnel: Tunnel,
         settings: &Settings,
         record: &AccessRecord,
@@ -407,7 +408,7 @@ impl ControlPlane {
         started: Instant,
     ) -> TunnelOutcome {
         let progress = tunnel.progress.clone();
-        let run = self.dataplane.run(tunnel);
+        let run = plane.run(tunnel);
         let Some(every) = settings.access_log_periodic else {
             return run.await;
         };
@@ -424,7 +425,7 @@ impl ControlPlane {
                         duration_ms: started.elapsed().as_millis() as u64,
                         bytes_to_client: CONNECT_OK.len() as u64 + down,
                         bytes_from_client: pipelined + up,
-                        dataplane: Some(self.dataplane.name()),
+                        dataplane: Some(plane.name()),
                         end: "periodic".into(),
                         ..record.clone()
                     };

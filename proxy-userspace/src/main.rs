@@ -223,7 +223,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     readiness.set_not_ready("starting: choosing the data plane");
     let (dataplane, why) = dataplane::select(&config)?;
     log::info!("data plane: {} ({why})", dataplane.name());
-    metrics.dataplane_chosen(dataplane.name());
+    metrics.dataplane_chosen(dataplane.name(), &dataplane.planes());
     let settings = active.settings.clone();
     let control = Arc::new(ControlPlane::new(
         active,

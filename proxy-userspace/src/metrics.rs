@@ -206,17 +206,20 @@ impl Metrics {
         }
     }
 
-    /// The data plane is chosen: sets `build_info`.
-    pub fn dataplane_chosen(&self, dataplane: &'static str) {
+    /// The data plane is chosen (`auto`, or the one plane) and may run tunnels
+    /// on `planes`: sets `build_info` and shows each plane's active tunnels.
+    pub fn dataplane_chosen(&self, dataplane: &'static str, planes: &[&'static str]) {
         self.build_info
             .get_or_create(&BuildLabels {
                 version: env!("CARGO_PKG_VERSION"),
                 dataplane,
             })
             .set(1);
-        let _ = self
-            .tunnels_active
-            .get_or_create(&DataplaneLabels { dataplane });
+        for &dataplane in planes {
+            let _ = self
+                .tunnels_active
+                .get_or_create(&DataplaneLabels { dataplane });
+        }
     }
 
     /// A request got an answer with `status` (200 when a tunnel opened).
@@ -353,7 +356,7 @@ mod tests {
     #[test]
     fn every_metric_is_exposed() {
         let metrics = Metrics::new();
-        metrics.dataplane_chosen("copy");
+        metrics.dataplane_chosen("copy", &["copy"]);
         metrics.request_answered(403);
         metrics.acl_denied("/etc/squid/squid.conf:12");
         metrics.tunnel_opened("copy", Duration::from_millis(3), 5);

@@ -1560,7 +1560,7 @@ fn pod_serves_as_specified(layout: &str) {
     let mut pod = container.run(&topology.proxy, Node::CgroupV2).start();
     assert!(
         pod.stderr()
-            .contains("data plane: sockmap (eBPF programs loaded and attached)"),
+            .contains("data plane: auto (eBPF programs loaded and attached"),
         "{layout}: the pod's capabilities must be enough for the eBPF data plane:\n{}",
         pod.stderr()
     );
@@ -1701,7 +1701,10 @@ fn data_plane_per_capability_set_and_node() {
     let privileged = Container::of("variants/privileged", Topology::PROXY_IP);
     for node in [Node::CgroupV2, Node::CgroupV1] {
         let line = data_plane(&privileged, node);
-        assert!(line.contains("data plane: sockmap"), "privileged: {line}");
+        assert!(
+            line.contains("data plane: auto (eBPF programs loaded and attached"),
+            "privileged: {line}"
+        );
     }
 }
 

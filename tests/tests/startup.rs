@@ -1,10 +1,10 @@
 //! How spliced starts: default listeners, data plane selection and the fallback
 //! when eBPF cannot load.
 
-use std::time::Duration;
+use std::{net::SocketAddr, time::Duration};
 
 use spliced_tests::{
-    netns::Netns,
+    netns::{Netns, Topology},
     open_tunnel,
     upstream::{exchange, Header},
     wait_until, Mode, Proxy, Upstream,
@@ -33,12 +33,13 @@ fn exchange_once(proxy: &Proxy, upstream: &Upstream) {
     assert_eq!(upstream.result().received, Ok(h.up));
 }
 
-/// The start-up line names sockmap, and a tunnel's record says it moved the bytes.
+/// The start-up line says the eBPF programs loaded, and a loopback tunnel's
+/// record says sockmap moved the bytes.
 fn assert_sockmap_chosen_and_used(proxy: &Proxy, upstream: &Upstream) {
     assert!(
         proxy
             .stderr()
-            .contains("data plane: sockmap (eBPF programs loaded"),
+            .contains("(eBPF programs loaded and attached"),
         "{}",
         proxy.stderr()
     );
@@ -51,7 +52,107 @@ fn auto_picks_sockmap_and_says_so() {
     let upstream = Upstream::start();
     let port = upstream.addr.port().to_string();
     let proxy = Proxy::start(&["--connect-ports", &port, "--log-format", "json"]);
+    assert!(
+        proxy.stderr().contains(
+            "data plane: auto (eBPF programs loaded and attached; per tunnel: both ends on \
+             this host → sockmap, an end across the network → splice)"
+        ),
+        "{}",
+        proxy.stderr()
+    );
     assert_sockmap_chosen_and_used(&proxy, &upstream);
+}
+
+/// Runs one tunnel from `client` (a namespace, or this process's own one) through
+/// `proxy` to `upstream` and returns the data plane its record names.
+fn plane_of_tunnel(
+    proxy: &Proxy,
+    client: Option<&Netns>,
+    upstream: &Upstream,
+    target: SocketAddr,
+    records_before: usize,
+) -> String {
+    let h = Header {
+        up: 1_000_000,
+        down: 700_000,
+        seed: 3,
+        mode: Mode::Concurrent,
+    };
+    let proxy_addr = proxy.addr;
+    let run = move || exchange(open_tunnel(proxy_addr, &target.to_string()), h, false);
+    let received = match client {
+        Some(ns) => ns.enter(run),
+        None => run(),
+    };
+    assert_eq!(received.received, Ok(h.down));
+    assert_eq!(upstream.result().received, Ok(h.up));
+    let records = proxy.wait_json_records(records_before + 1);
+    records[records_before]["dataplane"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// `auto` picks per tunnel: sockmap when both ends are on the proxy's host,
+/// splice when an end is across a network device (the measured winners), and
+/// `--auto-local` / `--auto-network` change each choice on its own.
+#[test]
+fn auto_picks_each_tunnels_plane_by_its_path() {
+    let topology = Topology::new();
+    let remote_target = SocketAddr::from((Topology::SERVER_IP, 8443));
+    let local_target: SocketAddr = "127.0.0.1:8444".parse().unwrap();
+    let remote = Upstream::start_in(&topology.server, remote_target);
+    let local = Upstream::start_in(&topology.proxy, local_target);
+    let cases: [(&[&str], [&str; 3]); 3] = [
+        (&[], ["sockmap", "splice", "splice"]),
+        (
+            &["--auto-network", "sockmap"],
+            ["sockmap", "sockmap", "sockmap"],
+        ),
+        (
+            &["--auto-local", "copy", "--auto-network", "sockmap"],
+            ["copy", "sockmap", "sockmap"],
+        ),
+    ];
+    for (flags, [local_to_local, remote_to_remote, remote_to_local]) in cases {
+        let mut args = vec![
+            "--connect-ports",
+            "8443,8444",
+            "--listen",
+            "10.77.1.1:3128",
+            "--log-format",
+            "json",
+        ];
+        args.extend(flags);
+        let proxy = Proxy::start_in(&topology.proxy, &args);
+        // The proxy listens on the client-side address; a client on the
+        // proxy's own host reaches it there over `lo`.
+        let seen = [
+            plane_of_tunnel(&proxy, Some(&topology.proxy), &local, local_target, 0),
+            plane_of_tunnel(&proxy, Some(&topology.client), &remote, remote_target, 1),
+            plane_of_tunnel(&proxy, Some(&topology.client), &local, local_target, 2),
+        ];
+        assert_eq!(
+            seen,
+            [local_to_local, remote_to_remote, remote_to_local],
+            "{flags:?}: local → local, client → server, client → the proxy's host\n{}",
+            proxy.stderr()
+        );
+    }
+}
+
+#[test]
+fn auto_flags_need_auto() {
+    let output = std::process::Command::new(spliced_tests::proxy::spliced_bin())
+        .args(["--dataplane", "splice", "--auto-local", "copy"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--auto-local applies only to --dataplane auto"),
+        "{stderr}"
+    );
 }
 
 #[test]

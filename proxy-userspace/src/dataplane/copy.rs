@@ -24,6 +24,10 @@ impl DataPlane for CopyDataPlane {
         "copy"
     }
 
+    fn pick(&self, _tunnel: &Tunnel) -> &dyn DataPlane {
+        self
+    }
+
     fn run(&self, tunnel: Tunnel) -> TunnelFuture {
         Box::pin(async move {
             let Tunnel {

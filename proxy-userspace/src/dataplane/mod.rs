@@ -4,10 +4,12 @@
 //! * [`sockmap::SockmapDataPlane`] — both sockets in an eBPF sockhash; the kernel
 //!   redirects every skb to the peer socket, user space never sees the bytes;
 //! * [`splice::SpliceDataPlane`] — splice(2) through a pipe per direction;
-//! * [`copy::CopyDataPlane`] — read/write through a user-space buffer.
+//! * [`copy::CopyDataPlane`] — read/write through a user-space buffer;
 //!
-//! The control plane only ever holds an `Arc<dyn DataPlane>`.
+//! and [`auto::AutoDataPlane`], which hands each tunnel to one of them by where
+//! its ends are. The control plane only ever holds an `Arc<dyn DataPlane>`.
 
+pub mod auto;
 pub mod copy;
 mod pump;
 pub mod sockmap;
@@ -32,9 +34,22 @@ use crate::config::Config;
 /// Which data plane `--dataplane` asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum DataPlaneChoice {
-    /// sockmap when the eBPF programs load, splice otherwise.
+    /// One per tunnel by its path (`--auto-local`, `--auto-network`); splice in
+    /// place of sockmap when the eBPF programs do not load.
     Auto,
     /// eBPF sockmap; fails to start if the programs do not load.
+    Sockmap,
+    /// splice(2) through pipes.
+    Splice,
+    /// User-space copy.
+    Copy,
+}
+
+/// One of the data planes that move bytes, as `--auto-local` and
+/// `--auto-network` name them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum PlaneKind {
+    /// eBPF sockmap (splice when the programs do not load).
     Sockmap,
     /// splice(2) through pipes.
     Splice,
@@ -282,8 +297,17 @@ pub type TunnelFuture = Pin<Box<dyn Future<Output = TunnelOutcome> + Send + 'sta
 
 /// Moves the bytes of established tunnels until both sides are done.
 pub trait DataPlane: Send + Sync {
-    /// Short name: `sockmap`, `splice` or `copy`.
+    /// Short name: `sockmap`, `splice`, `copy` or `auto`.
     fn name(&self) -> &'static str;
+
+    /// The data plane that will run `tunnel`: itself, except for `auto`, which
+    /// names the one its path gets (so metrics and logs carry a real plane).
+    fn pick(&self, tunnel: &Tunnel) -> &dyn DataPlane;
+
+    /// The names of the planes this one may run a tunnel on.
+    fn planes(&self) -> Vec<&'static str> {
+        vec![self.name()]
+    }
 
     /// Runs `tunnel` to its end. The sockets are closed when the future completes.
     fn run(&self, tunnel: Tunnel) -> TunnelFuture;
@@ -297,23 +321,75 @@ pub trait DataPlane: Send + Sync {
 /// Builds the data plane `config` asks for and says why it was chosen.
 pub fn select(config: &Config) -> anyhow::Result<(Arc<dyn DataPlane>, String)> {
     // A data plane is chosen once per process; a reload does not change it.
-    let fallback: Arc<dyn DataPlane> = Arc::new(splice::SpliceDataPlane);
+    let splice: Arc<dyn DataPlane> = Arc::new(splice::SpliceDataPlane);
+    if config.dataplane != DataPlaneChoice::Auto {
+        if let Some(flag) = [
+            config.auto_local.map(|_| "--auto-local"),
+            config.auto_network.map(|_| "--auto-network"),
+        ]
+        .into_iter()
+        .flatten()
+        .next()
+        {
+            anyhow::bail!("{flag} applies only to --dataplane auto");
+        }
+    }
     match config.dataplane {
         DataPlaneChoice::Copy => Ok((
             Arc::new(copy::CopyDataPlane),
             "requested with --dataplane copy".into(),
         )),
-        DataPlaneChoice::Splice => Ok((fallback, "requested with --dataplane splice".into())),
+        DataPlaneChoice::Splice => Ok((splice, "requested with --dataplane splice".into())),
         DataPlaneChoice::Sockmap => {
-            let plane = sockmap::SockmapDataPlane::load(config, fallback)?;
+            let plane = sockmap::SockmapDataPlane::load(config, splice)?;
             Ok((Arc::new(plane), "requested with --dataplane sockmap".into()))
         }
-        DataPlaneChoice::Auto => match sockmap::SockmapDataPlane::load(config, fallback.clone()) {
-            Ok(plane) => Ok((Arc::new(plane), "eBPF programs loaded and attached".into())),
-            Err(err) => Ok((
-                fallback,
-                format!("eBPF unavailable ({err:#}); falling back"),
-            )),
-        },
+        DataPlaneChoice::Auto => Ok(select_auto(config, splice)),
     }
+}
+
+/// `--dataplane auto`: the planes its two path kinds ask for, sockmap loaded only
+/// if one of them wants it; a single plane when both kinds end up on the same one.
+fn select_auto(config: &Config, splice: Arc<dyn DataPlane>) -> (Arc<dyn DataPlane>, String) {
+    let local = config.auto_local.unwrap_or(PlaneKind::Sockmap);
+    let network = config.auto_network.unwrap_or(PlaneKind::Splice);
+    let mut why = Vec::new();
+    let sockmap: Option<Arc<dyn DataPlane>> = if [local, network].contains(&PlaneKind::Sockmap) {
+        match sockmap::SockmapDataPlane::load(config, splice.clone()) {
+            Ok(plane) => {
+                why.push("eBPF programs loaded and attached".to_string());
+                Some(Arc::new(plane))
+            }
+            Err(err) => {
+                why.push(format!("eBPF unavailable ({err:#}); falling back"));
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let copy: Arc<dyn DataPlane> = Arc::new(copy::CopyDataPlane);
+    let build = |kind| match kind {
+        PlaneKind::Sockmap => sockmap.clone().unwrap_or_else(|| splice.clone()),
+        PlaneKind::Splice => splice.clone(),
+        PlaneKind::Copy => copy.clone(),
+    };
+    let (local, network) = (build(local), build(network));
+    if local.name() == network.name() {
+        if why.is_empty() {
+            why.push(format!(
+                "--dataplane auto with {} on every path",
+                local.name()
+            ));
+        }
+        return (local, why.join("; "));
+    }
+    why.push(format!(
+        "per tunnel: both ends on this host → {}, an end across the network → {}",
+        local.name(),
+        network.name()
+    ));
+    let stats_from = sockmap.unwrap_or_else(|| local.clone());
+    let auto = auto::AutoDataPlane::new(local, network, stats_from);
+    (Arc::new(auto), why.join("; "))
 }

@@ -243,6 +243,10 @@ impl DataPlane for SockmapDataPlane {
         "sockmap"
     }
 
+    fn pick(&self, _tunnel: &Tunnel) -> &dyn DataPlane {
+        self
+    }
+
     fn run(&self, tunnel: Tunnel) -> TunnelFuture {
         Box::pin(run_tunnel(self.shared.clone(), tunnel))
     }

@@ -32,6 +32,10 @@ impl DataPlane for SpliceDataPlane {
         "splice"
     }
 
+    fn pick(&self, _tunnel: &Tunnel) -> &dyn DataPlane {
+        self
+    }
+
     fn run(&self, tunnel: Tunnel) -> TunnelFuture {
         Box::pin(async move {
             let Tunnel {
