@@ -158,18 +158,20 @@ impl Case {
 /// What runs: kinds × contenders per environment. Contenders are interleaved
 /// run by run, so background noise spreads evenly over them.
 fn matrix(quick: bool) -> Vec<(Env, Vec<Kind>, Vec<Contender>)> {
-    use Contender::{Copy, Direct, Sockmap, Splice};
-    let all = Contender::ALL.to_vec();
+    use Contender::{Auto, Copy, Direct, Sockmap, Splice};
+    // `auto` runs where its choice differs from plain sockmap: across veth.
+    let all: Vec<Contender> = Contender::ALL.into_iter().filter(|&c| c != Auto).collect();
+    let with_auto = Contender::ALL.to_vec();
     let (fwd, rev) = (Kind::new(false, 1), Kind::new(true, 1));
     let cpu = Kind::at_rate(false, 1, RATE);
     if quick {
         vec![
             (Env::Unpinned, vec![fwd, rev, cpu], all),
             (Env::SameCpu, vec![rev], vec![Direct, Sockmap]),
-            (Env::Netns, vec![fwd], vec![Direct, Sockmap]),
+            (Env::Netns, vec![fwd], vec![Direct, Sockmap, Auto]),
         ]
     } else {
-        // 49 cases × 3 runs × 5 s: about 14 minutes with the rest.
+        // 51 cases × 3 runs × 5 s: about 14 minutes with the rest.
         let p4 = [Kind::new(false, 4), Kind::new(true, 4)];
         vec![
             (Env::Unpinned, vec![fwd, rev], all.clone()),
@@ -177,7 +179,7 @@ fn matrix(quick: bool) -> Vec<(Env, Vec<Kind>, Vec<Contender>)> {
             (Env::Unpinned, vec![cpu], all.clone()),
             (Env::SameCpu, vec![fwd, rev], vec![Direct, Sockmap, Copy]),
             (Env::Apart, vec![rev], vec![Direct, Sockmap, Copy]),
-            (Env::Netns, vec![fwd, rev], all),
+            (Env::Netns, vec![fwd, rev], with_auto),
             (Env::Netns, vec![cpu], vec![Direct, Sockmap, Splice, Copy]),
         ]
     }
@@ -222,7 +224,7 @@ fn plan(quick: bool, filters: &[String]) -> Plan {
         cases,
         setup: Contender::ALL
             .into_iter()
-            .filter(|c| keep(&setup_id(*c)))
+            .filter(|&c| c != Contender::Auto && keep(&setup_id(c)))
             .collect(),
         scale: Contender::PLANES
             .into_iter()
@@ -689,12 +691,28 @@ fn run_env(
                     Some(Ok(proxy)) if case.contender == Contender::Sockmap => Some(proxy),
                     _ => None,
                 };
+                let auto = match proxies.get(&case.contender) {
+                    Some(Ok(proxy)) if case.contender == Contender::Auto => Some(proxy),
+                    _ => None,
+                };
                 let copied_before = sockmap.and_then(|proxy| proxy.flow_control_copied());
+                let planes_before = auto.and_then(|proxy| proxy.planes_used());
                 let mut sample = iperf::run(&ends, kind, settings.secs, conf.as_deref());
                 if let (Ok(sample), Some(before)) = (&mut sample, copied_before) {
                     sample.user_copied_bytes = sockmap
                         .and_then(|proxy| proxy.flow_control_copied())
                         .map(|after| after.saturating_sub(before));
+                }
+                if let (Ok(sample), Some(before)) = (&mut sample, planes_before) {
+                    sample.planes_used =
+                        auto.and_then(|proxy| proxy.planes_used()).map(|mut after| {
+                            for (plane, count) in before {
+                                let now = after.entry(plane).or_default();
+                                *now = now.saturating_sub(count);
+                            }
+                            after.retain(|_, count| *count > 0);
+                            after
+                        });
                 }
                 check_interrupt()?;
                 progress.finish(&match &sample {

@@ -2,6 +2,7 @@
 //! how each proxy is configured, started and reached (proxychains4).
 
 use std::{
+    collections::BTreeMap,
     fmt::Write as _,
     fs,
     net::SocketAddr,
@@ -21,16 +22,19 @@ pub enum Contender {
     Sockmap,
     Splice,
     Copy,
+    /// spliced's default, `--dataplane auto`: a plane per tunnel by its path.
+    Auto,
     Squid,
     Tinyproxy,
 }
 
 impl Contender {
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 7] = [
         Self::Direct,
         Self::Sockmap,
         Self::Splice,
         Self::Copy,
+        Self::Auto,
         Self::Squid,
         Self::Tinyproxy,
     ];
@@ -43,6 +47,7 @@ impl Contender {
             Self::Sockmap => "sockmap",
             Self::Splice => "splice",
             Self::Copy => "copy",
+            Self::Auto => "auto",
             Self::Squid => "squid",
             Self::Tinyproxy => "tinyproxy",
         }
@@ -55,6 +60,7 @@ impl Contender {
             Self::Sockmap => "spliced sockmap",
             Self::Splice => "spliced splice",
             Self::Copy => "spliced copy",
+            Self::Auto => "spliced auto",
             Self::Squid => "Squid",
             Self::Tinyproxy => "tinyproxy",
         }
@@ -66,6 +72,7 @@ impl Contender {
             Self::Sockmap => Some("sockmap"),
             Self::Splice => Some("splice"),
             Self::Copy => Some("copy"),
+            Self::Auto => Some("auto"),
             _ => None,
         }
     }
@@ -99,11 +106,28 @@ pub struct Proxy {
     child: Guarded,
     /// Its stderr, where spliced prints its stats on SIGUSR1.
     log: PathBuf,
+    /// `spliced auto`'s JSON access log, which names each tunnel's plane.
+    access_log: Option<PathBuf>,
 }
 
 impl Proxy {
     pub fn pid(&self) -> u32 {
         self.child.pid()
+    }
+
+    /// For `spliced auto`: how many tunnels so far each data plane ran, from the
+    /// complete records of its JSON access log.
+    pub fn planes_used(&self) -> Option<BTreeMap<String, u64>> {
+        let text = fs::read_to_string(self.access_log.as_ref()?).ok()?;
+        let complete = &text[..text.rfind('\n').map_or(0, |end| end + 1)];
+        let mut used = BTreeMap::new();
+        for line in complete.lines() {
+            let record: serde_json::Value = serde_json::from_str(line).ok()?;
+            if let Some(plane) = record["dataplane"].as_str() {
+                *used.entry(plane.to_owned()).or_default() += 1;
+            }
+        }
+        Some(used)
     }
 
     /// spliced's `flow_control_copied_bytes` stat so far (asked for with
@@ -140,10 +164,11 @@ pub fn start(contender: Contender, launch: &Launch<'_>) -> Result<Proxy, String>
     let dir = launch.dir.join(&name);
     fs::create_dir_all(&dir).map_err(|err| format!("creating {}: {err}", dir.display()))?;
     let log = dir.join("stderr.log");
+    let access_log = (contender == Contender::Auto).then(|| dir.join("access.log"));
     let (mut cmd, extra_log) = match contender {
         Contender::Direct => return Err("direct has no proxy".to_owned()),
-        Contender::Sockmap | Contender::Splice | Contender::Copy => {
-            (spliced_command(contender, launch), None)
+        Contender::Sockmap | Contender::Splice | Contender::Copy | Contender::Auto => {
+            (spliced_command(contender, launch, &access_log), None)
         }
         Contender::Squid => {
             if !child::on_path("squid") {
@@ -191,14 +216,24 @@ pub fn start(contender: Contender, launch: &Launch<'_>) -> Result<Proxy, String>
         proxychains_conf,
         child,
         log,
+        access_log,
     })
 }
 
-fn spliced_command(contender: Contender, launch: &Launch<'_>) -> std::process::Command {
+/// spliced with `contender`'s data plane; its access log goes to `access_log`
+/// (JSON) if given, else nowhere.
+fn spliced_command(
+    contender: Contender,
+    launch: &Launch<'_>,
+    access_log: &Option<PathBuf>,
+) -> std::process::Command {
     let spliced = launch.spliced.to_string_lossy();
     let listen = launch.listen.to_string();
     let ports = ports_list(launch.connect_ports);
     let plane = contender.plane().expect("a spliced contender");
+    let log = access_log
+        .as_ref()
+        .map_or("/dev/null".into(), |path| path.to_string_lossy());
     placed(
         launch.netns,
         launch.cpu,
@@ -211,7 +246,9 @@ fn spliced_command(contender: Contender, launch: &Launch<'_>) -> std::process::C
             "--dataplane",
             plane,
             "--access-log",
-            "/dev/null",
+            &log,
+            "--log-format",
+            "json",
         ],
     )
 }

@@ -3,6 +3,7 @@
 //! around it, and the numbers from `iperf3 -J`.
 
 use std::{
+    collections::BTreeMap,
     fs,
     net::IpAddr,
     path::Path,
@@ -98,6 +99,9 @@ pub struct Sample {
     /// Bytes spliced's sockmap flow control copied through user space during
     /// the run (its `flow_control_copied_bytes` stat); `None` for others.
     pub user_copied_bytes: Option<u64>,
+    /// For `spliced auto`: how many of the run's tunnels each data plane ran
+    /// (from its JSON access log); `None` for others.
+    pub planes_used: Option<BTreeMap<String, u64>>,
 }
 
 impl Sample {
@@ -219,5 +223,6 @@ pub fn run(
         busy_cpu_s,
         others_cpu_s,
         user_copied_bytes: None,
+        planes_used: None,
     })
 }

@@ -1,7 +1,7 @@
 //! What the benchmark writes: terminal tables, the JSON of raw results,
 //! docs/benchmarks.md and the hand-made SVG chart.
 
-use std::{fmt::Write as _, fs, process::Command, time::Duration};
+use std::{collections::BTreeMap, fmt::Write as _, fs, process::Command, time::Duration};
 
 use serde_json::{json, Value};
 
@@ -125,6 +125,7 @@ fn sample_json(sample: &Result<Sample, String>) -> Value {
             "busy_cpu_s": s.busy_cpu_s,
             "others_cpu_s": s.others_cpu_s,
             "user_copied_bytes": s.user_copied_bytes,
+            "planes_used": s.planes_used,
             "cpu_s_per_gib": opt(s.cpu_s_per_gib()),
             "own_cpu_s_per_gib": opt(s.own_cpu_s_per_gib()),
         }),
@@ -389,7 +390,35 @@ fn user_copy_note(rows: &[&TputResult]) -> Option<String> {
     ))
 }
 
-fn join_notes(notes: [Option<String>; 2]) -> Option<String> {
+/// Which planes `spliced auto` ran its tunnels on (iperf3's control and data
+/// connections), so the table says what its number measured.
+fn auto_note(rows: &[&TputResult]) -> Option<String> {
+    let mut used: BTreeMap<&str, u64> = BTreeMap::new();
+    for sample in rows
+        .iter()
+        .filter(|r| r.case.contender == Contender::Auto)
+        .flat_map(|r| r.samples.iter().filter_map(|s| s.as_ref().ok()))
+    {
+        for (plane, count) in sample.planes_used.iter().flatten() {
+            *used.entry(plane).or_default() += count;
+        }
+    }
+    if used.is_empty() {
+        return None;
+    }
+    let total: u64 = used.values().sum();
+    let parts: Vec<String> = used
+        .iter()
+        .map(|(plane, count)| format!("{count} on {plane}"))
+        .collect();
+    Some(format!(
+        "spliced auto ran its {total} tunnels (iperf3's control and data connections, \
+         all runs) {}.",
+        parts.join(", ")
+    ))
+}
+
+fn join_notes<const N: usize>(notes: [Option<String>; N]) -> Option<String> {
     let notes: Vec<String> = notes.into_iter().flatten().collect();
     (!notes.is_empty()).then(|| notes.join(" "))
 }
@@ -455,7 +484,11 @@ pub fn tables(results: &Results) -> Vec<Table> {
             ),
             header,
             rows: body,
-            note: join_notes([user_copy_note(&rows), background_note(&rows)]),
+            note: join_notes([
+                user_copy_note(&rows),
+                auto_note(&rows),
+                background_note(&rows),
+            ]),
         });
     }
 
@@ -1070,6 +1103,7 @@ mod tests {
             busy_cpu_s: 3.0,
             others_cpu_s: 1.0,
             user_copied_bytes: None,
+            planes_used: None,
         })
     }
 
