@@ -651,7 +651,88 @@ pub fn tables(results: &Results) -> Vec<Table> {
             note: None,
         });
     }
+    tables.extend(auto_check(results));
     tables
+}
+
+/// `auto`'s defaults (`--auto-local sockmap`, `--auto-network splice`) against
+/// the fastest spliced plane of this run on each kind of path (single-stream
+/// medians, forward and reverse averaged), so a node's own bench says which
+/// flags to set.
+fn auto_check(results: &Results) -> Option<Table> {
+    const PATHS: [(Env, &str, &str, Contender); 2] = [
+        (
+            Env::Unpinned,
+            "both ends on this host (loopback)",
+            "--auto-local",
+            Contender::Sockmap,
+        ),
+        (
+            Env::Netns,
+            "an end across the network (veth)",
+            "--auto-network",
+            Contender::Splice,
+        ),
+    ];
+    let single = [Kind::new(false, 1), Kind::new(true, 1)];
+    let mut rows = Vec::new();
+    for (env, path, flag, default) in PATHS {
+        let of = |plane: Contender| -> Option<[f64; 2]> {
+            let mut medians = [0.0; 2];
+            for (slot, kind) in medians.iter_mut().zip(single) {
+                *slot = results
+                    .tput
+                    .iter()
+                    .find(|r| {
+                        r.case.env == env && r.case.kind == kind && r.case.contender == plane
+                    })?
+                    .median_gbps()?;
+            }
+            Some(medians)
+        };
+        let measured: Vec<(Contender, [f64; 2])> = Contender::PLANES
+            .into_iter()
+            .filter_map(|plane| Some((plane, of(plane)?)))
+            .collect();
+        let Some(&(best, _)) = measured
+            .iter()
+            .max_by(|a, b| (a.1[0] + a.1[1]).total_cmp(&(b.1[0] + b.1[1])))
+        else {
+            continue;
+        };
+        let each: Vec<String> = measured
+            .iter()
+            .map(|(plane, [fwd, rev])| format!("{} {fwd:.1}/{rev:.1}", plane.id()))
+            .collect();
+        rows.push(vec![
+            path.to_owned(),
+            format!("{flag} {}", default.id()),
+            each.join(", "),
+            if best == default {
+                "yes".to_owned()
+            } else {
+                format!("no: set {flag} {}", best.id())
+            },
+        ]);
+    }
+    (!rows.is_empty()).then(|| Table {
+        title: "What `auto` picks, against this run (fastest spliced plane, fwd/-R P1 Gbit/s)"
+            .to_owned(),
+        header: [
+            "path",
+            "auto's default",
+            "planes in this run",
+            "default is the fastest",
+        ]
+        .map(str::to_owned)
+        .to_vec(),
+        rows,
+        note: Some(
+            "auto chooses per tunnel by its path; where a row says no, the flag named \
+             there makes auto follow this run (CPU per byte is in the tables above)."
+                .to_owned(),
+        ),
+    })
 }
 
 fn scale_row(
@@ -1105,6 +1186,40 @@ mod tests {
             user_copied_bytes: None,
             planes_used: None,
         })
+    }
+
+    #[test]
+    fn auto_check_names_the_flag_where_another_plane_won() {
+        let mut results = results();
+        results.tput.clear();
+        for (env, plane, gbps) in [
+            (Env::Unpinned, Contender::Sockmap, 30.0),
+            (Env::Unpinned, Contender::Splice, 20.0),
+            (Env::Netns, Contender::Sockmap, 12.0),
+            (Env::Netns, Contender::Splice, 9.0),
+            (Env::Netns, Contender::Copy, 10.0),
+        ] {
+            for reverse in [false, true] {
+                results.tput.push(TputResult {
+                    case: crate::bench::Case {
+                        env,
+                        kind: Kind::new(reverse, 1),
+                        contender: plane,
+                    },
+                    samples: vec![sample(gbps), sample(gbps)],
+                    start_failure: None,
+                });
+            }
+        }
+        let table = auto_check(&results).expect("both paths measured");
+        assert_eq!(table.rows[0][3], "yes");
+        assert_eq!(table.rows[1][3], "no: set --auto-network sockmap");
+        assert_eq!(
+            table.rows[1][2],
+            "sockmap 12.0/12.0, splice 9.0/9.0, copy 10.0/10.0"
+        );
+        results.tput.retain(|r| r.case.env == Env::Unpinned);
+        assert_eq!(auto_check(&results).unwrap().rows.len(), 1);
     }
 
     fn results() -> Results {
