@@ -91,7 +91,7 @@ pub struct Config {
 
     /// With `--dataplane auto`: the data plane of every other tunnel (an end
     /// reached through a network device). Default splice: measured across veth
-    /// it moves the most; sockmap costs ~20 % less CPU per byte there but is
+    /// it moves the most; sockmap costs ~25 % less CPU per byte there but is
     /// slower (docs/benchmarks.md).
     #[arg(long, value_enum, value_name = "PLANE")]
     pub auto_network: Option<PlaneKind>,

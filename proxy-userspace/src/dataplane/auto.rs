@@ -2,8 +2,10 @@
 //! are. The bench (`cargo xtask bench`, docs/benchmarks.md) measured each plane
 //! on both kinds of path on this machine:
 //!
-//! * both ends on this host (loopback): sockmap moves 1.5× what a direct
-//!   connection does, splice and copy about 0.9×, so sockmap;
+//! * both ends on this host (loopback): sockmap costs the least CPU per byte
+//!   and moves up to 1.5× what a direct connection does (its forward rate is
+//!   bimodal, by where the kernel runs its redirect worker), splice and copy
+//!   about 0.9×, so sockmap;
 //! * an end behind a network device (veth between namespaces): splice moves the
 //!   most (0.7× direct), sockmap and copy about 0.5×, because the kernel worker
 //!   that sends a redirected skb also runs the receiving host's TCP input inline
@@ -11,7 +13,7 @@
 //!
 //! Both choices are flags (`--auto-local`, `--auto-network`): a host whose
 //! bench says otherwise, or that values CPU per byte over peak throughput
-//! (sockmap costs ~20 % less there across veth), sets its own.
+//! (sockmap costs ~25 % less there across veth), sets its own.
 
 use std::{
     net::{IpAddr, SocketAddr},
