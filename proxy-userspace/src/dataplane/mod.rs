@@ -393,3 +393,41 @@ fn select_auto(config: &Config, splice: Arc<dyn DataPlane>) -> (Arc<dyn DataPlan
     let auto = auto::AutoDataPlane::new(local, network, stats_from);
     (Arc::new(auto), why.join("; "))
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    fn selected(args: &[&str]) -> anyhow::Result<(&'static str, String)> {
+        let config = Config::parse_from(std::iter::once("spliced").chain(args.iter().copied()));
+        select(&config).map(|(plane, why)| (plane.name(), why))
+    }
+
+    #[test]
+    fn auto_without_sockmap_on_any_path_loads_no_ebpf() {
+        assert_eq!(
+            selected(&["--auto-local", "copy", "--auto-network", "copy"]).unwrap(),
+            (
+                "copy",
+                "--dataplane auto with copy on every path".to_owned()
+            )
+        );
+        let (name, why) = selected(&["--auto-local", "copy"]).unwrap();
+        assert_eq!(name, "auto");
+        assert_eq!(
+            why,
+            "per tunnel: both ends on this host → copy, an end across the network → splice"
+        );
+    }
+
+    #[test]
+    fn auto_flags_with_another_plane_are_refused() {
+        let err = selected(&["--dataplane", "copy", "--auto-network", "sockmap"]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "--auto-network applies only to --dataplane auto"
+        );
+    }
+}
