@@ -78,6 +78,9 @@ pub struct Ends<'a> {
     /// The server's address (it binds to it; the client connects to it).
     pub server_ip: IpAddr,
     pub port: u16,
+    /// iperf3's `-C`: congestion control on its sockets (both ends), if not
+    /// the system's default.
+    pub congestion: Option<&'a str>,
     /// Scratch directory for the client's output.
     pub dir: &'a Path,
 }
@@ -168,6 +171,9 @@ pub fn run(
     }
     if let Some(rate) = kind.rate {
         argv.extend(["-b", rate]);
+    }
+    if let Some(congestion) = ends.congestion {
+        argv.extend(["-C", congestion]);
     }
     // One pair of files per run, kept for a post-mortem when a run fails.
     let n = RUN.fetch_add(1, Ordering::Relaxed);

@@ -660,10 +660,16 @@ pub fn tables(results: &Results) -> Vec<Table> {
 /// medians, forward and reverse averaged), so a node's own bench says which
 /// flags to set.
 fn auto_check(results: &Results) -> Option<Table> {
-    const PATHS: [(Env, &str, &str, Contender); 2] = [
+    const PATHS: [(Env, &str, &str, Contender); 3] = [
         (
             Env::Unpinned,
             "both ends on this host (loopback)",
+            "--auto-local",
+            Contender::Sockmap,
+        ),
+        (
+            Env::Cubic,
+            "both ends on this host (loopback), iperf3 on cubic",
             "--auto-local",
             Contender::Sockmap,
         ),
@@ -827,7 +833,8 @@ pub fn markdown(results: &Results, tables: &[Table]) -> String {
     let _ = writeln!(
         md,
         "| default TCP congestion control | {} (spliced sets cubic on its own sockets; \
-         iperf3, Squid and tinyproxy keep the default) |",
+         iperf3, Squid and tinyproxy keep the default, except in the `iperf3 with -C cubic` \
+         table) |",
         m.congestion
     );
     let tools: Vec<String> = m.tools.iter().map(|(p, v)| format!("{p} {v}")).collect();
@@ -890,6 +897,13 @@ pub fn markdown(results: &Results, tables: &[Table]) -> String {
          CPU 1. The sockmap plane's redirected skbs are sent by a kernel worker on the CPU where \
          the verdict ran; when both endpoints and that worker share a CPU the splice is known \
          to collapse (see shared/notes/sockmap.md)."
+    );
+    let _ = writeln!(
+        md,
+        "- **Endpoints' congestion control**: iperf3 uses the system's default (BBR here) \
+         except in the *iperf3 with `-C cubic`* table. On loopback BBR keeps a tiny congestion \
+         window (its model sees a microsecond RTT) and holds a direct connection far below \
+         what cubic reaches, so ratios to direct depend on it: read both tables."
     );
     let _ = writeln!(
         md,
