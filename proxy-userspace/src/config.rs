@@ -85,7 +85,9 @@ pub struct Config {
 
     /// With `--dataplane auto`: the data plane of a tunnel whose client and
     /// upstream are both on this host (loopback or one of its own addresses).
-    /// Default sockmap: measured on loopback it beats a direct connection.
+    /// Default: sockmap when the host's default congestion control is BBR (with
+    /// BBR endpoints it was the fastest and cheapest on loopback), else splice
+    /// (the fastest with cubic endpoints).
     #[arg(long, value_enum, value_name = "PLANE")]
     pub auto_local: Option<PlaneKind>,
 

@@ -51,11 +51,17 @@ fn assert_sockmap_chosen_and_used(proxy: &Proxy, upstream: &Upstream) {
 fn auto_picks_sockmap_and_says_so() {
     let upstream = Upstream::start();
     let port = upstream.addr.port().to_string();
+    assert_eq!(
+        host_congestion_control(),
+        "bbr",
+        "this test expects the machine's default, under which auto puts loopback tunnels on sockmap"
+    );
     let proxy = Proxy::start(&["--connect-ports", &port, "--log-format", "json"]);
     assert!(
         proxy.stderr().contains(
             "data plane: auto (eBPF programs loaded and attached; per tunnel: both ends on \
-             this host → sockmap, an end across the network → splice)"
+             this host → sockmap (default congestion control bbr), an end across the network \
+             → splice)"
         ),
         "{}",
         proxy.stderr()
@@ -93,9 +99,19 @@ fn plane_of_tunnel(
         .to_owned()
 }
 
-/// `auto` picks per tunnel: sockmap when both ends are on the proxy's host,
-/// splice when an end is across a network device (the measured winners), and
-/// `--auto-local` / `--auto-network` change each choice on its own.
+fn host_congestion_control() -> String {
+    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control")
+        .unwrap()
+        .trim()
+        .to_owned()
+}
+
+/// `auto` picks per tunnel: sockmap when both ends are on the proxy's host
+/// (whose default congestion control is BBR), splice when an end is across a
+/// network device (the measured winners), splice on local paths too when the
+/// proxy's namespace defaults to another (reno: a namespace may only pick
+/// from `tcp_allowed_congestion_control`), and `--auto-local` / `--auto-network`
+/// change each choice on its own.
 #[test]
 fn auto_picks_each_tunnels_plane_by_its_path() {
     let topology = Topology::new();
@@ -103,18 +119,36 @@ fn auto_picks_each_tunnels_plane_by_its_path() {
     let local_target: SocketAddr = "127.0.0.1:8444".parse().unwrap();
     let remote = Upstream::start_in(&topology.server, remote_target);
     let local = Upstream::start_in(&topology.proxy, local_target);
-    let cases: [(&[&str], [&str; 3]); 3] = [
-        (&[], ["sockmap", "splice", "splice"]),
+    let cases: [(&str, &[&str], [&str; 3]); 4] = [
+        ("bbr", &[], ["sockmap", "splice", "splice"]),
         (
+            "bbr",
             &["--auto-network", "sockmap"],
             ["sockmap", "sockmap", "sockmap"],
         ),
         (
+            "bbr",
             &["--auto-local", "copy", "--auto-network", "sockmap"],
             ["copy", "sockmap", "sockmap"],
         ),
+        (
+            "reno",
+            &["--auto-network", "copy"],
+            ["splice", "copy", "copy"],
+        ),
     ];
-    for (flags, [local_to_local, remote_to_remote, remote_to_local]) in cases {
+    for (congestion, flags, [local_to_local, remote_to_remote, remote_to_local]) in cases {
+        let sysctl = format!("net.ipv4.tcp_congestion_control={congestion}");
+        let status = topology
+            .proxy
+            .command("sysctl")
+            .args(["-q", "-w", &sysctl])
+            .status()
+            .unwrap();
+        assert!(
+            status.success(),
+            "sysctl -w {sysctl} in the proxy's namespace"
+        );
         let mut args = vec![
             "--connect-ports",
             "8443,8444",
@@ -135,7 +169,7 @@ fn auto_picks_each_tunnels_plane_by_its_path() {
         assert_eq!(
             seen,
             [local_to_local, remote_to_remote, remote_to_local],
-            "{flags:?}: local → local, client → server, client → the proxy's host\n{}",
+            "{congestion} {flags:?}: local → local, client → server, client → the proxy's host\n{}",
             proxy.stderr()
         );
     }

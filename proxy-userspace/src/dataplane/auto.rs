@@ -2,10 +2,11 @@
 //! are. The bench (`cargo xtask bench`, docs/benchmarks.md) measured each plane
 //! on both kinds of path on this machine:
 //!
-//! * both ends on this host (loopback): sockmap costs the least CPU per byte
-//!   and moves up to 1.5× what a direct connection does (its forward rate is
-//!   bimodal, by where the kernel runs its redirect worker), splice and copy
-//!   about 0.9×, so sockmap;
+//! * both ends on this host (loopback): the winner depends on the endpoints'
+//!   congestion control. With BBR (this machine's default) sockmap moved
+//!   28–37 Gbit/s against splice's 19–20 and cost the least CPU per byte; with
+//!   cubic endpoints splice moved ~46 against sockmap's 28–35. So sockmap when
+//!   the host's default is BBR, splice otherwise ([`local_default`]);
 //! * an end behind a network device (veth between namespaces): splice moves the
 //!   most (0.7× direct), sockmap and copy about 0.5×, because the kernel worker
 //!   that sends a redirected skb also runs the receiving host's TCP input inline
@@ -22,7 +23,35 @@ use std::{
 
 use tokio::net::TcpStream;
 
-use super::{DataPlane, Tunnel, TunnelFuture};
+use super::{DataPlane, PlaneKind, Tunnel, TunnelFuture};
+
+/// The plane for local paths when `--auto-local` is not given, with a note for
+/// the start-up line. Local applications use the host's default congestion
+/// control unless they set their own, and the bench's winner on loopback
+/// depends on it: with BBR endpoints (whose model sees a microsecond RTT and
+/// keeps a tiny window) sockmap moved 28–37 Gbit/s against splice's 19–20;
+/// with cubic endpoints splice moved ~46 against sockmap's 28–35.
+pub fn local_default(host_congestion_control: &str) -> (PlaneKind, String) {
+    let plane = if host_congestion_control == "bbr" {
+        PlaneKind::Sockmap
+    } else {
+        PlaneKind::Splice
+    };
+    let name = if host_congestion_control.is_empty() {
+        "unknown"
+    } else {
+        host_congestion_control
+    };
+    (plane, format!(" (default congestion control {name})"))
+}
+
+/// `net.ipv4.tcp_congestion_control` of the proxy's network namespace, or ""
+/// when it cannot be read.
+pub fn host_congestion_control() -> String {
+    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control")
+        .map(|text| text.trim().to_owned())
+        .unwrap_or_default()
+}
 
 /// Where a tunnel's ends are, as far as choosing its data plane goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -110,5 +139,17 @@ impl DataPlane for AutoDataPlane {
 
     fn stats(&self) -> String {
         self.stats_from.stats()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_paths_follow_the_hosts_congestion_control() {
+        assert_eq!(local_default("bbr").0, PlaneKind::Sockmap);
+        assert_eq!(local_default("cubic").0, PlaneKind::Splice);
+        assert_eq!(local_default("").1, " (default congestion control unknown)");
     }
 }

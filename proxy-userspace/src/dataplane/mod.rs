@@ -351,9 +351,12 @@ pub fn select(config: &Config) -> anyhow::Result<(Arc<dyn DataPlane>, String)> {
 /// `--dataplane auto`: the planes its two path kinds ask for, sockmap loaded only
 /// if one of them wants it; a single plane when both kinds end up on the same one.
 fn select_auto(config: &Config, splice: Arc<dyn DataPlane>) -> (Arc<dyn DataPlane>, String) {
-    let local = config.auto_local.unwrap_or(PlaneKind::Sockmap);
-    let network = config.auto_network.unwrap_or(PlaneKind::Splice);
     let mut why = Vec::new();
+    let (local, local_note) = match config.auto_local {
+        Some(plane) => (plane, String::new()),
+        None => auto::local_default(&auto::host_congestion_control()),
+    };
+    let network = config.auto_network.unwrap_or(PlaneKind::Splice);
     let sockmap: Option<Arc<dyn DataPlane>> = if [local, network].contains(&PlaneKind::Sockmap) {
         match sockmap::SockmapDataPlane::load(config, splice.clone()) {
             Ok(plane) => {
@@ -385,7 +388,7 @@ fn select_auto(config: &Config, splice: Arc<dyn DataPlane>) -> (Arc<dyn DataPlan
         return (local, why.join("; "));
     }
     why.push(format!(
-        "per tunnel: both ends on this host → {}, an end across the network → {}",
+        "per tunnel: both ends on this host → {}{local_note}, an end across the network → {}",
         local.name(),
         network.name()
     ));

@@ -655,34 +655,48 @@ pub fn tables(results: &Results) -> Vec<Table> {
     tables
 }
 
-/// `auto`'s defaults (`--auto-local sockmap`, `--auto-network splice`) against
-/// the fastest spliced plane of this run on each kind of path (single-stream
-/// medians, forward and reverse averaged), so a node's own bench says which
-/// flags to set.
+/// What `auto` picks on a local path when the endpoints use `congestion`
+/// (proxy-userspace's `dataplane::auto::local_default`: sockmap under BBR,
+/// splice otherwise).
+fn auto_local_choice(congestion: &str) -> Contender {
+    if congestion == "bbr" {
+        Contender::Sockmap
+    } else {
+        Contender::Splice
+    }
+}
+
+/// `auto`'s defaults against the fastest spliced plane of this run on each
+/// kind of path (single-stream medians, forward and reverse averaged), so a
+/// node's own bench says which flags to set. The local default follows the
+/// endpoints' congestion control: the system default in the unpinned
+/// loopback table, cubic in the `-C cubic` one (what a host whose default is
+/// cubic gets).
 fn auto_check(results: &Results) -> Option<Table> {
-    const PATHS: [(Env, &str, &str, Contender); 3] = [
+    let host = results.meta.congestion.as_str();
+    let paths = [
         (
             Env::Unpinned,
-            "both ends on this host (loopback)",
+            format!("both ends on this host (loopback), endpoints on {host}"),
             "--auto-local",
-            Contender::Sockmap,
+            auto_local_choice(host),
         ),
         (
             Env::Cubic,
-            "both ends on this host (loopback), iperf3 on cubic",
+            "both ends on this host (loopback), endpoints on cubic".to_owned(),
             "--auto-local",
-            Contender::Sockmap,
+            auto_local_choice("cubic"),
         ),
         (
             Env::Netns,
-            "an end across the network (veth)",
+            "an end across the network (veth)".to_owned(),
             "--auto-network",
             Contender::Splice,
         ),
     ];
     let single = [Kind::new(false, 1), Kind::new(true, 1)];
     let mut rows = Vec::new();
-    for (env, path, flag, default) in PATHS {
+    for (env, path, flag, default) in paths {
         let of = |plane: Contender| -> Option<[f64; 2]> {
             let mut medians = [0.0; 2];
             for (slot, kind) in medians.iter_mut().zip(single) {
@@ -711,8 +725,8 @@ fn auto_check(results: &Results) -> Option<Table> {
             .map(|(plane, [fwd, rev])| format!("{} {fwd:.1}/{rev:.1}", plane.id()))
             .collect();
         rows.push(vec![
-            path.to_owned(),
-            format!("{flag} {}", default.id()),
+            path,
+            default.id().to_owned(),
             each.join(", "),
             if best == default {
                 "yes".to_owned()
@@ -726,7 +740,7 @@ fn auto_check(results: &Results) -> Option<Table> {
             .to_owned(),
         header: [
             "path",
-            "auto's default",
+            "auto picks",
             "planes in this run",
             "default is the fastest",
         ]
@@ -734,8 +748,9 @@ fn auto_check(results: &Results) -> Option<Table> {
         .to_vec(),
         rows,
         note: Some(
-            "auto chooses per tunnel by its path; where a row says no, the flag named \
-             there makes auto follow this run (CPU per byte is in the tables above)."
+            "auto chooses per tunnel by its path (and, on a local path, the host's default \
+             congestion control); where a row says no, the flag named there makes auto \
+             follow this run (CPU per byte is in the tables above)."
                 .to_owned(),
         ),
     })
