@@ -93,8 +93,8 @@ pub struct Config {
 
     /// With `--dataplane auto`: the data plane of every other tunnel (an end
     /// reached through a network device). Default splice: measured across veth
-    /// it moves the most; sockmap costs ~25 % less CPU per byte there but is
-    /// slower (docs/benchmarks.md).
+    /// it moves the most; sockmap is ~25 % slower there, and cost less CPU per
+    /// byte in two of three full bench runs (docs/benchmarks.md).
     #[arg(long, value_enum, value_name = "PLANE")]
     pub auto_network: Option<PlaneKind>,
 

@@ -14,7 +14,8 @@
 //!
 //! Both choices are flags (`--auto-local`, `--auto-network`): a host whose
 //! bench says otherwise, or that values CPU per byte over peak throughput
-//! (sockmap costs ~25 % less there across veth), sets its own.
+//! (across veth sockmap cost less in two of three full bench runs), sets its
+//! own.
 
 use std::{
     net::{IpAddr, SocketAddr},
