@@ -138,14 +138,7 @@ pub fn splice_verdict(ctx: SkBuffContext) -> u32 {
         // SAFETY: as above.
         unsafe { (*entry).flags |= flow_flags::BROKEN };
         count(stat::TRIM_FAILED);
-        output(&FlowEvent {
-            cookie,
-            bytes_redirected: 0,
-            kind: FlowEventKind::OverlapNotTrimmed as u32,
-            old_state: 0,
-            new_state: 0,
-            _pad: 0,
-        });
+        report(cookie, FlowEventKind::OverlapNotTrimmed, 0);
         return SK_DROP;
     };
     if trimmed_len == 0 && len != 0 {
@@ -185,14 +178,7 @@ pub fn splice_verdict(ctx: SkBuffContext) -> u32 {
         // not charged to either socket's buffers), so user space watches each
         // direction's backlog and pauses it; it learns of progress from here.
         if before / PROGRESS_EVERY_BYTES != after / PROGRESS_EVERY_BYTES {
-            output(&FlowEvent {
-                cookie,
-                bytes_redirected: after,
-                kind: FlowEventKind::Progress as u32,
-                old_state: 0,
-                new_state: 0,
-                _pad: 0,
-            });
+            report(cookie, FlowEventKind::Progress, after);
         }
         // SAFETY: `entry` is a live map value.
         unsafe { report_if_drained(entry, cookie) };
@@ -390,10 +376,16 @@ unsafe fn report_if_drained(entry: *mut FlowEntry, cookie: u64) {
     if unsafe { add(&raw mut (*entry).drained_reported, 1) } != 0 {
         return;
     }
+    report(cookie, FlowEventKind::Drained, handled);
+}
+
+/// Sends a `kind` event for socket `cookie` that carries no TCP states.
+#[inline(always)]
+fn report(cookie: u64, kind: FlowEventKind, bytes_redirected: u64) {
     output(&FlowEvent {
         cookie,
-        bytes_redirected: handled,
-        kind: FlowEventKind::Drained as u32,
+        bytes_redirected,
+        kind: kind as u32,
         old_state: 0,
         new_state: 0,
         _pad: 0,
