@@ -94,23 +94,13 @@ fn canonical(addr: SocketAddr) -> IpAddr {
 pub struct AutoDataPlane {
     local: Arc<dyn DataPlane>,
     network: Arc<dyn DataPlane>,
-    /// The plane whose kernel counters `stats` reports (sockmap when loaded).
-    stats_from: Arc<dyn DataPlane>,
 }
 
 impl AutoDataPlane {
-    /// Tunnels on local paths go to `local`, the others to `network`;
-    /// `stats_from` answers [`DataPlane::stats`].
-    pub fn new(
-        local: Arc<dyn DataPlane>,
-        network: Arc<dyn DataPlane>,
-        stats_from: Arc<dyn DataPlane>,
-    ) -> Self {
-        Self {
-            local,
-            network,
-            stats_from,
-        }
+    /// Tunnels on local paths go to `local`, the others to `network` (two
+    /// different planes: with one, use it directly).
+    pub fn new(local: Arc<dyn DataPlane>, network: Arc<dyn DataPlane>) -> Self {
+        Self { local, network }
     }
 }
 
@@ -139,7 +129,12 @@ impl DataPlane for AutoDataPlane {
     }
 
     fn stats(&self) -> String {
-        self.stats_from.stats()
+        // Only sockmap has kernel counters, and at most one of the two is it.
+        [self.local.stats(), self.network.stats()]
+            .into_iter()
+            .filter(|stats| !stats.is_empty())
+            .collect::<Vec<_>>()
+            .join(" ")
     }
 }
 

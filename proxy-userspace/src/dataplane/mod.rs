@@ -392,9 +392,10 @@ fn select_auto(config: &Config, splice: Arc<dyn DataPlane>) -> (Arc<dyn DataPlan
         local.name(),
         network.name()
     ));
-    let stats_from = sockmap.unwrap_or_else(|| local.clone());
-    let auto = auto::AutoDataPlane::new(local, network, stats_from);
-    (Arc::new(auto), why.join("; "))
+    (
+        Arc::new(auto::AutoDataPlane::new(local, network)),
+        why.join("; "),
+    )
 }
 
 #[cfg(test)]
