@@ -92,13 +92,23 @@ pub fn explain(seed: u64, chunk_offset: u64, chunk: &[u8], bad: u64) -> String {
 
 /// Writes `len` bytes of stream `seed` to `out`.
 pub fn send(out: &mut impl std::io::Write, seed: u64, len: u64) -> std::io::Result<()> {
+    send_range(out, seed, 0, len)
+}
+
+/// Writes bytes `from..to` of stream `seed` to `out`.
+pub fn send_range(
+    out: &mut impl std::io::Write,
+    seed: u64,
+    from: u64,
+    to: u64,
+) -> std::io::Result<()> {
     let mut buf = vec![0u8; 256 * 1024];
-    let mut sent = 0;
-    while sent < len {
-        let n = (len - sent).min(buf.len() as u64) as usize;
-        fill_fast(seed, sent, &mut buf[..n]);
+    let mut at = from;
+    while at < to {
+        let n = (to - at).min(buf.len() as u64) as usize;
+        fill_fast(seed, at, &mut buf[..n]);
         out.write_all(&buf[..n])?;
-        sent += n as u64;
+        at += n as u64;
     }
     Ok(())
 }
@@ -106,33 +116,55 @@ pub fn send(out: &mut impl std::io::Write, seed: u64, len: u64) -> std::io::Resu
 /// Reads until EOF from `input`, checking every byte against stream `seed`.
 /// Returns the number of bytes read, or where the first mismatch was.
 pub fn receive(input: &mut impl std::io::Read, seed: u64) -> std::io::Result<Result<u64, u64>> {
-    Ok(receive_explained(input, seed)?.map_err(|(bad, _)| bad))
+    Ok(receive_from(input, seed, 0, None)?.map_err(|(bad, _)| bad))
 }
 
 /// [`receive`] as one result: the byte count, or what went wrong — an I/O
 /// error, or the mismatch [`explain`]ed.
 pub fn receive_checked(input: &mut impl std::io::Read, seed: u64) -> Result<u64, String> {
-    match receive_explained(input, seed) {
+    receive_range(input, seed, 0, None)
+}
+
+/// Reads stream `seed` from offset `from`, checking every byte, until EOF or
+/// until `limit` bytes were read; returns how many were, or what went wrong
+/// as [`receive_checked`] does.
+pub fn receive_range(
+    input: &mut impl std::io::Read,
+    seed: u64,
+    from: u64,
+    limit: Option<u64>,
+) -> Result<u64, String> {
+    match receive_from(input, seed, from, limit) {
         Ok(Ok(n)) => Ok(n),
         Ok(Err((_, explained))) => Err(explained),
         Err(err) => Err(err.to_string()),
     }
 }
 
-/// [`receive`], with the mismatch [`explain`]ed.
-fn receive_explained(
+/// The reading loop of the `receive` functions: the byte count, or the first
+/// mismatch's offset with its [`explain`]ation.
+fn receive_from(
     input: &mut impl std::io::Read,
     seed: u64,
+    from: u64,
+    limit: Option<u64>,
 ) -> std::io::Result<Result<u64, (u64, String)>> {
     let mut buf = vec![0u8; 256 * 1024];
     let mut received = 0u64;
     loop {
-        let n = input.read(&mut buf)?;
+        let want = limit.map_or(buf.len() as u64, |limit| {
+            (limit - received).min(buf.len() as u64)
+        }) as usize;
+        if want == 0 {
+            return Ok(Ok(received));
+        }
+        let n = input.read(&mut buf[..want])?;
         if n == 0 {
             return Ok(Ok(received));
         }
-        if let Err(bad) = check(seed, received, &buf[..n]) {
-            return Ok(Err((bad, explain(seed, received, &buf[..n], bad))));
+        let offset = from + received;
+        if let Err(bad) = check(seed, offset, &buf[..n]) {
+            return Ok(Err((bad, explain(seed, offset, &buf[..n], bad))));
         }
         received += n as u64;
     }

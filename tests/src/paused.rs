@@ -3,7 +3,7 @@
 //! the tunnel is provably in the middle of a transfer.
 
 use std::{
-    io::{self, Read, Write},
+    io::{self, Write},
     net::{Shutdown, TcpStream},
     sync::mpsc,
     thread::JoinHandle,
@@ -41,17 +41,17 @@ impl PausedExchange {
         let up_reached = reached.clone();
         let sender = std::thread::spawn(move || {
             writer.write_all(&header.encode())?;
-            send_range(&mut writer, header.seed, 0, header.up / 2)?;
+            pattern::send_range(&mut writer, header.seed, 0, header.up / 2)?;
             pause(&up_reached, &wait_sender);
-            send_range(&mut writer, header.seed, header.up / 2, header.up)?;
+            pattern::send_range(&mut writer, header.seed, header.up / 2, header.up)?;
             writer.shutdown(Shutdown::Write)
         });
         let mut reader = stream;
         let receiver = std::thread::spawn(move || {
             let seed = header.seed + 1;
-            let first = receive_range(&mut reader, seed, 0, Some(header.down / 2))?;
+            let first = pattern::receive_range(&mut reader, seed, 0, Some(header.down / 2))?;
             pause(&reached, &wait_receiver);
-            let rest = receive_range(&mut reader, seed, first, None)?;
+            let rest = pattern::receive_range(&mut reader, seed, first, None)?;
             Ok(first + rest)
         });
         for _ in 0..2 {
@@ -86,46 +86,4 @@ impl PausedExchange {
 fn pause(reached: &mpsc::Sender<()>, resume: &mpsc::Receiver<()>) {
     let _ = reached.send(());
     let _ = resume.recv_timeout(IO_TIMEOUT);
-}
-
-/// Writes bytes `from..to` of stream `seed` to `out`.
-fn send_range(out: &mut impl Write, seed: u64, from: u64, to: u64) -> io::Result<()> {
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut at = from;
-    while at < to {
-        let n = (to - at).min(buf.len() as u64) as usize;
-        pattern::fill_fast(seed, at, &mut buf[..n]);
-        out.write_all(&buf[..n])?;
-        at += n as u64;
-    }
-    Ok(())
-}
-
-/// Reads stream `seed` from offset `from`, checking every byte, until EOF or
-/// until `limit` bytes were read; returns how many were.
-fn receive_range(
-    input: &mut impl Read,
-    seed: u64,
-    from: u64,
-    limit: Option<u64>,
-) -> Result<u64, String> {
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut received = 0u64;
-    loop {
-        let want = limit.map_or(buf.len() as u64, |limit| {
-            (limit - received).min(buf.len() as u64)
-        }) as usize;
-        if want == 0 {
-            return Ok(received);
-        }
-        let n = input
-            .read(&mut buf[..want])
-            .map_err(|err| err.to_string())?;
-        if n == 0 {
-            return Ok(received);
-        }
-        pattern::check(seed, from + received, &buf[..n])
-            .map_err(|bad| pattern::explain(seed, from + received, &buf[..n], bad))?;
-        received += n as u64;
-    }
 }

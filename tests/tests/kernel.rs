@@ -608,7 +608,8 @@ fn overlapping_retransmission(hooks: &[&str]) -> RetransmissionOutcome {
     let client = ns.enter(move || -> Result<u64, String> {
         let mut stream = open_tunnel(proxy_addr, "127.0.0.1:8443");
         stream.write_all(&h.encode()).map_err(|e| e.to_string())?;
-        write_pattern(&mut stream, h.seed, 0, BEFORE_RETRANSMIT)?;
+        pattern::send_range(&mut stream, h.seed, 0, BEFORE_RETRANSMIT)
+            .map_err(|e| e.to_string())?;
         let acknowledged = wait_until(IO_TIMEOUT, || {
             let mut queued: libc::c_int = 0;
             // SAFETY: SIOCOUTQ writes one int through the pointer.
@@ -629,7 +630,8 @@ fn overlapping_retransmission(hooks: &[&str]) -> RetransmissionOutcome {
             &payload,
         )
         .expect("send the hand-made retransmission");
-        write_pattern(&mut stream, h.seed, BEFORE_RETRANSMIT, h.up)?;
+        pattern::send_range(&mut stream, h.seed, BEFORE_RETRANSMIT, h.up)
+            .map_err(|e| e.to_string())?;
         stream
             .shutdown(std::net::Shutdown::Write)
             .map_err(|e| e.to_string())?;
@@ -651,13 +653,6 @@ struct RetransmissionOutcome {
     upstream: Result<u64, String>,
     stats: std::collections::HashMap<String, u64>,
     log: String,
-}
-
-/// Writes bytes `from..to` of pattern stream `seed`.
-fn write_pattern(stream: &mut TcpStream, seed: u64, from: u64, to: u64) -> Result<(), String> {
-    let mut buf = vec![0u8; (to - from) as usize];
-    pattern::fill(seed, from, &mut buf);
-    stream.write_all(&buf).map_err(|e| e.to_string())
 }
 
 /// TCP queues a retransmission that overlaps received bytes without trimming
