@@ -10,6 +10,7 @@ use std::{
     os::fd::AsRawFd,
 };
 
+use etherparse::TcpHeader;
 use socket2::{Domain, Protocol, Socket, Type};
 
 /// `TCP_REPAIR_QUEUE` values (include/uapi/linux/tcp.h).
@@ -89,46 +90,14 @@ pub fn send_segment(stream: &TcpStream, seq: u32, ack: u32, payload: &[u8]) -> i
 
 /// A TCP header (20 bytes, checksummed over the IPv4 pseudo-header) and `payload`.
 fn segment(from: SocketAddrV4, to: SocketAddrV4, seq: u32, ack: u32, payload: &[u8]) -> Vec<u8> {
-    const ACK_PSH: u8 = 0x18;
-    let mut segment = Vec::with_capacity(20 + payload.len());
-    segment.extend_from_slice(&from.port().to_be_bytes());
-    segment.extend_from_slice(&to.port().to_be_bytes());
-    segment.extend_from_slice(&seq.to_be_bytes());
-    segment.extend_from_slice(&ack.to_be_bytes());
-    segment.extend_from_slice(&[5 << 4, ACK_PSH]);
-    segment.extend_from_slice(&u16::MAX.to_be_bytes());
-    segment.extend_from_slice(&[0, 0, 0, 0]);
+    let mut header = TcpHeader::new(from.port(), to.port(), seq, u16::MAX);
+    header.ack = true;
+    header.psh = true;
+    header.acknowledgment_number = ack;
+    header.checksum = header
+        .calc_checksum_ipv4_raw(from.ip().octets(), to.ip().octets(), payload)
+        .expect("a segment shorter than 64 KiB");
+    let mut segment = header.to_bytes().to_vec();
     segment.extend_from_slice(payload);
-    let mut pseudo = Vec::with_capacity(12 + segment.len());
-    pseudo.extend_from_slice(&from.ip().octets());
-    pseudo.extend_from_slice(&to.ip().octets());
-    pseudo.extend_from_slice(&[0, libc::IPPROTO_TCP as u8]);
-    pseudo.extend_from_slice(&(segment.len() as u16).to_be_bytes());
-    pseudo.extend_from_slice(&segment);
-    let checksum = internet_checksum(&pseudo);
-    segment[16..18].copy_from_slice(&checksum.to_be_bytes());
     segment
-}
-
-/// RFC 1071.
-fn internet_checksum(bytes: &[u8]) -> u16 {
-    let mut sum: u32 = bytes
-        .chunks(2)
-        .map(|pair| u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn checksum_of_rfc1071_example() {
-        // RFC 1071 section 3: 0001 f203 f4f5 f6f7 sums to ddf2; the checksum
-        // is its complement.
-        let bytes = [0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7];
-        assert_eq!(super::internet_checksum(&bytes), !0xddf2);
-    }
 }
