@@ -702,41 +702,34 @@ fn run_env(
                     kind.label(),
                     settings.runs
                 ));
-                let conf = match proxies.get(&case.contender) {
+                let proxy = match proxies.get(&case.contender) {
                     None => None,
-                    Some(Ok(proxy)) => Some(proxy.proxychains_conf.clone()),
+                    Some(Ok(proxy)) => Some(proxy),
                     Some(Err(reason)) => {
                         results.tput[i].start_failure = Some(reason.clone());
                         progress.finish("skipped (failed to start)");
                         continue;
                     }
                 };
-                let sockmap = match proxies.get(&case.contender) {
-                    Some(Ok(proxy)) if case.contender == Contender::Sockmap => Some(proxy),
-                    _ => None,
-                };
-                let auto = match proxies.get(&case.contender) {
-                    Some(Ok(proxy)) if case.contender == Contender::Auto => Some(proxy),
-                    _ => None,
-                };
-                let copied_before = sockmap.and_then(|proxy| proxy.flow_control_copied());
-                let planes_before = auto.and_then(|proxy| proxy.planes_used());
-                let mut sample = iperf::run(&ends, kind, settings.secs, conf.as_deref());
+                let conf = proxy.map(|proxy| proxy.proxychains_conf.as_path());
+                let sockmap = proxy.filter(|_| case.contender == Contender::Sockmap);
+                let auto = proxy.filter(|_| case.contender == Contender::Auto);
+                let copied_before = sockmap.and_then(Proxy::flow_control_copied);
+                let logged_before = auto.and_then(Proxy::tunnel_planes).map(|p| p.len());
+                let mut sample = iperf::run(&ends, kind, settings.secs, conf);
                 if let (Ok(sample), Some(before)) = (&mut sample, copied_before) {
                     sample.user_copied_bytes = sockmap
-                        .and_then(|proxy| proxy.flow_control_copied())
+                        .and_then(Proxy::flow_control_copied)
                         .map(|after| after.saturating_sub(before));
                 }
-                if let (Ok(sample), Some(before)) = (&mut sample, planes_before) {
-                    sample.planes_used =
-                        auto.and_then(|proxy| proxy.planes_used()).map(|mut after| {
-                            for (plane, count) in before {
-                                let now = after.entry(plane).or_default();
-                                *now = now.saturating_sub(count);
-                            }
-                            after.retain(|_, count| *count > 0);
-                            after
-                        });
+                if let (Ok(sample), Some(before)) = (&mut sample, logged_before) {
+                    sample.planes_used = auto.and_then(Proxy::tunnel_planes).map(|planes| {
+                        let mut used = BTreeMap::new();
+                        for plane in planes.into_iter().skip(before) {
+                            *used.entry(plane).or_default() += 1;
+                        }
+                        used
+                    });
                 }
                 check_interrupt()?;
                 progress.finish(&match &sample {

@@ -2,7 +2,6 @@
 //! how each proxy is configured, started and reached (proxychains4).
 
 use std::{
-    collections::BTreeMap,
     fmt::Write as _,
     fs,
     net::SocketAddr,
@@ -115,19 +114,19 @@ impl Proxy {
         self.child.pid()
     }
 
-    /// For `spliced auto`: how many tunnels so far each data plane ran, from the
-    /// complete records of its JSON access log.
-    pub fn planes_used(&self) -> Option<BTreeMap<String, u64>> {
+    /// For `spliced auto`: the data plane of each tunnel logged so far, in
+    /// order, from the complete records of its JSON access log.
+    pub fn tunnel_planes(&self) -> Option<Vec<String>> {
         let text = fs::read_to_string(self.access_log.as_ref()?).ok()?;
         let complete = &text[..text.rfind('\n').map_or(0, |end| end + 1)];
-        let mut used = BTreeMap::new();
+        let mut planes = Vec::new();
         for line in complete.lines() {
             let record: serde_json::Value = serde_json::from_str(line).ok()?;
             if let Some(plane) = record["dataplane"].as_str() {
-                *used.entry(plane.to_owned()).or_default() += 1;
+                planes.push(plane.to_owned());
             }
         }
-        Some(used)
+        Some(planes)
     }
 
     /// spliced's `flow_control_copied_bytes` stat so far (asked for with
