@@ -350,6 +350,15 @@ pub struct Results {
     pub scale: Vec<(Contender, Result<ScaleResult, String>)>,
 }
 
+impl Results {
+    /// The throughput (or CPU-cost) case of `contender` in `env` with `kind`.
+    pub fn tput_of(&self, env: Env, kind: Kind, contender: Contender) -> Option<&TputResult> {
+        self.tput
+            .iter()
+            .find(|r| r.case.env == env && r.case.kind == kind && r.case.contender == contender)
+    }
+}
+
 /// Progress line: `[12/40] loopback-unpinned spliced sockmap -R P1 run 2/3 … 20.3 Gbit/s`.
 struct Progress {
     done: usize,

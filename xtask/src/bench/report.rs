@@ -236,11 +236,7 @@ pub fn to_json(results: &Results) -> Value {
 
 /// The direct (no proxy) case of the same environment and kind.
 fn direct_of<'a>(results: &'a Results, r: &TputResult) -> Option<&'a TputResult> {
-    results.tput.iter().find(|d| {
-        d.case.contender == Contender::Direct
-            && d.case.env == r.case.env
-            && d.case.kind == r.case.kind
-    })
+    results.tput_of(r.case.env, r.case.kind, Contender::Direct)
 }
 
 fn ratio(value: Option<f64>, base: Option<f64>) -> Option<f64> {
@@ -608,13 +604,7 @@ pub fn tables(results: &Results) -> Vec<Table> {
 
     if !results.scale.is_empty() {
         let direct = results
-            .tput
-            .iter()
-            .find(|r| {
-                r.case.env == Env::Unpinned
-                    && r.case.contender == Contender::Direct
-                    && r.case.kind == Kind::new(false, 1)
-            })
+            .tput_of(Env::Unpinned, Kind::new(false, 1), Contender::Direct)
             .and_then(TputResult::median_gbps);
         let body = results
             .scale
@@ -700,13 +690,7 @@ fn auto_check(results: &Results) -> Option<Table> {
         let of = |plane: Contender| -> Option<[f64; 2]> {
             let mut medians = [0.0; 2];
             for (slot, kind) in medians.iter_mut().zip(single) {
-                *slot = results
-                    .tput
-                    .iter()
-                    .find(|r| {
-                        r.case.env == env && r.case.kind == kind && r.case.contender == plane
-                    })?
-                    .median_gbps()?;
+                *slot = results.tput_of(env, kind, plane)?.median_gbps()?;
             }
             Some(medians)
         };
@@ -1052,12 +1036,7 @@ pub fn svg(results: &Results) -> String {
     const LABEL: f64 = 150.0;
     const BAR_MAX: f64 = 560.0;
     const BAR_H: f64 = 13.0;
-    let find = |env: Env, kind: Kind, c: Contender| {
-        results
-            .tput
-            .iter()
-            .find(|r| r.case.env == env && r.case.kind == kind && r.case.contender == c)
-    };
+    let find = |env, kind, c| results.tput_of(env, kind, c);
     let fwd = Kind::new(false, 1);
     let rev = Kind::new(true, 1);
     let rate_kind = Kind::at_rate(false, 1, results.settings.rate);
