@@ -403,6 +403,15 @@ struct Direction {
     send_buffer_raised: bool,
 }
 
+impl Direction {
+    /// Notes a `Drained` event: the direction's final count, from the kernel.
+    fn note_drained(&mut self, bytes_redirected: u64) {
+        self.eof = true;
+        self.expected = bytes_redirected;
+        self.drained = Some(bytes_redirected);
+    }
+}
+
 /// The user-space copy of a held-back direction's passed bytes; returns the
 /// direction's copied total.
 type CopyTask = tokio::task::JoinHandle<anyhow::Result<u64>>;
@@ -749,21 +758,26 @@ impl SplicedPair<'_> {
                         let mut next = Some(first);
                         while let Some(event) = next {
                             log::trace!("flow event {event:?}");
-                            self.note_drained(&event, &mut directions);
-                            let src = self.cookies.iter().position(|&c| c == event.cookie);
-                            match (event.kind, src) {
-                                (kind, Some(src)) if kind == FlowEventKind::Progress as u32 => {
-                                    newest_progress[src] = Some(event);
+                            if let Some(src) = self.cookies.iter().position(|&c| c == event.cookie) {
+                                match event.kind {
+                                    kind if kind == FlowEventKind::Drained as u32 => {
+                                        directions[src].note_drained(event.bytes_redirected);
+                                    }
+                                    kind if kind == FlowEventKind::Progress as u32 => {
+                                        newest_progress[src] = Some(event);
+                                    }
+                                    kind if kind == FlowEventKind::OverlapNotTrimmed as u32 => {
+                                        broken = Some(src);
+                                    }
+                                    _ => {}
                                 }
-                                (kind, _) if kind == FlowEventKind::OverlapNotTrimmed as u32 => {
-                                    broken = src;
-                                }
-                                _ => {}
                             }
                             next = events.try_recv().ok();
                         }
-                        for event in newest_progress.iter().flatten() {
-                            self.note_progress(event, &mut directions);
+                        for (src, event) in newest_progress.iter().enumerate() {
+                            if let Some(event) = event {
+                                self.note_progress(src, event, &mut directions);
+                            }
                         }
                         if let Some(src) = broken {
                             log::warn!(
@@ -835,13 +849,7 @@ impl SplicedPair<'_> {
     /// Notes a `Progress` event: holds its direction back if the redirect
     /// backlog (redirected bytes not yet in the destination's send queue) is
     /// past the mark.
-    fn note_progress(&self, event: &FlowEvent, directions: &mut [Direction; 2]) {
-        if event.kind != FlowEventKind::Progress as u32 {
-            return;
-        }
-        let Some(src) = self.cookies.iter().position(|&c| c == event.cookie) else {
-            return;
-        };
+    fn note_progress(&self, src: usize, event: &FlowEvent, directions: &mut [Direction; 2]) {
         let direction = &mut directions[src];
         if direction.paused || direction.eof {
             return;
@@ -982,19 +990,6 @@ impl SplicedPair<'_> {
             RESUMES.fetch_add(1, Ordering::Relaxed);
         }
         Ok(())
-    }
-
-    /// Notes a `Drained` event: the direction's final count, from the kernel.
-    fn note_drained(&self, event: &FlowEvent, directions: &mut [Direction; 2]) {
-        if event.kind != FlowEventKind::Drained as u32 {
-            return;
-        }
-        if let Some(index) = self.cookies.iter().position(|&c| c == event.cookie) {
-            let direction = &mut directions[index];
-            direction.eof = true;
-            direction.expected = event.bytes_redirected;
-            direction.drained = Some(event.bytes_redirected);
-        }
     }
 
     /// Notes an EOF on socket `src` and how many bytes it sent in all, from
