@@ -38,6 +38,9 @@ fn main() -> anyhow::Result<()> {
         "-Ctarget-cpu=v3".into(),
     ]
     .join("\x1f");
+    // The test build's eBPF object carries the test-only globals; cargo gives
+    // each feature set its own OUT_DIR, so the two objects never mix.
+    let test_hooks = env::var_os("CARGO_FEATURE_TEST_HOOKS").is_some();
     let status = Command::new("rustup")
         .args([
             "run",
@@ -49,6 +52,12 @@ fn main() -> anyhow::Result<()> {
             "--bins",
             "--release",
         ])
+        .args(
+            test_hooks
+                .then_some(["--features", "test-hooks"])
+                .into_iter()
+                .flatten(),
+        )
         .args(["--target", TARGET, "-Z", "build-std=core", "--target-dir"])
         .arg(&target_dir)
         .current_dir(workspace)

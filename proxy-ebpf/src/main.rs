@@ -62,20 +62,67 @@ static FLOW_EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 /// Test hook, set by user space at load time (`--test-hook redirect-empty-skbs`):
 /// when non-zero the verdict redirects empty FIN skbs instead of dropping them, so
 /// a test can show that dropping them is what keeps half-closed tunnels intact.
+#[cfg(feature = "test-hooks")]
 #[no_mangle]
 static REDIRECT_EMPTY_SKBS: u8 = 0;
 
 /// Test hook, set by user space at load time: zero (`--test-hook
 /// no-overlap-trim`) lets skbs that repeat handled bytes through whole, so a
 /// test can show that trimming them is what keeps the stream exact.
+#[cfg(feature = "test-hooks")]
 #[no_mangle]
 static TRIM_OVERLAPS: u8 = 1;
 
 /// Test hook, set by user space at load time (`--test-hook short-trim`): the
 /// most trim steps per skb, below [`MAX_TRIM_STEPS`], so a test can reach the
 /// reset that follows an overlap too long to trim.
+#[cfg(feature = "test-hooks")]
 #[no_mangle]
 static TRIM_STEPS: u32 = MAX_TRIM_STEPS;
+
+/// Whether empty FIN skbs are redirected: only under a test hook.
+#[inline(always)]
+fn redirect_empty_skbs() -> bool {
+    #[cfg(feature = "test-hooks")]
+    {
+        // SAFETY: a read of a constant in .rodata that the loader may have patched.
+        let value = unsafe { core::ptr::read_volatile(&REDIRECT_EMPTY_SKBS) };
+        value != 0
+    }
+    #[cfg(not(feature = "test-hooks"))]
+    {
+        false
+    }
+}
+
+/// Whether overlaps are trimmed: always, except under a test hook.
+#[inline(always)]
+fn trim_overlaps() -> bool {
+    #[cfg(feature = "test-hooks")]
+    {
+        // SAFETY: a read of a constant in .rodata that the loader may have patched.
+        let value = unsafe { core::ptr::read_volatile(&TRIM_OVERLAPS) };
+        value != 0
+    }
+    #[cfg(not(feature = "test-hooks"))]
+    {
+        true
+    }
+}
+
+/// The most trim steps per skb: [`MAX_TRIM_STEPS`], except under a test hook.
+#[inline(always)]
+fn trim_steps() -> u32 {
+    #[cfg(feature = "test-hooks")]
+    {
+        // SAFETY: a read of a constant in .rodata that the loader may have patched.
+        unsafe { core::ptr::read_volatile(&TRIM_STEPS) }
+    }
+    #[cfg(not(feature = "test-hooks"))]
+    {
+        MAX_TRIM_STEPS
+    }
+}
 
 /// Kernel-side counters, indexed by `proxy_common::stat`.
 #[map]
@@ -107,9 +154,7 @@ fn count(index: u32) {
 #[stream_verdict]
 pub fn splice_verdict(ctx: SkBuffContext) -> u32 {
     let len = ctx.len();
-    // SAFETY: a read of a constant in .rodata that the loader may have patched.
-    let redirect_empty = unsafe { core::ptr::read_volatile(&REDIRECT_EMPTY_SKBS) } != 0;
-    if len == 0 && !redirect_empty {
+    if len == 0 && !redirect_empty_skbs() {
         // A FIN without payload reaches the verdict as an empty skb. TCP has already
         // recorded the FIN on this socket; redirecting the empty skb makes the peer's
         // send path fail with EPIPE and cut the stream, so it is dropped here and user
@@ -218,8 +263,7 @@ unsafe fn trim_handled_bytes(ctx: &SkBuffContext, entry: *mut FlowEntry, len: u3
     // sk_skb_cb's data, at offset 0), which for a TCP skb is
     // TCP_SKB_CB(skb)->seq: the sequence number of its first payload byte.
     let seq = ctx.cb()[0];
-    // SAFETY: a read of a constant in .rodata that the loader may have patched.
-    if len == 0 || unsafe { core::ptr::read_volatile(&TRIM_OVERLAPS) } == 0 {
+    if len == 0 || !trim_overlaps() {
         return Some(len);
     }
     // SAFETY: guaranteed by the caller; only this socket's verdict touches
@@ -246,9 +290,7 @@ unsafe fn trim_handled_bytes(ctx: &SkBuffContext, entry: *mut FlowEntry, len: u3
         return Some(len);
     }
     let overlap = (overlap as u32).min(len);
-    // SAFETY: a read of a constant in .rodata that the loader may have patched.
-    let steps = unsafe { core::ptr::read_volatile(&TRIM_STEPS) };
-    (trim_front(ctx.skb.skb, overlap, steps) == TRIMMED).then(|| ctx.len())
+    (trim_front(ctx.skb.skb, overlap, trim_steps()) == TRIMMED).then(|| ctx.len())
 }
 
 /// What [`trim_front`] returns when every byte asked for was trimmed.

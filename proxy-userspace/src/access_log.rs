@@ -12,6 +12,7 @@ use std::{
 use serde::Serialize;
 
 use crate::{
+    dataplane::PlaneKind,
     settings::AccessLogSpec,
     squid::{LogFields, LogFormat},
 };
@@ -47,7 +48,7 @@ pub struct AccessRecord {
     /// Bytes received from the client after the request head.
     pub bytes_from_client: u64,
     /// Data plane that moved the tunnel's bytes.
-    pub dataplane: Option<&'static str>,
+    pub dataplane: Option<PlaneKind>,
     /// How the tunnel or request ended, for operators (`closed`, `client_error`, …).
     pub end: String,
 }
@@ -204,7 +205,7 @@ mod tests {
             user: None,
             bytes_to_client: 87633,
             bytes_from_client: 1000,
-            dataplane: Some("sockmap"),
+            dataplane: Some(PlaneKind::Sockmap),
             end: "closed".into(),
         }
     }

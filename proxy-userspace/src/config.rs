@@ -18,9 +18,11 @@ pub enum LogFormat {
     Json,
 }
 
-/// Deliberate misbehaviours for tests that prove each kernel workaround is needed.
-/// Never use them in production: each one loses or stalls data on purpose.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+/// Deliberate misbehaviours for tests that prove each kernel workaround is
+/// needed. Only a build with the `test-hooks` feature (the test suite's) accepts
+/// `--test-hook`; each one loses or stalls data on purpose.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "test-hooks", derive(ValueEnum))]
 pub enum TestHook {
     /// Skip the `SO_RCVLOWAT` kick after insertion (bytes queued before insertion stall).
     NoRcvlowatKick,
@@ -48,6 +50,35 @@ pub enum TestHook {
     /// Let the verdict trim at most 4095 repeated bytes per skb, so a longer
     /// overlap takes the reset path.
     ShortTrim,
+    /// Fail the upstream socket's insertion into `SPLICED` after the client's
+    /// succeeded, as if its FIN had arrived in between.
+    FailSecondInsert,
+    /// Fail the `SO_RCVLOWAT` kick after both sockets are spliced.
+    FailKick,
+    /// Make the sockmap start-up check see a wrong sequence number.
+    FailProbe,
+}
+
+/// The test hooks in force: always none without the `test-hooks` feature, so
+/// the release build compiles every hook's branch away.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TestHooks {
+    #[cfg(feature = "test-hooks")]
+    hooks: Vec<TestHook>,
+}
+
+impl TestHooks {
+    /// Whether `hook` is in force.
+    #[cfg(feature = "test-hooks")]
+    pub fn has(&self, hook: TestHook) -> bool {
+        self.hooks.contains(&hook)
+    }
+
+    /// Whether `hook` is in force: never, in a build without test hooks.
+    #[cfg(not(feature = "test-hooks"))]
+    pub const fn has(&self, _hook: TestHook) -> bool {
+        false
+    }
 }
 
 /// `spliced` command line. Flags given here override the configuration file.
@@ -163,7 +194,9 @@ pub struct Config {
     #[arg(long, value_name = "SECS")]
     pub access_log_periodic: Option<f64>,
 
-    /// Test-only misbehaviour (repeatable); see the test suite.
+    /// Test-only misbehaviour (repeatable); see the test suite. Only in a
+    /// build with the `test-hooks` feature.
+    #[cfg(feature = "test-hooks")]
     #[arg(long = "test-hook", value_enum, hide = true)]
     pub test_hooks: Vec<TestHook>,
 
@@ -184,9 +217,13 @@ pub enum Command {
 }
 
 impl Config {
-    /// Whether a test hook is enabled.
-    pub fn hook(&self, hook: TestHook) -> bool {
-        self.test_hooks.contains(&hook)
+    /// The test hooks given on the command line (none without the
+    /// `test-hooks` feature).
+    pub fn hooks(&self) -> TestHooks {
+        TestHooks {
+            #[cfg(feature = "test-hooks")]
+            hooks: self.test_hooks.clone(),
+        }
     }
 }
 

@@ -28,9 +28,9 @@ use tokio::{
 
 use crate::{
     access_log::{AccessLog, AccessRecord},
-    config::TestHook,
+    config::{TestHook, TestHooks},
     connect_request::{self, HeadError, Host, RequestHead, Target},
-    dataplane::{DataPlane, Progress, Tunnel, TunnelLimits, TunnelOutcome},
+    dataplane::{DataPlane, Picked, Progress, Tunnel, TunnelLimits, TunnelOutcome},
     metrics::Metrics,
     policy::Denial,
     settings::{Policy, Settings},
@@ -61,7 +61,7 @@ pub struct Active {
 pub struct ControlPlane {
     active: ArcSwap<Active>,
     dataplane: Arc<dyn DataPlane>,
-    hooks: Vec<TestHook>,
+    hooks: TestHooks,
     metrics: Arc<Metrics>,
     per_client: Mutex<HashMap<IpAddr, u32>>,
     open_connections: AtomicUsize,
@@ -151,7 +151,7 @@ impl ControlPlane {
     pub fn new(
         active: Active,
         dataplane: Arc<dyn DataPlane>,
-        hooks: Vec<TestHook>,
+        hooks: TestHooks,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
@@ -359,17 +359,24 @@ impl ControlPlane {
                     shutdown: self.closing.subscribe(),
                     progress: progress.clone(),
                 };
-                let plane = self.dataplane.pick(&tunnel);
+                let (plane_kind, plane) = self.dataplane.pick(&tunnel);
                 self.metrics.request_answered(200);
                 self.metrics
-                    .tunnel_opened(plane.name(), started.elapsed(), opened.pipelined);
+                    .tunnel_opened(plane_kind, started.elapsed(), opened.pipelined);
                 record.status = 200;
                 record.result = "TCP_TUNNEL";
                 let outcome = self
-                    .run_tunnel(plane, tunnel, settings, &record, opened.pipelined, started)
+                    .run_tunnel(
+                        (plane_kind, plane),
+                        tunnel,
+                        settings,
+                        &record,
+                        opened.pipelined,
+                        started,
+                    )
                     .await;
                 progress.finish(&outcome);
-                self.metrics.tunnel_closed(plane.name(), &outcome);
+                self.metrics.tunnel_closed(plane_kind, &outcome);
                 record.bytes_to_client = CONNECT_OK.len() as u64 + outcome.upstream_to_client;
                 record.bytes_from_client = opened.pipelined + outcome.client_to_upstream;
                 record.dataplane = Some(outcome.dataplane);
@@ -400,7 +407,7 @@ impl ControlPlane {
     /// record of the bytes moved so far at every interval while it is open.
     async fn run_tunnel(
         &self,
-        plane: &dyn DataPlane,
+        (plane_kind, plane): Picked<'_>,
         tunnel: Tunnel,
         settings: &Settings,
         record: &AccessRecord,
@@ -425,7 +432,7 @@ impl ControlPlane {
                         duration_ms: started.elapsed().as_millis() as u64,
                         bytes_to_client: CONNECT_OK.len() as u64 + down,
                         bytes_from_client: pipelined + up,
-                        dataplane: Some(plane.name()),
+                        dataplane: Some(plane_kind),
                         end: "periodic".into(),
                         ..record.clone()
                     };
@@ -520,7 +527,7 @@ impl ControlPlane {
                 .await
                 .map_err(write_upstream)?;
         }
-        let queued = if self.hooks.contains(&TestHook::NoQueueDrain) {
+        let queued = if self.hooks.has(TestHook::NoQueueDrain) {
             QueuedBytes {
                 bytes: 0,
                 clean: true,

@@ -223,19 +223,19 @@ async fn run(config: Config) -> anyhow::Result<()> {
     readiness.set_not_ready("starting: choosing the data plane");
     let (dataplane, why) = dataplane::select(&config)?;
     log::info!("data plane: {} ({why})", dataplane.name());
-    metrics.dataplane_chosen(dataplane.name(), &dataplane.planes());
+    metrics.dataplane_chosen(dataplane.clone());
     let settings = active.settings.clone();
     let control = Arc::new(ControlPlane::new(
         active,
         dataplane.clone(),
-        config.test_hooks.clone(),
+        config.hooks(),
         metrics.clone(),
     ));
     if let Some(addr) = admin_addr {
         control.add_own_addr(addr);
     }
     readiness.set_not_ready("starting: binding the listeners");
-    if config.hook(TestHook::DelayStartup) {
+    if config.hooks().has(TestHook::DelayStartup) {
         tokio::time::sleep(std::time::Duration::from_secs(2)).await;
     }
     let mut listeners = Listeners::default();

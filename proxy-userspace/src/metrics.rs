@@ -9,21 +9,27 @@
 //! tunnel ends, error kinds, the `http_access` lines of the file in force), so
 //! the number of series stays bounded.
 
-use std::{fmt::Write as _, time::Duration};
+use std::{
+    fmt::Write as _,
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
 
 use prometheus_client::{
-    encoding::{text, EncodeLabelSet},
+    collector::Collector,
+    encoding::{text, DescriptorEncoder, EncodeLabelSet, EncodeMetric as _},
     metrics::{
-        counter::Counter,
+        counter::{ConstCounter, Counter},
         family::Family,
-        gauge::Gauge,
+        gauge::{ConstGauge, Gauge},
         histogram::{exponential_buckets, Histogram},
+        MetricType,
     },
     registry::{Registry, Unit},
 };
 
 use crate::{
-    dataplane::{ByteSink, Flow, TunnelOutcome},
+    dataplane::{ByteSink, DataPlane, Direction, PlaneKind, TunnelOutcome},
     upstream::UpstreamError,
 };
 
@@ -73,25 +79,14 @@ struct BuildLabels {
     dataplane: &'static str,
 }
 
-/// The data planes whose byte counters are looked up without a lock.
-const PLANES: [&str; 3] = ["sockmap", "splice", "copy"];
-
-fn direction_label(flow: Flow) -> &'static str {
-    match flow {
-        Flow::ClientToUpstream => "client_to_upstream",
-        Flow::UpstreamToClient => "upstream_to_client",
-    }
-}
-
 /// All metrics of one process.
 pub struct Metrics {
     registry: Registry,
     tunnels_active: Family<DataplaneLabels, Gauge>,
     tunnels: Family<TunnelLabels, Counter>,
     requests: Family<StatusLabels, Counter>,
-    bytes: Family<BytesLabels, Counter>,
-    /// `bytes` of [`PLANES`] by direction, resolved once: a data plane reports
-    /// every chunk, and this keeps that to one atomic add.
+    /// `bytes` by plane ([`PlaneKind::ALL`]) and direction, resolved once: a
+    /// data plane reports every chunk, and this keeps that to one atomic add.
     plane_bytes: [[Counter; 2]; 3],
     connect_duration: Histogram,
     acl_denials: Family<RuleLabels, Counter>,
@@ -99,6 +94,8 @@ pub struct Metrics {
     dns_duration: Histogram,
     config_reloads: Family<ResultLabels, Counter>,
     build_info: Family<BuildLabels, Gauge>,
+    /// The data plane whose kernel counters `/metrics` shows.
+    plane: Arc<OnceLock<Arc<dyn DataPlane>>>,
 }
 
 impl Default for Metrics {
@@ -135,12 +132,12 @@ impl Metrics {
             "Tunnel bytes moved by the data planes (open tunnels included)",
             bytes.clone(),
         );
-        let plane_bytes = PLANES.map(|dataplane| {
-            [Flow::ClientToUpstream, Flow::UpstreamToClient].map(|flow| {
+        let plane_bytes = PlaneKind::ALL.map(|dataplane| {
+            Direction::BOTH.map(|direction| {
                 bytes
                     .get_or_create(&BytesLabels {
-                        direction: direction_label(flow),
-                        dataplane,
+                        direction: direction.as_str(),
+                        dataplane: dataplane.as_str(),
                     })
                     .clone()
             })
@@ -190,12 +187,15 @@ impl Metrics {
             "Always 1: the version and the data plane in use",
             build_info.clone(),
         );
+        let plane = Arc::default();
+        registry.register_collector(Box::new(KernelCounters {
+            plane: Arc::clone(&plane),
+        }));
         Self {
             registry,
             tunnels_active,
             tunnels,
             requests,
-            bytes,
             plane_bytes,
             connect_duration,
             acl_denials,
@@ -203,23 +203,26 @@ impl Metrics {
             dns_duration,
             config_reloads,
             build_info,
+            plane,
         }
     }
 
-    /// The data plane is chosen (`auto`, or the one plane) and may run tunnels
-    /// on `planes`: sets `build_info` and shows each plane's active tunnels.
-    pub fn dataplane_chosen(&self, dataplane: &'static str, planes: &[&'static str]) {
+    /// The data plane is chosen (`auto`, or the one plane): sets `build_info`,
+    /// shows the active tunnels of each plane it may run them on, and from now
+    /// on exports its kernel counters.
+    pub fn dataplane_chosen(&self, plane: Arc<dyn DataPlane>) {
         self.build_info
             .get_or_create(&BuildLabels {
                 version: env!("CARGO_PKG_VERSION"),
-                dataplane,
+                dataplane: plane.name().as_str(),
             })
             .set(1);
-        for &dataplane in planes {
-            let _ = self
-                .tunnels_active
-                .get_or_create(&DataplaneLabels { dataplane });
+        for kind in plane.planes() {
+            let _ = self.tunnels_active.get_or_create(&DataplaneLabels {
+                dataplane: kind.as_str(),
+            });
         }
+        let _ = self.plane.set(plane);
     }
 
     /// A request got an answer with `status` (200 when a tunnel opened).
@@ -230,23 +233,27 @@ impl Metrics {
     /// A tunnel opened `latency` after its client was accepted; `dataplane` gets
     /// it. The control plane already forwarded `pipelined` bytes of it upstream
     /// (sent with or right after the request head): they count as the tunnel's.
-    pub fn tunnel_opened(&self, dataplane: &'static str, latency: Duration, pipelined: u64) {
+    pub fn tunnel_opened(&self, dataplane: PlaneKind, latency: Duration, pipelined: u64) {
         self.connect_duration.observe(latency.as_secs_f64());
-        self.moved(dataplane, Flow::ClientToUpstream, pipelined);
+        self.moved(dataplane, Direction::ClientToUpstream, pipelined);
         self.tunnels_active
-            .get_or_create(&DataplaneLabels { dataplane })
+            .get_or_create(&DataplaneLabels {
+                dataplane: dataplane.as_str(),
+            })
             .inc();
     }
 
     /// A tunnel that [`Metrics::tunnel_opened`] counted for `dataplane` ended.
     /// Its bytes are not counted here: see [`crate::dataplane::Progress::finish`].
-    pub fn tunnel_closed(&self, dataplane: &'static str, outcome: &TunnelOutcome) {
+    pub fn tunnel_closed(&self, dataplane: PlaneKind, outcome: &TunnelOutcome) {
         self.tunnels_active
-            .get_or_create(&DataplaneLabels { dataplane })
+            .get_or_create(&DataplaneLabels {
+                dataplane: dataplane.as_str(),
+            })
             .dec();
         self.tunnels
             .get_or_create(&TunnelLabels {
-                dataplane: outcome.dataplane,
+                dataplane: outcome.dataplane.as_str(),
                 result: outcome.end.as_str(),
             })
             .inc();
@@ -292,29 +299,139 @@ impl Metrics {
 }
 
 impl ByteSink for Metrics {
-    fn moved(&self, dataplane: &'static str, flow: Flow, bytes: u64) {
-        match PLANES.iter().position(|&plane| plane == dataplane) {
-            Some(index) => {
-                self.plane_bytes[index][flow as usize].inc_by(bytes);
-            }
-            None => {
-                self.bytes
-                    .get_or_create(&BytesLabels {
-                        direction: direction_label(flow),
-                        dataplane,
-                    })
-                    .inc_by(bytes);
+    fn moved(&self, dataplane: PlaneKind, direction: Direction, bytes: u64) {
+        self.plane_bytes[dataplane as usize][direction as usize].inc_by(bytes);
+    }
+}
+
+/// Exports the kernel plane's counters (`spliced_kernel_…`) at every scrape,
+/// read from the chosen data plane; nothing before it is chosen, nothing when
+/// no sockmap plane runs.
+struct KernelCounters {
+    plane: Arc<OnceLock<Arc<dyn DataPlane>>>,
+}
+
+impl std::fmt::Debug for KernelCounters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KernelCounters").finish_non_exhaustive()
+    }
+}
+
+/// Help text and kind of each kernel-plane metric, by its `SockmapStats` name.
+fn kernel_metric(name: &str) -> (&'static str, MetricType, Option<Unit>) {
+    let counter = MetricType::Counter;
+    let gauge = MetricType::Gauge;
+    match name {
+        "zero_length_dropped" => (
+            "Empty FIN skbs the verdict dropped instead of redirecting",
+            counter,
+            None,
+        ),
+        "redirect_failed" => (
+            "skbs whose redirect found no peer socket (their bytes were lost)",
+            counter,
+            None,
+        ),
+        "no_flow" => (
+            "skbs on a spliced socket without a FLOWS entry (passed to the socket)",
+            counter,
+            None,
+        ),
+        "events_lost" => (
+            "Flow events lost to a full ring buffer (tunnels then rely on polling)",
+            counter,
+            None,
+        ),
+        "duplicate_bytes_trimmed" => (
+            "Retransmitted bytes the verdict had handled already and trimmed off",
+            counter,
+            Some(Unit::Bytes),
+        ),
+        "longest_overlap" => (
+            "The longest overlap the verdict trimmed off one skb",
+            gauge,
+            Some(Unit::Bytes),
+        ),
+        "sequence_gaps" => (
+            "skbs that started past the byte the verdict expected (always 0 on a sound kernel)",
+            counter,
+            None,
+        ),
+        "trim_failed" => (
+            "skbs with an overlap too long to trim (each reset its tunnel)",
+            counter,
+            None,
+        ),
+        "bytes_redirected" => (
+            "Bytes the verdict redirected, of tunnels that have ended",
+            counter,
+            Some(Unit::Bytes),
+        ),
+        "bytes_passed" => (
+            "Bytes the verdict passed to held-back sources, of tunnels that have ended",
+            counter,
+            Some(Unit::Bytes),
+        ),
+        "events_received" => ("Flow events read from the ring buffer", counter, None),
+        "flow_control_pauses" => ("Times flow control held a direction back", counter, None),
+        "flow_control_resumes" => (
+            "Times a held-back direction went back to redirecting",
+            counter,
+            None,
+        ),
+        "flow_control_copied_bytes" => (
+            "Passed bytes user space copied for held-back directions",
+            counter,
+            Some(Unit::Bytes),
+        ),
+        "send_buffer_raises" => (
+            "Times a destination's send buffer was raised",
+            counter,
+            None,
+        ),
+        "flows" => ("FLOWS entries (two per spliced tunnel)", gauge, None),
+        "spliced_sockets" => ("Sockets in the SPLICED sockhash", gauge, None),
+        "target_sockets" => ("Sockets in the REDIRECT_TARGETS sockhash", gauge, None),
+        _ => ("", gauge, None),
+    }
+}
+
+/// The metric name of a `SockmapStats` field: counts of bytes say so in
+/// their unit, not their name.
+fn kernel_metric_name(name: &str) -> String {
+    let name = match name {
+        "bytes_redirected" => "redirected",
+        "bytes_passed" => "passed",
+        "flow_control_copied_bytes" => "flow_control_copied",
+        "duplicate_bytes_trimmed" => "duplicates_trimmed",
+        other => other,
+    };
+    format!("kernel_{name}")
+}
+
+impl Collector for KernelCounters {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(stats) = self.plane.get().and_then(|plane| plane.stats().sockmap) else {
+            return Ok(());
+        };
+        for (field, value) in stats.fields() {
+            let (help, kind, unit) = kernel_metric(field);
+            let name = kernel_metric_name(field);
+            let metric = encoder.encode_descriptor(&name, help, unit.as_ref(), kind)?;
+            match kind {
+                MetricType::Counter => ConstCounter::new(value).encode(metric)?,
+                _ => ConstGauge::new(value as i64).encode(metric)?,
             }
         }
+        Ok(())
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
 
     use super::*;
-    use crate::dataplane::{Progress, TunnelEnd};
+    use crate::dataplane::{copy::CopyDataPlane, PerDirection, Progress, TunnelEnd};
 
     fn sample(text: &str, series: &str) -> u64 {
         text.lines()
@@ -328,13 +445,13 @@ mod tests {
         let progress = Progress::new(metrics.clone());
         // sockmap polls its cumulative counters, then falls back to splice, which
         // reports chunks; the outcome covers both.
-        progress.advance_to("sockmap", [100, 50]);
-        progress.advance_to("sockmap", [80, 60]);
-        progress.add("splice", Flow::ClientToUpstream, 1000);
+        progress.advance_to(PlaneKind::Sockmap, PerDirection([100, 50]));
+        progress.advance_to(PlaneKind::Sockmap, PerDirection([80, 60]));
+        progress.add(PlaneKind::Splice, Direction::ClientToUpstream, 1000);
         progress.finish(&TunnelOutcome {
             client_to_upstream: 1200,
             upstream_to_client: 70,
-            dataplane: "splice",
+            dataplane: PlaneKind::Splice,
             end: TunnelEnd::Closed,
         });
         assert_eq!(progress.reported(), [1200, 70]);
@@ -356,16 +473,16 @@ mod tests {
     #[test]
     fn every_metric_is_exposed() {
         let metrics = Metrics::new();
-        metrics.dataplane_chosen("copy", &["copy"]);
+        metrics.dataplane_chosen(Arc::new(CopyDataPlane));
         metrics.request_answered(403);
         metrics.acl_denied("/etc/squid/squid.conf:12");
-        metrics.tunnel_opened("copy", Duration::from_millis(3), 5);
+        metrics.tunnel_opened(PlaneKind::Copy, Duration::from_millis(3), 5);
         metrics.tunnel_closed(
-            "copy",
+            PlaneKind::Copy,
             &TunnelOutcome {
                 client_to_upstream: 0,
                 upstream_to_client: 0,
-                dataplane: "copy",
+                dataplane: PlaneKind::Copy,
                 end: TunnelEnd::IdleTimeout,
             },
         );

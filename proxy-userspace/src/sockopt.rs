@@ -1,6 +1,6 @@
 //! Thin, safe wrappers over the socket options and ioctls spliced needs beyond
-//! what `socket2` offers: socket cookies, `TCP_INFO`, `SIOCOUTQ`, `SO_RCVLOWAT`,
-//! `TCP_CONGESTION`, `SO_SNDBUFFORCE`.
+//! what `socket2` offers: socket cookies, `TCP_INFO`, `SIOCOUTQ`, `SIOCINQ`,
+//! `SO_RCVLOWAT`, `TCP_CONGESTION`, `SO_SNDBUFFORCE`, `TCP_REPAIR`.
 
 use std::{
     io,
@@ -141,4 +141,46 @@ pub fn force_send_buffer(fd: BorrowedFd<'_>, bytes: u32) -> io::Result<u32> {
 pub fn take_error(fd: BorrowedFd<'_>) -> io::Result<Option<io::Error>> {
     let errno = getsockopt::<libc::c_int>(fd, libc::SOL_SOCKET, libc::SO_ERROR)?;
     Ok((errno != 0).then(|| io::Error::from_raw_os_error(errno)))
+}
+
+/// Bytes in the receive queue ready to read (`SIOCINQ`/`FIONREAD`).
+pub fn readable_bytes(fd: BorrowedFd<'_>) -> io::Result<usize> {
+    let mut value: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int through the pointer, which is valid for the call.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut value) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(usize::try_from(value).unwrap_or(0))
+}
+
+/// Turns `TCP_REPAIR` mode on or off. A socket in repair mode sends nothing,
+/// and closing it sends neither FIN nor RST. Needs `CAP_NET_ADMIN`.
+pub fn set_repair(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
+    setsockopt(
+        fd,
+        libc::IPPROTO_TCP,
+        libc::TCP_REPAIR,
+        &libc::c_int::from(on).to_ne_bytes(),
+    )
+}
+
+/// A queue of a socket in `TCP_REPAIR` mode (`TCP_REPAIR_QUEUE`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RepairQueue {
+    /// `TCP_RECV_QUEUE`: its sequence number is `rcv_nxt`.
+    Receive = 1,
+    /// `TCP_SEND_QUEUE`: its sequence number is `write_seq`.
+    Send = 2,
+}
+
+/// The sequence number of `queue` (`TCP_QUEUE_SEQ`) of a socket in repair mode.
+pub fn queue_seq(fd: BorrowedFd<'_>, queue: RepairQueue) -> io::Result<u32> {
+    setsockopt(
+        fd,
+        libc::IPPROTO_TCP,
+        libc::TCP_REPAIR_QUEUE,
+        &(queue as libc::c_int).to_ne_bytes(),
+    )?;
+    getsockopt::<u32>(fd, libc::IPPROTO_TCP, libc::TCP_QUEUE_SEQ)
 }

@@ -53,6 +53,29 @@ impl Netns {
         ns
     }
 
+    /// Sets the namespace's default congestion control
+    /// (`net.ipv4.tcp_congestion_control`), so a test never depends on the
+    /// host's. A namespace may only pick from the host's
+    /// `tcp_allowed_congestion_control` (reno and the host's default are always
+    /// there); the test fails, saying so, if `name` is not.
+    pub fn set_default_congestion(&self, name: &str) {
+        let sysctl = format!("net.ipv4.tcp_congestion_control={name}");
+        let output = self
+            .command("sysctl")
+            .args(["-q", "-w", &sysctl])
+            .output()
+            .expect("sysctl (Debian procps) must be installed");
+        let allowed = fs::read_to_string("/proc/sys/net/ipv4/tcp_allowed_congestion_control")
+            .unwrap_or_default();
+        assert!(
+            output.status.success(),
+            "sysctl -w {sysctl} in namespace {}: {} (this host allows namespaces only: {})",
+            self.name,
+            String::from_utf8_lossy(&output.stderr).trim(),
+            allowed.trim()
+        );
+    }
+
     /// Runs `ip ARGS` inside the namespace.
     pub fn ip(&self, args: &[&str]) {
         let mut full = vec!["netns", "exec", &self.name, "ip"];

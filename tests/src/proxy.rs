@@ -13,16 +13,29 @@ use std::{
 
 use crate::{netns::Netns, wait_until};
 
-/// The spliced binary under test: `$SPLICED_BIN`, which `cargo xtask test` sets.
+/// The spliced binary under test: `$SPLICED_BIN`, which `cargo xtask test`
+/// sets to its test build (the `test-hooks` feature: `--test-hook` works).
 pub fn spliced_bin() -> PathBuf {
-    let path = std::env::var_os("SPLICED_BIN")
+    binary("SPLICED_BIN", "spliced-test-hooks")
+}
+
+/// The release build of spliced, the product (no test hooks):
+/// `$SPLICED_RELEASE_BIN`, which `cargo xtask test` sets.
+pub fn release_bin() -> PathBuf {
+    binary("SPLICED_RELEASE_BIN", "spliced")
+}
+
+fn binary(variable: &str, default_name: &str) -> PathBuf {
+    let path = std::env::var_os(variable)
         .map(PathBuf::from)
         .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/spliced")
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../target/release")
+                .join(default_name)
         });
     assert!(
         path.exists(),
-        "spliced binary not found at {}; run the suite with `cargo xtask test`",
+        "spliced binary not found at {} (${variable}); run the suite with `cargo xtask test`",
         path.display()
     );
     path

@@ -1555,6 +1555,9 @@ const PUBLIC_CLIENT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
 /// probes, then SIGTERM and an exit within the grace period.
 fn pod_serves_as_specified(layout: &str) {
     let topology = Topology::new();
+    // `auto` loads the eBPF programs when a path wants sockmap: local paths
+    // do under a BBR default (see dataplane/auto.rs), so the node gets one.
+    topology.proxy.set_default_congestion("bbr");
     let pod_ip = Topology::PROXY_IP;
     let container = Container::of(layout, pod_ip);
     let mut pod = container.run(&topology.proxy, Node::CgroupV2).start();
@@ -1668,6 +1671,7 @@ fn egress_fleet_pod_runs_as_specified() {
 #[test]
 fn data_plane_per_capability_set_and_node() {
     let topology = Topology::new();
+    topology.proxy.set_default_congestion("bbr");
     let data_plane = |container: &Container, node: Node| {
         let pod = container.run(&topology.proxy, node).start();
         let stderr = pod.stderr();

@@ -440,7 +440,16 @@ fn nothing_grows_after_thousands_of_tunnels() {
             })
             .collect();
         for worker in workers {
-            worker.join().unwrap();
+            if worker.join().is_err() {
+                for line in proxy
+                    .stderr()
+                    .lines()
+                    .filter(|l| !l.contains("ended (Closed)"))
+                {
+                    eprintln!("{line}");
+                }
+                panic!("worker failed");
+            }
         }
         for _ in 0..2000 {
             assert_eq!(upstream.result().received, Ok(3000));
@@ -708,5 +717,82 @@ fn untrimmable_overlaps_reset_the_tunnel() {
             .contains("repeated more bytes than the verdict can trim"),
         "{}",
         outcome.log
+    );
+}
+
+/// The upstream socket's insertion fails after the client's succeeded (as
+/// when its FIN arrives in between): the client's bytes stay spliced, the
+/// upstream's are copied in user space, and both directions are exact.
+#[test]
+fn a_half_spliced_tunnel_is_exact() {
+    let upstream = Upstream::start();
+    let proxy = sockmap_proxy(upstream.addr.port(), &["fail-second-insert"]);
+    let h = Header {
+        up: 3 * MIB + 7,
+        down: 2 * MIB + 3,
+        seed: 9100,
+        mode: Mode::Concurrent,
+    };
+    let client = exchange(
+        open_tunnel(proxy.addr, &upstream.addr.to_string()),
+        h,
+        false,
+    );
+    assert_eq!(client.received, Ok(h.down), "{}", proxy.stderr());
+    assert_eq!(upstream.result().received, Ok(h.up), "{}", proxy.stderr());
+    let record = &proxy.wait_json_records(1)[0];
+    assert_eq!(record["dataplane"], "sockmap", "{record}");
+    assert_eq!(record["end"], "closed", "{record}");
+    assert_eq!(record["bytes_from_client"], 32 + h.up, "{record}");
+    assert_eq!(record["bytes_to_client"], 39 + h.down, "{record}");
+    assert!(
+        proxy.stderr().contains("copied in user space"),
+        "{}",
+        proxy.stderr()
+    );
+}
+
+/// A failure after both sockets are spliced (here the `SO_RCVLOWAT` kick)
+/// cannot hand the sockets to another plane without risking a hole: both are
+/// reset, and neither end sees a corrupt or silently cut stream.
+#[test]
+fn a_failure_after_splicing_resets_both_sockets() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let upstream_port = listener.local_addr().unwrap().port();
+    let proxy = sockmap_proxy(upstream_port, &["fail-kick"]);
+    // The upstream sends and reads until the end of its stream: a reset must
+    // reach it as an error, not as a clean EOF.
+    let server = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        let sent = pattern::send(&mut stream, 9201, MIB);
+        let mut rest = Vec::new();
+        (sent, stream.read_to_end(&mut rest).map(|_| rest.len()))
+    });
+    let mut stream = open_tunnel(proxy.addr, &format!("127.0.0.1:{upstream_port}"));
+    // Linux reports a reset once: to the send if it comes during one, else
+    // to the next read.
+    let sent = pattern::send(&mut stream, 9200, MIB);
+    let client = pattern::receive_checked(&mut stream, 9201);
+    match sent {
+        Err(err) => assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}"),
+        Ok(()) => {
+            let err = client.expect_err("an exact stream through a tunnel that failed half-way");
+            assert!(err.contains("reset"), "{err}");
+        }
+    }
+    let (sent, read) = server.join().unwrap();
+    let err = sent
+        .err()
+        .or(read.err())
+        .expect("the upstream saw a clean end of a broken tunnel");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+    let record = &proxy.wait_json_records(1)[0];
+    assert_eq!(record["dataplane"], "sockmap", "{record}");
+    assert_ne!(record["end"], "closed", "{record}");
+    assert!(
+        proxy.stderr().contains("resetting both sockets"),
+        "{}",
+        proxy.stderr()
     );
 }

@@ -33,13 +33,13 @@ fn exchange_once(proxy: &Proxy, upstream: &Upstream) {
     assert_eq!(upstream.result().received, Ok(h.up));
 }
 
-/// The start-up line says the eBPF programs loaded, and a loopback tunnel's
-/// record says sockmap moved the bytes.
+/// The start-up line says sockmap runs, and a loopback tunnel's record says
+/// sockmap moved the bytes.
 fn assert_sockmap_chosen_and_used(proxy: &Proxy, upstream: &Upstream) {
     assert!(
         proxy
             .stderr()
-            .contains("(eBPF programs loaded and attached"),
+            .contains("data plane: sockmap (requested with --dataplane sockmap)"),
         "{}",
         proxy.stderr()
     );
@@ -47,16 +47,15 @@ fn assert_sockmap_chosen_and_used(proxy: &Proxy, upstream: &Upstream) {
     assert_eq!(proxy.wait_json_records(1)[0]["dataplane"], "sockmap");
 }
 
+/// In a namespace whose default congestion control is BBR, `auto` loads the
+/// eBPF programs, says so, and puts a loopback tunnel on sockmap.
 #[test]
 fn auto_picks_sockmap_and_says_so() {
-    let upstream = Upstream::start();
-    let port = upstream.addr.port().to_string();
-    assert_eq!(
-        host_congestion_control(),
-        "bbr",
-        "this test expects the machine's default, under which auto puts loopback tunnels on sockmap"
-    );
-    let proxy = Proxy::start(&["--connect-ports", &port, "--log-format", "json"]);
+    let ns = Netns::new();
+    ns.set_default_congestion("bbr");
+    let target: SocketAddr = "127.0.0.1:8443".parse().unwrap();
+    let upstream = Upstream::start_in(&ns, target);
+    let proxy = Proxy::start_in(&ns, &["--connect-ports", "8443", "--log-format", "json"]);
     assert!(
         proxy.stderr().contains(
             "data plane: auto (eBPF programs loaded and attached; per tunnel: both ends on \
@@ -66,7 +65,99 @@ fn auto_picks_sockmap_and_says_so() {
         "{}",
         proxy.stderr()
     );
-    assert_sockmap_chosen_and_used(&proxy, &upstream);
+    assert_eq!(
+        plane_of_tunnel(&proxy, Some(&ns), &upstream, target, 0),
+        "sockmap"
+    );
+}
+
+/// The kernel check that runs before sockmap is used: where it fails, `auto`
+/// says why and runs on splice, and `--dataplane sockmap` refuses to start.
+#[test]
+fn a_failed_kernel_check_keeps_sockmap_out() {
+    let ns = Netns::new();
+    ns.set_default_congestion("bbr");
+    let target: SocketAddr = "127.0.0.1:8443".parse().unwrap();
+    let upstream = Upstream::start_in(&ns, target);
+    let proxy = Proxy::start_in(
+        &ns,
+        &[
+            "--connect-ports",
+            "8443",
+            "--log-format",
+            "json",
+            "--test-hook",
+            "fail-probe",
+        ],
+    );
+    let stderr = proxy.stderr();
+    assert!(
+        stderr.contains(
+            "data plane: splice (the kernel failed sockmap's start-up check: cb[0] is not \
+             the skb's sequence number: after the client's last byte"
+        ),
+        "{stderr}"
+    );
+    assert_eq!(
+        plane_of_tunnel(&proxy, Some(&ns), &upstream, target, 0),
+        "splice"
+    );
+    let output = std::process::Command::new(spliced_tests::proxy::spliced_bin())
+        .args(["--dataplane", "sockmap", "--listen", "127.0.0.1:0"])
+        .args(["--test-hook", "fail-probe"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--dataplane sockmap: the kernel failed sockmap's start-up check"),
+        "{stderr}"
+    );
+    // Without the hook the same build passes the check.
+    let plain = Proxy::start(&["--dataplane", "sockmap"]);
+    assert!(
+        plain.stderr().contains("data plane: sockmap (requested"),
+        "{}",
+        plain.stderr()
+    );
+}
+
+/// The release build, the product and the image's binary, carries no test
+/// hook: `--test-hook` is an unknown argument and its eBPF object has none of
+/// the test-only globals, which the test build's has.
+#[test]
+fn the_release_build_has_no_test_hooks() {
+    let release = spliced_tests::proxy::release_bin();
+    let output = std::process::Command::new(&release)
+        .args(["--test-hook", "no-rcvlowat-kick", "--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("unexpected argument '--test-hook'"),
+        "{stderr}"
+    );
+    let globals = ["REDIRECT_EMPTY_SKBS", "TRIM_OVERLAPS", "TRIM_STEPS"];
+    let contains = |haystack: &[u8], needle: &str| {
+        haystack
+            .windows(needle.len())
+            .any(|window| window == needle.as_bytes())
+    };
+    let release_bytes = std::fs::read(&release).unwrap();
+    let test_bytes = std::fs::read(spliced_tests::proxy::spliced_bin()).unwrap();
+    for global in globals {
+        assert!(
+            !contains(&release_bytes, global),
+            "{global} is in {}",
+            release.display()
+        );
+        assert!(
+            contains(&test_bytes, global),
+            "{global} is not in the test build: the check above sees nothing"
+        );
+    }
+    assert!(!contains(&release_bytes, "no-rcvlowat-kick"));
 }
 
 /// Runs one tunnel from `client` (a namespace, or this process's own one) through
@@ -96,13 +187,6 @@ fn plane_of_tunnel(
     records[records_before]["dataplane"]
         .as_str()
         .unwrap()
-        .to_owned()
-}
-
-fn host_congestion_control() -> String {
-    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control")
-        .unwrap()
-        .trim()
         .to_owned()
 }
 
@@ -138,17 +222,7 @@ fn auto_picks_each_tunnels_plane_by_its_path() {
         ),
     ];
     for (congestion, flags, [local_to_local, remote_to_remote, remote_to_local]) in cases {
-        let sysctl = format!("net.ipv4.tcp_congestion_control={congestion}");
-        let status = topology
-            .proxy
-            .command("sysctl")
-            .args(["-q", "-w", &sysctl])
-            .status()
-            .unwrap();
-        assert!(
-            status.success(),
-            "sysctl -w {sysctl} in the proxy's namespace"
-        );
+        topology.proxy.set_default_congestion(congestion);
         let mut args = vec![
             "--connect-ports",
             "8443,8444",
@@ -247,7 +321,14 @@ fn the_daemonset_capabilities_are_enough_for_sockmap() {
     let port = upstream.addr.port().to_string();
     let proxy = Proxy::start_wrapped(
         &["capsh", &drop_arg, "--"],
-        &["--connect-ports", &port, "--log-format", "json"],
+        &[
+            "--dataplane",
+            "sockmap",
+            "--connect-ports",
+            &port,
+            "--log-format",
+            "json",
+        ],
     );
     let status = std::fs::read_to_string(format!("/proc/{}/status", proxy.pid())).unwrap();
     let effective = status

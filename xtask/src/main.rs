@@ -186,30 +186,36 @@ fn test(args: Vec<OsString>) -> Result<()> {
     banner("cargo fmt --check");
     run_checked(cargo().args(["fmt", "--all", "--", "--check"]))?;
 
-    banner("cargo clippy (host crates)");
-    run_checked(
-        cargo()
-            .args(["clippy", "--workspace"])
-            .args(HOST_ONLY)
-            .args(["--all-targets", "--", "-D", "warnings"]),
-    )?;
+    for features in [&[][..], &["--features", "proxy-userspace/test-hooks"]] {
+        banner(&format!(
+            "cargo clippy (host crates) {}",
+            features.join(" ")
+        ));
+        run_checked(
+            cargo()
+                .args(["clippy", "--workspace"])
+                .args(HOST_ONLY)
+                .args(features)
+                .args(["--all-targets", "--", "-D", "warnings"]),
+        )?;
+    }
 
-    banner("cargo clippy (eBPF crate, nightly, bpfel-unknown-none)");
-    run_checked(cargo().args([
-        "+nightly",
-        "clippy",
-        "--package",
-        "proxy-ebpf",
-        "--release",
-        "--target",
-        "bpfel-unknown-none",
-        "-Z",
-        "build-std=core",
-        "--",
-        "-D",
-        "warnings",
-    ]))?;
+    for features in [&[][..], &["--features", "test-hooks"]] {
+        banner(&format!(
+            "cargo clippy (eBPF crate, nightly, bpfel-unknown-none) {}",
+            features.join(" ")
+        ));
+        run_checked(
+            cargo()
+                .args(["+nightly", "clippy", "--package", "proxy-ebpf", "--release"])
+                .args(features)
+                .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+                .args(["--", "-D", "warnings"]),
+        )?;
+    }
 
+    banner("cargo build --release -p proxy-userspace --features test-hooks");
+    let hooked = build_spliced_with_test_hooks()?;
     banner("cargo build --release -p proxy-userspace");
     let spliced = build_spliced()?;
 
@@ -220,7 +226,8 @@ fn test(args: Vec<OsString>) -> Result<()> {
             .args(HOST_ONLY)
             .args(["--release", "--no-fail-fast"])
             .args(args)
-            .env("SPLICED_BIN", &spliced),
+            .env("SPLICED_BIN", &hooked)
+            .env("SPLICED_RELEASE_BIN", &spliced),
     )?;
 
     banner("all checks passed");
@@ -230,6 +237,27 @@ fn test(args: Vec<OsString>) -> Result<()> {
 /// proxy-ebpf is `no_std`, nightly-only and builds only for the BPF target
 /// (proxy-userspace's build.rs builds it), so host-side commands skip it.
 const HOST_ONLY: [&str; 2] = ["--exclude", "proxy-ebpf"];
+
+/// Builds the test suite's spliced: release mode with the `test-hooks`
+/// feature (`--test-hook`, and the eBPF object's test globals), copied to
+/// `target/release/spliced-test-hooks` so the release build beside it stays
+/// the product. Cargo keeps both builds' artifacts, so switching between them
+/// costs a copy, not a rebuild.
+fn build_spliced_with_test_hooks() -> Result<PathBuf> {
+    run_checked(cargo().args([
+        "build",
+        "--release",
+        "--package",
+        "proxy-userspace",
+        "--features",
+        "test-hooks",
+    ]))?;
+    let release = target_dir().join("release");
+    let hooked = release.join("spliced-test-hooks");
+    std::fs::copy(release.join("spliced"), &hooked)
+        .map_err(|err| anyhow::anyhow!("copying the test build to {}: {err}", hooked.display()))?;
+    Ok(hooked)
+}
 
 /// Builds spliced (and, through its build.rs, the eBPF object) in release mode.
 fn build_spliced() -> Result<PathBuf> {

@@ -24,7 +24,7 @@ use std::{
 
 use tokio::net::TcpStream;
 
-use super::{DataPlane, PlaneKind, Tunnel, TunnelFuture};
+use super::{DataPlane, DataPlaneChoice, Picked, PlaneKind, PlaneStats, Tunnel, TunnelFuture};
 
 /// The plane for local paths when `--auto-local` is not given, with a note for
 /// the start-up line. Local applications use the host's default congestion
@@ -105,11 +105,11 @@ impl AutoDataPlane {
 }
 
 impl DataPlane for AutoDataPlane {
-    fn name(&self) -> &'static str {
-        "auto"
+    fn name(&self) -> DataPlaneChoice {
+        DataPlaneChoice::Auto
     }
 
-    fn pick(&self, tunnel: &Tunnel) -> &dyn DataPlane {
+    fn pick(&self, tunnel: &Tunnel) -> Picked<'_> {
         match PathKind::of(tunnel) {
             PathKind::Local => self.local.pick(tunnel),
             PathKind::Network => self.network.pick(tunnel),
@@ -117,24 +117,19 @@ impl DataPlane for AutoDataPlane {
     }
 
     fn run(&self, tunnel: Tunnel) -> TunnelFuture {
-        self.pick(&tunnel).run(tunnel)
+        self.pick(&tunnel).1.run(tunnel)
     }
 
-    fn planes(&self) -> Vec<&'static str> {
-        let mut planes = self.local.planes();
-        planes.extend(self.network.planes());
-        planes.sort_unstable();
-        planes.dedup();
-        planes
-    }
-
-    fn stats(&self) -> String {
-        // Only sockmap has kernel counters, and at most one of the two is it.
-        [self.local.stats(), self.network.stats()]
+    fn planes(&self) -> Vec<PlaneKind> {
+        let (local, network) = (self.local.planes(), self.network.planes());
+        PlaneKind::ALL
             .into_iter()
-            .filter(|stats| !stats.is_empty())
-            .collect::<Vec<_>>()
-            .join(" ")
+            .filter(|plane| local.contains(plane) || network.contains(plane))
+            .collect()
+    }
+
+    fn stats(&self) -> PlaneStats {
+        self.local.stats().or(self.network.stats())
     }
 }
 

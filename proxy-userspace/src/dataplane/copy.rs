@@ -8,8 +8,8 @@ use std::{
 use tokio::net::TcpStream;
 
 use super::{
-    pump::{self, DirectionError, Moved, Side},
-    DataPlane, Tunnel, TunnelFuture,
+    pump::{self, DirectionError, Moved},
+    DataPlane, DataPlaneChoice, Picked, PlaneKind, Side, Tunnel, TunnelFuture,
 };
 
 /// Size of each direction's buffer.
@@ -20,12 +20,16 @@ const BUFFER_BYTES: usize = 256 * 1024;
 pub struct CopyDataPlane;
 
 impl DataPlane for CopyDataPlane {
-    fn name(&self) -> &'static str {
-        "copy"
+    fn name(&self) -> DataPlaneChoice {
+        DataPlaneChoice::Copy
     }
 
-    fn pick(&self, _tunnel: &Tunnel) -> &dyn DataPlane {
-        self
+    fn pick(&self, _tunnel: &Tunnel) -> Picked<'_> {
+        (PlaneKind::Copy, self)
+    }
+
+    fn planes(&self) -> Vec<PlaneKind> {
+        vec![PlaneKind::Copy]
     }
 
     fn run(&self, tunnel: Tunnel) -> TunnelFuture {
@@ -38,12 +42,12 @@ impl DataPlane for CopyDataPlane {
                 progress,
                 ..
             } = tunnel;
-            let (up, down) = Moved::pair(&progress, "copy");
+            let (up, down) = Moved::pair(&progress, PlaneKind::Copy);
             let driven = pump::Driven {
                 client: &client,
                 upstream: &upstream,
                 moved: (&up, &down),
-                name: "copy",
+                name: PlaneKind::Copy,
                 limits,
                 shutdown,
             };
@@ -58,7 +62,7 @@ impl DataPlane for CopyDataPlane {
 }
 
 /// Copies `src` → `dst` until `src`'s EOF, then half-closes `dst`.
-pub(super) async fn copy_one_way(
+pub(crate) async fn copy_one_way(
     src: &TcpStream,
     dst: &TcpStream,
     moved: &Moved,
@@ -69,20 +73,26 @@ pub(super) async fn copy_one_way(
         None => Box::new(vec![0u8; BUFFER_BYTES]),
     };
     loop {
-        src.readable().await.map_err(|e| src_side.error(e))?;
+        src.readable()
+            .await
+            .map_err(|e| pump::error_on(src_side, e))?;
         let n = match src.try_read(&mut buf) {
-            Ok(0) => return pump::shutdown_write(dst).map_err(|e| src_side.peer().error(e)),
+            Ok(0) => {
+                return pump::shutdown_write(dst).map_err(|e| pump::error_on(src_side.peer(), e))
+            }
             Ok(n) => n,
             Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(err) => return Err(src_side.error(err)),
+            Err(err) => return Err(pump::error_on(src_side, err)),
         };
         let mut written = 0;
         while written < n {
-            dst.writable().await.map_err(|e| src_side.peer().error(e))?;
+            dst.writable()
+                .await
+                .map_err(|e| pump::error_on(src_side.peer(), e))?;
             match dst.try_write(&buf[written..n]) {
                 Ok(m) => written += m,
                 Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => continue,
-                Err(err) => return Err(src_side.peer().error(err)),
+                Err(err) => return Err(pump::error_on(src_side.peer(), err)),
             }
         }
         moved.add(n);

@@ -18,6 +18,7 @@ pub mod splice;
 use std::{
     fmt,
     future::Future,
+    ops::{Index, IndexMut},
     pin::Pin,
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -45,9 +46,37 @@ pub enum DataPlaneChoice {
     Copy,
 }
 
-/// One of the data planes that move bytes, as `--auto-local` and
-/// `--auto-network` name them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+impl DataPlaneChoice {
+    /// The name `--dataplane` takes and the start-up line shows.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Sockmap => PlaneKind::Sockmap.as_str(),
+            Self::Splice => PlaneKind::Splice.as_str(),
+            Self::Copy => PlaneKind::Copy.as_str(),
+        }
+    }
+}
+
+impl From<PlaneKind> for DataPlaneChoice {
+    fn from(kind: PlaneKind) -> Self {
+        match kind {
+            PlaneKind::Sockmap => Self::Sockmap,
+            PlaneKind::Splice => Self::Splice,
+            PlaneKind::Copy => Self::Copy,
+        }
+    }
+}
+
+impl fmt::Display for DataPlaneChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One of the data planes that move bytes: what logs, metrics and
+/// `--auto-local`/`--auto-network` name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, ValueEnum)]
 pub enum PlaneKind {
     /// eBPF sockmap (splice when the programs do not load).
     Sockmap,
@@ -55,6 +84,166 @@ pub enum PlaneKind {
     Splice,
     /// User-space copy.
     Copy,
+}
+
+impl PlaneKind {
+    /// Every plane, in the order metrics list them.
+    pub const ALL: [Self; 3] = [Self::Sockmap, Self::Splice, Self::Copy];
+
+    /// The plane's name in logs and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Sockmap => "sockmap",
+            Self::Splice => "splice",
+            Self::Copy => "copy",
+        }
+    }
+}
+
+impl fmt::Display for PlaneKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl serde::Serialize for PlaneKind {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+/// One socket of a tunnel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    /// The socket accepted from the client.
+    Client,
+    /// The socket connected to the upstream.
+    Upstream,
+}
+
+impl Side {
+    /// The other socket.
+    pub fn peer(self) -> Self {
+        match self {
+            Self::Client => Self::Upstream,
+            Self::Upstream => Self::Client,
+        }
+    }
+
+    /// The direction whose bytes arrive on this socket.
+    pub fn outbound(self) -> Direction {
+        match self {
+            Self::Client => Direction::ClientToUpstream,
+            Self::Upstream => Direction::UpstreamToClient,
+        }
+    }
+
+    /// `client` or `upstream`, for logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Client => "client",
+            Self::Upstream => "upstream",
+        }
+    }
+}
+
+/// One direction of a tunnel, named by where its bytes go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Direction {
+    /// Client → upstream: bytes arrive on the client socket.
+    ClientToUpstream,
+    /// Upstream → client: bytes arrive on the upstream socket.
+    UpstreamToClient,
+}
+
+impl Direction {
+    /// Both directions, client → upstream first.
+    pub const BOTH: [Self; 2] = [Self::ClientToUpstream, Self::UpstreamToClient];
+
+    /// The socket the direction's bytes arrive on.
+    pub fn source(self) -> Side {
+        match self {
+            Self::ClientToUpstream => Side::Client,
+            Self::UpstreamToClient => Side::Upstream,
+        }
+    }
+
+    /// The socket the direction's bytes leave through.
+    pub fn destination(self) -> Side {
+        self.source().peer()
+    }
+
+    /// The label of metrics and logs: `client_to_upstream`, `upstream_to_client`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ClientToUpstream => "client_to_upstream",
+            Self::UpstreamToClient => "upstream_to_client",
+        }
+    }
+}
+
+/// A value per direction, indexed by [`Direction`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PerDirection<T>(pub [T; 2]);
+
+impl<T> PerDirection<T> {
+    /// `f` of each direction.
+    pub fn from_fn(mut f: impl FnMut(Direction) -> T) -> Self {
+        Self(Direction::BOTH.map(&mut f))
+    }
+
+    /// `f` of each direction's value.
+    pub fn map<U>(self, f: impl FnMut(T) -> U) -> PerDirection<U> {
+        PerDirection(self.0.map(f))
+    }
+
+    /// Each direction with its value.
+    pub fn iter(&self) -> impl Iterator<Item = (Direction, &T)> {
+        Direction::BOTH.into_iter().zip(self.0.iter())
+    }
+}
+
+impl<T> Index<Direction> for PerDirection<T> {
+    type Output = T;
+    fn index(&self, direction: Direction) -> &T {
+        &self.0[direction as usize]
+    }
+}
+
+impl<T> IndexMut<Direction> for PerDirection<T> {
+    fn index_mut(&mut self, direction: Direction) -> &mut T {
+        &mut self.0[direction as usize]
+    }
+}
+
+/// A value per socket, indexed by [`Side`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PerSide<T>(pub [T; 2]);
+
+impl<T> PerSide<T> {
+    /// The client's and the upstream's.
+    pub fn new(client: T, upstream: T) -> Self {
+        Self([client, upstream])
+    }
+
+    /// `f` of each side's value.
+    pub fn map<U>(self, f: impl FnMut(T) -> U) -> PerSide<U> {
+        PerSide(self.0.map(f))
+    }
+
+    /// Each side with its value.
+    pub fn iter(&self) -> impl Iterator<Item = (Side, &T)> {
+        [Side::Client, Side::Upstream]
+            .into_iter()
+            .zip(self.0.iter())
+    }
+}
+
+impl<T> Index<Side> for PerSide<T> {
+    type Output = T;
+    fn index(&self, side: Side) -> &T {
+        &self.0[side as usize]
+    }
 }
 
 /// An established tunnel handed from the control plane to a data plane.
@@ -80,19 +269,10 @@ pub struct Tunnel {
     pub progress: Progress,
 }
 
-/// One direction of a tunnel.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Flow {
-    /// Client → upstream.
-    ClientToUpstream = 0,
-    /// Upstream → client.
-    UpstreamToClient = 1,
-}
-
 /// Receives the bytes tunnels move while they are open (the metrics).
 pub trait ByteSink: Send + Sync {
-    /// `dataplane` moved `bytes` more in direction `flow`.
-    fn moved(&self, dataplane: &'static str, flow: Flow, bytes: u64);
+    /// `dataplane` moved `bytes` more in `direction`.
+    fn moved(&self, dataplane: PlaneKind, direction: Direction, bytes: u64);
 }
 
 /// One tunnel's progress report: the bytes its data plane has reported so far in
@@ -127,28 +307,25 @@ impl Progress {
         }))
     }
 
-    /// `dataplane` moved `bytes` more in direction `flow`.
-    pub fn add(&self, dataplane: &'static str, flow: Flow, bytes: u64) {
+    /// `dataplane` moved `bytes` more in `direction`.
+    pub fn add(&self, dataplane: PlaneKind, direction: Direction, bytes: u64) {
         if bytes == 0 {
             return;
         }
-        self.0.reported[flow as usize].fetch_add(bytes, Ordering::Relaxed);
+        self.0.reported[direction as usize].fetch_add(bytes, Ordering::Relaxed);
         if let Some(sink) = &self.0.sink {
-            sink.moved(dataplane, flow, bytes);
+            sink.moved(dataplane, direction, bytes);
         }
     }
 
     /// `dataplane` has moved `totals` (client → upstream, upstream → client) in
     /// all: reports the part of each not reported yet (never goes back).
-    pub fn advance_to(&self, dataplane: &'static str, totals: [u64; 2]) {
-        for (flow, total) in [Flow::ClientToUpstream, Flow::UpstreamToClient]
-            .into_iter()
-            .zip(totals)
-        {
-            let before = self.0.reported[flow as usize].fetch_max(total, Ordering::Relaxed);
+    pub fn advance_to(&self, dataplane: PlaneKind, totals: PerDirection<u64>) {
+        for (direction, &total) in totals.iter() {
+            let before = self.0.reported[direction as usize].fetch_max(total, Ordering::Relaxed);
             if total > before {
                 if let Some(sink) = &self.0.sink {
-                    sink.moved(dataplane, flow, total - before);
+                    sink.moved(dataplane, direction, total - before);
                 }
             }
         }
@@ -158,7 +335,7 @@ impl Progress {
     pub fn finish(&self, outcome: &TunnelOutcome) {
         self.advance_to(
             outcome.dataplane,
-            [outcome.client_to_upstream, outcome.upstream_to_client],
+            PerDirection([outcome.client_to_upstream, outcome.upstream_to_client]),
         );
     }
 
@@ -285,9 +462,9 @@ pub struct TunnelOutcome {
     pub client_to_upstream: u64,
     /// Bytes moved from the upstream to the client by the data plane.
     pub upstream_to_client: u64,
-    /// Name of the implementation that actually moved them (a sockmap tunnel that
-    /// could not be spliced reports its fallback).
-    pub dataplane: &'static str,
+    /// The plane that actually moved them (a sockmap tunnel that could not be
+    /// spliced reports its fallback).
+    pub dataplane: PlaneKind,
     /// How it ended.
     pub end: TunnelEnd,
 }
@@ -295,26 +472,52 @@ pub struct TunnelOutcome {
 /// A boxed tunnel future.
 pub type TunnelFuture = Pin<Box<dyn Future<Output = TunnelOutcome> + Send + 'static>>;
 
+/// What [`DataPlane::pick`] says about a tunnel: the plane that will run it.
+pub type Picked<'a> = (PlaneKind, &'a dyn DataPlane);
+
 /// Moves the bytes of established tunnels until both sides are done.
 pub trait DataPlane: Send + Sync {
-    /// Short name: `sockmap`, `splice`, `copy` or `auto`.
-    fn name(&self) -> &'static str;
+    /// What runs: one plane, or `auto`.
+    fn name(&self) -> DataPlaneChoice;
 
-    /// The data plane that will run `tunnel`: itself, except for `auto`, which
+    /// The plane that will run `tunnel`: itself, except for `auto`, which
     /// names the one its path gets (so metrics and logs carry a real plane).
-    fn pick(&self, tunnel: &Tunnel) -> &dyn DataPlane;
+    fn pick(&self, tunnel: &Tunnel) -> Picked<'_>;
 
-    /// The names of the planes this one may run a tunnel on.
-    fn planes(&self) -> Vec<&'static str> {
-        vec![self.name()]
-    }
+    /// The planes this one may run a tunnel on.
+    fn planes(&self) -> Vec<PlaneKind>;
 
     /// Runs `tunnel` to its end. The sockets are closed when the future completes.
     fn run(&self, tunnel: Tunnel) -> TunnelFuture;
 
-    /// A one-line summary of kernel-side counters, for `SIGUSR1` and shutdown.
-    fn stats(&self) -> String {
-        String::new()
+    /// Counters kept beside the bytes (SIGUSR1, `/metrics`); only sockmap has any.
+    fn stats(&self) -> PlaneStats {
+        PlaneStats::default()
+    }
+}
+
+/// Counters the data planes keep beside the bytes they move.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PlaneStats {
+    /// The sockmap plane's kernel and flow-control counters, when it runs.
+    pub sockmap: Option<sockmap::SockmapStats>,
+}
+
+impl PlaneStats {
+    /// The counters of `self` and `other` (at most one of them has each kind).
+    pub fn or(self, other: Self) -> Self {
+        Self {
+            sockmap: self.sockmap.or(other.sockmap),
+        }
+    }
+}
+
+impl fmt::Display for PlaneStats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.sockmap {
+            Some(stats) => write!(f, "{stats}"),
+            None => Ok(()),
+        }
     }
 }
 
@@ -341,7 +544,8 @@ pub fn select(config: &Config) -> anyhow::Result<(Arc<dyn DataPlane>, String)> {
         )),
         DataPlaneChoice::Splice => Ok((splice, "requested with --dataplane splice".into())),
         DataPlaneChoice::Sockmap => {
-            let plane = sockmap::SockmapDataPlane::load(config, splice)?;
+            let plane = sockmap::SockmapDataPlane::load(config, splice)
+                .map_err(|err| anyhow::anyhow!("--dataplane sockmap: {err}"))?;
             Ok((Arc::new(plane), "requested with --dataplane sockmap".into()))
         }
         DataPlaneChoice::Auto => Ok(select_auto(config, splice)),
@@ -364,7 +568,7 @@ fn select_auto(config: &Config, splice: Arc<dyn DataPlane>) -> (Arc<dyn DataPlan
                 Some(Arc::new(plane))
             }
             Err(err) => {
-                why.push(format!("eBPF unavailable ({err:#}); falling back"));
+                why.push(format!("{err}; falling back"));
                 None
             }
         }
@@ -406,7 +610,7 @@ mod tests {
 
     fn selected(args: &[&str]) -> anyhow::Result<(&'static str, String)> {
         let config = Config::parse_from(std::iter::once("spliced").chain(args.iter().copied()));
-        select(&config).map(|(plane, why)| (plane.name(), why))
+        select(&config).map(|(plane, why)| (plane.name().as_str(), why))
     }
 
     #[test]

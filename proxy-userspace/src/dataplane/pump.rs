@@ -13,7 +13,9 @@ use std::{
 use socket2::SockRef;
 use tokio::net::TcpStream;
 
-use super::{Flow, LimitClock, Progress, TunnelEnd, TunnelLimits, TunnelOutcome};
+use super::{
+    Direction, LimitClock, PlaneKind, Progress, Side, TunnelEnd, TunnelLimits, TunnelOutcome,
+};
 
 /// Byte counter a direction updates as it goes, so the count survives an error;
 /// every chunk is also reported to the tunnel's [`Progress`].
@@ -21,33 +23,34 @@ use super::{Flow, LimitClock, Progress, TunnelEnd, TunnelLimits, TunnelOutcome};
 pub struct Moved {
     count: AtomicU64,
     progress: Progress,
-    dataplane: &'static str,
-    flow: Flow,
+    dataplane: PlaneKind,
+    direction: Direction,
 }
 
 impl Moved {
-    /// A counter of `flow` moved by `dataplane`, reporting to `progress`.
-    pub fn new(progress: &Progress, dataplane: &'static str, flow: Flow) -> Self {
+    /// A counter of `direction` moved by `dataplane`, reporting to `progress`.
+    pub fn new(progress: &Progress, dataplane: PlaneKind, direction: Direction) -> Self {
         Self {
             count: AtomicU64::new(0),
             progress: progress.clone(),
             dataplane,
-            flow,
+            direction,
         }
     }
 
     /// Both directions of a tunnel.
-    pub fn pair(progress: &Progress, dataplane: &'static str) -> (Self, Self) {
+    pub fn pair(progress: &Progress, dataplane: PlaneKind) -> (Self, Self) {
         (
-            Self::new(progress, dataplane, Flow::ClientToUpstream),
-            Self::new(progress, dataplane, Flow::UpstreamToClient),
+            Self::new(progress, dataplane, Direction::ClientToUpstream),
+            Self::new(progress, dataplane, Direction::UpstreamToClient),
         )
     }
 
     /// Counts `bytes` more.
     pub fn add(&self, bytes: usize) {
         self.count.fetch_add(bytes as u64, Ordering::Relaxed);
-        self.progress.add(self.dataplane, self.flow, bytes as u64);
+        self.progress
+            .add(self.dataplane, self.direction, bytes as u64);
     }
 
     /// The count so far.
@@ -67,8 +70,8 @@ pub struct Driven<'a> {
     pub upstream: &'a TcpStream,
     /// Bytes moved client → upstream and upstream → client.
     pub moved: (&'a Moved, &'a Moved),
-    /// Data plane name for the outcome.
-    pub name: &'static str,
+    /// The plane, for the outcome.
+    pub name: PlaneKind,
     /// Idle and lifetime limits.
     pub limits: TunnelLimits,
     /// Shutdown signal (see [`super::Tunnel::shutdown`]).
@@ -129,30 +132,11 @@ where
     }
 }
 
-/// Which socket of a tunnel.
-#[derive(Clone, Copy, Debug)]
-pub enum Side {
-    /// The client's.
-    Client,
-    /// The upstream's.
-    Upstream,
-}
-
-impl Side {
-    /// Wraps an I/O error on this side's socket.
-    pub fn error(self, err: io::Error) -> DirectionError {
-        match self {
-            Self::Client => DirectionError::Client(err),
-            Self::Upstream => DirectionError::Upstream(err),
-        }
-    }
-
-    /// The other side.
-    pub fn peer(self) -> Self {
-        match self {
-            Self::Client => Self::Upstream,
-            Self::Upstream => Self::Client,
-        }
+/// Wraps an I/O error on `side`'s socket.
+pub fn error_on(side: Side, err: io::Error) -> DirectionError {
+    match side {
+        Side::Client => DirectionError::Client(err),
+        Side::Upstream => DirectionError::Upstream(err),
     }
 }
 

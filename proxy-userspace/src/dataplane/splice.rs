@@ -16,8 +16,8 @@ use std::{
 use tokio::{io::Interest, net::TcpStream};
 
 use super::{
-    pump::{self, DirectionError, Moved, Side},
-    DataPlane, Tunnel, TunnelFuture,
+    pump::{self, DirectionError, Moved},
+    DataPlane, DataPlaneChoice, Picked, PlaneKind, Side, Tunnel, TunnelFuture,
 };
 
 /// Pipe capacity requested with F_SETPIPE_SZ (the default is 64 KiB).
@@ -28,12 +28,16 @@ const PIPE_BYTES: libc::c_int = 1 << 20;
 pub struct SpliceDataPlane;
 
 impl DataPlane for SpliceDataPlane {
-    fn name(&self) -> &'static str {
-        "splice"
+    fn name(&self) -> DataPlaneChoice {
+        DataPlaneChoice::Splice
     }
 
-    fn pick(&self, _tunnel: &Tunnel) -> &dyn DataPlane {
-        self
+    fn pick(&self, _tunnel: &Tunnel) -> Picked<'_> {
+        (PlaneKind::Splice, self)
+    }
+
+    fn planes(&self) -> Vec<PlaneKind> {
+        vec![PlaneKind::Splice]
     }
 
     fn run(&self, tunnel: Tunnel) -> TunnelFuture {
@@ -46,12 +50,12 @@ impl DataPlane for SpliceDataPlane {
                 progress,
                 ..
             } = tunnel;
-            let (up, down) = Moved::pair(&progress, "splice");
+            let (up, down) = Moved::pair(&progress, PlaneKind::Splice);
             let driven = pump::Driven {
                 client: &client,
                 upstream: &upstream,
                 moved: (&up, &down),
-                name: "splice",
+                name: PlaneKind::Splice,
                 limits,
                 shutdown,
             };
@@ -122,7 +126,9 @@ pub(super) async fn splice_one_way(
     src_side: Side,
 ) -> Result<(), DirectionError> {
     loop {
-        src.readable().await.map_err(|e| src_side.error(e))?;
+        src.readable()
+            .await
+            .map_err(|e| pump::error_on(src_side, e))?;
         let pipe = match Pipe::new() {
             Ok(pipe) => pipe,
             Err(err) => {
@@ -137,14 +143,16 @@ pub(super) async fn splice_one_way(
             }) {
                 Ok(n) => n,
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
-                Err(err) => return Err(src_side.error(err)),
+                Err(err) => return Err(pump::error_on(src_side, err)),
             };
             if in_pipe == 0 {
-                return pump::shutdown_write(dst).map_err(|e| src_side.peer().error(e));
+                return pump::shutdown_write(dst).map_err(|e| pump::error_on(src_side.peer(), e));
             }
             let mut left = in_pipe;
             while left > 0 {
-                dst.writable().await.map_err(|e| src_side.peer().error(e))?;
+                dst.writable()
+                    .await
+                    .map_err(|e| pump::error_on(src_side.peer(), e))?;
                 match dst.try_io(Interest::WRITABLE, || {
                     splice(pipe.read.as_raw_fd(), dst.as_raw_fd(), left)
                 }) {
@@ -153,7 +161,7 @@ pub(super) async fn splice_one_way(
                         moved.add(n);
                     }
                     Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
-                    Err(err) => return Err(src_side.peer().error(err)),
+                    Err(err) => return Err(pump::error_on(src_side.peer(), err)),
                 }
             }
         }

@@ -21,7 +21,7 @@ use std::{
 
 use serde_json::{json, Value};
 
-use crate::{netns::Netns, proxy::spliced_bin, wait_until};
+use crate::{netns::Netns, proxy::release_bin, wait_until};
 
 /// The Python helper, run by the tools' interpreter.
 const TOOLS_PY: &str = include_str!("tools.py");
@@ -309,7 +309,7 @@ impl PodRun<'_> {
         command
             .args(["--mount", "--cgroup", "--propagation", "private", "--"])
             .args(["sh", "-c", &self.script(), "container"])
-            .arg(spliced_bin())
+            .arg(release_bin())
             .args(&self.args)
             .env_clear()
             .env(
