@@ -317,96 +317,64 @@ impl std::fmt::Debug for KernelCounters {
     }
 }
 
-/// Help text and kind of each kernel-plane metric, by its `SockmapStats` name.
-fn kernel_metric(name: &str) -> (&'static str, MetricType, Option<Unit>) {
-    let counter = MetricType::Counter;
-    let gauge = MetricType::Gauge;
+/// Help text and kind of each kernel-plane metric, by its `SockmapStats`
+/// name; the metric is `spliced_kernel_NAME` (`_total` for counters).
+fn kernel_metric(name: &str) -> (&'static str, MetricType) {
+    use MetricType::{Counter, Gauge};
     match name {
         "zero_length_dropped" => (
             "Empty FIN skbs the verdict dropped instead of redirecting",
-            counter,
-            None,
+            Counter,
         ),
         "redirect_failed" => (
             "skbs whose redirect found no peer socket (their bytes were lost)",
-            counter,
-            None,
+            Counter,
         ),
         "no_flow" => (
             "skbs on a spliced socket without a FLOWS entry (passed to the socket)",
-            counter,
-            None,
+            Counter,
         ),
         "events_lost" => (
             "Flow events lost to a full ring buffer (tunnels then rely on polling)",
-            counter,
-            None,
+            Counter,
         ),
         "duplicate_bytes_trimmed" => (
             "Retransmitted bytes the verdict had handled already and trimmed off",
-            counter,
-            Some(Unit::Bytes),
+            Counter,
         ),
-        "longest_overlap" => (
-            "The longest overlap the verdict trimmed off one skb",
-            gauge,
-            Some(Unit::Bytes),
-        ),
+        "longest_overlap_bytes" => ("The longest overlap the verdict trimmed off one skb", Gauge),
         "sequence_gaps" => (
             "skbs that started past the byte the verdict expected (always 0 on a sound kernel)",
-            counter,
-            None,
+            Counter,
         ),
         "trim_failed" => (
             "skbs with an overlap too long to trim (each reset its tunnel)",
-            counter,
-            None,
+            Counter,
         ),
         "bytes_redirected" => (
             "Bytes the verdict redirected, of tunnels that have ended",
-            counter,
-            Some(Unit::Bytes),
+            Counter,
         ),
         "bytes_passed" => (
             "Bytes the verdict passed to held-back sources, of tunnels that have ended",
-            counter,
-            Some(Unit::Bytes),
+            Counter,
         ),
-        "events_received" => ("Flow events read from the ring buffer", counter, None),
-        "flow_control_pauses" => ("Times flow control held a direction back", counter, None),
+        "events_received" => ("Flow events read from the ring buffer", Counter),
+        "flow_control_pauses" => ("Times flow control held a direction back", Counter),
         "flow_control_resumes" => (
             "Times a held-back direction went back to redirecting",
-            counter,
-            None,
+            Counter,
         ),
         "flow_control_copied_bytes" => (
             "Passed bytes user space copied for held-back directions",
-            counter,
-            Some(Unit::Bytes),
+            Counter,
         ),
-        "send_buffer_raises" => (
-            "Times a destination's send buffer was raised",
-            counter,
-            None,
-        ),
-        "flows" => ("FLOWS entries (two per spliced tunnel)", gauge, None),
-        "spliced_sockets" => ("Sockets in the SPLICED sockhash", gauge, None),
-        "target_sockets" => ("Sockets in the REDIRECT_TARGETS sockhash", gauge, None),
-        _ => ("", gauge, None),
+        "send_buffer_raises" => ("Times a destination's send buffer was raised", Counter),
+        "flows" => ("FLOWS entries (two per spliced tunnel)", Gauge),
+        "spliced_sockets" => ("Sockets in the SPLICED sockhash", Gauge),
+        "target_sockets" => ("Sockets in the REDIRECT_TARGETS sockhash", Gauge),
+        _ => ("", Gauge),
     }
-}
-
-/// The metric name of a `SockmapStats` field: counts of bytes say so in
-/// their unit, not their name.
-fn kernel_metric_name(name: &str) -> String {
-    let name = match name {
-        "bytes_redirected" => "redirected",
-        "bytes_passed" => "passed",
-        "flow_control_copied_bytes" => "flow_control_copied",
-        "duplicate_bytes_trimmed" => "duplicates_trimmed",
-        other => other,
-    };
-    format!("kernel_{name}")
 }
 
 impl Collector for KernelCounters {
@@ -415,9 +383,9 @@ impl Collector for KernelCounters {
             return Ok(());
         };
         for (field, value) in stats.fields() {
-            let (help, kind, unit) = kernel_metric(field);
-            let name = kernel_metric_name(field);
-            let metric = encoder.encode_descriptor(&name, help, unit.as_ref(), kind)?;
+            let (help, kind) = kernel_metric(field);
+            let name = format!("kernel_{field}");
+            let metric = encoder.encode_descriptor(&name, help, None, kind)?;
             match kind {
                 MetricType::Counter => ConstCounter::new(value).encode(metric)?,
                 _ => ConstGauge::new(value as i64).encode(metric)?,
@@ -506,6 +474,56 @@ mod tests {
         ] {
             assert!(text.contains(series), "no {series} in\n{text}");
         }
+        assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    /// A sockmap plane that only has counters.
+    struct CountingPlane;
+
+    impl DataPlane for CountingPlane {
+        fn name(&self) -> crate::dataplane::DataPlaneChoice {
+            crate::dataplane::DataPlaneChoice::Sockmap
+        }
+        fn pick(&self, _tunnel: &crate::dataplane::Tunnel) -> crate::dataplane::Picked<'_> {
+            (PlaneKind::Sockmap, self)
+        }
+        fn planes(&self) -> Vec<PlaneKind> {
+            vec![PlaneKind::Sockmap]
+        }
+        fn run(&self, _tunnel: crate::dataplane::Tunnel) -> crate::dataplane::TunnelFuture {
+            unreachable!("no tunnels here")
+        }
+        fn stats(&self) -> crate::dataplane::PlaneStats {
+            crate::dataplane::PlaneStats {
+                sockmap: Some(crate::dataplane::sockmap::SockmapStats {
+                    zero_length_dropped: 3,
+                    longest_overlap: 9,
+                    flows: 2,
+                    bytes_redirected: 1000,
+                    ..Default::default()
+                }),
+            }
+        }
+    }
+
+    #[test]
+    fn kernel_counters_are_exported_at_every_scrape() {
+        let metrics = Metrics::new();
+        assert!(!metrics.encode().contains("spliced_kernel_"));
+        metrics.dataplane_chosen(Arc::new(CountingPlane));
+        let text = metrics.encode();
+        for series in [
+            "# TYPE spliced_kernel_zero_length_dropped counter",
+            "spliced_kernel_zero_length_dropped_total 3",
+            "spliced_kernel_bytes_redirected_total 1000",
+            "spliced_kernel_trim_failed_total 0",
+            "# TYPE spliced_kernel_longest_overlap_bytes gauge",
+            "spliced_kernel_longest_overlap_bytes 9",
+            "spliced_kernel_flows 2",
+        ] {
+            assert!(text.contains(series), "no {series} in\n{text}");
+        }
+        assert_eq!(text.matches("# TYPE spliced_kernel_").count(), 18, "{text}");
         assert!(text.ends_with("# EOF\n"), "{text}");
     }
 }

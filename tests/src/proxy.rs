@@ -49,6 +49,8 @@ pub struct Proxy {
     /// Where its access log goes.
     pub access_log: PathBuf,
     stderr: Arc<Mutex<Vec<String>>>,
+    /// The network namespace it runs in, when not the test's own.
+    netns: Option<String>,
     _dir: tempfile::TempDir,
 }
 
@@ -65,11 +67,13 @@ impl Proxy {
 
     /// Starts spliced inside `ns`.
     pub fn start_in(ns: &Netns, args: &[&str]) -> Self {
-        Self::spawn(args, |full_args| {
+        let mut proxy = Self::spawn(args, |full_args| {
             let mut command = ns.command(spliced_bin().to_str().expect("utf-8 path"));
             command.args(full_args);
             command
-        })
+        });
+        proxy.netns = Some(ns.name.clone());
+        proxy
     }
 
     /// Starts spliced on 127.0.0.1 through `wrapper`, a shell-like program that
@@ -119,6 +123,7 @@ impl Proxy {
             addr: "0.0.0.0:0".parse().unwrap(),
             access_log,
             stderr,
+            netns: None,
             _dir: dir,
         };
         let started = wait_until(Duration::from_secs(20), || {
@@ -183,8 +188,88 @@ impl Proxy {
             .collect()
     }
 
-    /// Asks for the kernel-side counters (SIGUSR1) and returns them.
+    /// Waits for at least `at_least` tunnel records (status 200) in the JSON
+    /// access log and asserts that every tunnel record says it ran on `plane`:
+    /// a test aimed at one data plane fails when a tunnel fell back to another.
+    pub fn assert_tunnels_ran_on(&self, plane: &str, at_least: usize) {
+        let tunnels = |lines: &[String]| -> Vec<serde_json::Value> {
+            lines
+                .iter()
+                .map(|line| {
+                    serde_json::from_str::<serde_json::Value>(line).unwrap_or_else(|err| {
+                        panic!("not a JSON access record (use --log-format json): {line:?}: {err}")
+                    })
+                })
+                .filter(|record| record["status"] == 200 && record["end"] != "periodic")
+                .collect()
+        };
+        let mut records = Vec::new();
+        let enough = wait_until(Duration::from_secs(30), || {
+            records = tunnels(&self.access_lines());
+            records.len() >= at_least
+        });
+        assert!(
+            enough,
+            "{} tunnel records, expected at least {at_least}:\n{}",
+            records.len(),
+            self.stderr()
+        );
+        for record in &records {
+            assert_eq!(
+                record["dataplane"], plane,
+                "a tunnel ran on another plane: {record}"
+            );
+        }
+    }
+
+    /// The sockmap plane's counters: from `/metrics` (`spliced_kernel_NAME`,
+    /// under NAME) when the proxy runs with `--admin`, else from the SIGUSR1
+    /// log line.
     pub fn stats(&self) -> HashMap<String, u64> {
+        match self.admin_addr() {
+            Some(addr) => self.kernel_metrics(addr),
+            None => self.stats_from_signal(),
+        }
+    }
+
+    /// The address of the `--admin` listener, if it has one.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.stderr.lock().unwrap().iter().find_map(|line| {
+            line.split("admin endpoint on http://")
+                .nth(1)?
+                .split('/')
+                .next()?
+                .parse()
+                .ok()
+        })
+    }
+
+    /// Every `spliced_kernel_*` series of `/metrics`, by the name after the
+    /// prefix (without `_total`).
+    fn kernel_metrics(&self, admin: SocketAddr) -> HashMap<String, u64> {
+        let text = match &self.netns {
+            Some(name) => crate::netns::enter_named(name, move || http_get(admin, "/metrics")),
+            None => http_get(admin, "/metrics"),
+        }
+        .unwrap_or_else(|err| panic!("GET /metrics: {err}\n{}", self.stderr()));
+        let counters: HashMap<String, u64> = text
+            .lines()
+            .filter_map(|line| line.strip_prefix("spliced_kernel_"))
+            .filter_map(|line| {
+                let (name, value) = line.rsplit_once(' ')?;
+                let name = name.strip_suffix("_total").unwrap_or(name);
+                Some((name.to_owned(), value.parse().ok()?))
+            })
+            .collect();
+        assert!(
+            !counters.is_empty(),
+            "no spliced_kernel_ metrics in\n{text}"
+        );
+        counters
+    }
+
+    /// Asks for the kernel-side counters (SIGUSR1) and returns them.
+    fn stats_from_signal(&self) -> HashMap<String, u64> {
         let before = self.stderr.lock().unwrap().len();
         // SAFETY: kill(2) with a pid we own and a valid signal.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGUSR1) };
@@ -223,18 +308,23 @@ impl Proxy {
             .unwrap_or_else(|| panic!("no VmRSS for spliced:\n{}", self.stderr()))
     }
 
-    /// Starts counting the bytes the process receives through read-like syscalls
-    /// (`strace` attached to every thread; /proc/PID/io's rchar misses recv*).
-    pub fn trace_reads(&self) -> ReadTrace {
+    /// Starts counting the bytes that pass through the process's hands:
+    /// read-like syscalls on its sockets, and `splice`, `sendfile`,
+    /// `copy_file_range`, `tee` and `vmsplice` (`strace` attached to every
+    /// thread; /proc/PID/io's rchar misses recv* and splice).
+    pub fn trace_syscalls(&self) -> SyscallTrace {
         let dir = tempfile::tempdir().expect("tempdir");
         let output = dir.path().join("strace.out");
         let pid = self.child.id().to_string();
         let child = Command::new("strace")
             .args([
-                "-f",
+                // One output file per thread (OUTPUT.TID), so no call is split
+                // into "unfinished" and "resumed" lines.
+                "-ff",
                 "-qq",
+                "-y",
                 "-e",
-                "trace=read,readv,recvfrom,recvmsg,recvmmsg",
+                "trace=read,readv,recvfrom,recvmsg,recvmmsg,splice,sendfile,copy_file_range,tee,vmsplice",
                 "-e",
                 "signal=none",
                 "-o",
@@ -257,7 +347,7 @@ impl Proxy {
             })
         });
         assert!(traced, "strace did not attach to spliced");
-        ReadTrace {
+        SyscallTrace {
             child,
             output,
             _dir: dir,
@@ -281,30 +371,74 @@ impl Drop for Proxy {
     }
 }
 
-/// A running `strace` of the proxy's read-like syscalls.
-pub struct ReadTrace {
+/// A running `strace` of the syscalls that can move bytes through the proxy.
+pub struct SyscallTrace {
     child: Child,
     output: PathBuf,
     _dir: tempfile::TempDir,
 }
 
-impl ReadTrace {
-    /// Stops tracing and returns the bytes all traced syscalls returned.
-    pub fn finish(mut self) -> u64 {
+/// What a [`SyscallTrace`] saw.
+#[derive(Clone, Debug, Default)]
+pub struct Traced {
+    /// Bytes returned by read-like syscalls on sockets.
+    pub socket_reads: u64,
+    /// Bytes moved by splice, sendfile, copy_file_range, tee and vmsplice.
+    pub spliced: u64,
+    /// Calls of each traced syscall.
+    pub calls: HashMap<String, u64>,
+}
+
+impl SyscallTrace {
+    /// Stops tracing and sums what it saw.
+    pub fn finish(mut self) -> Traced {
         // SAFETY: kill(2) with the pid of our strace child and SIGINT, which makes it
         // detach and flush its output.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
         let _ = self.child.wait();
-        fs::read_to_string(&self.output)
-            .expect("strace output")
-            .lines()
-            .filter_map(|line| {
-                line.rsplit_once(") = ")
-                    .and_then(|(_, rest)| rest.split_whitespace().next()?.parse::<i64>().ok())
-            })
-            .filter(|&n| n > 0)
-            .map(|n| n as u64)
-            .sum()
+        let prefix = self
+            .output
+            .file_name()
+            .and_then(|name| name.to_str())
+            .map(|name| format!("{name}."))
+            .expect("utf-8 file name");
+        let mut text = String::new();
+        for entry in fs::read_dir(self._dir.path()).expect("strace output dir") {
+            let path = entry.expect("strace output").path();
+            if path
+                .file_name()
+                .and_then(|name| name.to_str())
+                .is_some_and(|name| name.starts_with(&prefix))
+            {
+                text.push_str(&fs::read_to_string(&path).expect("strace output"));
+            }
+        }
+        let mut traced = Traced::default();
+        for line in text.lines() {
+            // "NAME(FD<TYPE:[...]>, ...) = N"
+            let Some((call, rest)) = line.trim_start().split_once('(') else {
+                continue;
+            };
+            *traced.calls.entry(call.to_owned()).or_default() += 1;
+            let Some(bytes) = line
+                .rsplit_once(") = ")
+                .and_then(|(_, result)| result.split_whitespace().next()?.parse::<i64>().ok())
+                .filter(|&n| n > 0)
+            else {
+                continue;
+            };
+            if call.starts_with("read") || call.starts_with("recv") {
+                let on_socket = rest.split(',').next().is_some_and(|fd| {
+                    fd.contains("<socket:") || fd.contains("<TCP") || fd.contains("<UDP")
+                });
+                if on_socket {
+                    traced.socket_reads += bytes as u64;
+                }
+            } else {
+                traced.spliced += bytes as u64;
+            }
+        }
+        traced
     }
 }
 
@@ -323,4 +457,20 @@ impl Peaks {
         self.rss_kib = self.rss_kib.max(proxy.rss_kib());
         self.fds = self.fds.max(proxy.fd_count());
     }
+}
+
+/// The body of `GET path` from an HTTP/1.1 server at `addr`.
+fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, crate::IO_TIMEOUT)?;
+    stream.set_read_timeout(Some(crate::IO_TIMEOUT))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer)?;
+    Ok(answer
+        .split_once("\r\n\r\n")
+        .map_or(answer.clone(), |(_, body)| body.to_owned()))
 }

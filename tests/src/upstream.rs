@@ -212,13 +212,34 @@ pub struct ClientResult {
 
 /// Runs the client side of an exchange over an open tunnel `stream` (the 200 has
 /// been read, unless `header_sent` says the header went out with the CONNECT).
-pub fn exchange(mut stream: TcpStream, header: Header, header_sent: bool) -> ClientResult {
+pub fn exchange(stream: TcpStream, header: Header, header_sent: bool) -> ClientResult {
+    exchange_with(stream, header, header_sent, Duration::ZERO)
+}
+
+/// How long after the `200` a test aimed at the sockmap plane waits before its
+/// client's FIN: a socket that has seen its peer's FIN cannot go into a
+/// sockhash, so a FIN that beats the insertion sends the tunnel to splice by
+/// design. Insertion takes well under a millisecond after the `200`.
+pub const SPLICE_GRACE: Duration = Duration::from_millis(100);
+
+/// [`exchange`], with the client's FIN sent no sooner than `fin_not_before`
+/// after the start (see [`SPLICE_GRACE`]).
+pub fn exchange_with(
+    mut stream: TcpStream,
+    header: Header,
+    header_sent: bool,
+    fin_not_before: Duration,
+) -> ClientResult {
+    let started = std::time::Instant::now();
     if !header_sent {
         stream.write_all(&header.encode()).expect("send header");
     }
     let receive = |stream: &mut TcpStream| pattern::receive_checked(stream, header.seed + 1);
     let send = move |stream: &mut TcpStream| {
         pattern::send(stream, header.seed, header.up).expect("client send");
+        if let Some(wait) = fin_not_before.checked_sub(started.elapsed()) {
+            std::thread::sleep(wait);
+        }
         stream.shutdown(Shutdown::Write).expect("client shutdown");
     };
     let received = match header.mode {

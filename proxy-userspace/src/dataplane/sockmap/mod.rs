@@ -237,7 +237,7 @@ impl SockmapStats {
             ("no_flow", self.no_flow),
             ("events_lost", self.events_lost),
             ("duplicate_bytes_trimmed", self.duplicate_bytes_trimmed),
-            ("longest_overlap", self.longest_overlap),
+            ("longest_overlap_bytes", self.longest_overlap),
             ("sequence_gaps", self.sequence_gaps),
             ("trim_failed", self.trim_failed),
             ("bytes_redirected", self.bytes_redirected),
