@@ -27,6 +27,7 @@ use aya_ebpf::{
     programs::{SkBuffContext, SockOpsContext},
     EbpfContext as _,
 };
+use aya_log_ebpf::{debug, warn};
 use proxy_common::{
     flow_flags, flow_mode, stat, tcp_state, FlowControl, FlowEntry, FlowEvent, FlowEventKind,
     PROGRESS_EVERY_BYTES,
@@ -183,6 +184,14 @@ pub fn splice_verdict(ctx: SkBuffContext) -> u32 {
         // SAFETY: as above.
         unsafe { (*entry).flags |= flow_flags::BROKEN };
         count(stat::TRIM_FAILED);
+        // aya-log: the record goes to the AYA_LOGS ring buffer, which user
+        // space drains into its logger; AYA_LOG_LEVEL (set at load from the
+        // process's log level) skips it when warnings are off.
+        warn!(
+            &ctx,
+            "socket {}: a retransmission repeats more bytes than can be trimmed; the tunnel will be reset",
+            cookie
+        );
         report(cookie, FlowEventKind::OverlapNotTrimmed, 0);
         return SK_DROP;
     };
@@ -229,6 +238,10 @@ pub fn splice_verdict(ctx: SkBuffContext) -> u32 {
         unsafe { report_if_drained(entry, cookie) };
     } else {
         count(stat::REDIRECT_FAILED);
+        debug!(
+            &ctx,
+            "socket {}: no peer socket {} to redirect to", cookie, peer
+        );
     }
     verdict
 }
@@ -487,6 +500,13 @@ fn report_state_change(ctx: &SockOpsContext) {
     // SAFETY: see `add`.
     let consumed = unsafe { (*entry).consumed_by_user };
     let target = received.saturating_sub(1).saturating_sub(consumed);
+    debug!(
+        ctx,
+        "socket {}: FIN after {} bytes, {} of them read by user space",
+        cookie,
+        received.saturating_sub(1),
+        consumed
+    );
     // SAFETY: see `add`; an atomic add to the still-zero field publishes the target
     // to a verdict running concurrently on another CPU (see report_if_drained).
     unsafe {

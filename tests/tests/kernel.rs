@@ -754,6 +754,14 @@ fn untrimmable_overlaps_reset_the_tunnel() {
         "{}",
         outcome.log
     );
+    // The verdict's own warning, through aya-log's ring buffer.
+    assert!(
+        outcome
+            .log
+            .contains("a retransmission repeats more bytes than can be trimmed"),
+        "{}",
+        outcome.log
+    );
 }
 
 /// The upstream socket's insertion fails after the client's succeeded (as

@@ -16,6 +16,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use proxy_common::{FlowControl, FlowEntry};
+use tokio::io::unix::AsyncFd;
 
 use super::cgroup;
 #[cfg(feature = "test-hooks")]
@@ -67,6 +68,8 @@ impl Kernel {
         raise_memlock_limit();
         let mut loader = EbpfLoader::new();
         set_test_globals(&mut loader, hooks);
+        let log_level = ebpf_log_level();
+        loader.override_global("AYA_LOG_LEVEL", &log_level, true);
         let mut ebpf = loader
             .load(EBPF_OBJECT)
             .context("loading the eBPF object")?;
@@ -101,6 +104,7 @@ impl Kernel {
             .attach(cgroup, CgroupAttachMode::Single)
             .with_context(|| format!("attaching flow_state to cgroup {}", cgroup_path.display()))?;
 
+        forward_ebpf_logs(&mut ebpf)?;
         let kernel = Self {
             targets: Mutex::new(targets),
             spliced: Mutex::new(spliced),
@@ -234,6 +238,59 @@ fn set_test_globals(loader: &mut EbpfLoader<'_>, hooks: &TestHooks) {
 
 #[cfg(not(feature = "test-hooks"))]
 fn set_test_globals(_loader: &mut EbpfLoader<'_>, _hooks: &TestHooks) {}
+
+/// The module path the eBPF programs' log records carry as their target.
+const EBPF_LOG_TARGET: &str = "proxy_ebpf";
+
+/// The most verbose level the process logs for the eBPF programs' target, in
+/// aya-log's numbering (1 error … 5 trace, 0 off): the programs skip every
+/// record above it, so a quiet process pays nothing for their debug lines.
+fn ebpf_log_level() -> u8 {
+    let logger = log::logger();
+    [
+        log::Level::Trace,
+        log::Level::Debug,
+        log::Level::Info,
+        log::Level::Warn,
+        log::Level::Error,
+    ]
+    .into_iter()
+    .find(|&level| {
+        logger.enabled(
+            &log::Metadata::builder()
+                .level(level)
+                .target(EBPF_LOG_TARGET)
+                .build(),
+        )
+    })
+    .map_or(0, |level| level as u8)
+}
+
+/// Sends the eBPF programs' aya-log records (`AYA_LOGS` ring buffer) to this
+/// process's logger, from a task that wakes when records arrive.
+fn forward_ebpf_logs(ebpf: &mut Ebpf) -> anyhow::Result<()> {
+    let logger = aya_log::EbpfLogger::init(ebpf).context("starting the eBPF log reader")?;
+    // SAFETY: the AsyncFd owns the logger, which owns the ring buffer's fd and
+    // keeps it open until the AsyncFd is dropped; nothing else closes it.
+    let mut logger =
+        unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) }
+            .map_err(|err| anyhow!("registering the eBPF log ring buffer: {err}"))?;
+    tokio::spawn(async move {
+        loop {
+            match logger.readable_mut().await {
+                Ok(mut guard) => {
+                    guard.get_inner_mut().flush();
+                    guard.clear_ready();
+                }
+                Err(err) => {
+                    log::warn!("eBPF log ring buffer failed: {err}");
+                    return;
+                }
+            }
+        }
+    });
+    Ok(())
+}
 
 /// Memory for maps is charged to the cgroup on kernels ≥ 5.11; older kernels
 /// need RLIMIT_MEMLOCK raised. Failure only matters on those.
