@@ -1001,9 +1001,10 @@ fn dockerfile_installs_and_builds_what_xtask_does() {
         );
     }
 
-    // The build command is xtask's (plus --locked), and the only cargo build.
+    // The build command is xtask's product build (plus --locked), and the
+    // only cargo build: the image never carries the test build's hooks.
     let main = read(&root().join("xtask/src/main.rs"));
-    let body = &main[main.find("fn build_spliced").expect("fn build_spliced")..];
+    let body = &main[main.find("fn build_spliced()").expect("fn build_spliced()")..];
     let mut xtask_args = string_literals(body, "cargo().args([", "])");
     xtask_args.insert(0, "cargo".into());
     let builds: Vec<&String> = build_runs
@@ -1016,6 +1017,11 @@ fn dockerfile_installs_and_builds_what_xtask_does() {
     assert!(locked.is_some(), "the image builds with --locked");
     docker_args.remove(locked.unwrap());
     assert_eq!(docker_args, xtask_args, "the Dockerfile's build vs xtask's");
+    assert!(
+        !builds[0].contains("test-hooks"),
+        "the image must not enable the test-hooks feature: {}",
+        builds[0]
+    );
 
     // The build context comes in whole, at WORKDIR, before the build.
     let workdir = build_workdir(build);
