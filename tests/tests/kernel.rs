@@ -717,6 +717,9 @@ fn overlapping_retransmissions_are_forwarded_once() {
         REPEATED + NEW_IN_RETRANSMIT,
         "{stats:?}"
     );
+    // The longest overlap is the retransmission's repeat; its 100 new bytes
+    // were cut off the later segment that carried them again.
+    assert_eq!(stats["longest_overlap_bytes"], REPEATED, "{stats:?}");
     assert_eq!(stats["sequence_gaps"], 0, "{stats:?}");
     assert_eq!(stats["trim_failed"], 0, "{stats:?}");
 }
