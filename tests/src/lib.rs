@@ -12,6 +12,7 @@ pub mod healthy;
 pub mod netns;
 pub mod pattern;
 pub mod paused;
+pub mod planes;
 pub mod proxy;
 pub mod retransmit;
 pub mod sockets;

@@ -192,34 +192,18 @@ impl Proxy {
     /// access log and asserts that every tunnel record says it ran on `plane`:
     /// a test aimed at one data plane fails when a tunnel fell back to another.
     pub fn assert_tunnels_ran_on(&self, plane: &str, at_least: usize) {
-        let tunnels = |lines: &[String]| -> Vec<serde_json::Value> {
-            lines
-                .iter()
-                .map(|line| {
-                    serde_json::from_str::<serde_json::Value>(line).unwrap_or_else(|err| {
-                        panic!("not a JSON access record (use --log-format json): {line:?}: {err}")
-                    })
-                })
-                .filter(|record| record["status"] == 200 && record["end"] != "periodic")
-                .collect()
-        };
-        let mut records = Vec::new();
-        let enough = wait_until(Duration::from_secs(30), || {
-            records = tunnels(&self.access_lines());
-            records.len() >= at_least
-        });
-        assert!(
-            enough,
-            "{} tunnel records, expected at least {at_least}:\n{}",
-            records.len(),
+        crate::planes::assert_records(&self.access_log, plane, at_least, || self.stderr());
+    }
+
+    /// [`Proxy::assert_tunnels_ran_on`] for a proxy without a JSON access log:
+    /// from its `/metrics` (it must run with `--admin`).
+    pub fn assert_tunnels_ran_on_by_metrics(&self, plane: &str, at_least: u64) {
+        let admin = self
+            .admin_addr()
+            .unwrap_or_else(|| panic!("no --admin listener:\n{}", self.stderr()));
+        crate::planes::assert_closed_on(admin, self.netns.as_deref(), plane, at_least, || {
             self.stderr()
-        );
-        for record in &records {
-            assert_eq!(
-                record["dataplane"], plane,
-                "a tunnel ran on another plane: {record}"
-            );
-        }
+        });
     }
 
     /// The sockmap plane's counters: from `/metrics` (`spliced_kernel_NAME`,
@@ -460,7 +444,7 @@ impl Peaks {
 }
 
 /// The body of `GET path` from an HTTP/1.1 server at `addr`.
-fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
+pub(crate) fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
     use std::io::{Read as _, Write as _};
     let mut stream = std::net::TcpStream::connect_timeout(&addr, crate::IO_TIMEOUT)?;
     stream.set_read_timeout(Some(crate::IO_TIMEOUT))?;

@@ -48,3 +48,26 @@ pub fn black_hole(ns: &Netns) -> (Socket, Vec<Socket>) {
         panic!("16 connections did not fill an accept queue of backlog 1");
     })
 }
+
+/// `tcpi_bytes_received` of `stream`: the sequence space it has received
+/// (payload bytes, plus one for a FIN).
+pub fn bytes_received(stream: &TcpStream) -> std::io::Result<u64> {
+    use std::os::fd::AsRawFd as _;
+    // tcpi_bytes_received is at offset 128 of struct tcp_info (stable UAPI).
+    let mut raw = [0u8; 232];
+    let mut len = raw.len() as libc::socklen_t;
+    // SAFETY: `raw` is a writable buffer of `len` bytes for the whole call.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            raw.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(u64::from_ne_bytes(raw[128..136].try_into().expect("8 bytes")))
+}

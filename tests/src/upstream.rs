@@ -217,13 +217,16 @@ pub fn exchange(stream: TcpStream, header: Header, header_sent: bool) -> ClientR
 }
 
 /// How long after the `200` a test aimed at the sockmap plane waits before its
-/// client's FIN: a socket that has seen its peer's FIN cannot go into a
-/// sockhash, so a FIN that beats the insertion sends the tunnel to splice by
-/// design. Insertion takes well under a millisecond after the `200`.
+/// client's FIN, unless the answer has started: a socket that has seen its
+/// peer's FIN cannot go into a sockhash, so a FIN that beats the insertion
+/// sends the tunnel to splice by design. Insertion takes well under a
+/// millisecond after the `200`; an answer byte proves it happened (the
+/// upstream answers the exchange header, which a sockmap tunnel forwards only
+/// once spliced).
 pub const SPLICE_GRACE: Duration = Duration::from_millis(100);
 
-/// [`exchange`], with the client's FIN sent no sooner than `fin_not_before`
-/// after the start (see [`SPLICE_GRACE`]).
+/// [`exchange`], with the client's FIN sent only once the answer has started
+/// or `fin_not_before` has passed since the start (see [`SPLICE_GRACE`]).
 pub fn exchange_with(
     mut stream: TcpStream,
     header: Header,
@@ -231,14 +234,17 @@ pub fn exchange_with(
     fin_not_before: Duration,
 ) -> ClientResult {
     let started = std::time::Instant::now();
+    let received_before = crate::sockets::bytes_received(&stream).unwrap_or(0);
     if !header_sent {
         stream.write_all(&header.encode()).expect("send header");
     }
     let receive = |stream: &mut TcpStream| pattern::receive_checked(stream, header.seed + 1);
     let send = move |stream: &mut TcpStream| {
         pattern::send(stream, header.seed, header.up).expect("client send");
-        if let Some(wait) = fin_not_before.checked_sub(started.elapsed()) {
-            std::thread::sleep(wait);
+        while started.elapsed() < fin_not_before
+            && crate::sockets::bytes_received(stream).unwrap_or(u64::MAX) <= received_before
+        {
+            std::thread::sleep(Duration::from_millis(1));
         }
         stream.shutdown(Shutdown::Write).expect("client shutdown");
     };

@@ -2,7 +2,8 @@
 //! bytes are checked exactly: peers that stop reading (memory must stay bounded:
 //! the sockmap redirect path has no backpressure of its own beyond what the
 //! kernel charges to the sockets), a stopped upstream process, resets, and a
-//! burst of connects to a closed port.
+//! burst of connects to a closed port. Every test ends by checking from the
+//! access log that each of its tunnels ran on the data plane it is aimed at.
 
 use std::{
     io::{Read, Write},
@@ -86,7 +87,7 @@ fn peer_that_never_reads(plane: &str, upstream_reads: bool) {
     let (upstream_side, _) = idle_listener.accept().unwrap();
     // Either the upstream never reads what the client sends, or the client never
     // reads what the upstream sends.
-    let (sender, _silent) = if upstream_reads {
+    let (sender, silent) = if upstream_reads {
         (upstream_side, client)
     } else {
         (client, upstream_side)
@@ -99,7 +100,7 @@ fn peer_that_never_reads(plane: &str, upstream_reads: bool) {
     let rss_peak = proxy.rss_kib();
     stop.store(true, Ordering::Relaxed);
     let pushed = pushing.join().unwrap();
-    healthy.assert_exact();
+    let exchanges = healthy.assert_exact();
     // Flow control holds a direction back beyond a 16 MiB redirect backlog;
     // the rest is socket buffers on three hops (the proxy's raised 16 MiB send
     // buffer, the peer's receive buffer of up to tcp_rmem's 32 MiB). Without it
@@ -126,6 +127,10 @@ fn peer_that_never_reads(plane: &str, upstream_reads: bool) {
         rss_growth_mib < 64,
         "{plane}: proxy RSS grew by {rss_growth_mib} MiB"
     );
+    // The sender's end closed when its thread ended; closing the silent end
+    // ends the stuck tunnel, which then logs its record.
+    drop(silent);
+    proxy.assert_tunnels_ran_on(plane, exchanges + 1);
 }
 
 fn upstream_that_never_reads(plane: &str) {
@@ -178,7 +183,7 @@ fn stopped_upstream_process(plane: &str) {
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(socat.id() as i32, libc::SIGSTOP) };
     let healthy = Healthy::start(proxy.addr, healthy_upstream);
-    healthy.assert_exact();
+    let exchanges = healthy.assert_exact();
     // SAFETY: as above.
     unsafe { libc::kill(socat.id() as i32, libc::SIGCONT) };
     let echoed = spliced_tests::pattern::receive(&mut echo, 77).unwrap();
@@ -190,6 +195,7 @@ fn stopped_upstream_process(plane: &str) {
         Ok(total),
         "{plane}: echo through a stopped-then-resumed upstream"
     );
+    proxy.assert_tunnels_ran_on(plane, exchanges + 1);
 }
 
 /// A burst of connects to a closed port: every one gets a 502, the proxy keeps
@@ -224,22 +230,28 @@ fn burst_to_a_closed_port(plane: &str) {
     for worker in workers {
         worker.join().unwrap();
     }
-    healthy.assert_exact();
+    let exchanges = healthy.assert_exact();
     assert_eq!(refused.load(Ordering::Relaxed), 800);
     assert!(
         spliced_tests::wait_until(Duration::from_secs(10), || proxy.fd_count() <= fds_before),
         "{plane}: fds grew from {fds_before} to {}",
         proxy.fd_count()
     );
+    // The refusals are not tunnels (status 502): only the healthy ones count.
+    proxy.assert_tunnels_ran_on(plane, exchanges);
 }
 
-/// Resets from both sides while other tunnels run.
+/// Tunnels of [`resets_alongside_healthy_tunnels`] that end in a reset.
+const RESET_TUNNELS: usize = 20;
+
+/// Resets from both sides while other tunnels run. Each reset comes after
+/// bytes went through the tunnel, so after sockmap spliced it.
 fn resets_alongside_healthy_tunnels(plane: &str) {
     let upstream = Upstream::start();
     let healthy_upstream = Upstream::start();
     let proxy = proxy_for(plane, &[upstream.addr.port(), healthy_upstream.addr.port()]);
     let healthy = Healthy::start(proxy.addr, healthy_upstream);
-    for i in 0..10u64 {
+    for i in 0..RESET_TUNNELS as u64 / 2 {
         // Upstream resets after 256 KiB.
         let h = Header {
             up: 256 * 1024,
@@ -269,7 +281,8 @@ fn resets_alongside_healthy_tunnels(plane: &str) {
         drop(stream);
         let _ = upstream.result();
     }
-    healthy.assert_exact();
+    let exchanges = healthy.assert_exact();
+    proxy.assert_tunnels_ran_on(plane, exchanges + RESET_TUNNELS);
 }
 
 spliced_tests::on_every_data_plane!(
@@ -289,7 +302,14 @@ fn descriptor_limit_gives_clean_refusals() {
     let port = upstream.addr.port().to_string();
     let proxy = Proxy::start_wrapped(
         &["prlimit", "--nofile=96:96", "sh"],
-        &["--dataplane", "splice", "--connect-ports", &port],
+        &[
+            "--dataplane",
+            "splice",
+            "--connect-ports",
+            &port,
+            "--log-format",
+            "json",
+        ],
     );
     let target = upstream.addr.to_string();
     let mut open = Vec::new();
@@ -334,6 +354,7 @@ fn descriptor_limit_gives_clean_refusals() {
         "only {} tunnels before the limit",
         open.len()
     );
+    let opened = open.len();
     // The first open tunnel still carries bytes.
     let first = open.remove(0);
     let h = Header {
@@ -362,4 +383,6 @@ fn descriptor_limit_gives_clean_refusals() {
         exchange(open_tunnel(proxy.addr, &target), h, false).received,
         Ok(MIB)
     );
+    // Every tunnel, those opened at the limit included, ran on splice.
+    proxy.assert_tunnels_ran_on("splice", opened + 1);
 }

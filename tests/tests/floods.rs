@@ -12,6 +12,10 @@
 //!
 //! The tests take turns: each measures one proxy's memory, descriptors or rate,
 //! and side by side they would share two CPUs and this process's descriptors.
+//!
+//! Each test ends by checking that every tunnel it opened ran on the data plane
+//! it is aimed at: from the JSON access log, or, where the access log goes to
+//! /dev/null, from `/metrics` (`--admin`).
 
 use std::{
     collections::HashMap,
@@ -55,13 +59,26 @@ fn peaks_until_done<T>(proxy: &Proxy, workers: &[JoinHandle<T>], every: Duration
     peaks
 }
 
+/// A proxy on `plane` allowing `ports`, with `extra` arguments; its access
+/// log is JSON (which names each tunnel's data plane).
 fn proxy_for(plane: &str, ports: &[u16], extra: &[&str]) -> Proxy {
     let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
     let ports = ports.join(",");
-    let mut args = vec!["--dataplane", plane, "--connect-ports", &ports];
+    let mut args = vec![
+        "--dataplane",
+        plane,
+        "--connect-ports",
+        &ports,
+        "--log-format",
+        "json",
+    ];
     args.extend_from_slice(extra);
     Proxy::start(&args)
 }
+
+/// Arguments of a proxy whose access log goes to /dev/null: the planes of its
+/// tunnels are read from `/metrics` (see [`Proxy::assert_tunnels_ran_on_by_metrics`]).
+const NO_ACCESS_LOG: [&str; 4] = ["--access-log", "/dev/null", "--admin", "127.0.0.1:0"];
 
 /// What the proxy held before a flood.
 struct Baseline {
@@ -291,6 +308,8 @@ fn slowloris(plane: &str) {
         growth_kib < SLOW_CLIENTS as u64 * 64,
         "{plane}: RSS grew by {growth_kib} KiB for {SLOW_CLIENTS} slow clients"
     );
+    // The slow clients never got a tunnel: only the healthy ones count.
+    proxy.assert_tunnels_ran_on(plane, exchanges);
 }
 
 /// Threads of the header floods, and requests each sends one after the other.
@@ -407,6 +426,8 @@ fn header_floods(plane: &str) {
         growth_kib < FLOOD_THREADS as u64 * 256 + 16 * 1024,
         "{plane}: RSS grew by {growth_kib} KiB during the header floods"
     );
+    // The floods got 431s, not tunnels: only the healthy ones count.
+    proxy.assert_tunnels_ran_on(plane, exchanges);
 }
 
 /// Raises this process's soft RLIMIT_NOFILE to its hard limit (children, the
@@ -498,7 +519,7 @@ fn many_open_tunnels(plane: &str) {
     let mut proxy = proxy_for(
         plane,
         &[echo.addr.port(), busy_upstream.addr.port(), healthy_port],
-        &["--access-log", "/dev/null"],
+        &NO_ACCESS_LOG,
     );
     let baseline = Baseline::take(&proxy);
     const PROBE: usize = 100;
@@ -532,11 +553,14 @@ fn many_open_tunnels(plane: &str) {
         own_fd_count()
     );
 
+    // Tunnels opened so far, each of which must have run on `plane`.
+    let mut tunnels_opened = PROBE;
     let mut rss_open = Vec::new();
     for round in 1..=2 {
         let started = Instant::now();
         let mut tunnels = open_echo_tunnels(proxy.addr, echo.addr, 0..count);
         let opened_in = started.elapsed();
+        tunnels_opened += count;
         rss_open.push(proxy.rss_kib());
         assert_eq!(
             echo.connections(),
@@ -584,6 +608,7 @@ fn many_open_tunnels(plane: &str) {
                 "{plane}: busy tunnel, upstream side"
             );
             let exchanges = healthy.assert_exact();
+            tunnels_opened += 1 + exchanges;
             // The idle ones still carry bytes.
             for (i, stream) in tunnels.iter_mut().enumerate().step_by(97) {
                 echo_tag(stream, (i as u64) << 32);
@@ -625,6 +650,7 @@ fn many_open_tunnels(plane: &str) {
         rss_open[1],
         rss_open[0]
     );
+    proxy.assert_tunnels_ran_on_by_metrics(plane, tunnels_opened as u64);
 }
 
 /// How long churn runs at most, and how many tunnels it opens at most.
@@ -697,7 +723,7 @@ fn churn(plane: &str) {
     let mut proxy = proxy_for(
         plane,
         &[echo.addr.port(), healthy_upstream.addr.port()],
-        &["--access-log", "/dev/null"],
+        &NO_ACCESS_LOG,
     );
     let baseline = Baseline::take(&proxy);
     let healthy = Healthy::until_checked(proxy.addr, healthy_upstream);
@@ -768,6 +794,9 @@ fn churn(plane: &str) {
         "{plane}: RSS grew from {} to {rss_end} KiB over the churn",
         baseline.rss_kib
     );
+    // Refused requests got no tunnel; every exchanged one and every healthy
+    // one did.
+    proxy.assert_tunnels_ran_on_by_metrics(plane, exchanged + exchanges as u64);
 }
 
 spliced_tests::on_every_data_plane!(slowloris, header_floods, many_open_tunnels, churn);

@@ -2,6 +2,8 @@
 //! file over HTTPS from a real TLS origin (`openssl s_server`) through spliced, with
 //! `HTTPS_PROXY` spelled both ways the Istio task uses, and the access log shows
 //! the Squid line the task expects, field by field.
+//! Every tunnel must have run on the data plane the test is aimed at: the JSON
+//! record names it; with Squid lines, which do not, `/metrics` (`--admin`) does.
 
 use std::{
     net::SocketAddr,
@@ -103,12 +105,15 @@ fn assert_squid_line(line: &str, expected: &Expected) {
     assert_eq!(fields[9], "-", "mime type of {line:?}");
 }
 
-/// Starts spliced on loopback with the seed's policy.
+/// Starts spliced on loopback with the seed's policy. With Squid lines it has
+/// an admin listener, for [`Proxy::assert_tunnels_ran_on_by_metrics`].
 fn start_proxy(plane: &str, origin: &TlsOrigin, json: bool) -> Proxy {
     let port = origin.addr.port().to_string();
     let mut args = vec!["--dataplane", plane, "--connect-ports", &port];
     if json {
         args.extend(["--log-format", "json"]);
+    } else {
+        args.extend(["--admin", "127.0.0.1:0"]);
     }
     Proxy::start(&args)
 }
@@ -149,6 +154,7 @@ fn istio_seed(plane: &str) {
         assert_eq!(lines.len(), i + 1, "one line per tunnel: {lines:#?}");
         assert_squid_line(&lines[i], &expected);
     }
+    proxy.assert_tunnels_ran_on_by_metrics(plane, spellings.len() as u64);
 
     // The JSON format names the data plane that moved the bytes.
     let proxy = start_proxy(plane, &origin, true);
@@ -162,6 +168,7 @@ fn istio_seed(plane: &str) {
         &out,
     );
     assert_fetched(&output, &out, &body, &proxy);
+    proxy.assert_tunnels_ran_on(plane, 1);
     let records = proxy.wait_json_records(1);
     let record = &records[0];
     assert_eq!(record["dataplane"], plane, "{record}");
@@ -205,6 +212,9 @@ fn origin_in_another_namespace(plane: &str) {
             "8443",
             "--listen",
             &format!("{}:3128", Topology::PROXY_IP),
+            // Squid lines do not name the data plane; /metrics counts by it.
+            "--admin",
+            "127.0.0.1:0",
         ],
     );
     let downloads = tempfile::tempdir().expect("tempdir");
@@ -228,6 +238,7 @@ fn origin_in_another_namespace(plane: &str) {
             max_bytes: MIB + TLS_OVERHEAD,
         },
     );
+    proxy.assert_tunnels_ran_on_by_metrics(plane, 1);
 }
 
 spliced_tests::on_every_data_plane!(istio_seed, origin_in_another_namespace);

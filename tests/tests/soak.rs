@@ -2,7 +2,8 @@
 //! (sockmap data plane) for `SPLICED_SOAK_SECONDS` (default 30; `cargo xtask
 //! soak --minutes N` sets it), with a byte-exact check of every healthy tunnel
 //! and the proxy's RSS, descriptors and map entries compared with the baseline
-//! at the end. Prints a report.
+//! at the end, and every tunnel checked to have run on the sockmap plane (from
+//! `/metrics`, as the access log goes to /dev/null). Prints a report.
 
 use std::{
     io::{Read, Write},
@@ -19,7 +20,7 @@ use spliced_tests::{
     paused::PausedExchange,
     proxy::Peaks,
     raw_request, status_of,
-    upstream::{exchange, Header},
+    upstream::{exchange_with, Header, SPLICE_GRACE},
     wait_until, Mode, Proxy, Upstream,
 };
 
@@ -94,6 +95,9 @@ fn soak() {
         "3",
         "--access-log",
         "/dev/null",
+        // Each tunnel's data plane, for the check at the end.
+        "--admin",
+        "127.0.0.1:0",
     ]);
     let addr = proxy.addr;
     let baseline = (proxy.rss_kib(), proxy.fd_count(), proxy.stats());
@@ -116,6 +120,7 @@ fn soak() {
                 if reset_worker {
                     // Resets from both sides, alternately.
                     let mut stream = open_tunnel(addr, &target);
+                    let opened = Instant::now();
                     if i.is_multiple_of(2) {
                         let h = Header {
                             up: 64 * 1024,
@@ -134,6 +139,10 @@ fn soak() {
                         };
                         stream.write_all(&h.encode()).unwrap();
                         let _ = spliced_tests::pattern::send(&mut stream, seed, 256 * 1024);
+                        // A reset the proxy's socket gets before sockmap spliced
+                        // it sends the tunnel to splice (as a FIN would): reset
+                        // mid-transfer, not before.
+                        std::thread::sleep(SPLICE_GRACE.saturating_sub(opened.elapsed()));
                         socket2::SockRef::from(&stream)
                             .set_linger(Some(Duration::ZERO))
                             .unwrap();
@@ -155,7 +164,10 @@ fn soak() {
                     seed,
                     mode,
                 };
-                let client = exchange(open_tunnel(addr, &target), h, false);
+                // A FIN of the client before sockmap spliced the tunnel would
+                // send it to splice (a small upload ends that soon): the FIN
+                // waits for the splice.
+                let client = exchange_with(open_tunnel(addr, &target), h, false, SPLICE_GRACE);
                 let server = upstream.result();
                 counters.record_exchange("tunnel", h, &client.received, &server.received);
             }
@@ -329,4 +341,10 @@ fn soak() {
         baseline.0,
         end.0
     );
+    // Every tunnel ran on sockmap: the healthy and paused ones, the reset ones
+    // and the never-read ones (refusals and slow clients got none).
+    let opened = c.tunnels.load(Ordering::Relaxed)
+        + c.resets.load(Ordering::Relaxed)
+        + c.never_read.load(Ordering::Relaxed);
+    proxy.assert_tunnels_ran_on_by_metrics("sockmap", opened);
 }

@@ -3,7 +3,9 @@
 //! requests (names resolved inside the test's namespace, IPv6, clients in other
 //! namespaces, Basic authentication), real-world files, malformed files, reload
 //! on SIGHUP, draining on SIGTERM, the file's timeouts and connection limit, and
-//! its `logformat`/`access_log` lines.
+//! its `logformat`/`access_log` lines. A test aimed at one data plane checks
+//! that every tunnel ran on it: from JSON records, or, where it checks Squid
+//! lines (which do not name the plane), from `/metrics` (`--admin`).
 //!
 //! Every proxy runs in a network namespace made for its test (so it can listen on
 //! port 3128), whose resolver points at a dead address inside the namespace and
@@ -27,7 +29,7 @@ use spliced_tests::{
     paused::PausedExchange,
     sockets::{black_hole, connect_from},
     tls::{curl, TlsOrigin},
-    upstream::{exchange, Header},
+    upstream::{exchange_with, Header, SPLICE_GRACE},
     wait_until, Mode, Upstream, DATA_PLANES, IO_TIMEOUT,
 };
 
@@ -239,7 +241,9 @@ impl Site {
     }
 
     /// Runs an exchange of `up` and `down` bytes through `tunnel` to the upstream
-    /// on `port` and checks both ends; returns `down`.
+    /// on `port` and checks both ends; returns `down`. The client's FIN waits
+    /// for the sockmap plane to splice the tunnel (a FIN that came first would
+    /// send it to splice).
     fn check_exchange(&self, tunnel: TcpStream, port: u16, up: u64, down: u64) -> u64 {
         let header = Header {
             up,
@@ -247,7 +251,7 @@ impl Site {
             seed: self.seed(),
             mode: Mode::Concurrent,
         };
-        let client = exchange(tunnel, header, false);
+        let client = exchange_with(tunnel, header, false, SPLICE_GRACE);
         assert_eq!(client.received, Ok(down), "client side of {header:?}");
         self.assert_upstream_got(port, header);
         down
@@ -536,6 +540,42 @@ fn assert_log(path: &Path, expected: &[Logged]) {
 }
 
 // ---------------------------------------------------------------------------
+// The data plane of every tunnel.
+// ---------------------------------------------------------------------------
+
+/// Waits for at least `at_least` tunnel records in the JSON access log at
+/// `path` and fails the test unless every one says it ran on `plane`.
+fn assert_tunnels_ran_on(proxy: &Spliced, path: &Path, plane: &str, at_least: usize) {
+    spliced_tests::planes::assert_records(path, plane, at_least, || proxy.stderr());
+}
+
+/// The address of the admin listener `proxy` logged (it runs with `--admin`).
+fn admin_of(proxy: &Spliced) -> SocketAddr {
+    proxy
+        .stderr_lines()
+        .iter()
+        .find_map(|line| {
+            line.split("admin endpoint on http://")
+                .nth(1)?
+                .split('/')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no admin listener logged:\n{}", proxy.stderr()))
+}
+
+fn assert_tunnels_ran_on_by_metrics(site: &Site, proxy: &Spliced, plane: &str, tunnels: u64) {
+    spliced_tests::planes::assert_closed_on(
+        admin_of(proxy),
+        Some(&site.ns.name),
+        plane,
+        tunnels,
+        || proxy.stderr(),
+    );
+}
+
+// ---------------------------------------------------------------------------
 // Policy tables.
 // ---------------------------------------------------------------------------
 
@@ -776,7 +816,16 @@ fn istio_task_config_verbatim() {
     for plane in DATA_PLANES {
         let log = site.path(&format!("access-{plane}.log"));
         let log_arg = log.to_str().unwrap();
-        let proxy = site.start(&conf, &["--access-log", log_arg, "--dataplane", plane], 2);
+        // Squid lines do not name the data plane: /metrics counts by it.
+        let args = [
+            "--access-log",
+            log_arg,
+            "--dataplane",
+            plane,
+            "--admin",
+            "127.0.0.1:0",
+        ];
+        let proxy = site.start(&conf, &args, 2);
         let mut listening = proxy.listening();
         listening.sort();
         assert_eq!(listening, [all_v4, all_v6], "{}", proxy.stderr());
@@ -841,6 +890,8 @@ fn istio_task_config_verbatim() {
             ));
         }
         assert_log(&log, &expected);
+        // The two curl tunnels.
+        assert_tunnels_ran_on_by_metrics(&site, &proxy, plane, 2);
     }
     // The JSON record names the rule that refused: line 6.
     let deny = Outcome::Denied("http_access deny CONNECT !SSL_ports");
@@ -1588,7 +1639,15 @@ fn reload_changes_policy_for_new_requests_only(plane: &str) {
     let log = site.path("access.log");
     let proxy = site.start(
         &conf,
-        &["--dataplane", plane, "--access-log", log.to_str().unwrap()],
+        &[
+            "--dataplane",
+            plane,
+            "--access-log",
+            log.to_str().unwrap(),
+            // Squid lines do not name the data plane: /metrics counts by it.
+            "--admin",
+            "127.0.0.1:0",
+        ],
         1,
     );
     let (paused, big) = site.paused_exchange(site.tunnel(LOCAL4, "127.0.0.1:8001"), BIG);
@@ -1613,12 +1672,22 @@ fn reload_changes_policy_for_new_requests_only(plane: &str) {
             Logged::tunnel(LOOPBACK4, "127.0.0.1:8001", LOOPBACK4, (big.down, big.down)),
         ],
     );
+    assert_tunnels_ran_on_by_metrics(&site, &proxy, plane, 2);
 }
 
 fn reload_moves_http_port(plane: &str) {
     let site = Site::new(&[8001]);
     let conf = site.conf(&only_port("127.0.0.1:3128", 8001));
-    let mut proxy = site.start(&conf, &["--dataplane", plane], 1);
+    let log = site.path("access.log");
+    let args = [
+        "--dataplane",
+        plane,
+        "--access-log",
+        log.to_str().unwrap(),
+        "--log-format",
+        "json",
+    ];
+    let mut proxy = site.start(&conf, &args, 1);
     let (old, new) = (Client::local4(3128), Client::local4(3129));
     let (paused, big) = site.paused_exchange(site.tunnel(old, "127.0.0.1:8001"), BIG);
 
@@ -1636,6 +1705,7 @@ fn reload_moves_http_port(plane: &str) {
     with_log_on_failure(&proxy, || site.finish_paused(paused, big, 8001));
     site.check_tunnel(site.tunnel(new, "127.0.0.1:8001"), 8001);
     proxy.assert_running();
+    assert_tunnels_ran_on(&proxy, &log, plane, 3);
 }
 
 #[test]
