@@ -69,5 +69,7 @@ pub fn bytes_received(stream: &TcpStream) -> std::io::Result<u64> {
     if rc != 0 {
         return Err(std::io::Error::last_os_error());
     }
-    Ok(u64::from_ne_bytes(raw[128..136].try_into().expect("8 bytes")))
+    Ok(u64::from_ne_bytes(
+        raw[128..136].try_into().expect("8 bytes"),
+    ))
 }
