@@ -11,6 +11,7 @@
 
 pub mod auto;
 pub mod copy;
+pub mod packet;
 mod pump;
 pub mod sockmap;
 pub mod splice;
@@ -43,6 +44,9 @@ pub enum DataPlaneChoice {
     Splice,
     /// User-space copy.
     Copy,
+    /// Segment translation by a tc program after a splice start
+    /// (`--promote-after`, `--packet-interfaces`).
+    Packet,
 }
 
 /// One of the data planes that move bytes, as `--auto-local` and
@@ -108,6 +112,8 @@ pub struct Progress(Arc<ProgressInner>);
 struct ProgressInner {
     reported: [AtomicU64; 2],
     sink: Option<Arc<dyn ByteSink>>,
+    /// The packet plane: what the pump moved before promotion, once promoted.
+    before_promotion: std::sync::OnceLock<[u64; 2]>,
 }
 
 impl fmt::Debug for Progress {
@@ -124,6 +130,7 @@ impl Progress {
         Self(Arc::new(ProgressInner {
             reported: Default::default(),
             sink: Some(sink),
+            before_promotion: std::sync::OnceLock::new(),
         }))
     }
 
@@ -160,6 +167,17 @@ impl Progress {
             outcome.dataplane,
             [outcome.client_to_upstream, outcome.upstream_to_client],
         );
+    }
+
+    /// The packet plane promoted the tunnel after moving `bytes` (client →
+    /// upstream, upstream → client) on its socket pump.
+    pub fn note_promotion(&self, bytes: [u64; 2]) {
+        let _ = self.0.before_promotion.set(bytes);
+    }
+
+    /// What [`Progress::note_promotion`] noted, if the tunnel was promoted.
+    pub fn bytes_before_promotion(&self) -> Option<[u64; 2]> {
+        self.0.before_promotion.get().copied()
     }
 
     /// Bytes reported so far (client → upstream, upstream → client).
@@ -343,6 +361,10 @@ pub fn select(config: &Config) -> anyhow::Result<(Arc<dyn DataPlane>, String)> {
         DataPlaneChoice::Sockmap => {
             let plane = sockmap::SockmapDataPlane::load(config, splice)?;
             Ok((Arc::new(plane), "requested with --dataplane sockmap".into()))
+        }
+        DataPlaneChoice::Packet => {
+            let plane = packet::PacketDataPlane::load(config)?;
+            Ok((Arc::new(plane), "requested with --dataplane packet".into()))
         }
         DataPlaneChoice::Auto => Ok(select_auto(config, splice)),
     }

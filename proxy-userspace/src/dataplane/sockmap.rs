@@ -57,7 +57,8 @@ use crate::{
 };
 
 /// The eBPF object built by build.rs from proxy-ebpf.
-static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
+pub(super) static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
 
 /// How often an open tunnel re-reads its sockets' TCP state, in case a flow event
 /// was lost (ring buffer full); events normally make this unnecessary.

@@ -1,0 +1,453 @@
+//! The packet data plane (`--dataplane packet`): tunnels promoted to segment
+//! translation by the tc program, byte-exact, on loopback and across veth,
+//! IPv4 and IPv6, with `--promote-after 0` and with a tunnel promoted in the
+//! middle of a transfer.
+//!
+//! Every test runs in network namespaces of its own (names start with `pk`),
+//! so the programs attach to the test's own `lo` and veth devices only. Every
+//! tunnel's access-log record must say `packet` (a tunnel that ran on the
+//! splice pump alone fails) and count exactly the bytes that were sent, and the
+//! endpoints' namespaces must show no PAWS, TSecr or checksum rejection.
+
+use std::{
+    collections::HashMap,
+    io::{Read, Write},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream},
+    time::Duration,
+};
+
+use spliced_tests::{
+    netns::{Netns, Topology},
+    open_tunnel,
+    upstream::{exchange, ClientResult, Header},
+    Mode, Proxy, ServerResult, Upstream,
+};
+
+const MIB: u64 = 1 << 20;
+const PREFIX: &str = "pk";
+/// How long a client waits after the `200` before it sends, so that a
+/// tunnel with `--promote-after 0` is translating before its first byte.
+const SETTLE: Duration = Duration::from_millis(100);
+
+fn header(up: u64, down: u64, seed: u64, mode: Mode) -> Header {
+    Header {
+        up,
+        down,
+        seed,
+        mode,
+    }
+}
+
+/// Where the client, the proxy and the upstream are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Net {
+    /// All three on the `lo` of one namespace.
+    Loopback,
+    /// Three namespaces, client — proxy — server, joined by veth pairs.
+    Veth,
+}
+
+/// A proxy on the packet plane, an upstream, and where clients run.
+/// Fields drop in order: the proxy goes before its namespace.
+struct Setup {
+    proxy: Proxy,
+    upstream: Upstream,
+    net: Net,
+    /// The client's namespace; the proxy's and the upstream's on loopback.
+    client_ns: Netns,
+    /// Veth only: the proxy's and the upstream's namespaces.
+    others: Vec<Netns>,
+    /// The CONNECT target.
+    target: String,
+}
+
+impl Setup {
+    fn start(net: Net, ipv6: bool, promote_after: u64) -> Self {
+        Self::start_with(net, ipv6, promote_after, None)
+    }
+
+    /// `listen` overrides the proxy's listening address (loopback only).
+    fn start_with(net: Net, ipv6: bool, promote_after: u64, listen: Option<&str>) -> Self {
+        let promote = promote_after.to_string();
+        let args = |listen: &str, port: &str| -> Vec<String> {
+            [
+                "--dataplane",
+                "packet",
+                "--promote-after",
+                &promote,
+                "--connect-ports",
+                port,
+                "--listen",
+                listen,
+                "--log-format",
+                "json",
+            ]
+            .map(str::to_owned)
+            .to_vec()
+        };
+        match net {
+            Net::Loopback => {
+                let ns = Netns::with_prefix(PREFIX);
+                let ip: IpAddr = if ipv6 {
+                    Ipv6Addr::LOCALHOST.into()
+                } else {
+                    Ipv4Addr::LOCALHOST.into()
+                };
+                let upstream = Upstream::start_in(&ns, SocketAddr::new(ip, 0));
+                let port = upstream.addr.port().to_string();
+                let listen =
+                    listen.map_or_else(|| SocketAddr::new(ip, 3128).to_string(), str::to_owned);
+                let args = args(&listen, &port);
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                let proxy = Proxy::start_in(&ns, &args);
+                Self {
+                    net,
+                    client_ns: ns,
+                    others: Vec::new(),
+                    target: upstream.addr.to_string(),
+                    upstream,
+                    proxy,
+                }
+            }
+            Net::Veth => {
+                let topology = Topology::with_prefix(PREFIX);
+                let (listen_ip, server_ip): (IpAddr, IpAddr) = if ipv6 {
+                    topology.add_ipv6();
+                    (Topology::PROXY_IP6.into(), Topology::SERVER_IP6.into())
+                } else {
+                    (Topology::PROXY_IP.into(), Topology::SERVER_IP.into())
+                };
+                let upstream =
+                    Upstream::start_in(&topology.server, SocketAddr::new(server_ip, 8443));
+                let args = args(&SocketAddr::new(listen_ip, 3128).to_string(), "8443");
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                let proxy = Proxy::start_in(&topology.proxy, &args);
+                let Topology {
+                    client,
+                    proxy: proxy_ns,
+                    server,
+                    ..
+                } = topology;
+                Self {
+                    net,
+                    client_ns: client,
+                    others: vec![proxy_ns, server],
+                    target: upstream.addr.to_string(),
+                    upstream,
+                    proxy,
+                }
+            }
+        }
+    }
+
+    /// Opens a tunnel from the client's namespace, waits `settle`, runs the
+    /// exchange.
+    fn exchange(&self, h: Header, settle: Duration) -> (ClientResult, ServerResult) {
+        let (proxy, target) = (self.proxy.addr, self.target.clone());
+        let client = self.client_ns.enter(move || {
+            let stream = open_tunnel(proxy, &target);
+            std::thread::sleep(settle);
+            exchange(stream, h, false)
+        });
+        (client, self.upstream.result())
+    }
+
+    /// A tunnel socket opened from the client's namespace.
+    fn tunnel(&self) -> TcpStream {
+        let (proxy, target) = (self.proxy.addr, self.target.clone());
+        self.client_ns.enter(move || open_tunnel(proxy, &target))
+    }
+
+    /// The namespaces the endpoints are in.
+    fn endpoint_namespaces(&self) -> Vec<&Netns> {
+        match self.net {
+            Net::Loopback => vec![&self.client_ns],
+            Net::Veth => vec![&self.client_ns, &self.others[1]],
+        }
+    }
+
+    fn assert_exact(&self, h: Header, client: &ClientResult, server: &ServerResult) {
+        assert_eq!(
+            server.received,
+            Ok(h.up),
+            "upstream side of {h:?}\n{}",
+            self.proxy.stderr()
+        );
+        assert_eq!(
+            client.received,
+            Ok(h.down),
+            "client side of {h:?}\n{}",
+            self.proxy.stderr()
+        );
+    }
+
+    /// The records of `headers` (closed tunnels): each ran on `packet` and
+    /// counted exactly what the exchange moved (32-byte exchange header, 39-byte
+    /// `200`).
+    fn assert_logged(&self, headers: &[Header]) -> Vec<serde_json::Value> {
+        let records = self.proxy.wait_json_records(headers.len());
+        let mut logged: Vec<(u64, u64)> = records
+            .iter()
+            .map(|r| {
+                self.assert_promoted(r);
+                assert_eq!(r["end"], "closed", "{r}\n{}", self.proxy.stderr());
+                (
+                    r["bytes_from_client"].as_u64().unwrap(),
+                    r["bytes_to_client"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        let mut expected: Vec<(u64, u64)> =
+            headers.iter().map(|h| (32 + h.up, 39 + h.down)).collect();
+        logged.sort_unstable();
+        expected.sort_unstable();
+        assert_eq!(
+            logged,
+            expected,
+            "access log byte counts (from_client, to_client)\n{}",
+            self.proxy.stderr()
+        );
+        records
+    }
+
+    fn assert_promoted(&self, record: &serde_json::Value) {
+        assert_eq!(record["status"], 200, "{record}");
+        assert_eq!(
+            record["dataplane"],
+            "packet",
+            "{record}\n{}",
+            self.proxy.stderr()
+        );
+        let before = &record["bytes_before_promotion"];
+        assert!(
+            before["client_to_upstream"].is_u64() && before["upstream_to_client"].is_u64(),
+            "{record}"
+        );
+    }
+
+    /// No endpoint rejected a translated segment: PAWS, TSecr, checksum.
+    fn assert_no_rejections(&self) {
+        for ns in self.endpoint_namespaces() {
+            let counters = nstat(ns);
+            for name in [
+                "TcpExtPAWSEstab",
+                "TcpExtPAWSOldAck",
+                "TcpExtTSEcrRejected",
+                "TcpInCsumErrors",
+            ] {
+                assert_eq!(
+                    counters.get(name).copied().unwrap_or(0),
+                    0,
+                    "{name} in {}: {counters:?}\n{}",
+                    ns.name,
+                    self.proxy.stderr()
+                );
+            }
+        }
+        self.verbose();
+    }
+
+    /// With `PK_VERBOSE` set: the proxy's log and counters and the
+    /// namespaces' TCP counters that are not 0.
+    fn verbose(&self) {
+        if std::env::var_os("PK_VERBOSE").is_none() {
+            return;
+        }
+        eprintln!("{}", self.proxy.stderr());
+        for line in self.proxy.access_lines() {
+            eprintln!("record: {line}");
+        }
+        eprintln!("stats: {:?}", self.proxy.stats());
+        for ns in std::iter::once(&self.client_ns).chain(&self.others) {
+            let mut counters: Vec<_> = nstat(ns).into_iter().filter(|(_, v)| *v != 0).collect();
+            counters.sort();
+            eprintln!("nstat {}: {counters:?}", ns.name);
+        }
+    }
+}
+
+/// `nstat -az` counters of a namespace.
+fn nstat(ns: &Netns) -> HashMap<String, u64> {
+    let output = ns
+        .command("nstat")
+        .args(["-az", "--json"])
+        .env("NSTAT_HISTORY", "/dev/null")
+        .output()
+        .expect("nstat");
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).expect("nstat JSON");
+    json["kernel"]
+        .as_object()
+        .expect("nstat kernel counters")
+        .iter()
+        .filter_map(|(k, v)| Some((k.clone(), v.as_u64()?)))
+        .collect()
+}
+
+/// `--promote-after 0`: each tunnel is translating before its first byte
+/// (the client waits a moment after the `200`), so every byte of it went
+/// through the tc program: 0 B, small, 1 MiB each way, 64 MiB both ways at
+/// once.
+fn promoted_at_once(net: Net, ipv6: bool) {
+    let setup = Setup::start(net, ipv6, 0);
+    let headers = [
+        header(0, 0, 1, Mode::Concurrent),
+        header(1000, 2000, 3, Mode::Concurrent),
+        header(MIB, MIB, 5, Mode::Concurrent),
+        header(64 * MIB, 64 * MIB + 7, 7, Mode::Concurrent),
+    ];
+    for h in headers {
+        let (client, server) = setup.exchange(h, SETTLE);
+        setup.assert_exact(h, &client, &server);
+    }
+    let records = setup.assert_logged(&headers);
+    for record in &records {
+        assert_eq!(
+            record["bytes_before_promotion"],
+            serde_json::json!({"client_to_upstream": 0, "upstream_to_client": 0}),
+            "{record}"
+        );
+    }
+    setup.assert_no_rejections();
+}
+
+/// `--promote-after 256 KiB`: the cut-over happens with bytes in flight both
+/// ways (held, then retransmitted and translated).
+fn promoted_mid_transfer(net: Net, ipv6: bool) {
+    let setup = Setup::start(net, ipv6, 256 * 1024);
+    let headers = [
+        header(MIB, MIB, 11, Mode::Concurrent),
+        header(64 * MIB + 3, 64 * MIB, 13, Mode::Concurrent),
+    ];
+    for h in headers {
+        let (client, server) = setup.exchange(h, Duration::ZERO);
+        setup.assert_exact(h, &client, &server);
+    }
+    let records = setup.assert_logged(&headers);
+    for record in &records {
+        let before = &record["bytes_before_promotion"];
+        let moved = before["client_to_upstream"].as_u64().unwrap()
+            + before["upstream_to_client"].as_u64().unwrap();
+        assert!(moved >= 256 * 1024, "{record}");
+    }
+    setup.assert_no_rejections();
+}
+
+/// Half-close each way after promotion: the client's FIN first with the
+/// answer after it, and the server's FIN first with the client sending after
+/// it; promoted at once, and mid-transfer (the direction that closes first
+/// sends 64 MiB, so it is still sending when the tunnel is held).
+fn half_close_each_way(net: Net, ipv6: bool) {
+    let at_once = [
+        header(2 * MIB, 3 * MIB, 21, Mode::AnswerAfterEof),
+        header(2 * MIB + 1, 3 * MIB, 23, Mode::ServerFirst),
+    ];
+    let mid_transfer = [
+        header(64 * MIB, 3 * MIB, 25, Mode::AnswerAfterEof),
+        header(2 * MIB, 64 * MIB + 1, 27, Mode::ServerFirst),
+    ];
+    for (promote_after, settle, headers) in [
+        (0, SETTLE, at_once),
+        (128 * 1024, Duration::ZERO, mid_transfer),
+    ] {
+        let setup = Setup::start(net, ipv6, promote_after);
+        for h in headers {
+            let (client, server) = setup.exchange(h, settle);
+            setup.assert_exact(h, &client, &server);
+        }
+        setup.assert_logged(&headers);
+        setup.assert_no_rejections();
+    }
+}
+
+/// A reset from either side reaches the other end through the translation,
+/// and the record says the tunnel broke.
+fn reset_from_either_side(net: Net, ipv6: bool) {
+    let setup = Setup::start(net, ipv6, 0);
+    // The upstream reads 1 MiB, then resets while the client still sends.
+    let h = header(MIB, 0, 41, Mode::ResetAfterRead);
+    let mut stream = setup.tunnel();
+    std::thread::sleep(SETTLE);
+    stream.write_all(&h.encode()).unwrap();
+    let mut sender = stream.try_clone().unwrap();
+    let sending =
+        std::thread::spawn(move || spliced_tests::pattern::send(&mut sender, h.seed, 256 * MIB));
+    assert_eq!(setup.upstream.result().received, Ok(MIB));
+    assert!(
+        sending.join().unwrap().is_err(),
+        "the client could send 256 MiB into a reset tunnel\n{}",
+        setup.proxy.stderr()
+    );
+    let records = setup.proxy.wait_json_records(1);
+    setup.assert_promoted(&records[0]);
+    assert_eq!(records[0]["end"], "upstream_error", "{}", records[0]);
+
+    // The client sends 1 MiB, reads some of the answer, then resets.
+    let h = header(64 * MIB, 64 * MIB, 51, Mode::Concurrent);
+    let mut stream = setup.tunnel();
+    std::thread::sleep(SETTLE);
+    stream.write_all(&h.encode()).unwrap();
+    spliced_tests::pattern::send(&mut stream, h.seed, MIB).unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    stream.read_exact(&mut buf).unwrap();
+    socket2::SockRef::from(&stream)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(stream);
+    let server = setup.upstream.result();
+    assert_ne!(
+        server.received,
+        Ok(h.up),
+        "upstream got everything from a reset client?"
+    );
+    let records = setup.proxy.wait_json_records(2);
+    setup.assert_promoted(&records[1]);
+    assert_eq!(records[1]["end"], "client_error", "{}", records[1]);
+
+    // The proxy goes on promoting tunnels.
+    let h = header(1000, 1000, 53, Mode::Concurrent);
+    let (client, server) = setup.exchange(h, SETTLE);
+    setup.assert_exact(h, &client, &server);
+    let records = setup.proxy.wait_json_records(3);
+    setup.assert_promoted(&records[2]);
+    setup.assert_no_rejections();
+}
+
+macro_rules! on_every_path {
+    ($($test:ident),* $(,)?) => {
+        mod loopback_ipv4 { $( #[test] fn $test() { super::$test(super::Net::Loopback, false) } )* }
+        mod loopback_ipv6 { $( #[test] fn $test() { super::$test(super::Net::Loopback, true) } )* }
+        mod veth_ipv4 { $( #[test] fn $test() { super::$test(super::Net::Veth, false) } )* }
+        mod veth_ipv6 { $( #[test] fn $test() { super::$test(super::Net::Veth, true) } )* }
+    };
+}
+
+on_every_path!(
+    promoted_at_once,
+    promoted_mid_transfer,
+    half_close_each_way,
+    reset_from_either_side,
+);
+
+/// A client of a `[::]` listener has a v4-mapped socket address but sends
+/// IPv4: the entries are keyed so the tc program finds them.
+#[test]
+fn ipv4_client_of_a_dual_stack_listener() {
+    let setup = Setup::start_with(Net::Loopback, false, 0, Some("[::]:3128"));
+    let proxy = SocketAddr::from((Ipv4Addr::LOCALHOST, setup.proxy.addr.port()));
+    let target = setup.target.clone();
+    let h = header(MIB, MIB, 61, Mode::Concurrent);
+    let client = setup.client_ns.enter(move || {
+        let stream = open_tunnel(proxy, &target);
+        std::thread::sleep(SETTLE);
+        exchange(stream, h, false)
+    });
+    let server = setup.upstream.result();
+    setup.assert_exact(h, &client, &server);
+    let records = setup.assert_logged(&[h]);
+    assert!(
+        records[0]["client"].as_str().unwrap().contains("127.0.0.1"),
+        "{}",
+        records[0]
+    );
+    setup.assert_no_rejections();
+}
