@@ -51,6 +51,9 @@ pub struct PacketEntry {
     // --- written by user space ---
     /// The tunnel's id (both entries of a tunnel share it); events carry it.
     pub flow_id: u64,
+    /// `SO_COOKIE` of the proxy's own socket on this connection: at egress,
+    /// a segment of the reverse tuple from this socket is the proxy's own.
+    pub socket_cookie: u64,
     /// One of [`packet_state`].
     pub state: u32,
     /// [`packet_config`] bits.
@@ -114,14 +117,18 @@ pub struct PacketEntry {
     /// entry's sender: an acknowledgement number at or after this (as it
     /// arrives here) acknowledges that FIN.
     pub peer_fin_ack: u32,
-    /// Explicit padding.
-    pub _pad1: u32,
+    /// The last acknowledgement number the proxy's own socket sent on this
+    /// connection (egress, before TRANSLATE; valid with
+    /// [`packet_flags::PROXY_ACK_SEEN`]). Every segment a socket sends sets
+    /// its `rcv_wup` to this value.
+    pub proxy_ack: u32,
     /// TRANSLATE: payload bytes forwarded, counted as `max_end_seq` advances
     /// (retransmissions and the FIN excluded).
     pub bytes: u64,
     /// Segments of this key the program saw.
     pub packets: u64,
-    /// Segments dropped while holding.
+    /// Segments held: dropped, or passed on as a duplicate that carries only
+    /// their acknowledgement (see `packet_stat::HELD_AS_DUPLICATE`).
     pub held: u64,
     /// Segments translated.
     pub translated: u64,
@@ -179,6 +186,8 @@ pub mod packet_flags {
     pub const RST_SEEN: u32 = 256;
     /// A segment was dropped at the hold edge at least once.
     pub const HELD: u32 = 512;
+    /// `proxy_ack` is valid.
+    pub const PROXY_ACK_SEEN: u32 = 1024;
 }
 
 /// What a [`PacketEvent`] reports.
@@ -221,8 +230,12 @@ pub mod packet_stat {
     pub const EVENTS_LOST: u32 = 6;
     /// Matched segments the program could not parse (passed untouched).
     pub const UNPARSED: u32 = 7;
+    /// Held segments passed on as duplicates (their payload moved below the
+    /// proxy socket's `rcv_wup`, their FIN cleared), so the socket still gets
+    /// the acknowledgement they carry.
+    pub const HELD_AS_DUPLICATE: u32 = 8;
     /// Number of counters.
-    pub const COUNT: u32 = 8;
+    pub const COUNT: u32 = 9;
 }
 
 #[cfg(feature = "user")]
@@ -243,6 +256,6 @@ mod user {
     unsafe impl bytemuck::Pod for PacketEvent {}
 
     const _: () = assert!(size_of::<PacketKey>() == 36);
-    const _: () = assert!(size_of::<PacketEntry>() == 200);
+    const _: () = assert!(size_of::<PacketEntry>() == 208);
     const _: () = assert!(size_of::<PacketEvent>() == 16);
 }

@@ -20,7 +20,7 @@
 use core::mem::offset_of;
 
 use aya_ebpf::{
-    bindings::{BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC},
     helpers::{
         bpf_csum_diff, bpf_get_socket_cookie, bpf_l3_csum_replace, bpf_l4_csum_replace, bpf_loop,
         bpf_redirect_neigh, bpf_skb_load_bytes, bpf_skb_store_bytes,
@@ -49,6 +49,13 @@ const NO_PREALLOC: u32 = 1;
 /// kernel must not fold the pseudo-header change into a CHECKSUM_COMPLETE
 /// `skb->csum`. Missing from aya-ebpf 0.2.1's bindings.
 const BPF_F_IPV6: u64 = 1 << 7;
+
+/// What a program returns for a segment it leaves alone: `TC_ACT_UNSPEC`,
+/// which tcx runs the next program attached to the device on (`TCX_NEXT`)
+/// and treats as a pass when there is none. `TC_ACT_OK` would end the chain
+/// there: a second spliced (or any tcx program attached after this one)
+/// would never see the segment.
+const NEXT: i32 = TC_ACT_UNSPEC;
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
@@ -414,21 +421,21 @@ fn load_header(ctx: &TcContext, segment: &Segment, buf: &mut [u8; HEADER_BUF]) -
 #[classifier]
 pub fn packet_ingress(ctx: TcContext) -> i32 {
     let Some(segment) = parse(&ctx) else {
-        return TC_ACT_OK;
+        return NEXT;
     };
     let Some(entry) = PACKET_FLOWS.get_ptr_mut(segment.key) else {
-        return TC_ACT_OK;
+        return NEXT;
     };
     count(packet_stat::MATCHED);
     add(field!(entry, packets), 1);
     let Some(scratch) = PACKET_SCRATCH.get_ptr_mut(0) else {
-        return TC_ACT_OK;
+        return NEXT;
     };
     // SAFETY: a per-CPU value: only this program run, on this CPU, uses it.
     let scratch = unsafe { &mut *scratch };
     if load_header(&ctx, &segment, &mut scratch.old).is_none() {
         count(packet_stat::UNPARSED);
-        return TC_ACT_OK;
+        return NEXT;
     }
     let options = find_options(segment.header_len);
     match get!(entry, state) {
@@ -439,10 +446,14 @@ pub fn packet_ingress(ctx: TcContext) -> i32 {
                 add(field!(entry, held), 1);
                 fetch_or(field!(entry, flags), packet_flags::HELD);
                 count(packet_stat::HELD);
+                if as_duplicate(&ctx, &segment, entry).is_some() {
+                    count(packet_stat::HELD_AS_DUPLICATE);
+                    return NEXT;
+                }
                 return TC_ACT_SHOT;
             }
             note_passed(&segment, entry);
-            TC_ACT_OK
+            NEXT
         }
     }
 }
@@ -506,6 +517,50 @@ fn holds(segment: &Segment, entry: *mut PacketEntry) -> bool {
     after(end, get!(entry, hold_edge))
 }
 
+/// HOLD: turns a held segment into a duplicate of bytes the proxy socket has
+/// acknowledged already — sequence number moved so its payload ends at the
+/// last acknowledgement the socket sent (its `rcv_wup`), FIN cleared — so the
+/// socket drops the payload but still processes the ACK, window, SACK blocks
+/// and timestamp the segment carries. In a transfer both ways the peers' ACKs
+/// ride on their data segments; dropped whole, they would leave the proxy's
+/// send queues unacknowledged (the drain) until a retransmission timeout.
+/// The socket answers with a duplicate ACK (D-SACK), which also speeds the
+/// peer's retransmission of what was held.
+#[inline(always)]
+fn as_duplicate(ctx: &TcContext, segment: &Segment, entry: *mut PacketEntry) -> Option<()> {
+    if !segment.has_ack || get!(entry, flags) & packet_flags::PROXY_ACK_SEEN == 0 {
+        return None;
+    }
+    let skb = ctx.skb.skb.cast();
+    let check = segment.l4 + TCP_CHECK;
+    let old_seq = segment.seq.to_be();
+    let new_seq = get!(entry, proxy_ack)
+        .wrapping_sub(segment.payload_len)
+        .to_be();
+    // The 16-bit word with the data offset and the flags (FIN is its lowest bit).
+    let flags_at = segment.l4 + 12;
+    let old_word = ctx.load::<u16>(flags_at as usize).ok()?;
+    let new_word = (u16::from_be(old_word) & !1).to_be();
+    // SAFETY (both): the values are on this stack for the call.
+    // bpf_skb_store_bytes writes the new sequence number / flags word into the
+    // TCP header.
+    if unsafe { bpf_skb_store_bytes(skb, segment.l4 + 4, (&raw const new_seq).cast(), 4, 0) } != 0
+        || unsafe { bpf_skb_store_bytes(skb, flags_at, (&raw const new_word).cast(), 2, 0) } != 0
+    {
+        return None;
+    }
+    // SAFETY (both): bpf_l4_csum_replace updates the TCP checksum at `check`
+    // for a 4-byte (then 2-byte) field that changed from `from` to `to`; not
+    // pseudo-header fields, so a CHECKSUM_PARTIAL skb's field is left alone.
+    if unsafe { bpf_l4_csum_replace(skb, check, u64::from(old_seq), u64::from(new_seq), 4) } != 0
+        || unsafe { bpf_l4_csum_replace(skb, check, u64::from(old_word), u64::from(new_word), 2) }
+            != 0
+    {
+        return None;
+    }
+    Some(())
+}
+
 /// TRANSLATE: rewrites the segment into the other connection's and forwards it.
 #[inline(always)]
 fn translate(
@@ -517,8 +572,8 @@ fn translate(
 ) -> i32 {
     if segment.syn {
         // Not part of the translated connection (a new handshake reusing the
-        // tuple): leave it to the stack.
-        return TC_ACT_OK;
+        // tuple): leave it alone.
+        return NEXT;
     }
     if load_header(ctx, segment, &mut scratch.new).is_none() {
         count(packet_stat::REWRITE_FAILED);
@@ -582,6 +637,8 @@ fn translate(
         }
         return action;
     }
+    // The stack takes the rewritten segment as if it had arrived so: on lo,
+    // delivered to the other local endpoint's socket.
     TC_ACT_OK
 }
 
@@ -776,26 +833,38 @@ fn report(entry: *mut PacketEntry, kind: PacketEventKind, flags: u32) {
 #[classifier]
 pub fn packet_egress(ctx: TcContext) -> i32 {
     let Some(segment) = parse(&ctx) else {
-        return TC_ACT_OK;
+        return NEXT;
     };
     let Some(entry) = PACKET_FLOWS.get_ptr_mut(segment.key.reversed()) else {
-        return TC_ACT_OK;
+        return NEXT;
     };
     if get!(entry, state) == packet_state::TRANSLATE {
         // SAFETY: the context is the program's valid __sk_buff.
-        // bpf_get_socket_cookie returns the cookie of the skb's socket, 0 when
-        // it has none: a segment translated at ingress and redirected here has
-        // none, one the proxy's own (repair-mode) socket sent has it.
-        if unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) } != 0 {
+        // bpf_get_socket_cookie returns the cookie of the skb's socket (0 when
+        // it has none). A segment translated at ingress and redirected here
+        // carries the sending endpoint's socket or none (veth does not
+        // orphan skbs); only one from the proxy's own socket is dropped.
+        if unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) } == get!(entry, socket_cookie) {
             add(field!(entry, silenced), 1);
             count(packet_stat::SILENCED);
             return TC_ACT_SHOT;
         }
-        return TC_ACT_OK;
+        return NEXT;
     }
     // SAFETY: the context is the program's valid __sk_buff.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     set!(entry, out_seen_ifindex, ifindex);
+    if segment.has_ack {
+        let flags = get!(entry, flags);
+        if flags & packet_flags::PROXY_ACK_SEEN == 0 || after(segment.ack, get!(entry, proxy_ack)) {
+            set!(entry, proxy_ack, segment.ack);
+        }
+        fetch_or(
+            field!(entry, flags),
+            packet_flags::PROXY_ACK_SEEN | packet_flags::SEEN_EGRESS,
+        );
+        return NEXT;
+    }
     fetch_or(field!(entry, flags), packet_flags::SEEN_EGRESS);
-    TC_ACT_OK
+    NEXT
 }

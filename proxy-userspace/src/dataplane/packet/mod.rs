@@ -85,7 +85,7 @@ impl DataPlane for PacketDataPlane {
         let shared = &self.shared;
         let stat = |index| shared.kernel.stat(index);
         format!(
-            "promoted={} not_promoted={} lingering={} packet_entries={} matched={} translated={} held={} silenced={} rewrite_failed={} redirect_failed={} unparsed={} packet_events_lost={}",
+            "promoted={} not_promoted={} lingering={} packet_entries={} matched={} translated={} held={} held_as_duplicate={} silenced={} rewrite_failed={} redirect_failed={} unparsed={} packet_events_lost={}",
             shared.promoted.load(Ordering::Relaxed),
             shared.not_promoted.load(Ordering::Relaxed),
             shared.lingering.load(Ordering::Relaxed),
@@ -93,6 +93,7 @@ impl DataPlane for PacketDataPlane {
             stat(packet_stat::MATCHED),
             stat(packet_stat::TRANSLATED),
             stat(packet_stat::HELD),
+            stat(packet_stat::HELD_AS_DUPLICATE),
             stat(packet_stat::SILENCED),
             stat(packet_stat::REWRITE_FAILED),
             stat(packet_stat::REDIRECT_FAILED),

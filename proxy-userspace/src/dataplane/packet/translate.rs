@@ -178,10 +178,17 @@ pub fn directions(cut: &Cut) -> [Direction; 2] {
     ]
 }
 
-/// A new MONITOR entry for `key`'s segments.
-pub fn monitor_entry(flow_id: u64, peer_key: PacketKey, ipv6: bool) -> PacketEntry {
+/// A new MONITOR entry for the segments arriving at the proxy socket whose
+/// cookie is `socket_cookie`.
+pub fn monitor_entry(
+    flow_id: u64,
+    socket_cookie: u64,
+    peer_key: PacketKey,
+    ipv6: bool,
+) -> PacketEntry {
     PacketEntry {
         flow_id,
+        socket_cookie,
         state: packet_state::MONITOR,
         config: if ipv6 { packet_config::IPV6 } else { 0 },
         peer_key,

@@ -3,6 +3,7 @@
 
 use std::{
     net::SocketAddr,
+    os::fd::AsFd,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
@@ -67,12 +68,14 @@ impl Registration {
             flow_id,
         };
         let ipv6 = !translate::is_ipv4(&addrs.client_peer);
-        shared
-            .kernel
-            .insert(&keys[0], translate::monitor_entry(flow_id, keys[1], ipv6))?;
-        shared
-            .kernel
-            .insert(&keys[1], translate::monitor_entry(flow_id, keys[0], ipv6))?;
+        shared.kernel.insert(
+            &keys[0],
+            translate::monitor_entry(flow_id, addrs.cookies[0], keys[1], ipv6),
+        )?;
+        shared.kernel.insert(
+            &keys[1],
+            translate::monitor_entry(flow_id, addrs.cookies[1], keys[0], ipv6),
+        )?;
         Ok((registration, events))
     }
 
@@ -96,8 +99,9 @@ impl Drop for Registration {
     }
 }
 
-/// The four addresses of a tunnel.
+/// The four addresses of a tunnel and its two sockets' cookies.
 struct Addrs {
+    cookies: [u64; 2],
     client_local: SocketAddr,
     client_peer: SocketAddr,
     upstream_local: SocketAddr,
@@ -106,6 +110,10 @@ struct Addrs {
 
 fn addrs(client: &TcpStream, upstream: &TcpStream) -> std::io::Result<Addrs> {
     Ok(Addrs {
+        cookies: [
+            crate::sockopt::cookie(client.as_fd())?,
+            crate::sockopt::cookie(upstream.as_fd())?,
+        ],
         client_local: client.local_addr()?,
         client_peer: client.peer_addr()?,
         upstream_local: upstream.local_addr()?,
