@@ -47,6 +47,24 @@ enum Net {
     Veth,
 }
 
+/// spliced's arguments: the packet plane, JSON access log.
+fn proxy_args(promote_after: u64, upstream_port: u16, listen: SocketAddr) -> Vec<String> {
+    [
+        "--dataplane",
+        "packet",
+        "--promote-after",
+        &promote_after.to_string(),
+        "--connect-ports",
+        &upstream_port.to_string(),
+        "--listen",
+        &listen.to_string(),
+        "--log-format",
+        "json",
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
 /// A proxy on the packet plane, an upstream, and where clients run.
 /// Fields drop in order: the proxy goes before its namespace.
 struct Setup {
@@ -63,80 +81,64 @@ struct Setup {
 
 impl Setup {
     fn start(net: Net, ipv6: bool, promote_after: u64) -> Self {
-        Self::start_with(net, ipv6, promote_after, None)
+        match net {
+            Net::Loopback => Self::local(ipv6, promote_after),
+            Net::Veth => Self::on(Topology::with_prefix(PREFIX), ipv6, promote_after),
+        }
     }
 
-    /// `listen` overrides the proxy's listening address (loopback only).
-    fn start_with(net: Net, ipv6: bool, promote_after: u64, listen: Option<&str>) -> Self {
-        let promote = promote_after.to_string();
-        let args = |listen: &str, port: &str| -> Vec<String> {
-            [
-                "--dataplane",
-                "packet",
-                "--promote-after",
-                &promote,
-                "--connect-ports",
-                port,
-                "--listen",
-                listen,
-                "--log-format",
-                "json",
-            ]
-            .map(str::to_owned)
-            .to_vec()
+    /// Proxy, upstream and clients on the `lo` of one new namespace.
+    fn local(ipv6: bool, promote_after: u64) -> Self {
+        let ns = Netns::with_prefix(PREFIX);
+        let ip: IpAddr = if ipv6 {
+            Ipv6Addr::LOCALHOST.into()
+        } else {
+            Ipv4Addr::LOCALHOST.into()
         };
-        match net {
-            Net::Loopback => {
-                let ns = Netns::with_prefix(PREFIX);
-                let ip: IpAddr = if ipv6 {
-                    Ipv6Addr::LOCALHOST.into()
-                } else {
-                    Ipv4Addr::LOCALHOST.into()
-                };
-                let upstream = Upstream::start_in(&ns, SocketAddr::new(ip, 0));
-                let port = upstream.addr.port().to_string();
-                let listen =
-                    listen.map_or_else(|| SocketAddr::new(ip, 3128).to_string(), str::to_owned);
-                let args = args(&listen, &port);
-                let args: Vec<&str> = args.iter().map(String::as_str).collect();
-                let proxy = Proxy::start_in(&ns, &args);
-                Self {
-                    net,
-                    client_ns: ns,
-                    others: Vec::new(),
-                    target: upstream.addr.to_string(),
-                    upstream,
-                    proxy,
-                }
-            }
-            Net::Veth => {
-                let topology = Topology::with_prefix(PREFIX);
-                let (listen_ip, server_ip): (IpAddr, IpAddr) = if ipv6 {
-                    topology.add_ipv6();
-                    (Topology::PROXY_IP6.into(), Topology::SERVER_IP6.into())
-                } else {
-                    (Topology::PROXY_IP.into(), Topology::SERVER_IP.into())
-                };
-                let upstream =
-                    Upstream::start_in(&topology.server, SocketAddr::new(server_ip, 8443));
-                let args = args(&SocketAddr::new(listen_ip, 3128).to_string(), "8443");
-                let args: Vec<&str> = args.iter().map(String::as_str).collect();
-                let proxy = Proxy::start_in(&topology.proxy, &args);
-                let Topology {
-                    client,
-                    proxy: proxy_ns,
-                    server,
-                    ..
-                } = topology;
-                Self {
-                    net,
-                    client_ns: client,
-                    others: vec![proxy_ns, server],
-                    target: upstream.addr.to_string(),
-                    upstream,
-                    proxy,
-                }
-            }
+        let upstream = Upstream::start_in(&ns, SocketAddr::new(ip, 0));
+        let args = proxy_args(
+            promote_after,
+            upstream.addr.port(),
+            SocketAddr::new(ip, 3128),
+        );
+        let proxy = Proxy::start_in(&ns, &args.iter().map(String::as_str).collect::<Vec<_>>());
+        Self {
+            net: Net::Loopback,
+            client_ns: ns,
+            others: Vec::new(),
+            target: upstream.addr.to_string(),
+            upstream,
+            proxy,
+        }
+    }
+
+    /// The proxy and the upstream on `topology`.
+    fn on(topology: Topology, ipv6: bool, promote_after: u64) -> Self {
+        let (listen_ip, server_ip): (IpAddr, IpAddr) = if ipv6 {
+            topology.add_ipv6();
+            (Topology::PROXY_IP6.into(), Topology::SERVER_IP6.into())
+        } else {
+            (Topology::PROXY_IP.into(), Topology::SERVER_IP.into())
+        };
+        let upstream = Upstream::start_in(&topology.server, SocketAddr::new(server_ip, 8443));
+        let args = proxy_args(promote_after, 8443, SocketAddr::new(listen_ip, 3128));
+        let proxy = Proxy::start_in(
+            &topology.proxy,
+            &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        );
+        let Topology {
+            client,
+            proxy: proxy_ns,
+            server,
+            ..
+        } = topology;
+        Self {
+            net: Net::Veth,
+            client_ns: client,
+            others: vec![proxy_ns, server],
+            target: upstream.addr.to_string(),
+            upstream,
+            proxy,
         }
     }
 
@@ -438,6 +440,88 @@ fn reset_from_either_side(net: Net, ipv6: bool) {
     let records = setup.proxy.wait_json_records(3);
     setup.assert_promoted(&records[2]);
     setup.assert_no_rejections();
+}
+
+/// Turns transmit checksum offload off on `dev` in `ns` (`ethtool -K dev tx
+/// off`, which also turns off TSO): the device's sender then checksums every
+/// segment in software and the skb crosses veth as CHECKSUM_NONE, so the
+/// receiver verifies the checksum. (Loopback and veth skbs are otherwise
+/// CHECKSUM_PARTIAL, whose checksums no receiver checks.)
+fn disable_tx_checksum(ns: &Netns, dev: &str) {
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    const ETHTOOL_STXCSUM: u32 = 0x17;
+    #[repr(C)]
+    struct EthtoolValue {
+        cmd: u32,
+        data: u32,
+    }
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; libc::IFNAMSIZ],
+        data: *mut EthtoolValue,
+        _pad: [u8; 16],
+    }
+    let dev = dev.to_owned();
+    ns.enter(move || {
+        let socket = std::net::UdpSocket::bind("0.0.0.0:0").expect("ioctl socket");
+        let mut value = EthtoolValue {
+            cmd: ETHTOOL_STXCSUM,
+            data: 0,
+        };
+        let mut request = IfReq {
+            name: [0; libc::IFNAMSIZ],
+            data: &mut value,
+            _pad: [0; 16],
+        };
+        request.name[..dev.len()].copy_from_slice(dev.as_bytes());
+        // SAFETY: SIOCETHTOOL reads the ifreq and the ethtool_value it points
+        // to, both alive for the call.
+        let rc = unsafe {
+            libc::ioctl(
+                std::os::fd::AsRawFd::as_raw_fd(&socket),
+                SIOCETHTOOL,
+                &mut request,
+            )
+        };
+        assert_eq!(
+            rc,
+            0,
+            "ETHTOOL_STXCSUM on {dev}: {}",
+            std::io::Error::last_os_error()
+        );
+    });
+}
+
+/// Across veth with the endpoints checksumming in software: every translated
+/// segment is CHECKSUM_NONE at the proxy, so its checksums must come out of
+/// the rewrite exactly right or the receiver drops it (TcpInCsumErrors).
+fn checksums_verified_by_the_receivers(ipv6: bool) {
+    let topology = Topology::with_prefix(PREFIX);
+    disable_tx_checksum(&topology.client, &topology.client_link.0);
+    disable_tx_checksum(&topology.server, &topology.server_link.1);
+    let setup = Setup::on(topology, ipv6, 0);
+    let headers = [
+        header(1000, 2000, 71, Mode::Concurrent),
+        header(8 * MIB, 8 * MIB + 5, 73, Mode::Concurrent),
+    ];
+    for h in headers {
+        let (client, server) = setup.exchange(h, SETTLE);
+        setup.assert_exact(h, &client, &server);
+    }
+    setup.assert_logged(&headers);
+    setup.assert_no_rejections();
+    let stats = setup.proxy.stats();
+    assert!(stats["translated"] > 1000, "{stats:?}");
+}
+
+#[test]
+fn checksums_verified_by_the_receivers_ipv4() {
+    checksums_verified_by_the_receivers(false);
+}
+
+#[test]
+fn checksums_verified_by_the_receivers_ipv6() {
+    checksums_verified_by_the_receivers(true);
 }
 
 macro_rules! on_every_path {

@@ -235,6 +235,11 @@ impl Promotion<'_> {
     /// The cut: no await from the first repair-mode switch to TRANSLATE.
     fn cut(&self, infos: [ConnInfo; 2], devices: (u32, u32)) -> Result<[Direction; 2], CutError> {
         for conn in self.conns() {
+            // A socket in repair mode still runs its timers: keepalive off
+            // (spliced never turns it on; this makes sure), and a delayed ACK
+            // sent now rather than from repair mode.
+            let socket = socket2::SockRef::from(conn.socket);
+            let _ = socket.set_keepalive(false);
             sockets::quickack(conn.socket.as_fd()).map_err(|err| {
                 CutError::Abort(format!("TCP_QUICKACK on the {} socket: {err}", conn.name))
             })?;

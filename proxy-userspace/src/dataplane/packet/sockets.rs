@@ -30,8 +30,14 @@ fn set_int(
     setsockopt(fd, level, name, &value.to_ne_bytes())
 }
 
-/// Puts the socket in repair mode: from here on TCP sends nothing of its own
-/// accord on it, and closing it sends neither FIN nor RST.
+/// Puts the socket in repair mode. Measured on 6.18: `send` fails (EINVAL),
+/// `recv` too unless `MSG_PEEK` (EPERM), and closing sends neither FIN nor
+/// RST (the peer learns nothing; its next segment gets a RST from this host).
+/// But it is not silent by itself: it still processes incoming segments and
+/// ACKs them, and its retransmission and loss-probe timers still fire and
+/// send. A promoted tunnel's sockets stay quiet because nothing reaches them
+/// once the tc program translates, their send queues were acknowledged before
+/// the cut, and the egress program drops whatever they send anyway.
 pub fn repair_on(fd: BorrowedFd<'_>) -> io::Result<()> {
     set_int(fd, libc::IPPROTO_TCP, TCP_REPAIR, TCP_REPAIR_ON)
 }
