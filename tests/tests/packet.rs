@@ -89,6 +89,11 @@ impl Setup {
 
     /// Proxy, upstream and clients on the `lo` of one new namespace.
     fn local(ipv6: bool, promote_after: u64) -> Self {
+        Self::local_with(ipv6, promote_after, &[])
+    }
+
+    /// [`Setup::local`] with more arguments for spliced.
+    fn local_with(ipv6: bool, promote_after: u64, extra: &[&str]) -> Self {
         let ns = Netns::with_prefix(PREFIX);
         let ip: IpAddr = if ipv6 {
             Ipv6Addr::LOCALHOST.into()
@@ -96,11 +101,12 @@ impl Setup {
             Ipv4Addr::LOCALHOST.into()
         };
         let upstream = Upstream::start_in(&ns, SocketAddr::new(ip, 0));
-        let args = proxy_args(
+        let mut args = proxy_args(
             promote_after,
             upstream.addr.port(),
             SocketAddr::new(ip, 3128),
         );
+        args.extend(extra.iter().map(|arg| (*arg).to_owned()));
         let proxy = Proxy::start_in(&ns, &args.iter().map(String::as_str).collect::<Vec<_>>());
         Self {
             net: Net::Loopback,
@@ -539,3 +545,47 @@ on_every_path!(
     half_close_each_way,
     reset_from_either_side,
 );
+
+/// A promoted tunnel that moves nothing ends at `--read-timeout` like any
+/// other: its entries and repair-mode sockets go, and the client learns it on
+/// its next send (a RST from the proxy host, which no longer has the socket).
+#[test]
+fn idle_timeout_of_a_promoted_tunnel() {
+    let setup = Setup::local_with(false, 0, &["--read-timeout", "1"]);
+    let mut stream = setup.tunnel();
+    let records = setup.proxy.wait_json_records(1);
+    setup.assert_promoted(&records[0]);
+    assert_eq!(records[0]["end"], "idle_timeout", "{}", records[0]);
+    let stats = setup.proxy.stats();
+    assert_eq!(stats["packet_entries"], 0, "{stats:?}");
+    let sent = stream.write_all(b"anyone?");
+    let mut buf = [0u8; 16];
+    let read = stream.read(&mut buf);
+    assert!(
+        sent.is_err() || read.is_err(),
+        "the client of a timed-out tunnel could write ({sent:?}) and read ({read:?})"
+    );
+}
+
+/// After a closed tunnel's linger its two entries are gone: the map does not
+/// grow with the tunnels a proxy has run.
+#[test]
+fn entries_go_after_the_linger() {
+    let setup = Setup::local(false, 0);
+    let headers = [
+        header(1000, 1000, 81, Mode::Concurrent),
+        header(MIB, MIB, 83, Mode::AnswerAfterEof),
+    ];
+    for h in headers {
+        let (client, server) = setup.exchange(h, SETTLE);
+        setup.assert_exact(h, &client, &server);
+    }
+    setup.assert_logged(&headers);
+    let stats = setup.proxy.stats();
+    assert_eq!(stats["promoted"], 2, "{stats:?}");
+    assert!(spliced_tests::wait_until(Duration::from_secs(10), || {
+        setup.proxy.stats()["packet_entries"] == 0
+    }));
+    let stats = setup.proxy.stats();
+    assert_eq!(stats["lingering"], 0, "{stats:?}");
+}

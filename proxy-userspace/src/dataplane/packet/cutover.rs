@@ -42,6 +42,11 @@ pub const HOLD_DEADLINE: Duration = Duration::from_secs(2);
 const SIGHTING_WAIT: Duration = Duration::from_millis(200);
 /// Poll interval while waiting for sightings or a drain.
 const POLL: Duration = Duration::from_millis(1);
+/// How long a drain waits for an ACK before it asks for one (a window probe).
+const PROBE_AFTER: Duration = Duration::from_millis(3);
+/// A peer answers one out-of-window segment per this long (the default
+/// `net.ipv4.tcp_invalid_ratelimit`).
+const PROBE_AGAIN: Duration = Duration::from_millis(500);
 
 /// One side of a tunnel being promoted.
 pub struct Conn<'a> {
@@ -106,12 +111,17 @@ impl Promotion<'_> {
     pub async fn run(&self) -> Result<Promoted, NotPromoted> {
         self.threshold.reached().await;
         let mut infos = self.infos()?;
-        // Each socket's rcv_nxt and its peer's MSS, read in repair mode;
-        // leaving it sends a window probe, which the peer answers: a segment
-        // each way for the program to see (device, no NAT, the peer's TSval).
+        // Each socket's rcv_nxt and its peer's MSS, read in repair mode. If
+        // the program has not seen the connection both ways yet, leaving
+        // repair mode sends a window probe, which the peer answers: a segment
+        // each way (device, no NAT, the peer's TSval).
         let mut rcv_nxt = [0; 2];
-        for ((next, info), conn) in rcv_nxt.iter_mut().zip(&mut infos).zip(self.conns()) {
-            (*next, info.peer_mss) = peek(conn.socket).map_err(|err| {
+        let mut probed = [None; 2];
+        let entries = self.entries()?;
+        for (index, conn) in self.conns().into_iter().enumerate() {
+            let probe = !sighted(&entries[index]);
+            probed[index] = probe.then(Instant::now);
+            (rcv_nxt[index], infos[index].peer_mss) = peek(conn.socket, probe).map_err(|err| {
                 NotPromoted(format!(
                     "reading the {} socket in repair mode: {err}",
                     conn.name
@@ -160,7 +170,11 @@ impl Promotion<'_> {
                 .conns()
                 .iter()
                 .all(|conn| !conn.busy.load(Ordering::Relaxed));
-            if idle && self.quiet() {
+            let quiet = self.quiet();
+            if idle && !quiet {
+                self.ask_for_acks(held_at, &mut probed);
+            }
+            if idle && quiet {
                 match self.cut(infos, devices) {
                     Ok(directions) => {
                         return Ok(Promoted {
@@ -200,6 +214,30 @@ impl Promotion<'_> {
             peer: conn.peer,
             info: infos[index],
             entry: entries[index],
+        }
+    }
+
+    /// During the drain: a socket whose receive side is quiet but whose send
+    /// queue waits for an ACK gets a window probe, which its peer answers at
+    /// once, instead of waiting for the peer's delayed ACK (up to 40 ms
+    /// measured). The peer rate-limits answers to out-of-window segments (one
+    /// per `tcp_invalid_ratelimit`, 500 ms), so each socket is probed at most
+    /// once per that time, and not within [`PROBE_AFTER`] of the hold.
+    fn ask_for_acks(&self, held_at: Instant, probed: &mut [Option<Instant>; 2]) {
+        for (index, conn) in self.conns().into_iter().enumerate() {
+            let fd = conn.socket.as_fd();
+            let waits_for_ack = sockets::recv_queue_len(fd).is_ok_and(|n| n == 0)
+                && sockets::receive_memory(fd).is_ok_and(|n| n == 0)
+                && crate::sockopt::send_queue_len(fd).is_ok_and(|n| n > 0);
+            let due = probed[index].is_none_or(|at| at.elapsed() >= PROBE_AGAIN);
+            if waits_for_ack && due && held_at.elapsed() >= PROBE_AFTER {
+                probed[index] = Some(Instant::now());
+                if let Err(err) =
+                    sockets::repair_on(fd).and_then(|()| sockets::repair_off(fd, true))
+                {
+                    log::debug!("packet: probing the {} socket: {err}", conn.name);
+                }
+            }
         }
     }
 
@@ -352,13 +390,14 @@ enum CutError {
 }
 
 /// Reads the socket's `rcv_nxt` and its peer's MSS in repair mode, then
-/// leaves it with a window probe (`TCP_REPAIR_OFF` sends one: an ACK with
-/// sequence number `snd_una - 1`, which the peer answers with an ACK).
-fn peek(socket: &TcpStream) -> std::io::Result<(u32, u32)> {
+/// leaves it, with `probe` sending a window probe (`TCP_REPAIR_OFF` sends
+/// one: an ACK with sequence number `snd_una - 1`, which the peer answers
+/// with an ACK).
+fn peek(socket: &TcpStream, probe: bool) -> std::io::Result<(u32, u32)> {
     sockets::repair_on(socket.as_fd())?;
     let read = sockets::queue_seqs(socket.as_fd())
         .and_then(|seqs| Ok((seqs.recv, sockets::peer_mss(socket.as_fd())?)));
-    sockets::repair_off(socket.as_fd(), true)?;
+    sockets::repair_off(socket.as_fd(), probe)?;
     read
 }
 
