@@ -152,6 +152,12 @@ pub mod packet_state {
 pub mod packet_config {
     /// The connection is IPv6 on the wire (else IPv4).
     pub const IPV6: u32 = 1;
+    /// The proxy socket is in (or entering) repair mode: at egress its
+    /// segments are dropped, as in TRANSLATE. Set for the few microseconds
+    /// between the two sockets entering repair mode and TRANSLATE, so
+    /// neither answers (with its own, older TSval) a segment the first
+    /// translated entry provoked.
+    pub const SILENT: u32 = 2;
 }
 
 /// Values of [`PacketEntry::forward`].

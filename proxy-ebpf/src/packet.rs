@@ -35,8 +35,8 @@ use network_types::{
     tcp::TcpHdr,
 };
 use proxy_common::{
-    packet_flags, packet_forward, packet_stat, packet_state, PacketEntry, PacketEvent,
-    PacketEventKind, PacketKey, V4_MAPPED_PREFIX,
+    packet_config, packet_flags, packet_forward, packet_stat, packet_state, PacketEntry,
+    PacketEvent, PacketEventKind, PacketKey, V4_MAPPED_PREFIX,
 };
 
 /// Upper bound on entries (two per promoted or registered tunnel).
@@ -838,7 +838,9 @@ pub fn packet_egress(ctx: TcContext) -> i32 {
     let Some(entry) = PACKET_FLOWS.get_ptr_mut(segment.key.reversed()) else {
         return NEXT;
     };
-    if get!(entry, state) == packet_state::TRANSLATE {
+    if get!(entry, state) == packet_state::TRANSLATE
+        || get!(entry, config) & packet_config::SILENT != 0
+    {
         // SAFETY: the context is the program's valid __sk_buff.
         // bpf_get_socket_cookie returns the cookie of the skb's socket (0 when
         // it has none). A segment translated at ingress and redirected here

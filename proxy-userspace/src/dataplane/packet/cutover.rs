@@ -217,6 +217,17 @@ impl Promotion<'_> {
         }
     }
 
+    /// Turns the egress drop of both proxy sockets' segments on or off.
+    fn silence(&self, on: bool) -> anyhow::Result<()> {
+        for conn in self.conns() {
+            if let Some(entry) = self.kernel.get(&conn.key) {
+                self.kernel
+                    .insert(&conn.key, translate::silent(&entry, on))?;
+            }
+        }
+        Ok(())
+    }
+
     /// During the drain: a socket whose receive side is quiet but whose send
     /// queue waits for an ACK gets a window probe, which its peer answers at
     /// once, instead of waiting for the peer's delayed ACK (up to 40 ms
@@ -282,10 +293,16 @@ impl Promotion<'_> {
                 CutError::Abort(format!("TCP_QUICKACK on the {} socket: {err}", conn.name))
             })?;
         }
+        // From here until TRANSLATE the proxy sockets say nothing: anything
+        // they send now would carry an older TSval than the translated
+        // segments the peers are about to get.
+        self.silence(true)
+            .map_err(|err| CutError::Abort(format!("silencing the proxy sockets: {err:#}")))?;
         let mut repaired = Vec::with_capacity(2);
         for conn in self.conns() {
             if let Err(err) = sockets::repair_on(conn.socket.as_fd()) {
                 leave_repair(&repaired);
+                let _ = self.silence(false);
                 return Err(CutError::Abort(format!(
                     "TCP_REPAIR on the {} socket: {err}",
                     conn.name
@@ -297,6 +314,7 @@ impl Promotion<'_> {
         // repair mode (a retransmission below the hold edge).
         if !self.quiet() || !self.conns().iter().all(|conn| established(conn.socket)) {
             leave_repair(&repaired);
+            let _ = self.silence(false);
             return Err(CutError::Retry(
                 "a socket was not quiet in repair mode".into(),
             ));

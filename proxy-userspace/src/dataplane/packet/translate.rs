@@ -221,8 +221,20 @@ pub fn monitor(current: &PacketEntry) -> PacketEntry {
     PacketEntry {
         state: packet_state::MONITOR,
         hold_edge: 0,
+        config: current.config & !packet_config::SILENT,
         ..*current
     }
+}
+
+/// `current` with its proxy socket's segments dropped at egress (`on`) or
+/// not.
+pub fn silent(current: &PacketEntry, on: bool) -> PacketEntry {
+    let config = if on {
+        current.config | packet_config::SILENT
+    } else {
+        current.config & !packet_config::SILENT
+    };
+    PacketEntry { config, ..*current }
 }
 
 /// `current` (as last read) translating as `direction` says.
@@ -464,5 +476,13 @@ mod tests {
         assert_eq!(entry.new_sport, 41000u16.to_be_bytes());
         assert_eq!(entry.new_daddr, mapped("127.0.0.1".parse().unwrap()));
         assert_eq!(monitor(&entry).state, packet_state::MONITOR);
+        let silenced = silent(&hold(&current, 7), true);
+        assert_eq!(
+            silenced.config & packet_config::SILENT,
+            packet_config::SILENT
+        );
+        assert_eq!(silenced.state, packet_state::HOLD);
+        assert_eq!(monitor(&silenced).config & packet_config::SILENT, 0);
+        assert_eq!(silent(&silenced, false).config, current.config);
     }
 }
