@@ -589,3 +589,134 @@ fn entries_go_after_the_linger() {
     let stats = setup.proxy.stats();
     assert_eq!(stats["lingering"], 0, "{stats:?}");
 }
+
+/// Eight tunnels of different sizes at once, each promoted before its first
+/// byte: the entries, the events and the counts do not mix tunnels up.
+fn concurrent_tunnels(net: Net) {
+    let setup = Setup::start(net, false, 0);
+    let sizes = [0, 1, 7, 1000, 65_536 + 3, MIB, 3 * MIB + 5, 16 * MIB];
+    let headers: Vec<Header> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &size)| {
+            header(
+                size,
+                sizes[sizes.len() - 1 - i],
+                100 + i as u64 * 2,
+                Mode::Concurrent,
+            )
+        })
+        .collect();
+    let threads: Vec<_> = headers
+        .iter()
+        .map(|&h| {
+            let (proxy, target) = (setup.proxy.addr, setup.target.clone());
+            let path = format!("/var/run/netns/{}", setup.client_ns.name);
+            std::thread::spawn(move || {
+                let file = std::fs::File::open(&path).expect("open netns");
+                // SAFETY: setns on this thread only, with a valid namespace fd.
+                let rc = unsafe {
+                    libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET)
+                };
+                assert_eq!(rc, 0, "setns");
+                let stream = open_tunnel(proxy, &target);
+                std::thread::sleep(SETTLE);
+                exchange(stream, h, false)
+            })
+        })
+        .collect();
+    let clients: Vec<ClientResult> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let mut servers: Vec<ServerResult> = (0..headers.len())
+        .map(|_| setup.upstream.result())
+        .collect();
+    servers.sort_by_key(|s| s.seed);
+    for ((h, client), server) in headers.iter().zip(&clients).zip(&servers) {
+        setup.assert_exact(*h, client, server);
+    }
+    setup.assert_logged(&headers);
+    setup.assert_no_rejections();
+}
+
+#[test]
+fn concurrent_tunnels_on_loopback() {
+    concurrent_tunnels(Net::Loopback);
+}
+
+#[test]
+fn concurrent_tunnels_across_veth() {
+    concurrent_tunnels(Net::Veth);
+}
+
+/// A tunnel that does not qualify (the client has TCP timestamps off) is not
+/// promoted: the log says why, and the splice pump carries it to the end.
+#[test]
+fn a_refused_tunnel_stays_on_the_pump() {
+    let topology = Topology::with_prefix(PREFIX);
+    let status = topology
+        .client
+        .command("sysctl")
+        .args(["-qw", "net.ipv4.tcp_timestamps=0"])
+        .status()
+        .expect("sysctl");
+    assert!(status.success());
+    let setup = Setup::on(topology, false, 0);
+    let h = header(MIB, 2 * MIB, 91, Mode::Concurrent);
+    let (client, server) = setup.exchange(h, SETTLE);
+    setup.assert_exact(h, &client, &server);
+    let records = setup.proxy.wait_json_records(1);
+    assert_eq!(records[0]["dataplane"], "splice", "{}", records[0]);
+    assert!(
+        records[0].get("bytes_before_promotion").is_none(),
+        "{}",
+        records[0]
+    );
+    assert_eq!(
+        (
+            records[0]["bytes_from_client"].as_u64(),
+            records[0]["bytes_to_client"].as_u64()
+        ),
+        (Some(32 + h.up), Some(39 + h.down))
+    );
+    assert!(
+        setup
+            .proxy
+            .stderr()
+            .contains("not promoted: no TCP timestamps on the client connection"),
+        "{}",
+        setup.proxy.stderr()
+    );
+}
+
+/// A hold that cannot drain (the client reads nothing, so the proxy's data
+/// toward it is never acknowledged) is released at its deadline: the peers
+/// retransmit what was held, the pump goes on, and every byte arrives.
+#[test]
+fn a_hold_that_does_not_drain_is_released() {
+    let setup = Setup::local(false, 64 * 1024);
+    let h = header(MIB, 64 * MIB, 95, Mode::ServerFirst);
+    let (proxy, target) = (setup.proxy.addr, setup.target.clone());
+    let client = setup.client_ns.enter(move || {
+        let mut stream = open_tunnel(proxy, &target);
+        stream.write_all(&h.encode()).unwrap();
+        // Past the hold deadline (2 s) before the first read.
+        std::thread::sleep(Duration::from_secs(3));
+        let received = spliced_tests::pattern::receive_checked(&mut stream, h.seed + 1);
+        spliced_tests::pattern::send(&mut stream, h.seed, h.up).unwrap();
+        stream.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut rest = Vec::new();
+        let _ = stream.read_to_end(&mut rest);
+        ClientResult { received }
+    });
+    let server = setup.upstream.result();
+    setup.assert_exact(h, &client, &server);
+    let records = setup.proxy.wait_json_records(1);
+    assert_eq!(records[0]["dataplane"], "splice", "{}", records[0]);
+    assert!(
+        setup.proxy.stderr().contains("did not drain within"),
+        "{}",
+        setup.proxy.stderr()
+    );
+    let stats = setup.proxy.stats();
+    assert!(stats["held"] > 0, "{stats:?}");
+    setup.assert_no_rejections();
+}
