@@ -165,6 +165,7 @@ fn add(counter: *mut u64, value: u64) {
 
 #[inline(always)]
 fn count(index: u32) {
+    // bpf_map_lookup_elem on an array: a pointer to element `index`.
     if let Some(counter) = PACKET_STATS.get_ptr_mut(index) {
         add(counter, 1);
     }
@@ -203,6 +204,10 @@ struct Segment {
 /// every value the wire can carry: loading a header that holds one is undefined
 /// behaviour for an unknown value. Those two fields (and the other IP fields)
 /// are therefore read as plain integers at their offsets.
+///
+/// Every `ctx.load` is a bpf_skb_load_bytes: the kernel copies that many bytes
+/// at that offset out of the skb (linear or not) onto the stack, or fails if
+/// the skb is shorter.
 #[inline(always)]
 fn parse(ctx: &TcContext) -> Option<Segment> {
     let ether_type = u16::from_be(ctx.load::<u16>(offset_of!(EthHdr, ether_type)).ok()?);
@@ -364,6 +369,7 @@ extern "C" fn option_step(_index: u64, context: *mut core::ffi::c_void) -> i64 {
     // SAFETY: bpf_loop passes back the pointer `find_options` gave it: a live,
     // exclusively used OptionWalk.
     let walk = unsafe { &mut *context.cast::<OptionWalk>() };
+    // bpf_map_lookup_elem on a per-CPU array: this CPU's copy of element 0.
     let Some(scratch) = PACKET_SCRATCH.get_ptr_mut(0) else {
         return 1;
     };
@@ -423,11 +429,15 @@ pub fn packet_ingress(ctx: TcContext) -> i32 {
     let Some(segment) = parse(&ctx) else {
         return NEXT;
     };
+    // bpf_map_lookup_elem: a hash lookup of the 4-tuple; a pointer into the
+    // element, which stays valid (RCU) for this run even if user space
+    // replaces it meanwhile.
     let Some(entry) = PACKET_FLOWS.get_ptr_mut(segment.key) else {
         return NEXT;
     };
     count(packet_stat::MATCHED);
     add(field!(entry, packets), 1);
+    // bpf_map_lookup_elem on a per-CPU array: this CPU's copy of element 0.
     let Some(scratch) = PACKET_SCRATCH.get_ptr_mut(0) else {
         return NEXT;
     };
@@ -468,6 +478,7 @@ fn observe(
     options: Options,
 ) {
     // SAFETY: the context is the program's valid __sk_buff.
+    // (A context field read, rewritten by the verifier into skb->dev->ifindex.)
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     set!(entry, in_ifindex, ifindex);
     let flags = get!(entry, flags);
@@ -537,25 +548,28 @@ fn as_duplicate(ctx: &TcContext, segment: &Segment, entry: *mut PacketEntry) -> 
     let new_seq = get!(entry, proxy_ack)
         .wrapping_sub(segment.payload_len)
         .to_be();
-    // The 16-bit word with the data offset and the flags (FIN is its lowest bit).
+    // The 16-bit word with the data offset and the flags (FIN is its lowest
+    // bit); ctx.load: bpf_skb_load_bytes copies it out of the skb.
     let flags_at = segment.l4 + 12;
     let old_word = ctx.load::<u16>(flags_at as usize).ok()?;
     let new_word = (u16::from_be(old_word) & !1).to_be();
-    // SAFETY (both): the values are on this stack for the call.
-    // bpf_skb_store_bytes writes the new sequence number / flags word into the
-    // TCP header.
-    if unsafe { bpf_skb_store_bytes(skb, segment.l4 + 4, (&raw const new_seq).cast(), 4, 0) } != 0
-        || unsafe { bpf_skb_store_bytes(skb, flags_at, (&raw const new_word).cast(), 2, 0) } != 0
-    {
+    // SAFETY: `new_seq` is on this stack for the call. bpf_skb_store_bytes
+    // writes the 4 bytes into the skb's TCP header (flags 0: skb->csum alone).
+    if unsafe { bpf_skb_store_bytes(skb, segment.l4 + 4, (&raw const new_seq).cast(), 4, 0) } != 0 {
         return None;
     }
-    // SAFETY (both): bpf_l4_csum_replace updates the TCP checksum at `check`
-    // for a 4-byte (then 2-byte) field that changed from `from` to `to`; not
-    // pseudo-header fields, so a CHECKSUM_PARTIAL skb's field is left alone.
-    if unsafe { bpf_l4_csum_replace(skb, check, u64::from(old_seq), u64::from(new_seq), 4) } != 0
-        || unsafe { bpf_l4_csum_replace(skb, check, u64::from(old_word), u64::from(new_word), 2) }
-            != 0
-    {
+    // SAFETY: as above, for the flags word.
+    if unsafe { bpf_skb_store_bytes(skb, flags_at, (&raw const new_word).cast(), 2, 0) } != 0 {
+        return None;
+    }
+    // SAFETY: no memory argument. bpf_l4_csum_replace folds the change of a
+    // 4-byte field from `from` to `to` into the TCP checksum at `check`; not
+    // a pseudo-header field, so a CHECKSUM_PARTIAL skb's field is left alone.
+    if unsafe { bpf_l4_csum_replace(skb, check, u64::from(old_seq), u64::from(new_seq), 4) } != 0 {
+        return None;
+    }
+    // SAFETY: as above, for the 2-byte flags word.
+    if unsafe { bpf_l4_csum_replace(skb, check, u64::from(old_word), u64::from(new_word), 2) } != 0 {
         return None;
     }
     Some(())
@@ -751,6 +765,7 @@ fn account(segment: &Segment, entry: *mut PacketEntry) {
         let before = fetch_or(flags_ptr, packet_flags::FIN_SEEN);
         if before & packet_flags::FIN_SEEN == 0 {
             let peer_key = get!(entry, peer_key);
+            // bpf_map_lookup_elem: the other entry of the tunnel, once per FIN.
             if let Some(peer) = PACKET_FLOWS.get_ptr_mut(peer_key) {
                 // The peer's acknowledgement of this FIN, in the peer's
                 // (arriving) sequence space: one past the FIN, translated.
@@ -835,6 +850,8 @@ pub fn packet_egress(ctx: TcContext) -> i32 {
     let Some(segment) = parse(&ctx) else {
         return NEXT;
     };
+    // bpf_map_lookup_elem: is the segment's reverse tuple a registered
+    // connection (then the segment is the proxy socket's, or a translated one)?
     let Some(entry) = PACKET_FLOWS.get_ptr_mut(segment.key.reversed()) else {
         return NEXT;
     };
