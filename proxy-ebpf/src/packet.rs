@@ -569,7 +569,8 @@ fn as_duplicate(ctx: &TcContext, segment: &Segment, entry: *mut PacketEntry) -> 
         return None;
     }
     // SAFETY: as above, for the 2-byte flags word.
-    if unsafe { bpf_l4_csum_replace(skb, check, u64::from(old_word), u64::from(new_word), 2) } != 0 {
+    if unsafe { bpf_l4_csum_replace(skb, check, u64::from(old_word), u64::from(new_word), 2) } != 0
+    {
         return None;
     }
     Some(())

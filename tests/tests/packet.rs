@@ -720,3 +720,46 @@ fn a_hold_that_does_not_drain_is_released() {
     assert!(stats["held"] > 0, "{stats:?}");
     setup.assert_no_rejections();
 }
+
+/// The proxy host announces a much smaller window scale than the endpoints
+/// (its tcp_rmem, hence its sockets' shift, is small): every window field is
+/// rescaled between the two shifts, and clamped to 16 bits where the larger
+/// shift's window does not fit the smaller one. The transfers stay exact.
+#[test]
+fn windows_rescaled_between_different_scales() {
+    let topology = Topology::with_prefix(PREFIX);
+    let status = topology
+        .proxy
+        .command("sysctl")
+        .args(["-qw", "net.ipv4.tcp_rmem=4096 65536 65536"])
+        .status()
+        .expect("sysctl");
+    assert!(status.success());
+    let setup = Setup::on(topology, false, 0);
+    let headers = [
+        header(16 * MIB, 16 * MIB + 1, 97, Mode::Concurrent),
+        header(4 * MIB, 8 * MIB, 99, Mode::AnswerAfterEof),
+    ];
+    for h in headers {
+        let (client, server) = setup.exchange(h, SETTLE);
+        setup.assert_exact(h, &client, &server);
+    }
+    setup.assert_logged(&headers);
+    setup.assert_no_rejections();
+    let log = setup.proxy.stderr();
+    let shifts = log
+        .lines()
+        .find(|line| line.contains("promoted after"))
+        .and_then(|line| line.split("win_shift_in: ").nth(1))
+        .unwrap_or_default()
+        .split(',')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    let shift_out = log
+        .split("win_shift_out: ")
+        .nth(1)
+        .and_then(|rest| rest.split(',').next())
+        .unwrap_or_default();
+    assert_ne!(shifts, shift_out, "the shifts should differ here:\n{log}");
+}
