@@ -4,6 +4,12 @@
 //! `bytemuck::Pod` so user space can read them out of maps and the ring buffer.
 #![no_std]
 
+pub mod packet;
+pub use packet::{
+    packet_config, packet_flags, packet_forward, packet_stat, packet_state, PacketEntry,
+    PacketEvent, PacketEventKind, PacketKey, V4_MAPPED_PREFIX,
+};
+
 /// Value of the `FLOWS` map, keyed by the socket cookie of one side of a tunnel.
 ///
 /// One direction of the tunnel: bytes that arrive on this socket and leave

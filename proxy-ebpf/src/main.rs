@@ -14,6 +14,8 @@
     reason = "atomic_xadd is the only atomic add the bpfel target lowers"
 )]
 
+mod packet;
+
 use aya_ebpf::{
     bindings::{
         __sk_buff,

@@ -49,8 +49,21 @@ pub struct AccessRecord {
     pub bytes_from_client: u64,
     /// Data plane that moved the tunnel's bytes.
     pub dataplane: Option<PlaneKind>,
+    /// The packet plane: bytes the socket pump moved before the tunnel was
+    /// promoted (absent when it was not).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes_before_promotion: Option<BytesBeforePromotion>,
     /// How the tunnel or request ended, for operators (`closed`, `client_error`, …).
     pub end: String,
+}
+
+/// What the packet plane's socket pump moved before promotion.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct BytesBeforePromotion {
+    /// Client → upstream.
+    pub client_to_upstream: u64,
+    /// Upstream → client.
+    pub upstream_to_client: u64,
 }
 
 fn serialize_time<S: serde::Serializer>(ts: &SystemTime, serializer: S) -> Result<S::Ok, S::Error> {
@@ -206,6 +219,7 @@ mod tests {
             bytes_to_client: 87633,
             bytes_from_client: 1000,
             dataplane: Some(PlaneKind::Sockmap),
+            bytes_before_promotion: None,
             end: "closed".into(),
         }
     }

@@ -183,6 +183,20 @@ pub struct Config {
     #[arg(long, value_name = "BYTES", default_value_t = 16 * 1024 * 1024)]
     pub redirect_send_buffer: u32,
 
+    /// With `--dataplane packet`: promote a tunnel to segment translation once
+    /// the splice pump has moved this many bytes (both directions together;
+    /// 0: right after the `200`). Promotion costs the peers one retransmission
+    /// of what they send during the cut-over, so short exchanges are better
+    /// left on the pump.
+    #[arg(long, value_name = "BYTES", default_value_t = 0)]
+    pub promote_after: u64,
+
+    /// With `--dataplane packet`: the interfaces to attach the tc programs to
+    /// (comma-separated). Default: every Ethernet-like interface and `lo`
+    /// present at start.
+    #[arg(long, value_name = "IFACE,...", value_delimiter = ',')]
+    pub packet_interfaces: Vec<String>,
+
     /// Serve `/healthz`, `/readyz` and `/metrics` (Prometheus) over HTTP on this
     /// address (port 0 picks one; the log says which). Off by default; keep it on
     /// loopback or a management network.

@@ -27,7 +27,7 @@ use tokio::{
 };
 
 use crate::{
-    access_log::{AccessLog, AccessRecord},
+    access_log::{AccessLog, AccessRecord, BytesBeforePromotion},
     config::{TestHook, TestHooks},
     connect_request::{self, HeadError, Host, RequestHead, Target},
     dataplane::{DataPlane, Picked, Progress, Tunnel, TunnelLimits, TunnelOutcome},
@@ -333,6 +333,7 @@ impl ControlPlane {
             bytes_to_client: 0,
             bytes_from_client: 0,
             dataplane: None,
+            bytes_before_promotion: None,
             end: String::new(),
         };
         let mut closing = self.closing.subscribe();
@@ -380,6 +381,12 @@ impl ControlPlane {
                 record.bytes_to_client = CONNECT_OK.len() as u64 + outcome.upstream_to_client;
                 record.bytes_from_client = opened.pipelined + outcome.client_to_upstream;
                 record.dataplane = Some(outcome.dataplane);
+                record.bytes_before_promotion = progress.bytes_before_promotion().map(
+                    |[client_to_upstream, upstream_to_client]| BytesBeforePromotion {
+                        client_to_upstream,
+                        upstream_to_client,
+                    },
+                );
                 record.end = outcome.end.as_str().into();
             }
             Err(refusal) => {

@@ -87,7 +87,7 @@ pub struct Metrics {
     requests: Family<StatusLabels, Counter>,
     /// `bytes` by plane ([`PlaneKind::ALL`]) and direction, resolved once: a
     /// data plane reports every chunk, and this keeps that to one atomic add.
-    plane_bytes: [[Counter; 2]; 3],
+    plane_bytes: [[Counter; 2]; 4],
     connect_duration: Histogram,
     acl_denials: Family<RuleLabels, Counter>,
     upstream_connect_errors: Family<KindLabels, Counter>,
@@ -502,6 +502,7 @@ mod tests {
                     bytes_redirected: 1000,
                     ..Default::default()
                 }),
+                ..Default::default()
             }
         }
     }

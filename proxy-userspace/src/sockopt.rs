@@ -8,7 +8,11 @@ use std::{
     os::fd::{AsRawFd, BorrowedFd},
 };
 
-fn getsockopt<T: Copy>(fd: BorrowedFd<'_>, level: libc::c_int, name: libc::c_int) -> io::Result<T> {
+pub(crate) fn getsockopt<T: Copy>(
+    fd: BorrowedFd<'_>,
+    level: libc::c_int,
+    name: libc::c_int,
+) -> io::Result<T> {
     let mut value = MaybeUninit::<T>::zeroed();
     let mut len = size_of::<T>() as libc::socklen_t;
     // SAFETY: `value` is a writable buffer of `len` bytes that lives across the call,
@@ -29,7 +33,7 @@ fn getsockopt<T: Copy>(fd: BorrowedFd<'_>, level: libc::c_int, name: libc::c_int
     Ok(unsafe { value.assume_init() })
 }
 
-fn setsockopt(
+pub(crate) fn setsockopt(
     fd: BorrowedFd<'_>,
     level: libc::c_int,
     name: libc::c_int,

@@ -2,7 +2,7 @@
 
 use std::{
     fs,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     os::fd::AsRawFd,
     process::Command,
     sync::atomic::{AtomicU32, Ordering},
@@ -35,8 +35,13 @@ impl Netns {
     /// never query the machine's real DNS server. The resolver is 127.0.0.1:53 of
     /// the namespace, where a test may start a [`crate::DnsStub`].
     pub fn new() -> Self {
+        Self::with_prefix("spl")
+    }
+
+    /// [`Netns::new`] with a name that starts with `prefix`.
+    pub fn with_prefix(prefix: &str) -> Self {
         let name = format!(
-            "spl{}x{}",
+            "{prefix}{}x{}",
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         );
@@ -91,8 +96,9 @@ impl Netns {
     }
 
     /// Joins `self` and `other` with a veth pair: `self` gets `my_ip/24`, `other`
-    /// gets `their_ip/24`. Returns nothing; routes are the connected /24.
-    pub fn link(&self, other: &Netns, my_ip: Ipv4Addr, their_ip: Ipv4Addr) {
+    /// gets `their_ip/24`; routes are the connected /24. Returns the names of
+    /// the two ends (`self`'s, `other`'s).
+    pub fn link(&self, other: &Netns, my_ip: Ipv4Addr, their_ip: Ipv4Addr) -> (String, String) {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let (mine, theirs) = (
             format!("va{}x{n}", std::process::id() % 100_000),
@@ -119,6 +125,7 @@ impl Netns {
         self.ip(&["link", "set", &mine, "up"]);
         other.ip(&["addr", "add", &format!("{their_ip}/24"), "dev", &theirs]);
         other.ip(&["link", "set", &theirs, "up"]);
+        (mine, theirs)
     }
 
     /// Adds a route in this namespace.
@@ -170,6 +177,10 @@ pub struct Topology {
     pub proxy: Netns,
     /// The server host, 10.77.2.2.
     pub server: Netns,
+    /// The veth ends between client and proxy: (client's, proxy's).
+    pub client_link: (String, String),
+    /// The veth ends between proxy and server: (proxy's, server's).
+    pub server_link: (String, String),
 }
 
 impl Topology {
@@ -184,14 +195,58 @@ impl Topology {
 
     /// Builds the three namespaces and the two veth links.
     pub fn new() -> Self {
-        let (client, proxy, server) = (Netns::new(), Netns::new(), Netns::new());
-        client.link(&proxy, Self::CLIENT_IP, Self::PROXY_IP);
-        proxy.link(&server, Self::PROXY_SERVER_SIDE_IP, Self::SERVER_IP);
+        Self::with_prefix("spl")
+    }
+
+    /// [`Topology::new`] with namespace names that start with `prefix`.
+    pub fn with_prefix(prefix: &str) -> Self {
+        let (client, proxy, server) = (
+            Netns::with_prefix(prefix),
+            Netns::with_prefix(prefix),
+            Netns::with_prefix(prefix),
+        );
+        let client_link = client.link(&proxy, Self::CLIENT_IP, Self::PROXY_IP);
+        let server_link = proxy.link(&server, Self::PROXY_SERVER_SIDE_IP, Self::SERVER_IP);
         Self {
             client,
             proxy,
             server,
+            client_link,
+            server_link,
         }
+    }
+
+    /// Client address, IPv6 (after [`Topology::add_ipv6`]).
+    pub const CLIENT_IP6: Ipv6Addr = Ipv6Addr::new(0xfd77, 1, 0, 0, 0, 0, 0, 2);
+    /// Proxy address as the client sees it, IPv6.
+    pub const PROXY_IP6: Ipv6Addr = Ipv6Addr::new(0xfd77, 1, 0, 0, 0, 0, 0, 1);
+    /// Proxy address as the server sees it, IPv6.
+    pub const PROXY_SERVER_SIDE_IP6: Ipv6Addr = Ipv6Addr::new(0xfd77, 2, 0, 0, 0, 0, 0, 1);
+    /// Server address, IPv6.
+    pub const SERVER_IP6: Ipv6Addr = Ipv6Addr::new(0xfd77, 2, 0, 0, 0, 0, 0, 2);
+
+    /// Gives the four veth ends the `*_IP6` addresses (/64, no duplicate
+    /// address detection, so they are usable at once).
+    pub fn add_ipv6(&self) {
+        let add = |ns: &Netns, ip: Ipv6Addr, dev: &str| {
+            ns.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{ip}/64"),
+                "dev",
+                dev,
+                "nodad",
+            ]);
+        };
+        add(&self.client, Self::CLIENT_IP6, &self.client_link.0);
+        add(&self.proxy, Self::PROXY_IP6, &self.client_link.1);
+        add(
+            &self.proxy,
+            Self::PROXY_SERVER_SIDE_IP6,
+            &self.server_link.0,
+        );
+        add(&self.server, Self::SERVER_IP6, &self.server_link.1);
     }
 }
 

@@ -11,6 +11,7 @@
 
 pub mod auto;
 pub mod copy;
+pub mod packet;
 mod pump;
 pub mod sockmap;
 pub mod splice;
@@ -32,6 +33,11 @@ use tokio::net::TcpStream;
 
 use crate::config::Config;
 
+/// The eBPF object built by build.rs from proxy-ebpf: the sockmap plane's
+/// programs and the packet plane's, loaded by whichever plane runs.
+pub(crate) static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
+
 /// Which data plane `--dataplane` asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum DataPlaneChoice {
@@ -44,6 +50,9 @@ pub enum DataPlaneChoice {
     Splice,
     /// User-space copy.
     Copy,
+    /// Segment translation by a tc program after a splice start
+    /// (`--promote-after`, `--packet-interfaces`).
+    Packet,
 }
 
 impl DataPlaneChoice {
@@ -54,6 +63,7 @@ impl DataPlaneChoice {
             Self::Sockmap => PlaneKind::Sockmap.as_str(),
             Self::Splice => PlaneKind::Splice.as_str(),
             Self::Copy => PlaneKind::Copy.as_str(),
+            Self::Packet => PlaneKind::Packet.as_str(),
         }
     }
 }
@@ -64,6 +74,7 @@ impl From<PlaneKind> for DataPlaneChoice {
             PlaneKind::Sockmap => Self::Sockmap,
             PlaneKind::Splice => Self::Splice,
             PlaneKind::Copy => Self::Copy,
+            PlaneKind::Packet => Self::Packet,
         }
     }
 }
@@ -84,11 +95,13 @@ pub enum PlaneKind {
     Splice,
     /// User-space copy.
     Copy,
+    /// Segment translation by a tc program, after a splice start.
+    Packet,
 }
 
 impl PlaneKind {
     /// Every plane, in the order metrics list them.
-    pub const ALL: [Self; 3] = [Self::Sockmap, Self::Splice, Self::Copy];
+    pub const ALL: [Self; 4] = [Self::Sockmap, Self::Splice, Self::Copy, Self::Packet];
 
     /// The plane's name in logs and metric labels.
     pub fn as_str(self) -> &'static str {
@@ -96,6 +109,7 @@ impl PlaneKind {
             Self::Sockmap => "sockmap",
             Self::Splice => "splice",
             Self::Copy => "copy",
+            Self::Packet => "packet",
         }
     }
 }
@@ -288,6 +302,8 @@ pub struct Progress(Arc<ProgressInner>);
 struct ProgressInner {
     reported: [AtomicU64; 2],
     sink: Option<Arc<dyn ByteSink>>,
+    /// The packet plane: what the pump moved before promotion, once promoted.
+    before_promotion: std::sync::OnceLock<[u64; 2]>,
 }
 
 impl fmt::Debug for Progress {
@@ -304,6 +320,7 @@ impl Progress {
         Self(Arc::new(ProgressInner {
             reported: Default::default(),
             sink: Some(sink),
+            before_promotion: std::sync::OnceLock::new(),
         }))
     }
 
@@ -337,6 +354,17 @@ impl Progress {
             outcome.dataplane,
             PerDirection([outcome.client_to_upstream, outcome.upstream_to_client]),
         );
+    }
+
+    /// The packet plane promoted the tunnel after moving `bytes` (client →
+    /// upstream, upstream → client) on its socket pump.
+    pub fn note_promotion(&self, bytes: [u64; 2]) {
+        let _ = self.0.before_promotion.set(bytes);
+    }
+
+    /// What [`Progress::note_promotion`] noted, if the tunnel was promoted.
+    pub fn bytes_before_promotion(&self) -> Option<[u64; 2]> {
+        self.0.before_promotion.get().copied()
     }
 
     /// Bytes reported so far (client → upstream, upstream → client).
@@ -501,6 +529,8 @@ pub trait DataPlane: Send + Sync {
 pub struct PlaneStats {
     /// The sockmap plane's kernel and flow-control counters, when it runs.
     pub sockmap: Option<sockmap::SockmapStats>,
+    /// The packet plane's promotion and translation counters, when it runs.
+    pub packet: Option<packet::PacketStats>,
 }
 
 impl PlaneStats {
@@ -508,16 +538,17 @@ impl PlaneStats {
     pub fn or(self, other: Self) -> Self {
         Self {
             sockmap: self.sockmap.or(other.sockmap),
+            packet: self.packet.or(other.packet),
         }
     }
 }
 
 impl fmt::Display for PlaneStats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.sockmap {
-            Some(stats) => write!(f, "{stats}"),
-            None => Ok(()),
-        }
+        let sockmap = self.sockmap.as_ref().map(ToString::to_string);
+        let packet = self.packet.as_ref().map(ToString::to_string);
+        let parts: Vec<String> = [sockmap, packet].into_iter().flatten().collect();
+        f.write_str(&parts.join(" "))
     }
 }
 
@@ -547,6 +578,10 @@ pub fn select(config: &Config) -> anyhow::Result<(Arc<dyn DataPlane>, String)> {
             let plane = sockmap::SockmapDataPlane::load(config, splice)
                 .map_err(|err| anyhow::anyhow!("--dataplane sockmap: {err}"))?;
             Ok((Arc::new(plane), "requested with --dataplane sockmap".into()))
+        }
+        DataPlaneChoice::Packet => {
+            let plane = packet::PacketDataPlane::load(config)?;
+            Ok((Arc::new(plane), "requested with --dataplane packet".into()))
         }
         DataPlaneChoice::Auto => Ok(select_auto(config, splice)),
     }
@@ -580,6 +615,7 @@ fn select_auto(config: &Config, splice: Arc<dyn DataPlane>) -> (Arc<dyn DataPlan
         PlaneKind::Sockmap => sockmap.clone().unwrap_or_else(|| splice.clone()),
         PlaneKind::Splice => splice.clone(),
         PlaneKind::Copy => copy.clone(),
+        PlaneKind::Packet => unreachable!("auto does not offer packet yet"),
     };
     let (local, network) = (build(local), build(network));
     if local.name() == network.name() {

@@ -155,7 +155,7 @@ pub enum DirectionError {
 }
 
 impl DirectionError {
-    fn end(&self) -> TunnelEnd {
+    pub(super) fn end(&self) -> TunnelEnd {
         match self {
             Self::Client(_) => TunnelEnd::ClientError,
             Self::Upstream(_) => TunnelEnd::UpstreamError,

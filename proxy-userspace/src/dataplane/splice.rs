@@ -21,7 +21,7 @@ use super::{
 };
 
 /// Pipe capacity requested with F_SETPIPE_SZ (the default is 64 KiB).
-const PIPE_BYTES: libc::c_int = 1 << 20;
+pub(super) const PIPE_BYTES: libc::c_int = 1 << 20;
 
 /// splice(2) data plane.
 #[derive(Debug, Default)]
@@ -71,8 +71,8 @@ impl DataPlane for SpliceDataPlane {
 
 /// A pipe used as the in-kernel buffer of one direction; closed on drop.
 pub(super) struct Pipe {
-    read: OwnedFd,
-    write: OwnedFd,
+    pub(super) read: OwnedFd,
+    pub(super) write: OwnedFd,
 }
 
 impl Pipe {
@@ -96,7 +96,7 @@ impl Pipe {
     }
 }
 
-fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+pub(super) fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     // SAFETY: both fds are open for the duration of the call; null offsets mean
     // "use the file position", which is what sockets and pipes require.
     let n = unsafe {

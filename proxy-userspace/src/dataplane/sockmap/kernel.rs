@@ -22,9 +22,7 @@ use super::cgroup;
 #[cfg(feature = "test-hooks")]
 use crate::config::TestHook;
 use crate::config::TestHooks;
-
-/// The eBPF object built by build.rs from proxy-ebpf.
-static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
+use crate::dataplane::EBPF_OBJECT;
 
 /// The two sockhashes a tunnel's sockets go into, in the order they must.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

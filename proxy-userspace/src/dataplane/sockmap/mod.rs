@@ -181,6 +181,7 @@ impl DataPlane for SockmapDataPlane {
                 spliced_sockets: sizes.spliced_sockets,
                 target_sockets: sizes.target_sockets,
             }),
+            ..PlaneStats::default()
         }
     }
 }

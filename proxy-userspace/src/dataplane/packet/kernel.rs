@@ -1,0 +1,215 @@
+//! Loading the tc programs, attaching them, and the maps user space works
+//! with.
+//!
+//! The object is the one the sockmap plane loads (proxy-ebpf builds one ELF).
+//! The planes are chosen once per process and `--dataplane packet` never loads
+//! the sockmap plane, so there is no `Ebpf` to share: this loads the object on
+//! its own, shrinks the sockmap plane's maps to one entry (they are created
+//! with the object but unused here) and loads only the two classifiers.
+
+use std::{
+    collections::HashMap,
+    fs,
+    sync::{Arc, Mutex, MutexGuard},
+};
+
+use anyhow::{anyhow, bail, Context as _};
+use aya::{
+    maps::{Array, HashMap as BpfHashMap, MapData, RingBuf},
+    programs::{SchedClassifier, TcAttachType},
+    Ebpf, EbpfLoader,
+};
+use proxy_common::{PacketEntry, PacketEvent, PacketKey};
+use tokio::{io::unix::AsyncFd, sync::mpsc};
+
+use crate::dataplane::EBPF_OBJECT;
+
+/// `ARPHRD_ETHER` and `ARPHRD_LOOPBACK`: devices whose skbs start with an
+/// Ethernet header at tc, which the programs expect.
+const ETHERNET_TYPES: [u32; 2] = [1, 772];
+
+type Waiters = Mutex<HashMap<u64, mpsc::UnboundedSender<PacketEvent>>>;
+
+/// The loaded programs and the maps of the packet plane.
+pub struct Kernel {
+    flows: Mutex<BpfHashMap<MapData, PacketKey, PacketEntry>>,
+    stats: Mutex<Array<MapData, u64>>,
+    waiters: Arc<Waiters>,
+    /// `lo`'s interface index in this network namespace.
+    pub loopback: u32,
+    /// The interfaces the programs are attached to: (name, index).
+    pub attached: Vec<(String, u32)>,
+    /// Keeps the programs loaded and attached.
+    _ebpf: Ebpf,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn read_number(path: &str) -> anyhow::Result<u32> {
+    fs::read_to_string(path)
+        .with_context(|| format!("reading {path}"))?
+        .trim()
+        .parse()
+        .with_context(|| format!("parsing {path}"))
+}
+
+/// The interfaces to attach to: `wanted`, or every Ethernet-like interface of
+/// this network namespace.
+fn interfaces(wanted: &[String]) -> anyhow::Result<Vec<(String, u32)>> {
+    let names: Vec<String> = if wanted.is_empty() {
+        let mut all: Vec<String> = fs::read_dir("/sys/class/net")
+            .context("listing /sys/class/net")?
+            .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
+            .collect();
+        all.sort();
+        all
+    } else {
+        wanted.to_vec()
+    };
+    let mut chosen = Vec::new();
+    for name in names {
+        let kind = read_number(&format!("/sys/class/net/{name}/type"))
+            .with_context(|| format!("interface {name}"))?;
+        if !ETHERNET_TYPES.contains(&kind) {
+            if wanted.is_empty() {
+                log::info!(
+                    "packet plane: not attaching to {name} (link type {kind}, no Ethernet header)"
+                );
+                continue;
+            }
+            bail!("interface {name} has link type {kind}; the packet plane needs Ethernet or loopback");
+        }
+        let index = read_number(&format!("/sys/class/net/{name}/ifindex"))?;
+        chosen.push((name, index));
+    }
+    Ok(chosen)
+}
+
+impl Kernel {
+    /// Loads the object, attaches both programs to `wanted` (every interface
+    /// when empty) and starts reading events. Must run inside a tokio runtime.
+    pub fn load(wanted: &[String]) -> anyhow::Result<Self> {
+        let mut loader = EbpfLoader::new();
+        for unused in ["REDIRECT_TARGETS", "SPLICED", "FLOWS", "FLOW_CONTROL"] {
+            loader.map_max_entries(unused, 1);
+        }
+        // A ring buffer's size is a power-of-two number of pages.
+        loader.map_max_entries("FLOW_EVENTS", 4096);
+        let mut ebpf = loader
+            .load(EBPF_OBJECT)
+            .context("loading the eBPF object")?;
+        let take = |ebpf: &mut Ebpf, name: &str| {
+            ebpf.take_map(name)
+                .ok_or_else(|| anyhow!("map {name} missing"))
+        };
+        let flows = BpfHashMap::try_from(take(&mut ebpf, "PACKET_FLOWS")?)?;
+        let stats = Array::try_from(take(&mut ebpf, "PACKET_STATS")?)?;
+        let events = RingBuf::try_from(take(&mut ebpf, "PACKET_EVENTS")?)?;
+        let attached = interfaces(wanted)?;
+        if attached.is_empty() {
+            bail!("no interface to attach the packet plane's programs to");
+        }
+        for (program, attach_type) in [
+            ("packet_ingress", TcAttachType::Ingress),
+            ("packet_egress", TcAttachType::Egress),
+        ] {
+            let classifier: &mut SchedClassifier = ebpf
+                .program_mut(program)
+                .with_context(|| format!("program {program} missing"))?
+                .try_into()?;
+            classifier
+                .load()
+                .with_context(|| format!("loading {program} (tc classifier)"))?;
+            for (name, _) in &attached {
+                // tcx on kernels ≥ 6.6: a link owned by this process, gone
+                // when it exits.
+                classifier
+                    .attach(name, attach_type)
+                    .with_context(|| format!("attaching {program} to {name}"))?;
+            }
+        }
+        let loopback = read_number("/sys/class/net/lo/ifindex").unwrap_or(1);
+        let waiters: Arc<Waiters> = Arc::default();
+        // SAFETY: the RingBuf owns its map fd and keeps it open until the
+        // AsyncFd (which owns the RingBuf) is dropped; nothing else closes it.
+        let events =
+            unsafe { AsyncFd::register_with_interest(events, tokio::io::Interest::READABLE) }
+                .map_err(|err| anyhow!("registering the packet event ring buffer: {err}"))?;
+        tokio::spawn(dispatch_events(events, waiters.clone()));
+        Ok(Self {
+            flows: Mutex::new(flows),
+            stats: Mutex::new(stats),
+            waiters,
+            loopback,
+            attached,
+            _ebpf: ebpf,
+        })
+    }
+
+    /// The entry of `key`, if there is one.
+    pub fn get(&self, key: &PacketKey) -> Option<PacketEntry> {
+        lock(&self.flows).get(key, 0).ok()
+    }
+
+    /// Adds or replaces the entry of `key`.
+    pub fn insert(&self, key: &PacketKey, entry: PacketEntry) -> anyhow::Result<()> {
+        lock(&self.flows)
+            .insert(key, entry, 0)
+            .context("updating PACKET_FLOWS")
+    }
+
+    /// Removes the entry of `key` (if any).
+    pub fn remove(&self, key: &PacketKey) {
+        let _ = lock(&self.flows).remove(key);
+    }
+
+    /// Entries in the map now.
+    pub fn entries(&self) -> usize {
+        lock(&self.flows).keys().count()
+    }
+
+    /// Counter `index` of `PACKET_STATS`.
+    pub fn stat(&self, index: u32) -> u64 {
+        lock(&self.stats).get(&index, 0).unwrap_or(0)
+    }
+
+    /// Events of tunnel `flow_id` from now on.
+    pub fn subscribe(&self, flow_id: u64) -> mpsc::UnboundedReceiver<PacketEvent> {
+        let (sender, receiver) = mpsc::unbounded_channel();
+        lock(&self.waiters).insert(flow_id, sender);
+        receiver
+    }
+
+    /// Stops delivering events of `flow_id`.
+    pub fn unsubscribe(&self, flow_id: u64) {
+        lock(&self.waiters).remove(&flow_id);
+    }
+}
+
+async fn dispatch_events(mut events: AsyncFd<RingBuf<MapData>>, waiters: Arc<Waiters>) {
+    loop {
+        let mut guard = match events.readable_mut().await {
+            Ok(guard) => guard,
+            Err(err) => {
+                log::error!("packet event ring buffer failed: {err}; tunnels fall back to polling");
+                return;
+            }
+        };
+        let ring = guard.get_inner_mut();
+        while let Some(item) = ring.next() {
+            if item.len() < size_of::<PacketEvent>() {
+                continue;
+            }
+            let event: PacketEvent =
+                bytemuck::pod_read_unaligned(&item[..size_of::<PacketEvent>()]);
+            if let Some(waiter) = lock(&waiters).get(&event.flow_id) {
+                let _ = waiter.send(event);
+            }
+        }
+        guard.clear_ready();
+    }
+}

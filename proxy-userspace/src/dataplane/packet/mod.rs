@@ -1,0 +1,174 @@
+//! The packet data plane (`--dataplane packet`): segment translation.
+//!
+//! A tunnel starts on the splice pump. Once it has moved `--promote-after`
+//! bytes it is promoted: a tc program (proxy-ebpf `packet.rs`) rewrites every
+//! later segment of the client's connection into a segment of the proxy's
+//! upstream connection and back — addresses, ports, sequence and
+//! acknowledgement numbers, timestamps, SACK blocks, window, checksums — so
+//! the client and the upstream run one end-to-end TCP, and the proxy's two
+//! sockets sit silent in repair mode, holding their 4-tuples, until the flow
+//! has ended. See `cutover.rs` for the order of the cut and `translate.rs` for
+//! the arithmetic.
+//!
+//! * [`kernel`] — loading and attaching the programs, the maps, events;
+//! * [`sockets`] — repair mode and the socket state the cut reads;
+//! * [`qualify`] — whether a tunnel can be promoted, and why not;
+//! * [`translate`] — the translation arithmetic (pure, unit-tested);
+//! * [`relay`] — the splice pump before promotion;
+//! * [`cutover`] — hold, drain, repair, translate (or abort);
+//! * [`tunnel`] — one tunnel from hand-over to the end of its linger.
+
+mod cutover;
+mod kernel;
+mod qualify;
+mod relay;
+mod sockets;
+mod translate;
+mod tunnel;
+
+use std::{
+    fmt,
+    sync::{atomic::Ordering, Arc},
+};
+
+use proxy_common::packet_stat;
+
+use super::{DataPlane, DataPlaneChoice, Picked, PlaneKind, PlaneStats, Tunnel, TunnelFuture};
+use crate::config::Config;
+
+/// The packet data plane. See the module documentation.
+pub struct PacketDataPlane {
+    shared: Arc<tunnel::Shared>,
+}
+
+impl PacketDataPlane {
+    /// Loads and attaches the tc programs. Must run inside a tokio runtime.
+    pub fn load(config: &Config) -> anyhow::Result<Self> {
+        let kernel = kernel::Kernel::load(&config.packet_interfaces)?;
+        log::info!(
+            "packet plane: tc programs attached to {}",
+            kernel
+                .attached
+                .iter()
+                .map(|(name, index)| format!("{name} ({index})"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        Ok(Self {
+            shared: Arc::new(tunnel::Shared {
+                kernel,
+                promote_after: config.promote_after,
+                next_flow: 1.into(),
+                promoted: 0.into(),
+                not_promoted: 0.into(),
+                lingering: 0.into(),
+            }),
+        })
+    }
+}
+
+impl DataPlane for PacketDataPlane {
+    fn name(&self) -> DataPlaneChoice {
+        DataPlaneChoice::Packet
+    }
+
+    fn pick(&self, _tunnel: &Tunnel) -> Picked<'_> {
+        (PlaneKind::Packet, self)
+    }
+
+    fn planes(&self) -> Vec<PlaneKind> {
+        vec![PlaneKind::Splice, PlaneKind::Packet]
+    }
+
+    fn run(&self, tunnel: Tunnel) -> TunnelFuture {
+        Box::pin(tunnel::run_tunnel(self.shared.clone(), tunnel))
+    }
+
+    fn stats(&self) -> PlaneStats {
+        let shared = &self.shared;
+        let stat = |index| shared.kernel.stat(index);
+        PlaneStats {
+            packet: Some(PacketStats {
+                promoted: shared.promoted.load(Ordering::Relaxed),
+                not_promoted: shared.not_promoted.load(Ordering::Relaxed),
+                lingering: shared.lingering.load(Ordering::Relaxed),
+                entries: shared.kernel.entries() as u64,
+                matched: stat(packet_stat::MATCHED),
+                translated: stat(packet_stat::TRANSLATED),
+                held: stat(packet_stat::HELD),
+                held_as_duplicate: stat(packet_stat::HELD_AS_DUPLICATE),
+                silenced: stat(packet_stat::SILENCED),
+                rewrite_failed: stat(packet_stat::REWRITE_FAILED),
+                redirect_failed: stat(packet_stat::REDIRECT_FAILED),
+                unparsed: stat(packet_stat::UNPARSED),
+                events_lost: stat(packet_stat::EVENTS_LOST),
+            }),
+            ..PlaneStats::default()
+        }
+    }
+}
+
+/// The packet plane's counters: promotions (user space) and what the tc
+/// programs did (`PACKET_STATS`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PacketStats {
+    /// Tunnels promoted to segment translation.
+    pub promoted: u64,
+    /// Tunnels that stayed on the splice pump (refused or aborted promotion).
+    pub not_promoted: u64,
+    /// Promoted tunnels that ended and still translate late segments.
+    pub lingering: u64,
+    /// `PACKET_FLOWS` entries now (two per registered tunnel).
+    pub entries: u64,
+    /// Segments whose 4-tuple matched an entry.
+    pub matched: u64,
+    /// Segments rewritten and forwarded.
+    pub translated: u64,
+    /// Segments dropped by a cut-over's hold (their senders retransmit them).
+    pub held: u64,
+    /// Held segments passed on as duplicates, so their ACK reaches the proxy.
+    pub held_as_duplicate: u64,
+    /// Segments of the proxy's own silent sockets dropped at egress.
+    pub silenced: u64,
+    /// Segments a rewrite helper failed on (dropped).
+    pub rewrite_failed: u64,
+    /// Translated segments `bpf_redirect_neigh` could not send.
+    pub redirect_failed: u64,
+    /// Matched segments whose headers could not be parsed (passed).
+    pub unparsed: u64,
+    /// End-of-flow events lost to a full ring buffer.
+    pub events_lost: u64,
+}
+
+impl PacketStats {
+    /// Every counter with the name the SIGUSR1 line and the metrics use.
+    pub fn fields(&self) -> [(&'static str, u64); 13] {
+        [
+            ("promoted", self.promoted),
+            ("not_promoted", self.not_promoted),
+            ("lingering", self.lingering),
+            ("entries", self.entries),
+            ("matched", self.matched),
+            ("translated", self.translated),
+            ("held", self.held),
+            ("held_as_duplicate", self.held_as_duplicate),
+            ("silenced", self.silenced),
+            ("rewrite_failed", self.rewrite_failed),
+            ("redirect_failed", self.redirect_failed),
+            ("unparsed", self.unparsed),
+            ("events_lost", self.events_lost),
+        ]
+    }
+}
+
+impl fmt::Display for PacketStats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (index, (name, value)) in self.fields().into_iter().enumerate() {
+            if index > 0 {
+                f.write_str(" ")?;
+            }
+            write!(f, "packet_{name}={value}")?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,292 @@
+//! Whether a tunnel can be promoted: a pure function of what the two sockets
+//! (`TCP_INFO`) and the tc program's sightings say, with the reason when not.
+
+use std::{fmt, net::SocketAddr};
+
+use proxy_common::{packet_flags, tcp_state, PacketEntry};
+
+use super::{
+    sockets::{tcpi_opt, ConnInfo},
+    translate::is_ipv4,
+};
+
+/// One of the proxy's two connections, as qualification sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct Connection {
+    /// "client" or "upstream", for the reason of a refusal.
+    pub name: &'static str,
+    pub local: SocketAddr,
+    pub peer: SocketAddr,
+    pub info: ConnInfo,
+    /// The entry of the segments that arrive on this connection.
+    pub entry: PacketEntry,
+}
+
+/// Why a tunnel is not promoted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal(pub String);
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+fn refuse<T>(reason: impl Into<String>) -> Result<T, Refusal> {
+    Err(Refusal(reason.into()))
+}
+
+/// The devices the two connections use, when the tunnel qualifies:
+/// `(client's, upstream's)`.
+#[cfg(test)]
+pub fn qualify(
+    client: &Connection,
+    upstream: &Connection,
+    loopback: u32,
+) -> Result<(u32, u32), Refusal> {
+    sockets(client, upstream)?;
+    path(client, upstream, loopback)
+}
+
+/// What the sockets say (`TCP_INFO`, addresses): checked before the hold.
+pub fn sockets(client: &Connection, upstream: &Connection) -> Result<(), Refusal> {
+    for conn in [client, upstream] {
+        if u32::from(conn.info.state) != tcp_state::ESTABLISHED {
+            return refuse(format!(
+                "the {} connection is not established (TCP state {})",
+                conn.name, conn.info.state
+            ));
+        }
+        let options = conn.info.options;
+        if options & tcpi_opt::TIMESTAMPS == 0 {
+            return refuse(format!("no TCP timestamps on the {} connection", conn.name));
+        }
+        if options & tcpi_opt::USEC_TS != 0 {
+            return refuse(format!(
+                "microsecond TCP timestamps on the {} connection",
+                conn.name
+            ));
+        }
+        if options & tcpi_opt::SACK == 0 {
+            return refuse(format!("no SACK on the {} connection", conn.name));
+        }
+        if options & (tcpi_opt::SYN_DATA | tcpi_opt::TFO_CHILD) != 0 {
+            return refuse(format!("TCP Fast Open on the {} connection", conn.name));
+        }
+        if conn.info.snd_wscale > 14 || conn.info.rcv_wscale > 14 {
+            return refuse(format!(
+                "window scale above 14 on the {} connection",
+                conn.name
+            ));
+        }
+    }
+    if (client.info.options & tcpi_opt::ECN) != (upstream.info.options & tcpi_opt::ECN) {
+        return refuse("ECN negotiated on one connection only");
+    }
+    if is_ipv4(&client.peer) != is_ipv4(&upstream.peer)
+        || is_ipv4(&client.local) != is_ipv4(&client.peer)
+        || is_ipv4(&upstream.local) != is_ipv4(&upstream.peer)
+    {
+        return refuse("the two connections use different IP versions");
+    }
+    // The largest segment a sender may send (the MSS the proxy announced to
+    // it) must fit the other connection: the MSS its receiver announced, and
+    // its path MTU.
+    let headers = if is_ipv4(&client.peer) { 40 } else { 60 };
+    for (from, to) in [(client, upstream), (upstream, client)] {
+        let fits = to.info.peer_mss.min(to.info.pmtu.saturating_sub(headers));
+        if from.info.advmss > fits {
+            return refuse(format!(
+                "the {} may send {}-byte segments, the {} connection carries {fits}",
+                from.name, from.info.advmss, to.name
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// What the tc program saw (sightings): checked once the window probes have
+/// had their answers.
+pub fn path(
+    client: &Connection,
+    upstream: &Connection,
+    loopback: u32,
+) -> Result<(u32, u32), Refusal> {
+    let mut devices = [0; 2];
+    for (device, conn) in devices.iter_mut().zip([client, upstream]) {
+        let flags = conn.entry.flags;
+        if flags & packet_flags::SEEN_INGRESS == 0 {
+            return refuse(format!(
+                "no segment of the {} connection arrived on an attached interface",
+                conn.name
+            ));
+        }
+        if flags & packet_flags::SEEN_EGRESS == 0 {
+            return refuse(format!(
+                "no segment of the proxy's {} socket left by an attached interface with its own addresses (NAT on this host, or not attached there)",
+                conn.name
+            ));
+        }
+        if flags & packet_flags::TS_SEEN == 0 || flags & packet_flags::NO_TS_SEEN != 0 {
+            return refuse(format!(
+                "a segment of the {} connection without timestamps",
+                conn.name
+            ));
+        }
+        if conn.entry.in_ifindex != conn.entry.out_seen_ifindex {
+            return refuse(format!(
+                "the {} connection arrives on interface {} and leaves by {}",
+                conn.name, conn.entry.in_ifindex, conn.entry.out_seen_ifindex
+            ));
+        }
+        *device = conn.entry.in_ifindex;
+    }
+    if (devices[0] == loopback) != (devices[1] == loopback) {
+        return refuse("one connection is on lo and the other on a network device");
+    }
+    Ok((devices[0], devices[1]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn connection(name: &'static str, local: &str, peer: &str, ifindex: u32) -> Connection {
+        Connection {
+            name,
+            local: local.parse().unwrap(),
+            peer: peer.parse().unwrap(),
+            info: ConnInfo {
+                state: tcp_state::ESTABLISHED as u8,
+                options: tcpi_opt::TIMESTAMPS | tcpi_opt::SACK | tcpi_opt::WSCALE,
+                snd_wscale: 7,
+                rcv_wscale: 7,
+                advmss: 1460,
+                pmtu: 1500,
+                peer_mss: 1460,
+            },
+            entry: PacketEntry {
+                flags: packet_flags::SEEN_INGRESS
+                    | packet_flags::SEEN_EGRESS
+                    | packet_flags::TS_SEEN,
+                in_ifindex: ifindex,
+                out_seen_ifindex: ifindex,
+                ..PacketEntry::default()
+            },
+        }
+    }
+
+    fn pair() -> (Connection, Connection) {
+        (
+            connection("client", "10.77.1.1:3128", "10.77.1.2:40000", 5),
+            connection("upstream", "10.77.2.1:41000", "10.77.2.2:8443", 6),
+        )
+    }
+
+    fn reason(client: &Connection, upstream: &Connection) -> String {
+        qualify(client, upstream, 1).unwrap_err().0
+    }
+
+    #[test]
+    fn a_plain_pair_qualifies_with_its_devices() {
+        let (client, upstream) = pair();
+        assert_eq!(qualify(&client, &upstream, 1), Ok((5, 6)));
+    }
+
+    #[test]
+    fn each_missing_feature_is_named() {
+        let (mut client, mut upstream) = pair();
+        client.info.options &= !tcpi_opt::TIMESTAMPS;
+        assert_eq!(
+            reason(&client, &upstream),
+            "no TCP timestamps on the client connection"
+        );
+        let (client, _) = pair();
+        upstream.info.options &= !tcpi_opt::SACK;
+        assert_eq!(
+            reason(&client, &upstream),
+            "no SACK on the upstream connection"
+        );
+        let (mut client, upstream) = pair();
+        client.info.options |= tcpi_opt::ECN;
+        assert_eq!(
+            reason(&client, &upstream),
+            "ECN negotiated on one connection only"
+        );
+        let (mut client, mut upstream) = pair();
+        client.info.options |= tcpi_opt::ECN;
+        upstream.info.options |= tcpi_opt::ECN;
+        assert!(qualify(&client, &upstream, 1).is_ok());
+        let (mut client, upstream) = pair();
+        client.info.options |= tcpi_opt::TFO_CHILD;
+        assert_eq!(
+            reason(&client, &upstream),
+            "TCP Fast Open on the client connection"
+        );
+        let (mut client, upstream) = pair();
+        client.info.state = tcp_state::CLOSE_WAIT as u8;
+        assert!(reason(&client, &upstream).contains("not established"));
+    }
+
+    #[test]
+    fn segments_must_fit_the_other_connection() {
+        let (mut client, upstream) = pair();
+        client.info.advmss = 65_495;
+        assert_eq!(
+            reason(&client, &upstream),
+            "the client may send 65495-byte segments, the upstream connection carries 1460"
+        );
+        let (client, mut upstream) = pair();
+        upstream.info.pmtu = 1400;
+        assert_eq!(
+            reason(&client, &upstream),
+            "the client may send 1460-byte segments, the upstream connection carries 1360"
+        );
+        let (mut client, upstream) = pair();
+        client.info.peer_mss = 536;
+        assert_eq!(
+            reason(&client, &upstream),
+            "the upstream may send 1460-byte segments, the client connection carries 536"
+        );
+    }
+
+    #[test]
+    fn mixed_ip_versions_are_refused_but_v4_mapped_clients_are_ipv4() {
+        let (mut client, upstream) = pair();
+        client.local = "[::ffff:10.77.1.1]:3128".parse().unwrap();
+        client.peer = "[::ffff:10.77.1.2]:40000".parse().unwrap();
+        assert!(qualify(&client, &upstream, 1).is_ok());
+        client.peer = "[fd00::2]:40000".parse().unwrap();
+        client.local = "[fd00::1]:3128".parse().unwrap();
+        assert_eq!(
+            reason(&client, &upstream),
+            "the two connections use different IP versions"
+        );
+    }
+
+    #[test]
+    fn sightings_prove_the_path() {
+        let (mut client, upstream) = pair();
+        client.entry.flags &= !packet_flags::SEEN_EGRESS;
+        assert!(reason(&client, &upstream).contains("NAT on this host"));
+        let (mut client, upstream) = pair();
+        client.entry.flags &= !packet_flags::SEEN_INGRESS;
+        assert!(reason(&client, &upstream).contains("attached interface"));
+        let (mut client, upstream) = pair();
+        client.entry.out_seen_ifindex = 9;
+        assert_eq!(
+            reason(&client, &upstream),
+            "the client connection arrives on interface 5 and leaves by 9"
+        );
+        let (mut client, upstream) = pair();
+        client.entry.in_ifindex = 1;
+        client.entry.out_seen_ifindex = 1;
+        assert_eq!(
+            reason(&client, &upstream),
+            "one connection is on lo and the other on a network device"
+        );
+        let (mut client, upstream) = pair();
+        client.entry.flags |= packet_flags::NO_TS_SEEN;
+        assert!(reason(&client, &upstream).contains("without timestamps"));
+    }
+}

@@ -1,0 +1,336 @@
+//! One tunnel on the packet plane: the splice pump with promotion running
+//! beside it, then the translated flow until it ends, then the linger.
+
+use std::{
+    net::SocketAddr,
+    os::fd::AsFd,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use proxy_common::{PacketEntry, PacketEvent, PacketKey};
+use tokio::{net::TcpStream, sync::mpsc};
+
+use super::{
+    cutover::{Conn, NotPromoted, Promoted, Promotion},
+    kernel::Kernel,
+    relay::{relay_one_way, Threshold},
+    translate::{self, entry_end},
+};
+use crate::dataplane::{
+    pump::{self, DirectionError, Moved},
+    LimitClock, PerDirection, PlaneKind, Side, Tunnel, TunnelEnd, TunnelOutcome,
+};
+
+/// How long a translated flow's entries stay after its end (both FINs
+/// acknowledged, or a RST), for late retransmissions and the last ACKs.
+pub const LINGER: Duration = Duration::from_secs(3);
+/// How often a translated flow's entries are read (events normally come first).
+const FOLLOW_POLL: Duration = Duration::from_secs(1);
+/// Longest sleep between two checks of the tunnel limits while pumping.
+const LIMIT_CHECK_CAP: Duration = Duration::from_secs(1);
+
+/// What every tunnel of the plane shares.
+pub struct Shared {
+    pub kernel: Kernel,
+    /// `--promote-after`.
+    pub promote_after: u64,
+    pub next_flow: AtomicU64,
+    pub promoted: AtomicU64,
+    pub not_promoted: AtomicU64,
+    pub lingering: AtomicU64,
+}
+
+/// A tunnel's two entries and its event subscription; removed on drop.
+struct Registration {
+    shared: Arc<Shared>,
+    keys: [PacketKey; 2],
+    flow_id: u64,
+}
+
+impl Registration {
+    fn new(
+        shared: &Arc<Shared>,
+        addrs: &Addrs,
+    ) -> anyhow::Result<(Self, mpsc::UnboundedReceiver<PacketEvent>)> {
+        let flow_id = shared.next_flow.fetch_add(1, Ordering::Relaxed);
+        let keys = [
+            translate::key(addrs.client_peer, addrs.client_local),
+            translate::key(addrs.upstream_peer, addrs.upstream_local),
+        ];
+        let events = shared.kernel.subscribe(flow_id);
+        let registration = Self {
+            shared: shared.clone(),
+            keys,
+            flow_id,
+        };
+        let ipv6 = !translate::is_ipv4(&addrs.client_peer);
+        shared.kernel.insert(
+            &keys[0],
+            translate::monitor_entry(flow_id, addrs.cookies[0], keys[1], ipv6),
+        )?;
+        shared.kernel.insert(
+            &keys[1],
+            translate::monitor_entry(flow_id, addrs.cookies[1], keys[0], ipv6),
+        )?;
+        Ok((registration, events))
+    }
+
+    fn entries(&self) -> Option<[PacketEntry; 2]> {
+        match (
+            self.shared.kernel.get(&self.keys[0]),
+            self.shared.kernel.get(&self.keys[1]),
+        ) {
+            (Some(a), Some(b)) => Some([a, b]),
+            _ => None,
+        }
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        for key in &self.keys {
+            self.shared.kernel.remove(key);
+        }
+        self.shared.kernel.unsubscribe(self.flow_id);
+    }
+}
+
+/// The four addresses of a tunnel and its two sockets' cookies.
+struct Addrs {
+    cookies: [u64; 2],
+    client_local: SocketAddr,
+    client_peer: SocketAddr,
+    upstream_local: SocketAddr,
+    upstream_peer: SocketAddr,
+}
+
+fn addrs(client: &TcpStream, upstream: &TcpStream) -> std::io::Result<Addrs> {
+    Ok(Addrs {
+        cookies: [
+            crate::sockopt::cookie(client.as_fd())?,
+            crate::sockopt::cookie(upstream.as_fd())?,
+        ],
+        client_local: client.local_addr()?,
+        client_peer: client.peer_addr()?,
+        upstream_local: upstream.local_addr()?,
+        upstream_peer: upstream.peer_addr()?,
+    })
+}
+
+/// Runs `tunnel` to its end (see the module documentation).
+pub async fn run_tunnel(shared: Arc<Shared>, tunnel: Tunnel) -> TunnelOutcome {
+    let Tunnel {
+        client,
+        upstream,
+        limits,
+        mut shutdown,
+        progress,
+        ..
+    } = tunnel;
+    let registered = match addrs(&client, &upstream) {
+        Ok(addrs) => Registration::new(&shared, &addrs).map(|r| (r, addrs)),
+        Err(err) => Err(err.into()),
+    };
+    let (registration, mut events, addrs) = match registered {
+        Ok(((registration, events), addrs)) => (Some(registration), Some(events), Some(addrs)),
+        Err(err) => {
+            log::warn!("packet: tunnel not registered ({err:#}); it stays on the splice pump");
+            (None, None, None)
+        }
+    };
+    let (up, down) = Moved::pair(&progress, PlaneKind::Splice);
+    let busy = [AtomicBool::new(false), AtomicBool::new(false)];
+    let threshold = Threshold::new(shared.promote_after);
+    let mut clock = LimitClock::start(limits);
+    let (promoted, end) = {
+        let promotion = registration
+            .as_ref()
+            .zip(addrs.as_ref())
+            .map(|(registration, addrs)| Promotion {
+                kernel: &shared.kernel,
+                client: Conn {
+                    name: "client",
+                    socket: &client,
+                    local: addrs.client_local,
+                    peer: addrs.client_peer,
+                    key: registration.keys[0],
+                    busy: &busy[0],
+                },
+                upstream: Conn {
+                    name: "upstream",
+                    socket: &upstream,
+                    local: addrs.upstream_local,
+                    peer: addrs.upstream_peer,
+                    key: registration.keys[1],
+                    busy: &busy[1],
+                },
+                threshold: &threshold,
+            });
+        let promoting = async {
+            match &promotion {
+                Some(promotion) => promotion.run().await,
+                None => std::future::pending().await,
+            }
+        };
+        let c2u = relay_one_way(&client, &upstream, &up, Side::Client, &busy[0], &threshold);
+        let u2c = relay_one_way(
+            &upstream,
+            &client,
+            &down,
+            Side::Upstream,
+            &busy[1],
+            &threshold,
+        );
+        tokio::pin!(c2u, u2c, promoting);
+        let (mut up_done, mut down_done, mut trying) = (false, false, promotion.is_some());
+        let mut end = TunnelEnd::Closed;
+        let mut promoted: Option<Promoted> = None;
+        while !(up_done && down_done) {
+            let result = tokio::select! {
+                result = &mut c2u, if !up_done => { up_done = true; result }
+                result = &mut u2c, if !down_done => { down_done = true; result }
+                outcome = &mut promoting, if trying => {
+                    trying = false;
+                    match outcome {
+                        Ok(done) => {
+                            promoted = Some(done);
+                            break;
+                        }
+                        Err(NotPromoted(reason)) => {
+                            shared.not_promoted.fetch_add(1, Ordering::Relaxed);
+                            log::info!("packet: tunnel not promoted: {reason}");
+                            continue;
+                        }
+                    }
+                }
+                _ = shutdown.wait_for(|closing| *closing) => Err(DirectionError::Limit(TunnelEnd::Shutdown)),
+                () = tokio::time::sleep(clock.next_check(LIMIT_CHECK_CAP)) => {
+                    match clock.check(up.get() + down.get()) {
+                        Some(exceeded) => Err(DirectionError::Limit(exceeded)),
+                        None => continue,
+                    }
+                }
+            };
+            if let Err(err) = result {
+                end = err.end();
+                log::debug!("packet: tunnel aborted before promotion: {err}");
+                pump::reset(&client);
+                pump::reset(&upstream);
+                break;
+            }
+        }
+        (promoted, end)
+    };
+    let Some(promoted) = promoted else {
+        return TunnelOutcome {
+            client_to_upstream: up.get(),
+            upstream_to_client: down.get(),
+            dataplane: PlaneKind::Splice,
+            end,
+        };
+    };
+    let registration = registration.expect("a promoted tunnel is registered");
+    let before = [up.get(), down.get()];
+    shared.promoted.fetch_add(1, Ordering::Relaxed);
+    progress.note_promotion(before);
+    log::debug!(
+        "packet: tunnel promoted after {} + {} bytes (hold {:?}): {:?}",
+        before[0],
+        before[1],
+        promoted.hold,
+        promoted.directions
+    );
+    let end = follow(
+        &registration,
+        events.as_mut(),
+        &mut shutdown,
+        &mut clock,
+        &progress,
+        before,
+    )
+    .await;
+    let after = registration
+        .entries()
+        .map_or([0, 0], |[a, b]| [a.bytes, b.bytes]);
+    let outcome = TunnelOutcome {
+        client_to_upstream: before[0] + after[0],
+        upstream_to_client: before[1] + after[1],
+        dataplane: PlaneKind::Packet,
+        end,
+    };
+    if matches!(
+        end,
+        TunnelEnd::Closed | TunnelEnd::ClientError | TunnelEnd::UpstreamError
+    ) {
+        // The endpoints may still retransmit a FIN or send a last ACK: keep
+        // translating a while; the sockets stay in repair mode until then.
+        shared.lingering.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(async move {
+            tokio::time::sleep(LINGER).await;
+            drop(registration);
+            drop((client, upstream));
+            registration_gone(&shared);
+        });
+    } else {
+        // A limit or shutdown: with the entries and the repair-mode sockets
+        // gone, the next segment of either endpoint gets a RST from this host.
+        drop(registration);
+    }
+    outcome
+}
+
+fn registration_gone(shared: &Shared) {
+    shared.lingering.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// Follows a translated flow until it ends: both FINs acknowledged, a RST, a
+/// limit or shutdown. Reports its bytes to `progress` as it goes.
+async fn follow(
+    registration: &Registration,
+    mut events: Option<&mut mpsc::UnboundedReceiver<PacketEvent>>,
+    shutdown: &mut tokio::sync::watch::Receiver<bool>,
+    clock: &mut LimitClock,
+    progress: &crate::dataplane::Progress,
+    before: [u64; 2],
+) -> TunnelEnd {
+    loop {
+        let Some([client_in, upstream_in]) = registration.entries() else {
+            log::error!("packet: a translated tunnel's entries disappeared");
+            return TunnelEnd::ClientError;
+        };
+        let totals = [before[0] + client_in.bytes, before[1] + upstream_in.bytes];
+        progress.advance_to(PlaneKind::Packet, PerDirection(totals));
+        let (client_end, upstream_end) = (entry_end(&client_in), entry_end(&upstream_in));
+        if client_end.reset {
+            return TunnelEnd::ClientError;
+        }
+        if upstream_end.reset {
+            return TunnelEnd::UpstreamError;
+        }
+        if client_end.peer_fin_acked && upstream_end.peer_fin_acked {
+            return TunnelEnd::Closed;
+        }
+        if let Some(exceeded) = clock.check(totals[0] + totals[1]) {
+            return exceeded;
+        }
+        let wait = clock.next_check(FOLLOW_POLL);
+        tokio::select! {
+            event = async {
+                match events.as_deref_mut() {
+                    Some(events) => events.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                if event.is_none() {
+                    events = None;
+                }
+            }
+            _ = shutdown.wait_for(|closing| *closing) => return TunnelEnd::Shutdown,
+            () = tokio::time::sleep(wait) => {}
+        }
+    }
+}
