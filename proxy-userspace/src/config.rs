@@ -185,11 +185,11 @@ pub struct Config {
 
     /// With `--dataplane packet`: promote a tunnel to segment translation once
     /// the splice pump has moved this many bytes (both directions together;
-    /// 0: right after the `200`). Promotion costs the peers one retransmission
-    /// of what they send during the cut-over, so short exchanges are better
-    /// left on the pump.
-    #[arg(long, value_name = "BYTES", default_value_t = 0)]
-    pub promote_after: u64,
+    /// 0: right after the `200`; default 1 MiB). Promotion costs the peers one
+    /// retransmission of what they send during the cut-over, so short
+    /// exchanges are better left on the pump.
+    #[arg(long, value_name = "BYTES")]
+    pub promote_after: Option<u64>,
 
     /// With `--dataplane packet`: the interfaces to attach the tc programs to
     /// (comma-separated). Default: every Ethernet-like interface and `lo`

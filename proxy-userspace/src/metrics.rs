@@ -377,9 +377,89 @@ fn kernel_metric(name: &str) -> (&'static str, MetricType) {
     }
 }
 
+/// Help text and kind of each packet-plane metric, by its `PacketStats`
+/// name; the metric is `spliced_packet_NAME` (`_total` for counters).
+fn packet_metric(name: &str) -> (&'static str, MetricType) {
+    use MetricType::{Counter, Gauge};
+    match name {
+        "promoted" => ("Tunnels promoted to segment translation", Counter),
+        "lingering" => (
+            "Promoted tunnels that ended and still translate late segments",
+            Gauge,
+        ),
+        "entries" => (
+            "PACKET_FLOWS entries (two per tunnel of the packet plane)",
+            Gauge,
+        ),
+        "matched" => (
+            "Segments whose addresses and ports matched a tunnel's entry",
+            Counter,
+        ),
+        "translated" => ("Segments the tc program rewrote and forwarded", Counter),
+        "held" => (
+            "Segments a cut-over held back (their senders send them again)",
+            Counter,
+        ),
+        "held_as_duplicate" => (
+            "Held segments passed on as duplicates so their ACK reaches the proxy socket",
+            Counter,
+        ),
+        "silenced" => (
+            "Segments of the proxy's silent (repair-mode) sockets dropped at egress",
+            Counter,
+        ),
+        "rewrite_failed" => (
+            "Segments a rewrite helper failed on (dropped; the sender retransmits)",
+            Counter,
+        ),
+        "redirect_failed" => (
+            "Translated segments bpf_redirect_neigh could not send",
+            Counter,
+        ),
+        "unparsed" => (
+            "Matched segments whose headers could not be parsed (passed)",
+            Counter,
+        ),
+        "events_lost" => (
+            "End-of-flow events lost to a full ring buffer (tunnels then poll)",
+            Counter,
+        ),
+        _ => ("", Gauge),
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
 impl Collector for KernelCounters {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let Some(stats) = self.plane.get().and_then(|plane| plane.stats().sockmap) else {
+        let Some(stats) = self.plane.get().map(|plane| plane.stats()) else {
+            return Ok(());
+        };
+        if let Some(packet) = stats.packet {
+            for (field, value) in packet.fields() {
+                let (help, kind) = packet_metric(field);
+                let name = format!("packet_{field}");
+                let metric = encoder.encode_descriptor(&name, help, None, kind)?;
+                match kind {
+                    MetricType::Counter => ConstCounter::new(value).encode(metric)?,
+                    _ => ConstGauge::new(value as i64).encode(metric)?,
+                }
+            }
+            let mut family = encoder.encode_descriptor(
+                "packet_not_promoted",
+                "Tunnels that stayed on the splice pump, by why promotion was refused or aborted",
+                None,
+                MetricType::Counter,
+            )?;
+            for (reason, count) in packet.not_promoted_by_reason() {
+                let labels = ReasonLabels { reason };
+                ConstCounter::new(count).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        let Some(stats) = stats.sockmap else {
             return Ok(());
         };
         for (field, value) in stats.fields() {

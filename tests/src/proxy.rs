@@ -206,9 +206,10 @@ impl Proxy {
         });
     }
 
-    /// The sockmap plane's counters: from `/metrics` (`spliced_kernel_NAME`,
-    /// under NAME) when the proxy runs with `--admin`, else from the SIGUSR1
-    /// log line.
+    /// The kernel planes' counters: from `/metrics` (`spliced_kernel_NAME`
+    /// under NAME, `spliced_packet_NAME` under `packet_NAME`, a labelled
+    /// series under `packet_NAME_LABEL`) when the proxy runs with `--admin`,
+    /// else from the SIGUSR1 log line.
     pub fn stats(&self) -> HashMap<String, u64> {
         match self.admin_addr() {
             Some(addr) => self.kernel_metrics(addr),
@@ -238,16 +239,32 @@ impl Proxy {
         .unwrap_or_else(|err| panic!("GET /metrics: {err}\n{}", self.stderr()));
         let counters: HashMap<String, u64> = text
             .lines()
-            .filter_map(|line| line.strip_prefix("spliced_kernel_"))
             .filter_map(|line| {
-                let (name, value) = line.rsplit_once(' ')?;
+                line.strip_prefix("spliced_kernel_")
+                    .map(str::to_owned)
+                    .or_else(|| {
+                        line.strip_prefix("spliced_")
+                            .filter(|l| l.starts_with("packet_"))
+                            .map(str::to_owned)
+                    })
+            })
+            .filter_map(|line| {
+                let (series, value) = line.rsplit_once(' ')?;
+                let (name, label) = match series.split_once('{') {
+                    Some((name, labels)) => (name, labels.split('"').nth(1)),
+                    None => (series, None),
+                };
                 let name = name.strip_suffix("_total").unwrap_or(name);
-                Some((name.to_owned(), value.parse().ok()?))
+                let key = match label {
+                    Some(label) => format!("{name}_{label}"),
+                    None => name.to_owned(),
+                };
+                Some((key, value.parse().ok()?))
             })
             .collect();
         assert!(
             !counters.is_empty(),
-            "no spliced_kernel_ metrics in\n{text}"
+            "no spliced_kernel_ or spliced_packet_ metrics in\n{text}"
         );
         counters
     }

@@ -568,6 +568,21 @@ pub fn select(config: &Config) -> anyhow::Result<(Arc<dyn DataPlane>, String)> {
             anyhow::bail!("{flag} applies only to --dataplane auto");
         }
     }
+    let packet_wanted = config.dataplane == DataPlaneChoice::Packet
+        || (config.dataplane == DataPlaneChoice::Auto
+            && [config.auto_local, config.auto_network].contains(&Some(PlaneKind::Packet)));
+    if !packet_wanted {
+        if let Some(flag) = [
+            config.promote_after.map(|_| "--promote-after"),
+            (!config.packet_interfaces.is_empty()).then_some("--packet-interfaces"),
+        ]
+        .into_iter()
+        .flatten()
+        .next()
+        {
+            anyhow::bail!("{flag} applies only where the packet plane runs (--dataplane packet)");
+        }
+    }
     match config.dataplane {
         DataPlaneChoice::Copy => Ok((
             Arc::new(copy::CopyDataPlane),

@@ -30,7 +30,7 @@ use tokio::net::TcpStream;
 
 use super::{
     kernel::Kernel,
-    qualify::{self, Connection},
+    qualify::{self, Connection, Reason, Refusal},
     relay::Threshold,
     sockets::{self, ConnInfo},
     translate::{self, Cut, Direction, SocketAtCut},
@@ -79,7 +79,13 @@ pub struct Promoted {
 
 /// Why a tunnel was not promoted (it stays on the pump).
 #[derive(Debug)]
-pub struct NotPromoted(pub String);
+pub struct NotPromoted(pub Refusal);
+
+impl NotPromoted {
+    fn new(reason: Reason, detail: impl Into<String>) -> Self {
+        Self(Refusal::new(reason, detail))
+    }
+}
 
 fn sighted(entry: &PacketEntry) -> bool {
     let needed = packet_flags::SEEN_INGRESS | packet_flags::SEEN_EGRESS | packet_flags::TS_SEEN;
@@ -98,7 +104,10 @@ impl Promotion<'_> {
             self.kernel.get(&self.upstream.key),
         ) {
             (Some(a), Some(b)) => Ok([a, b]),
-            _ => Err(NotPromoted("the tunnel's entries are gone".into())),
+            _ => Err(NotPromoted::new(
+                Reason::Internal,
+                "the tunnel's entries are gone",
+            )),
         }
     }
 
@@ -122,10 +131,10 @@ impl Promotion<'_> {
             let probe = !sighted(&entries[index]);
             probed[index] = probe.then(Instant::now);
             (rcv_nxt[index], infos[index].peer_mss) = peek(conn.socket, probe).map_err(|err| {
-                NotPromoted(format!(
-                    "reading the {} socket in repair mode: {err}",
-                    conn.name
-                ))
+                NotPromoted::new(
+                    Reason::Internal,
+                    format!("reading the {} socket in repair mode: {err}", conn.name),
+                )
             })?;
         }
         let entries = self.entries()?;
@@ -133,14 +142,14 @@ impl Promotion<'_> {
             &self.connection(0, infos, entries),
             &self.connection(1, infos, entries),
         )
-        .map_err(|refusal| NotPromoted(refusal.0))?;
+        .map_err(NotPromoted)?;
         let held_at = Instant::now();
         let entries = self.entries()?;
         for ((conn, entry), next) in self.conns().into_iter().zip(&entries).zip(rcv_nxt) {
             let edge = translate::hold_edge(entry, next);
             if let Err(err) = self.kernel.insert(&conn.key, translate::hold(entry, edge)) {
                 self.release();
-                return Err(NotPromoted(format!("{err:#}")));
+                return Err(NotPromoted::new(Reason::Internal, format!("{err:#}")));
             }
         }
         let mut entries = self.entries()?;
@@ -156,14 +165,15 @@ impl Promotion<'_> {
         )
         .map_err(|refusal| {
             self.release();
-            NotPromoted(refusal.0)
+            NotPromoted(refusal)
         })?;
         let deadline = held_at + HOLD_DEADLINE;
         loop {
             if !self.conns().iter().all(|conn| established(conn.socket)) {
                 self.release();
-                return Err(NotPromoted(
-                    "a connection left ESTABLISHED during the hold".into(),
+                return Err(NotPromoted::new(
+                    Reason::NotEstablished,
+                    "a connection left ESTABLISHED during the hold",
                 ));
             }
             let idle = self
@@ -187,15 +197,16 @@ impl Promotion<'_> {
                     }
                     Err(CutError::Abort(reason)) => {
                         self.release();
-                        return Err(NotPromoted(reason));
+                        return Err(NotPromoted::new(Reason::Internal, reason));
                     }
                 }
             }
             if Instant::now() >= deadline {
                 self.release();
-                return Err(NotPromoted(format!(
-                    "the proxy sockets did not drain within {HOLD_DEADLINE:?} of the hold"
-                )));
+                return Err(NotPromoted::new(
+                    Reason::HoldTimeout,
+                    format!("the proxy sockets did not drain within {HOLD_DEADLINE:?} of the hold"),
+                ));
             }
             tokio::time::sleep(POLL).await;
         }
@@ -254,8 +265,12 @@ impl Promotion<'_> {
 
     fn infos(&self) -> Result<[ConnInfo; 2], NotPromoted> {
         let read = |conn: &Conn<'_>| {
-            sockets::conn_info(conn.socket.as_fd())
-                .map_err(|err| NotPromoted(format!("TCP_INFO of the {} socket: {err}", conn.name)))
+            sockets::conn_info(conn.socket.as_fd()).map_err(|err| {
+                NotPromoted::new(
+                    Reason::Internal,
+                    format!("TCP_INFO of the {} socket: {err}", conn.name),
+                )
+            })
         };
         Ok([read(&self.client)?, read(&self.upstream)?])
     }
@@ -336,9 +351,9 @@ impl Promotion<'_> {
         };
         let entries = match self.entries() {
             Ok(entries) => entries,
-            Err(NotPromoted(reason)) => {
+            Err(NotPromoted(refusal)) => {
                 leave_repair(&repaired);
-                return Err(CutError::Abort(reason));
+                return Err(CutError::Abort(refusal.detail));
             }
         };
         let at_cut = |conn: &Conn<'_>,

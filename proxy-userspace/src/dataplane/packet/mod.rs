@@ -20,7 +20,7 @@
 
 mod cutover;
 mod kernel;
-mod qualify;
+pub mod qualify;
 mod relay;
 mod sockets;
 mod translate;
@@ -35,6 +35,14 @@ use proxy_common::packet_stat;
 
 use super::{DataPlane, DataPlaneChoice, Picked, PlaneKind, PlaneStats, Tunnel, TunnelFuture};
 use crate::config::Config;
+
+/// `--promote-after` when not given: a tunnel is promoted once it has moved
+/// this much through the splice pump. A cut-over costs the peers one
+/// retransmission of what they send during it, and one with a single segment
+/// in flight waits for a loss probe (~200 ms); a tunnel past 1 MiB has shown
+/// it is a bulk transfer with a window of segments in flight, where recovery
+/// takes a few round trips. Short HTTPS exchanges never pay it.
+pub const DEFAULT_PROMOTE_AFTER: u64 = 1 << 20;
 
 /// The packet data plane. See the module documentation.
 pub struct PacketDataPlane {
@@ -57,10 +65,10 @@ impl PacketDataPlane {
         Ok(Self {
             shared: Arc::new(tunnel::Shared {
                 kernel,
-                promote_after: config.promote_after,
+                promote_after: config.promote_after.unwrap_or(DEFAULT_PROMOTE_AFTER),
                 next_flow: 1.into(),
                 promoted: 0.into(),
-                not_promoted: 0.into(),
+                not_promoted: Default::default(),
                 lingering: 0.into(),
             }),
         })
@@ -90,7 +98,10 @@ impl DataPlane for PacketDataPlane {
         PlaneStats {
             packet: Some(PacketStats {
                 promoted: shared.promoted.load(Ordering::Relaxed),
-                not_promoted: shared.not_promoted.load(Ordering::Relaxed),
+                not_promoted: shared
+                    .not_promoted
+                    .each_ref()
+                    .map(|count| count.load(Ordering::Relaxed)),
                 lingering: shared.lingering.load(Ordering::Relaxed),
                 entries: shared.kernel.entries() as u64,
                 matched: stat(packet_stat::MATCHED),
@@ -114,8 +125,9 @@ impl DataPlane for PacketDataPlane {
 pub struct PacketStats {
     /// Tunnels promoted to segment translation.
     pub promoted: u64,
-    /// Tunnels that stayed on the splice pump (refused or aborted promotion).
-    pub not_promoted: u64,
+    /// Tunnels that stayed on the splice pump (refused or aborted
+    /// promotion), by reason (`qualify::Reason::ALL` order).
+    pub not_promoted: [u64; qualify::Reason::ALL.len()],
     /// Promoted tunnels that ended and still translate late segments.
     pub lingering: u64,
     /// `PACKET_FLOWS` entries now (two per registered tunnel).
@@ -141,11 +153,19 @@ pub struct PacketStats {
 }
 
 impl PacketStats {
-    /// Every counter with the name the SIGUSR1 line and the metrics use.
-    pub fn fields(&self) -> [(&'static str, u64); 13] {
+    /// Tunnels not promoted, with each reason's label.
+    pub fn not_promoted_by_reason(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        qualify::Reason::ALL
+            .iter()
+            .zip(self.not_promoted)
+            .map(|(reason, count)| (reason.as_str(), count))
+    }
+
+    /// Every counter but the per-reason ones, with the name the SIGUSR1 line
+    /// and the metrics use.
+    pub fn fields(&self) -> [(&'static str, u64); 12] {
         [
             ("promoted", self.promoted),
-            ("not_promoted", self.not_promoted),
             ("lingering", self.lingering),
             ("entries", self.entries),
             ("matched", self.matched),
@@ -168,6 +188,14 @@ impl fmt::Display for PacketStats {
                 f.write_str(" ")?;
             }
             write!(f, "packet_{name}={value}")?;
+        }
+        let not_promoted: u64 = self.not_promoted.iter().sum();
+        write!(f, " packet_not_promoted={not_promoted}")?;
+        for (reason, count) in self
+            .not_promoted_by_reason()
+            .filter(|(_, count)| *count > 0)
+        {
+            write!(f, " packet_not_promoted_{reason}={count}")?;
         }
         Ok(())
     }

@@ -22,18 +22,113 @@ pub struct Connection {
     pub entry: PacketEntry,
 }
 
-/// Why a tunnel is not promoted.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Refusal(pub String);
+/// Why a tunnel is not promoted, as a metric label: a bounded set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// A connection left ESTABLISHED (a FIN or RST came first).
+    NotEstablished,
+    /// A connection without TCP timestamps (or a segment without them).
+    NoTimestamps,
+    /// Microsecond TCP timestamps, which the translation does not shift.
+    UsecTimestamps,
+    /// A connection without SACK.
+    NoSack,
+    /// ECN negotiated on one connection only.
+    EcnOnOneSide,
+    /// TCP Fast Open on a connection.
+    FastOpen,
+    /// Multipath TCP on a socket.
+    Mptcp,
+    /// A window scale above 14.
+    WindowScale,
+    /// The two connections use different IP versions.
+    AddressFamily,
+    /// A sender's segments would not fit the other connection.
+    Mss,
+    /// No segment of a connection arrived on an interface the programs are
+    /// attached to.
+    NotAttached,
+    /// The proxy's own segments did not leave with their own addresses (NAT
+    /// on this host), or not by an attached interface.
+    Nat,
+    /// The two connections use different kinds of path (one on lo), or a
+    /// connection arrives and leaves by different interfaces.
+    MixedPaths,
+    /// The proxy's sockets did not drain within the hold's deadline.
+    HoldTimeout,
+    /// A map update or a socket call failed.
+    Internal,
+}
 
-impl fmt::Display for Refusal {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+impl Reason {
+    /// Every reason, in the order metrics list them.
+    pub const ALL: [Self; 15] = [
+        Self::NotEstablished,
+        Self::NoTimestamps,
+        Self::UsecTimestamps,
+        Self::NoSack,
+        Self::EcnOnOneSide,
+        Self::FastOpen,
+        Self::Mptcp,
+        Self::WindowScale,
+        Self::AddressFamily,
+        Self::Mss,
+        Self::NotAttached,
+        Self::Nat,
+        Self::MixedPaths,
+        Self::HoldTimeout,
+        Self::Internal,
+    ];
+
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NotEstablished => "not_established",
+            Self::NoTimestamps => "no_timestamps",
+            Self::UsecTimestamps => "usec_timestamps",
+            Self::NoSack => "no_sack",
+            Self::EcnOnOneSide => "ecn_on_one_side",
+            Self::FastOpen => "fast_open",
+            Self::Mptcp => "mptcp",
+            Self::WindowScale => "window_scale",
+            Self::AddressFamily => "address_family",
+            Self::Mss => "mss",
+            Self::NotAttached => "not_attached",
+            Self::Nat => "nat",
+            Self::MixedPaths => "mixed_paths",
+            Self::HoldTimeout => "hold_timeout",
+            Self::Internal => "internal",
+        }
     }
 }
 
-fn refuse<T>(reason: impl Into<String>) -> Result<T, Refusal> {
-    Err(Refusal(reason.into()))
+/// Why a tunnel is not promoted: the kind, and what exactly.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    /// The kind (a metric label).
+    pub reason: Reason,
+    /// The details, for the debug log.
+    pub detail: String,
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.detail, self.reason.as_str())
+    }
+}
+
+impl Refusal {
+    /// A refusal of kind `reason`.
+    pub fn new(reason: Reason, detail: impl Into<String>) -> Self {
+        Self {
+            reason,
+            detail: detail.into(),
+        }
+    }
+}
+
+fn refuse<T>(reason: Reason, detail: impl Into<String>) -> Result<T, Refusal> {
+    Err(Refusal::new(reason, detail))
 }
 
 /// The devices the two connections use, when the tunnel qualifies:
@@ -52,42 +147,66 @@ pub fn qualify(
 pub fn sockets(client: &Connection, upstream: &Connection) -> Result<(), Refusal> {
     for conn in [client, upstream] {
         if u32::from(conn.info.state) != tcp_state::ESTABLISHED {
-            return refuse(format!(
-                "the {} connection is not established (TCP state {})",
-                conn.name, conn.info.state
-            ));
+            return refuse(
+                Reason::NotEstablished,
+                format!(
+                    "the {} connection is not established (TCP state {})",
+                    conn.name, conn.info.state
+                ),
+            );
+        }
+        if conn.info.mptcp {
+            return refuse(
+                Reason::Mptcp,
+                format!("Multipath TCP on the {} socket", conn.name),
+            );
         }
         let options = conn.info.options;
         if options & tcpi_opt::TIMESTAMPS == 0 {
-            return refuse(format!("no TCP timestamps on the {} connection", conn.name));
+            return refuse(
+                Reason::NoTimestamps,
+                format!("no TCP timestamps on the {} connection", conn.name),
+            );
         }
         if options & tcpi_opt::USEC_TS != 0 {
-            return refuse(format!(
-                "microsecond TCP timestamps on the {} connection",
-                conn.name
-            ));
+            return refuse(
+                Reason::UsecTimestamps,
+                format!("microsecond TCP timestamps on the {} connection", conn.name),
+            );
         }
         if options & tcpi_opt::SACK == 0 {
-            return refuse(format!("no SACK on the {} connection", conn.name));
+            return refuse(
+                Reason::NoSack,
+                format!("no SACK on the {} connection", conn.name),
+            );
         }
         if options & (tcpi_opt::SYN_DATA | tcpi_opt::TFO_CHILD) != 0 {
-            return refuse(format!("TCP Fast Open on the {} connection", conn.name));
+            return refuse(
+                Reason::FastOpen,
+                format!("TCP Fast Open on the {} connection", conn.name),
+            );
         }
         if conn.info.snd_wscale > 14 || conn.info.rcv_wscale > 14 {
-            return refuse(format!(
-                "window scale above 14 on the {} connection",
-                conn.name
-            ));
+            return refuse(
+                Reason::WindowScale,
+                format!("window scale above 14 on the {} connection", conn.name),
+            );
         }
     }
     if (client.info.options & tcpi_opt::ECN) != (upstream.info.options & tcpi_opt::ECN) {
-        return refuse("ECN negotiated on one connection only");
+        return refuse(
+            Reason::EcnOnOneSide,
+            "ECN negotiated on one connection only",
+        );
     }
     if is_ipv4(&client.peer) != is_ipv4(&upstream.peer)
         || is_ipv4(&client.local) != is_ipv4(&client.peer)
         || is_ipv4(&upstream.local) != is_ipv4(&upstream.peer)
     {
-        return refuse("the two connections use different IP versions");
+        return refuse(
+            Reason::AddressFamily,
+            "the two connections use different IP versions",
+        );
     }
     // The largest segment a sender may send (the MSS the proxy announced to
     // it) must fit the other connection: the MSS its receiver announced, and
@@ -96,10 +215,13 @@ pub fn sockets(client: &Connection, upstream: &Connection) -> Result<(), Refusal
     for (from, to) in [(client, upstream), (upstream, client)] {
         let fits = to.info.peer_mss.min(to.info.pmtu.saturating_sub(headers));
         if from.info.advmss > fits {
-            return refuse(format!(
-                "the {} may send {}-byte segments, the {} connection carries {fits}",
-                from.name, from.info.advmss, to.name
-            ));
+            return refuse(
+                Reason::Mss,
+                format!(
+                    "the {} may send {}-byte segments, the {} connection carries {fits}",
+                    from.name, from.info.advmss, to.name
+                ),
+            );
         }
     }
     Ok(())
@@ -116,33 +238,45 @@ pub fn path(
     for (device, conn) in devices.iter_mut().zip([client, upstream]) {
         let flags = conn.entry.flags;
         if flags & packet_flags::SEEN_INGRESS == 0 {
-            return refuse(format!(
-                "no segment of the {} connection arrived on an attached interface",
-                conn.name
-            ));
+            return refuse(
+                Reason::NotAttached,
+                format!(
+                    "no segment of the {} connection arrived on an attached interface",
+                    conn.name
+                ),
+            );
         }
         if flags & packet_flags::SEEN_EGRESS == 0 {
-            return refuse(format!(
+            return refuse(Reason::Nat, format!(
                 "no segment of the proxy's {} socket left by an attached interface with its own addresses (NAT on this host, or not attached there)",
                 conn.name
             ));
         }
         if flags & packet_flags::TS_SEEN == 0 || flags & packet_flags::NO_TS_SEEN != 0 {
-            return refuse(format!(
-                "a segment of the {} connection without timestamps",
-                conn.name
-            ));
+            return refuse(
+                Reason::NoTimestamps,
+                format!(
+                    "a segment of the {} connection without timestamps",
+                    conn.name
+                ),
+            );
         }
         if conn.entry.in_ifindex != conn.entry.out_seen_ifindex {
-            return refuse(format!(
-                "the {} connection arrives on interface {} and leaves by {}",
-                conn.name, conn.entry.in_ifindex, conn.entry.out_seen_ifindex
-            ));
+            return refuse(
+                Reason::MixedPaths,
+                format!(
+                    "the {} connection arrives on interface {} and leaves by {}",
+                    conn.name, conn.entry.in_ifindex, conn.entry.out_seen_ifindex
+                ),
+            );
         }
         *device = conn.entry.in_ifindex;
     }
     if (devices[0] == loopback) != (devices[1] == loopback) {
-        return refuse("one connection is on lo and the other on a network device");
+        return refuse(
+            Reason::MixedPaths,
+            "one connection is on lo and the other on a network device",
+        );
     }
     Ok((devices[0], devices[1]))
 }
@@ -164,6 +298,7 @@ mod tests {
                 advmss: 1460,
                 pmtu: 1500,
                 peer_mss: 1460,
+                mptcp: false,
             },
             entry: PacketEntry {
                 flags: packet_flags::SEEN_INGRESS
@@ -184,7 +319,11 @@ mod tests {
     }
 
     fn reason(client: &Connection, upstream: &Connection) -> String {
-        qualify(client, upstream, 1).unwrap_err().0
+        qualify(client, upstream, 1).unwrap_err().detail
+    }
+
+    fn kind(client: &Connection, upstream: &Connection) -> Reason {
+        qualify(client, upstream, 1).unwrap_err().reason
     }
 
     #[test]
@@ -226,6 +365,20 @@ mod tests {
         let (mut client, upstream) = pair();
         client.info.state = tcp_state::CLOSE_WAIT as u8;
         assert!(reason(&client, &upstream).contains("not established"));
+        assert_eq!(kind(&client, &upstream), Reason::NotEstablished);
+        let (client, mut upstream) = pair();
+        upstream.info.mptcp = true;
+        assert_eq!(kind(&client, &upstream), Reason::Mptcp);
+        let (mut client, upstream) = pair();
+        client.entry.flags &= !packet_flags::SEEN_EGRESS;
+        assert_eq!(kind(&client, &upstream), Reason::Nat);
+        let (client, mut upstream) = pair();
+        upstream.entry.flags &= !packet_flags::SEEN_INGRESS;
+        assert_eq!(kind(&client, &upstream), Reason::NotAttached);
+        let (mut client, upstream) = pair();
+        client.entry.in_ifindex = 1;
+        client.entry.out_seen_ifindex = 1;
+        assert_eq!(kind(&client, &upstream), Reason::MixedPaths);
     }
 
     #[test]

@@ -149,6 +149,8 @@ pub struct ConnInfo {
     pub pmtu: u32,
     /// The MSS the peer announced (`TCP_MAXSEG` in repair mode; 0 until read).
     pub peer_mss: u32,
+    /// Whether the socket is Multipath TCP (`SO_PROTOCOL` is `IPPROTO_MPTCP`).
+    pub mptcp: bool,
 }
 
 /// Reads [`ConnInfo`].
@@ -167,5 +169,7 @@ pub fn conn_info(fd: BorrowedFd<'_>) -> io::Result<ConnInfo> {
         advmss: u32_at(84),
         pmtu: u32_at(60),
         peer_mss: 0,
+        mptcp: getsockopt::<libc::c_int>(fd, libc::SOL_SOCKET, libc::SO_PROTOCOL)?
+            == libc::IPPROTO_MPTCP,
     })
 }

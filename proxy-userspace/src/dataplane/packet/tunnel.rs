@@ -17,6 +17,7 @@ use tokio::{net::TcpStream, sync::mpsc};
 use super::{
     cutover::{Conn, NotPromoted, Promoted, Promotion},
     kernel::Kernel,
+    qualify::Reason,
     relay::{relay_one_way, Threshold},
     translate::{self, entry_end},
 };
@@ -40,7 +41,8 @@ pub struct Shared {
     pub promote_after: u64,
     pub next_flow: AtomicU64,
     pub promoted: AtomicU64,
-    pub not_promoted: AtomicU64,
+    /// Tunnels that stayed on the pump, by [`Reason`] (in `Reason::ALL` order).
+    pub not_promoted: [AtomicU64; Reason::ALL.len()],
     pub lingering: AtomicU64,
 }
 
@@ -200,9 +202,10 @@ pub async fn run_tunnel(shared: Arc<Shared>, tunnel: Tunnel) -> TunnelOutcome {
                             promoted = Some(done);
                             break;
                         }
-                        Err(NotPromoted(reason)) => {
-                            shared.not_promoted.fetch_add(1, Ordering::Relaxed);
-                            log::info!("packet: tunnel not promoted: {reason}");
+                        Err(NotPromoted(refusal)) => {
+                            let kind = Reason::ALL.iter().position(|&r| r == refusal.reason);
+                            shared.not_promoted[kind.unwrap_or(0)].fetch_add(1, Ordering::Relaxed);
+                            log::debug!("packet: tunnel not promoted: {refusal}");
                             continue;
                         }
                     }
