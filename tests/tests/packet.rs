@@ -120,6 +120,11 @@ impl Setup {
 
     /// The proxy and the upstream on `topology`.
     fn on(topology: Topology, ipv6: bool, promote_after: u64) -> Self {
+        Self::on_with(topology, ipv6, promote_after, &[])
+    }
+
+    /// [`Setup::on`] with more arguments for spliced.
+    fn on_with(topology: Topology, ipv6: bool, promote_after: u64, extra: &[&str]) -> Self {
         let (listen_ip, server_ip): (IpAddr, IpAddr) = if ipv6 {
             topology.add_ipv6();
             (Topology::PROXY_IP6.into(), Topology::SERVER_IP6.into())
@@ -127,7 +132,8 @@ impl Setup {
             (Topology::PROXY_IP.into(), Topology::SERVER_IP.into())
         };
         let upstream = Upstream::start_in(&topology.server, SocketAddr::new(server_ip, 8443));
-        let args = proxy_args(promote_after, 8443, SocketAddr::new(listen_ip, 3128));
+        let mut args = proxy_args(promote_after, 8443, SocketAddr::new(listen_ip, 3128));
+        args.extend(extra.iter().map(|arg| (*arg).to_owned()));
         let proxy = Proxy::start_in(
             &topology.proxy,
             &args.iter().map(String::as_str).collect::<Vec<_>>(),
@@ -762,4 +768,66 @@ fn windows_rescaled_between_different_scales() {
         .and_then(|rest| rest.split(',').next())
         .unwrap_or_default();
     assert_ne!(shifts, shift_out, "the shifts should differ here:\n{log}");
+}
+
+/// An endpoint of a translated flow that waits in silence learns of the idle
+/// timeout at once: the proxy sends each endpoint a RST at the sequence
+/// number it expects (its repair-mode sockets cannot), on loopback and across
+/// veth. Without it the client would wait for its read to time out.
+#[test]
+fn an_idle_promoted_tunnel_is_reset_at_both_ends() {
+    for net in [Net::Loopback, Net::Veth] {
+        let setup = match net {
+            Net::Loopback => Setup::local_with(false, 0, &["--read-timeout", "1"]),
+            Net::Veth => Setup::on_with(
+                Topology::with_prefix(PREFIX),
+                false,
+                0,
+                &["--read-timeout", "1"],
+            ),
+        };
+        let mut stream = setup.tunnel();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let started = std::time::Instant::now();
+        let mut buf = [0u8; 16];
+        let read = stream.read(&mut buf);
+        let waited = started.elapsed();
+        let records = setup.proxy.wait_json_records(1);
+        setup.assert_promoted(&records[0]);
+        assert_eq!(records[0]["end"], "idle_timeout", "{}", records[0]);
+        let err = read.expect_err("a clean EOF, or bytes, from a timed-out tunnel");
+        assert_eq!(
+            err.kind(),
+            std::io::ErrorKind::ConnectionReset,
+            "{net:?}: after {waited:?}: {err}\n{}",
+            setup.proxy.stderr()
+        );
+        assert!(
+            waited < Duration::from_secs(5),
+            "{net:?}: reset after {waited:?}"
+        );
+        // The upstream's socket was reset too: no connection to it is left.
+        let upstream_ns = setup.others.last().unwrap_or(&setup.client_ns);
+        let port = setup.upstream.addr.port();
+        let left = || {
+            let output = upstream_ns
+                .command("ss")
+                .args([
+                    "-Htn",
+                    "state",
+                    "established",
+                    &format!("( sport = :{port} )"),
+                ])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&output.stdout).trim().to_owned()
+        };
+        assert!(
+            spliced_tests::wait_until(Duration::from_secs(3), || left().is_empty()),
+            "{net:?}: the upstream still has {}",
+            left()
+        );
+    }
 }

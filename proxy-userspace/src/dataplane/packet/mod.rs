@@ -16,12 +16,14 @@
 //! * [`translate`] — the translation arithmetic (pure, unit-tested);
 //! * [`relay`] — the splice pump before promotion;
 //! * [`cutover`] — hold, drain, repair, translate (or abort);
+//! * [`reset`] — the RSTs that end a translated flow on a limit or shutdown;
 //! * [`tunnel`] — one tunnel from hand-over to the end of its linger.
 
 mod cutover;
 mod kernel;
 pub mod qualify;
 mod relay;
+mod reset;
 mod sockets;
 mod translate;
 mod tunnel;

@@ -19,6 +19,7 @@ use super::{
     kernel::Kernel,
     qualify::Reason,
     relay::{relay_one_way, Threshold},
+    reset,
     translate::{self, entry_end},
 };
 use crate::dataplane::{
@@ -279,11 +280,41 @@ pub async fn run_tunnel(shared: Arc<Shared>, tunnel: Tunnel) -> TunnelOutcome {
             registration_gone(&shared);
         });
     } else {
-        // A limit or shutdown: with the entries and the repair-mode sockets
-        // gone, the next segment of either endpoint gets a RST from this host.
+        // A limit or shutdown: both endpoints get a RST now (see reset.rs),
+        // sent once the translation is gone so nothing it forwards can
+        // overtake it; with the entries and the repair-mode sockets gone,
+        // a segment either endpoint sends later gets one from this host too.
+        let last = registration.entries();
         drop(registration);
+        if let (Some([client_in, upstream_in]), Some(addrs)) = (last, addrs.as_ref()) {
+            reset_endpoints(addrs, &client_in, &upstream_in);
+        }
     }
     outcome
+}
+
+/// Sends each endpoint of an ended translated flow a RST it accepts: the
+/// client's from the proxy's listening address, the upstream's from the
+/// proxy's upstream socket's address, at what each was sent last.
+fn reset_endpoints(addrs: &Addrs, client_in: &PacketEntry, upstream_in: &PacketEntry) {
+    for (from, to, seq) in [
+        (
+            addrs.client_local,
+            addrs.client_peer,
+            reset::reset_seq(upstream_in),
+        ),
+        (
+            addrs.upstream_local,
+            addrs.upstream_peer,
+            reset::reset_seq(client_in),
+        ),
+    ] {
+        if let Err(err) = reset::send(from, to, seq) {
+            // Without CAP_NET_RAW the endpoint learns of the end from this
+            // host's own RST, the next time it sends.
+            log::debug!("packet: RST to {to}: {err}");
+        }
+    }
 }
 
 fn registration_gone(shared: &Shared) {
