@@ -611,7 +611,8 @@ fn select_auto(config: &Config, splice: Arc<dyn DataPlane>) -> (Arc<dyn DataPlan
         None => auto::local_default(&auto::host_congestion_control()),
     };
     let network = config.auto_network.unwrap_or(PlaneKind::Splice);
-    let sockmap: Option<Arc<dyn DataPlane>> = if [local, network].contains(&PlaneKind::Sockmap) {
+    let wanted = |kind| [local, network].contains(&kind);
+    let sockmap: Option<Arc<dyn DataPlane>> = if wanted(PlaneKind::Sockmap) {
         match sockmap::SockmapDataPlane::load(config, splice.clone()) {
             Ok(plane) => {
                 why.push("eBPF programs loaded and attached".to_string());
@@ -625,12 +626,28 @@ fn select_auto(config: &Config, splice: Arc<dyn DataPlane>) -> (Arc<dyn DataPlan
     } else {
         None
     };
+    let packet: Option<Arc<dyn DataPlane>> = if wanted(PlaneKind::Packet) {
+        match packet::PacketDataPlane::load(config) {
+            Ok(plane) => {
+                why.push("tc programs attached for the packet plane".to_string());
+                Some(Arc::new(plane))
+            }
+            Err(err) => {
+                why.push(format!(
+                    "packet plane unavailable ({err:#}); splice instead"
+                ));
+                None
+            }
+        }
+    } else {
+        None
+    };
     let copy: Arc<dyn DataPlane> = Arc::new(copy::CopyDataPlane);
     let build = |kind| match kind {
         PlaneKind::Sockmap => sockmap.clone().unwrap_or_else(|| splice.clone()),
         PlaneKind::Splice => splice.clone(),
         PlaneKind::Copy => copy.clone(),
-        PlaneKind::Packet => unreachable!("auto does not offer packet yet"),
+        PlaneKind::Packet => packet.clone().unwrap_or_else(|| splice.clone()),
     };
     let (local, network) = (build(local), build(network));
     if local.name() == network.name() {
