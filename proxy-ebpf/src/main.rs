@@ -23,7 +23,7 @@ use aya_ebpf::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
     },
-    helpers::{bpf_get_socket_cookie, bpf_skb_adjust_room},
+    helpers::{bpf_get_socket_cookie, bpf_loop, bpf_skb_adjust_room},
     macros::{map, sock_ops, stream_verdict},
     maps::{Array, HashMap, RingBuf, SockHash},
     programs::{SkBuffContext, SockOpsContext},
@@ -76,12 +76,14 @@ static REDIRECT_EMPTY_SKBS: u8 = 0;
 #[no_mangle]
 static TRIM_OVERLAPS: u8 = 1;
 
-/// Test hook, set by user space at load time (`--test-hook short-trim`): the
-/// most trim steps per skb, below [`MAX_TRIM_STEPS`], so a test can reach the
-/// reset that follows an overlap too long to trim.
-#[cfg(feature = "test-hooks")]
+/// The most trim steps per skb ([`MAX_TRIM_STEPS`]; `--test-hook short-trim`
+/// lowers it to one). In every build, not only the test one: the verdict
+/// reads it at run time, so the verifier cannot fold it into `trim_front`'s
+/// loop and prunes the loop's states; folded to a constant (as the release
+/// build first did) it walked all 512 iterations and gave up at its
+/// 1,000,000-instruction budget after ~22 s (E2BIG).
 #[no_mangle]
-static TRIM_STEPS: u32 = MAX_TRIM_STEPS;
+static TRIM_STEP_LIMIT: u32 = MAX_TRIM_STEPS;
 
 /// Whether empty FIN skbs are redirected: only under a test hook.
 #[inline(always)]
@@ -113,18 +115,11 @@ fn trim_overlaps() -> bool {
     }
 }
 
-/// The most trim steps per skb: [`MAX_TRIM_STEPS`], except under a test hook.
+/// The most trim steps per skb (see [`TRIM_STEP_LIMIT`]).
 #[inline(always)]
 fn trim_steps() -> u32 {
-    #[cfg(feature = "test-hooks")]
-    {
-        // SAFETY: a read of a constant in .rodata that the loader may have patched.
-        unsafe { core::ptr::read_volatile(&TRIM_STEPS) }
-    }
-    #[cfg(not(feature = "test-hooks"))]
-    {
-        MAX_TRIM_STEPS
-    }
+    // SAFETY: a read of a constant in .rodata that the loader may have patched.
+    unsafe { core::ptr::read_volatile(&TRIM_STEP_LIMIT) }
 }
 
 /// Kernel-side counters, indexed by `proxy_common::stat`.
@@ -315,28 +310,31 @@ const TRIMMED: u32 = 0;
 /// `bpf_skb_adjust_room`, and counts them; returns [`TRIMMED`], or 1 if bytes
 /// are left.
 ///
-/// A function of its own (a BPF-to-BPF call) that returns one of two values,
-/// so the verifier walks the rest of the verdict twice after it, not once per
-/// way out of the loop (with the loop inlined, 256 steps already made the
-/// program too complex to load under one test hook: E2BIG).
+/// The steps run as a `bpf_loop` callback, which the verifier checks once
+/// whatever the number of iterations. As a bounded loop it walked every
+/// iteration: with the loop inlined, 256 steps already made the program too
+/// complex to load under one test hook (E2BIG), and 512 steps in a function
+/// of their own passed or failed by how LLVM laid the loop out — the release
+/// build's layout hit the 1,000,000-instruction budget after ~22 s. A function
+/// of its own that returns one of two values, so the verifier walks the rest
+/// of the verdict twice after it.
 #[inline(never)]
 fn trim_front(skb: *mut __sk_buff, bytes: u32, steps: u32) -> u32 {
-    let mut left = bytes;
-    for step_index in 0..MAX_TRIM_STEPS {
-        if left == 0 || step_index >= steps {
-            break;
-        }
-        let step = left.min(TRIM_STEP);
-        // SAFETY: `skb` is the program's context. bpf_skb_adjust_room with a
-        // negative length on an sk_skb pulls that many bytes into the linear
-        // area and drops them from the front (sk_skb_adjust_room →
-        // pskb_may_pull + __skb_pull); it fails if the skb is shorter or the
-        // pull cannot allocate.
-        if unsafe { bpf_skb_adjust_room(skb, -(step as i32), 0, 0) } != 0 {
-            break;
-        }
-        left -= step;
+    let mut trim = Trim { skb, left: bytes };
+    // SAFETY: `trim_step` has the callback signature bpf_loop expects and only
+    // touches the `Trim` passed as its context, which lives on this stack for
+    // the whole call. bpf_loop calls it up to `steps` times (at most
+    // MAX_TRIM_STEPS: the kernel refuses more than 1 << 23), stopping early
+    // when it returns 1.
+    unsafe {
+        bpf_loop(
+            steps.min(MAX_TRIM_STEPS),
+            trim_step as *const () as *mut core::ffi::c_void,
+            (&raw mut trim).cast(),
+            0,
+        );
     }
+    let left = trim.left;
     if let Some(counter) = STATS.get_ptr_mut(stat::DUPLICATE_BYTES_TRIMMED) {
         add(counter, u64::from(bytes - left));
     }
@@ -350,6 +348,37 @@ fn trim_front(skb: *mut __sk_buff, bytes: u32, steps: u32) -> u32 {
         }
     }
     u32::from(left != 0)
+}
+
+/// The state of a trim, on the stack of [`trim_front`].
+#[repr(C)]
+struct Trim {
+    /// The program's context.
+    skb: *mut __sk_buff,
+    /// Bytes still to trim off the front.
+    left: u32,
+}
+
+/// One step of [`trim_front`]: trims up to [`TRIM_STEP`] bytes; returns 1 to
+/// stop (done, or the helper failed).
+extern "C" fn trim_step(_index: u64, context: *mut core::ffi::c_void) -> i64 {
+    // SAFETY: bpf_loop passes back the pointer `trim_front` gave it: a live,
+    // exclusively used Trim.
+    let trim = unsafe { &mut *context.cast::<Trim>() };
+    if trim.left == 0 {
+        return 1;
+    }
+    let step = trim.left.min(TRIM_STEP);
+    // SAFETY: `trim.skb` is the program's context. bpf_skb_adjust_room with a
+    // negative length on an sk_skb pulls that many bytes into the linear
+    // area and drops them from the front (sk_skb_adjust_room →
+    // pskb_may_pull + __skb_pull); it fails if the skb is shorter or the
+    // pull cannot allocate.
+    if unsafe { bpf_skb_adjust_room(trim.skb, -(step as i32), 0, 0) } != 0 {
+        return 1;
+    }
+    trim.left -= step;
+    0
 }
 
 /// Whether flow control holds this skb back (pass) rather than redirecting it.

@@ -65,6 +65,15 @@ impl Proxy {
         })
     }
 
+    /// Starts the spliced at `binary` (e.g. [`release_bin`]) on 127.0.0.1.
+    pub fn start_with_binary(binary: &std::path::Path, args: &[&str]) -> Self {
+        Self::spawn(args, |full_args| {
+            let mut command = Command::new(binary);
+            command.args(full_args);
+            command
+        })
+    }
+
     /// Starts spliced inside `ns`.
     pub fn start_in(ns: &Netns, args: &[&str]) -> Self {
         let mut proxy = Self::spawn(args, |full_args| {

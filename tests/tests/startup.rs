@@ -138,7 +138,7 @@ fn the_release_build_has_no_test_hooks() {
         stderr.contains("unexpected argument '--test-hook'"),
         "{stderr}"
     );
-    let globals = ["REDIRECT_EMPTY_SKBS", "TRIM_OVERLAPS", "TRIM_STEPS"];
+    let globals = ["REDIRECT_EMPTY_SKBS", "TRIM_OVERLAPS"];
     let contains = |haystack: &[u8], needle: &str| {
         haystack
             .windows(needle.len())
@@ -158,6 +158,19 @@ fn the_release_build_has_no_test_hooks() {
         );
     }
     assert!(!contains(&release_bytes, "no-rcvlowat-kick"));
+    // And its eBPF object is the one that has to pass the verifier: a
+    // release build's code can differ from the test build's.
+    let proxy = Proxy::start_with_binary(
+        &release,
+        &["--dataplane", "sockmap", "--access-log", "/dev/null"],
+    );
+    assert!(
+        proxy
+            .stderr()
+            .contains("data plane: sockmap (requested with --dataplane sockmap)"),
+        "{}",
+        proxy.stderr()
+    );
 }
 
 /// Runs one tunnel from `client` (a namespace, or this process's own one) through
