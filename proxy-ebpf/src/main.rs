@@ -76,14 +76,12 @@ static REDIRECT_EMPTY_SKBS: u8 = 0;
 #[no_mangle]
 static TRIM_OVERLAPS: u8 = 1;
 
-/// The most trim steps per skb ([`MAX_TRIM_STEPS`]; `--test-hook short-trim`
-/// lowers it to one). In every build, not only the test one: the verdict
-/// reads it at run time, so the verifier cannot fold it into `trim_front`'s
-/// loop and prunes the loop's states; folded to a constant (as the release
-/// build first did) it walked all 512 iterations and gave up at its
-/// 1,000,000-instruction budget after ~22 s (E2BIG).
+/// Test hook, set by user space at load time (`--test-hook short-trim`): the
+/// most trim steps per skb, below [`MAX_TRIM_STEPS`], so a test can reach the
+/// reset that follows an overlap too long to trim.
+#[cfg(feature = "test-hooks")]
 #[no_mangle]
-static TRIM_STEP_LIMIT: u32 = MAX_TRIM_STEPS;
+static TRIM_STEPS: u32 = MAX_TRIM_STEPS;
 
 /// Whether empty FIN skbs are redirected: only under a test hook.
 #[inline(always)]
@@ -115,11 +113,18 @@ fn trim_overlaps() -> bool {
     }
 }
 
-/// The most trim steps per skb (see [`TRIM_STEP_LIMIT`]).
+/// The most trim steps per skb: [`MAX_TRIM_STEPS`], except under a test hook.
 #[inline(always)]
 fn trim_steps() -> u32 {
-    // SAFETY: a read of a constant in .rodata that the loader may have patched.
-    unsafe { core::ptr::read_volatile(&TRIM_STEP_LIMIT) }
+    #[cfg(feature = "test-hooks")]
+    {
+        // SAFETY: a read of a constant in .rodata that the loader may have patched.
+        unsafe { core::ptr::read_volatile(&TRIM_STEPS) }
+    }
+    #[cfg(not(feature = "test-hooks"))]
+    {
+        MAX_TRIM_STEPS
+    }
 }
 
 /// Kernel-side counters, indexed by `proxy_common::stat`.

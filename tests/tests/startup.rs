@@ -138,7 +138,7 @@ fn the_release_build_has_no_test_hooks() {
         stderr.contains("unexpected argument '--test-hook'"),
         "{stderr}"
     );
-    let globals = ["REDIRECT_EMPTY_SKBS", "TRIM_OVERLAPS"];
+    let globals = ["REDIRECT_EMPTY_SKBS", "TRIM_OVERLAPS", "TRIM_STEPS"];
     let contains = |haystack: &[u8], needle: &str| {
         haystack
             .windows(needle.len())

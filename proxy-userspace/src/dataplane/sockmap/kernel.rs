@@ -230,7 +230,7 @@ fn set_test_globals(loader: &mut EbpfLoader<'_>, hooks: &TestHooks) {
             true,
         );
     if hooks.has(TestHook::ShortTrim) {
-        loader.override_global("TRIM_STEP_LIMIT", &ONE_TRIM_STEP, true);
+        loader.override_global("TRIM_STEPS", &ONE_TRIM_STEP, true);
     }
 }
 
