@@ -47,7 +47,7 @@ impl Spliced {
         let mut command = ns.command(spliced_bin().to_str().expect("utf-8 path"));
         let mut child = command
             .args(args)
-            .env("RUST_LOG", "info,spliced=debug")
+            .env("RUST_LOG", crate::proxy_log_filter())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -50,6 +50,12 @@ pub use netns::Netns;
 pub use proxy::Proxy;
 pub use upstream::{Mode, ServerResult, Upstream};
 
+/// The `RUST_LOG` of the proxies tests start: `$SPLICED_TEST_RUST_LOG`, for
+/// a closer look at a failure, else `info,spliced=debug`.
+pub fn proxy_log_filter() -> String {
+    std::env::var("SPLICED_TEST_RUST_LOG").unwrap_or_else(|_| "info,spliced=debug".into())
+}
+
 /// The answer spliced sends when a tunnel opens.
 pub const CONNECT_OK: &[u8] = b"HTTP/1.1 200 Connection established\r\n\r\n";
 

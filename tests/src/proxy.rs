@@ -105,7 +105,7 @@ impl Proxy {
         }
         let mut command = build(&full_args);
         command
-            .env("RUST_LOG", "info,spliced=debug")
+            .env("RUST_LOG", crate::proxy_log_filter())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
