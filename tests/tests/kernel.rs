@@ -7,10 +7,12 @@
 
 use std::{
     io::{Read, Write},
-    net::{TcpListener, TcpStream},
+    net::{SocketAddr, TcpListener, TcpStream},
     os::fd::AsRawFd as _,
     time::Duration,
 };
+
+use socket2::{Domain, Socket, Type};
 
 use spliced_tests::{
     open_tunnel, pattern, retransmit,
@@ -609,6 +611,143 @@ fn held_back_directions_resume_in_order() {
     assert!(stats["flow_control_pauses"] >= 1, "{stats:?}");
     assert!(stats["flow_control_resumes"] >= 1, "{stats:?}");
     assert_eq!(stats["redirect_failed"], 0, "{stats:?}");
+}
+
+/// Bytes each way of [`held_back_at_both_ends`].
+const HELD: u64 = 8 * MIB;
+
+/// Receive buffer of both endpoints of [`held_back_at_both_ends`]: small, so
+/// neither direction's redirected bytes can go out while its receiver does
+/// not read, and both build a backlog.
+const SMALL_RECEIVE_BUFFER: usize = 64 * 1024;
+
+/// Whether everything written into `stream`, its FIN included, was
+/// acknowledged (`SIOCOUTQ` is 0).
+fn all_acknowledged(stream: &TcpStream) -> bool {
+    let mut queued: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ writes one int through the pointer.
+    let rc = unsafe { libc::ioctl(stream.as_raw_fd(), libc::TIOCOUTQ, &mut queued) };
+    rc == 0 && queued == 0
+}
+
+/// Writes the first half of stream `seed`, waits until the proxy has held
+/// `direction` back, then writes the rest and the FIN, and waits until the
+/// proxy has taken all of it.
+fn send_held_back(stream: &mut TcpStream, seed: u64, proxy: &Proxy, direction: &str) {
+    pattern::send_range(stream, seed, 0, HELD / 2).expect("first half");
+    assert!(
+        wait_until(IO_TIMEOUT, || proxy
+            .stderr()
+            .contains(&format!("flow control: {direction} paused"))),
+        "{direction} was not held back:\n{}",
+        proxy.stderr()
+    );
+    pattern::send_range(stream, seed, HELD / 2, HELD).expect("second half");
+    stream.shutdown(std::net::Shutdown::Write).expect("FIN");
+    assert!(
+        wait_until(IO_TIMEOUT, || all_acknowledged(stream)),
+        "the proxy did not take the {direction} bytes"
+    );
+}
+
+/// A sockmap tunnel whose directions are both held back with both FINs in.
+/// The upstream sends [`HELD`] bytes and its FIN first, then the client, each
+/// half before the proxy holds its direction back and half after, and
+/// nothing is read until the proxy has taken both. (The upstream goes first
+/// so that the bytes passed on the proxy's upstream socket reach its queue
+/// directly: sk_psock_verdict_apply queues a passed skb behind the socket's
+/// own redirected backlog when there is one.) Then the client reads, so the
+/// direction to it ends with a copy that reaches its source's EOF and the
+/// proxy shuts the client's socket down (its FIN was in: the socket is shut
+/// both ways); only after the client's EOF does the upstream read, so its
+/// direction's copy starts after that. Returns what the upstream and the
+/// client received, and the proxy's log.
+fn held_back_at_both_ends() -> (Result<u64, String>, Result<u64, String>, String) {
+    let ns = Netns::new();
+    // The proxy's sockets take a held-back direction's passed bytes whole (the
+    // verdict charges them to the source socket); small send buffers keep
+    // each direction's redirected bytes in the kernel's redirect backlog.
+    ns.enter(|| -> std::io::Result<()> {
+        std::fs::write("/proc/sys/net/ipv4/tcp_rmem", "4096 33554432 33554432")?;
+        std::fs::write("/proc/sys/net/ipv4/tcp_wmem", "4096 65536 65536")
+    })
+    .expect("set the TCP buffers of the test's namespace");
+    let small_buffer = || -> std::io::Result<Socket> {
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+        socket.set_recv_buffer_size(SMALL_RECEIVE_BUFFER)?;
+        Ok(socket)
+    };
+    let listener = ns
+        .enter(move || -> std::io::Result<TcpListener> {
+            let socket = small_buffer()?;
+            socket.bind(&SocketAddr::from(([127, 0, 0, 1], 8443)).into())?;
+            socket.listen(1)?;
+            Ok(socket.into())
+        })
+        .expect("upstream listener");
+    let proxy = Proxy::start_in(
+        &ns,
+        &[
+            "--dataplane",
+            "sockmap",
+            "--connect-ports",
+            "8443",
+            "--listen",
+            "127.0.0.1:3128",
+            "--admin",
+            "127.0.0.1:0",
+            // A raised send buffer would take a whole direction's bytes.
+            "--redirect-send-buffer",
+            "0",
+            "--test-hook",
+            "tiny-backlog",
+        ],
+    );
+    let proxy_addr = proxy.addr;
+    let mut client = ns
+        .enter(move || -> std::io::Result<TcpStream> {
+            let socket = small_buffer()?;
+            socket.connect(&proxy_addr.into())?;
+            let mut stream = TcpStream::from(socket);
+            stream.set_read_timeout(Some(IO_TIMEOUT))?;
+            write!(stream, "CONNECT 127.0.0.1:8443 HTTP/1.1\r\n\r\n")?;
+            spliced_tests::expect_connect_ok(&mut stream);
+            Ok(stream)
+        })
+        .expect("open the tunnel");
+    let (mut upstream, _) = listener.accept().expect("accept the tunnel");
+    // Far shorter than the test's I/O bound: a stalled direction fails the
+    // test, not the suite's patience.
+    upstream
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    send_held_back(&mut upstream, 12, &proxy, "upstream_to_client");
+    send_held_back(&mut client, 11, &proxy, "client_to_upstream");
+    let client = pattern::receive_checked(&mut client, 12);
+    let upstream = pattern::receive_checked(&mut upstream, 11);
+    (upstream, client, proxy.stderr())
+}
+
+/// Once a direction's last copy reached its source's EOF and its destination
+/// is shut down, the direction no longer waits for that destination: a socket
+/// shut both ways stays "write closed" for good (EPOLLHUP, and tokio keeps
+/// closed readiness across `clear_ready`), and waiting on it made the tunnel
+/// task loop without ever yielding. A copy it then started sat in its
+/// worker's LIFO slot, which no other worker steals, and never ran: the other
+/// direction's passed bytes never left. Seen about one run in 12 of a paused
+/// 200 MiB exchange under CPU load (squid_conf's reload and SIGTERM tests);
+/// here it happens every time without the fix.
+#[test]
+fn a_copy_started_after_the_other_direction_shut_down_runs() {
+    let (upstream, client, log) = held_back_at_both_ends();
+    if upstream != Ok(HELD) || client != Ok(HELD) {
+        eprintln!("spliced's log:\n{log}");
+    }
+    assert_eq!(
+        (&upstream, &client),
+        (&Ok(HELD), &Ok(HELD)),
+        "(upstream, client)"
+    );
 }
 
 /// Pattern bytes the client has sent before it retransmits by hand.

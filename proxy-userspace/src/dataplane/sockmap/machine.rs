@@ -82,9 +82,14 @@ struct DirectionState {
 }
 
 impl DirectionState {
-    /// Whether the direction waits for bytes to reach its destination.
+    /// Whether the direction waits for bytes to reach its destination. Once
+    /// the destination is shut down nothing more goes there, whatever the
+    /// hold says: a copy that ends with the stream leaves the direction
+    /// `Paused`. (Waiting on it anyway kept its write-space wake-up armed on a
+    /// socket shut both ways, which tokio reports ready for good: see
+    /// `tunnel.rs::writable`.)
     fn waits_for_destination(&self) -> bool {
-        !self.by_user && ((self.eof_target.is_some() && !self.shut) || self.hold == Hold::Paused)
+        !self.by_user && !self.shut && (self.eof_target.is_some() || self.hold == Hold::Paused)
     }
 }
 
@@ -593,6 +598,59 @@ mod tests {
         assert_eq!(
             machine.check(&observed([0, 507], [0, 500])),
             [Action::ShutDown(DOWN)]
+        );
+    }
+
+    #[test]
+    fn a_direction_shut_after_its_last_copy_waits_no_more() {
+        let mut machine = machine();
+        machine.handle(progress(UP, 500, 0));
+        machine.check(&observed([500, 0], [500, 0]));
+        machine.handle(Event::Drained {
+            direction: UP,
+            bytes: 507,
+        });
+        machine.handle(Event::CopyEnded {
+            direction: UP,
+            copied: 7,
+            resumed: false,
+        });
+        assert_eq!(machine.hold(UP), Hold::Paused);
+        assert_eq!(
+            machine.check(&observed([507, 0], [500, 0])),
+            [Action::ShutDown(UP)]
+        );
+        // Paused still, but shut: neither checks nor write-space wake-ups.
+        assert!(!machine.needs_observation());
+        assert_eq!(
+            machine.wait(),
+            Wait {
+                timer: None,
+                writable: PerDirection([false, false])
+            }
+        );
+        // The other direction's copy still starts and ends the tunnel.
+        machine.handle(progress(DOWN, 300, 0));
+        assert_eq!(machine.wait().writable, PerDirection([false, true]));
+        assert_eq!(
+            machine.check(&observed([507, 300], [500, 300])),
+            [Action::StartCopy {
+                direction: DOWN,
+                copied: 0
+            }]
+        );
+        machine.handle(Event::Drained {
+            direction: DOWN,
+            bytes: 310,
+        });
+        machine.handle(Event::CopyEnded {
+            direction: DOWN,
+            copied: 10,
+            resumed: false,
+        });
+        assert_eq!(
+            machine.check(&observed([507, 310], [500, 300])),
+            [Action::ShutDown(DOWN), Action::End(TunnelEnd::Closed)]
         );
     }
 

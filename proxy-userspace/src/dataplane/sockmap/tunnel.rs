@@ -829,9 +829,19 @@ impl Writable {
 
 /// Resolves when `fd` turns writable (never without one), and clears the
 /// readiness so the next wait needs a new write-space wake-up.
+///
+/// A socket that is closed for writing (EPOLLHUP, EPOLLERR: shut down both
+/// ways, reset) never resolves: tokio keeps "write closed" readiness across
+/// `clear_ready` (closed states are final, ScheduledIo::clear_readiness), so
+/// it would resolve at once on every wait, and `AsyncFd::writable` takes no
+/// coop budget: the tunnel task would loop without ever yielding its worker.
+/// A copy task it spawned then never runs, as tokio puts a task spawned on a
+/// worker into that worker's LIFO slot, which no other worker steals. The
+/// timer still wakes the task.
 async fn writable(fd: Option<&AsyncFd<TcpStream>>) {
     match fd {
         Some(fd) => match fd.writable().await {
+            Ok(guard) if guard.ready().is_write_closed() => std::future::pending().await,
             Ok(mut guard) => guard.clear_ready(),
             Err(_) => std::future::pending().await,
         },
