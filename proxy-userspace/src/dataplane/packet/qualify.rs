@@ -127,6 +127,10 @@ impl Refusal {
     }
 }
 
+/// The bytes the timestamp option takes in every segment
+/// (`TCPOLEN_TSTAMP_ALIGNED`).
+const TIMESTAMP_OPTION: u32 = 12;
+
 fn refuse<T>(reason: Reason, detail: impl Into<String>) -> Result<T, Refusal> {
     Err(Refusal::new(reason, detail))
 }
@@ -208,12 +212,20 @@ pub fn sockets(client: &Connection, upstream: &Connection) -> Result<(), Refusal
             "the two connections use different IP versions",
         );
     }
-    // The largest segment a sender may send (the MSS the proxy announced to
-    // it) must fit the other connection: the MSS its receiver announced, and
-    // its path MTU.
+    // The largest segment a sender may send must fit the other connection:
+    // the MSS its receiver announced, and its path MTU. `advmss` is the
+    // payload: the MSS the proxy announced to the sender less the timestamp
+    // option every segment carries (both connections have timestamps, checked
+    // above), so the option is taken off what the other connection carries
+    // too. (Compared as they were, a 1448-byte payload "fit" an MSS of up to
+    // 1460 and a 1490-byte MTU: its 1500-byte packets were dropped.)
     let headers = if is_ipv4(&client.peer) { 40 } else { 60 };
     for (from, to) in [(client, upstream), (upstream, client)] {
-        let fits = to.info.peer_mss.min(to.info.pmtu.saturating_sub(headers));
+        let fits = to
+            .info
+            .peer_mss
+            .min(to.info.pmtu.saturating_sub(headers))
+            .saturating_sub(TIMESTAMP_OPTION);
         if from.info.advmss > fits {
             return refuse(
                 Reason::Mss,
@@ -295,7 +307,9 @@ mod tests {
                 options: tcpi_opt::TIMESTAMPS | tcpi_opt::SACK | tcpi_opt::WSCALE,
                 snd_wscale: 7,
                 rcv_wscale: 7,
-                advmss: 1460,
+                // A 1500-byte MTU: an MSS of 1460, 1448 bytes beside the
+                // timestamp option.
+                advmss: 1448,
                 pmtu: 1500,
                 peer_mss: 1460,
                 mptcp: false,
@@ -384,23 +398,41 @@ mod tests {
     #[test]
     fn segments_must_fit_the_other_connection() {
         let (mut client, upstream) = pair();
-        client.info.advmss = 65_495;
+        client.info.advmss = 65_483;
         assert_eq!(
             reason(&client, &upstream),
-            "the client may send 65495-byte segments, the upstream connection carries 1460"
+            "the client may send 65483-byte segments, the upstream connection carries 1448"
         );
         let (client, mut upstream) = pair();
         upstream.info.pmtu = 1400;
         assert_eq!(
             reason(&client, &upstream),
-            "the client may send 1460-byte segments, the upstream connection carries 1360"
+            "the client may send 1448-byte segments, the upstream connection carries 1348"
         );
+        // 1448 bytes and a timestamp option make a 1500-byte packet.
+        let (client, mut upstream) = pair();
+        upstream.info.pmtu = 1490;
+        assert_eq!(
+            reason(&client, &upstream),
+            "the client may send 1448-byte segments, the upstream connection carries 1438"
+        );
+        let (client, mut upstream) = pair();
+        upstream.info.peer_mss = 1459;
+        assert_eq!(kind(&client, &upstream), Reason::Mss);
         let (mut client, upstream) = pair();
         client.info.peer_mss = 536;
         assert_eq!(
             reason(&client, &upstream),
-            "the upstream may send 1460-byte segments, the client connection carries 536"
+            "the upstream may send 1448-byte segments, the client connection carries 524"
         );
+        // Loopback (MTU 65536): the same on both sides fits.
+        let (mut client, mut upstream) = pair();
+        for conn in [&mut client, &mut upstream] {
+            conn.info.advmss = 65_483;
+            conn.info.peer_mss = 65_495;
+            conn.info.pmtu = 65_536;
+        }
+        assert!(qualify(&client, &upstream, 1).is_ok());
     }
 
     #[test]
