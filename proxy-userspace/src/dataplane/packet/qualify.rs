@@ -144,7 +144,7 @@ pub fn qualify(
     loopback: u32,
 ) -> Result<(u32, u32), Refusal> {
     sockets(client, upstream)?;
-    path(client, upstream, loopback)
+    path(client, upstream, loopback, false)
 }
 
 /// What the sockets say (`TCP_INFO`, addresses): checked before the hold.
@@ -240,16 +240,32 @@ pub fn sockets(client: &Connection, upstream: &Connection) -> Result<(), Refusal
 }
 
 /// What the tc program saw (sightings): checked once the window probes have
-/// had their answers.
+/// had their answers. `every_interface_attached`: every interface that is up
+/// has the programs ([`super::kernel::Kernel::every_interface_attached`]).
 pub fn path(
     client: &Connection,
     upstream: &Connection,
     loopback: u32,
+    every_interface_attached: bool,
 ) -> Result<(u32, u32), Refusal> {
     let mut devices = [0; 2];
     for (device, conn) in devices.iter_mut().zip([client, upstream]) {
         let flags = conn.entry.flags;
         if flags & packet_flags::SEEN_INGRESS == 0 {
+            // With NAT on this host the peer's segments arrive, on an
+            // attached interface, for the translated addresses (tc ingress
+            // runs before conntrack turns them back), and the proxy's leave
+            // with them: no sighting either way, as on an interface without
+            // the programs. Only when there is no such interface is it NAT.
+            if every_interface_attached {
+                return refuse(
+                    Reason::Nat,
+                    format!(
+                        "no segment of the {} connection carried its socket's addresses on any interface, all of them attached (NAT on this host)",
+                        conn.name
+                    ),
+                );
+            }
             return refuse(
                 Reason::NotAttached,
                 format!(
@@ -389,6 +405,12 @@ mod tests {
         let (client, mut upstream) = pair();
         upstream.entry.flags &= !packet_flags::SEEN_INGRESS;
         assert_eq!(kind(&client, &upstream), Reason::NotAttached);
+        // No sighting at all where every interface has the programs: the
+        // segments did not carry the socket's addresses.
+        upstream.entry.flags &= !packet_flags::SEEN_EGRESS;
+        let refusal = path(&client, &upstream, 1, true).unwrap_err();
+        assert_eq!(refusal.reason, Reason::Nat);
+        assert!(refusal.detail.contains("NAT on this host"), "{refusal}");
         let (mut client, upstream) = pair();
         client.entry.in_ifindex = 1;
         client.entry.out_seen_ifindex = 1;
