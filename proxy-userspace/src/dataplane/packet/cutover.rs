@@ -162,6 +162,7 @@ impl Promotion<'_> {
             &self.connection(0, infos, entries),
             &self.connection(1, infos, entries),
             self.kernel.loopback,
+            self.kernel.every_interface_attached(),
         )
         .map_err(|refusal| {
             self.release();

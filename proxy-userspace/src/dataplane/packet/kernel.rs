@@ -150,6 +150,29 @@ impl Kernel {
         })
     }
 
+    /// Whether every interface that is up now has the programs: none added
+    /// since the start, and none of a kind they cannot attach to. Then a
+    /// connection whose segments passed no program was not missed by them:
+    /// its segments do not carry its socket's addresses.
+    pub fn every_interface_attached(&self) -> bool {
+        const IFF_UP: u32 = 1;
+        let Ok(dir) = fs::read_dir("/sys/class/net") else {
+            return false;
+        };
+        dir.filter_map(Result::ok).all(|entry| {
+            let Ok(name) = entry.file_name().into_string() else {
+                return false;
+            };
+            let up = fs::read_to_string(entry.path().join("flags"))
+                .ok()
+                .and_then(|flags| {
+                    u32::from_str_radix(flags.trim().trim_start_matches("0x"), 16).ok()
+                })
+                .is_none_or(|flags| flags & IFF_UP != 0);
+            !up || self.attached.iter().any(|(attached, _)| *attached == name)
+        })
+    }
+
     /// The entry of `key`, if there is one.
     pub fn get(&self, key: &PacketKey) -> Option<PacketEntry> {
         lock(&self.flows).get(key, 0).ok()

@@ -127,6 +127,10 @@ impl Refusal {
     }
 }
 
+/// The bytes the timestamp option takes in every segment
+/// (`TCPOLEN_TSTAMP_ALIGNED`).
+const TIMESTAMP_OPTION: u32 = 12;
+
 fn refuse<T>(reason: Reason, detail: impl Into<String>) -> Result<T, Refusal> {
     Err(Refusal::new(reason, detail))
 }
@@ -140,7 +144,7 @@ pub fn qualify(
     loopback: u32,
 ) -> Result<(u32, u32), Refusal> {
     sockets(client, upstream)?;
-    path(client, upstream, loopback)
+    path(client, upstream, loopback, false)
 }
 
 /// What the sockets say (`TCP_INFO`, addresses): checked before the hold.
@@ -208,12 +212,20 @@ pub fn sockets(client: &Connection, upstream: &Connection) -> Result<(), Refusal
             "the two connections use different IP versions",
         );
     }
-    // The largest segment a sender may send (the MSS the proxy announced to
-    // it) must fit the other connection: the MSS its receiver announced, and
-    // its path MTU.
+    // The largest segment a sender may send must fit the other connection:
+    // the MSS its receiver announced, and its path MTU. `advmss` is the
+    // payload: the MSS the proxy announced to the sender less the timestamp
+    // option every segment carries (both connections have timestamps, checked
+    // above), so the option is taken off what the other connection carries
+    // too. (Compared as they were, a 1448-byte payload "fit" an MSS of up to
+    // 1460 and a 1490-byte MTU: its 1500-byte packets were dropped.)
     let headers = if is_ipv4(&client.peer) { 40 } else { 60 };
     for (from, to) in [(client, upstream), (upstream, client)] {
-        let fits = to.info.peer_mss.min(to.info.pmtu.saturating_sub(headers));
+        let fits = to
+            .info
+            .peer_mss
+            .min(to.info.pmtu.saturating_sub(headers))
+            .saturating_sub(TIMESTAMP_OPTION);
         if from.info.advmss > fits {
             return refuse(
                 Reason::Mss,
@@ -228,16 +240,32 @@ pub fn sockets(client: &Connection, upstream: &Connection) -> Result<(), Refusal
 }
 
 /// What the tc program saw (sightings): checked once the window probes have
-/// had their answers.
+/// had their answers. `every_interface_attached`: every interface that is up
+/// has the programs ([`super::kernel::Kernel::every_interface_attached`]).
 pub fn path(
     client: &Connection,
     upstream: &Connection,
     loopback: u32,
+    every_interface_attached: bool,
 ) -> Result<(u32, u32), Refusal> {
     let mut devices = [0; 2];
     for (device, conn) in devices.iter_mut().zip([client, upstream]) {
         let flags = conn.entry.flags;
         if flags & packet_flags::SEEN_INGRESS == 0 {
+            // With NAT on this host the peer's segments arrive, on an
+            // attached interface, for the translated addresses (tc ingress
+            // runs before conntrack turns them back), and the proxy's leave
+            // with them: no sighting either way, as on an interface without
+            // the programs. Only when there is no such interface is it NAT.
+            if every_interface_attached {
+                return refuse(
+                    Reason::Nat,
+                    format!(
+                        "no segment of the {} connection carried its socket's addresses on any interface, all of them attached (NAT on this host)",
+                        conn.name
+                    ),
+                );
+            }
             return refuse(
                 Reason::NotAttached,
                 format!(
@@ -295,7 +323,9 @@ mod tests {
                 options: tcpi_opt::TIMESTAMPS | tcpi_opt::SACK | tcpi_opt::WSCALE,
                 snd_wscale: 7,
                 rcv_wscale: 7,
-                advmss: 1460,
+                // A 1500-byte MTU: an MSS of 1460, 1448 bytes beside the
+                // timestamp option.
+                advmss: 1448,
                 pmtu: 1500,
                 peer_mss: 1460,
                 mptcp: false,
@@ -375,6 +405,12 @@ mod tests {
         let (client, mut upstream) = pair();
         upstream.entry.flags &= !packet_flags::SEEN_INGRESS;
         assert_eq!(kind(&client, &upstream), Reason::NotAttached);
+        // No sighting at all where every interface has the programs: the
+        // segments did not carry the socket's addresses.
+        upstream.entry.flags &= !packet_flags::SEEN_EGRESS;
+        let refusal = path(&client, &upstream, 1, true).unwrap_err();
+        assert_eq!(refusal.reason, Reason::Nat);
+        assert!(refusal.detail.contains("NAT on this host"), "{refusal}");
         let (mut client, upstream) = pair();
         client.entry.in_ifindex = 1;
         client.entry.out_seen_ifindex = 1;
@@ -384,23 +420,41 @@ mod tests {
     #[test]
     fn segments_must_fit_the_other_connection() {
         let (mut client, upstream) = pair();
-        client.info.advmss = 65_495;
+        client.info.advmss = 65_483;
         assert_eq!(
             reason(&client, &upstream),
-            "the client may send 65495-byte segments, the upstream connection carries 1460"
+            "the client may send 65483-byte segments, the upstream connection carries 1448"
         );
         let (client, mut upstream) = pair();
         upstream.info.pmtu = 1400;
         assert_eq!(
             reason(&client, &upstream),
-            "the client may send 1460-byte segments, the upstream connection carries 1360"
+            "the client may send 1448-byte segments, the upstream connection carries 1348"
         );
+        // 1448 bytes and a timestamp option make a 1500-byte packet.
+        let (client, mut upstream) = pair();
+        upstream.info.pmtu = 1490;
+        assert_eq!(
+            reason(&client, &upstream),
+            "the client may send 1448-byte segments, the upstream connection carries 1438"
+        );
+        let (client, mut upstream) = pair();
+        upstream.info.peer_mss = 1459;
+        assert_eq!(kind(&client, &upstream), Reason::Mss);
         let (mut client, upstream) = pair();
         client.info.peer_mss = 536;
         assert_eq!(
             reason(&client, &upstream),
-            "the upstream may send 1460-byte segments, the client connection carries 536"
+            "the upstream may send 1448-byte segments, the client connection carries 524"
         );
+        // Loopback (MTU 65536): the same on both sides fits.
+        let (mut client, mut upstream) = pair();
+        for conn in [&mut client, &mut upstream] {
+            conn.info.advmss = 65_483;
+            conn.info.peer_mss = 65_495;
+            conn.info.pmtu = 65_536;
+        }
+        assert!(qualify(&client, &upstream, 1).is_ok());
     }
 
     #[test]
