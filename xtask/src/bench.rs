@@ -53,7 +53,7 @@ use self::{
 pub struct BenchArgs {
     /// Short run (about 3 minutes): fewer cases, 1 run of 3 s each, 2,000
     /// tunnels in the scale test, 20 in the stall test. The full run takes
-    /// about 22 minutes.
+    /// about 20 minutes.
     #[arg(long)]
     quick: bool,
     /// Where to write the raw results [default: target/bench/results.json].
@@ -203,8 +203,8 @@ fn matrix(quick: bool) -> Vec<(Env, Vec<Kind>, Vec<Contender>)> {
             (Env::Netns, vec![fwd], vec![Direct, Sockmap, Packet, Auto]),
         ]
     } else {
-        // 68 cases × 3 runs × 5 s: about 19 minutes with setup and scale,
-        // 21–22 with the stall cases.
+        // 68 cases × 3 runs × 5 s: about 18 minutes with setup and scale,
+        // 20 with the stall cases (about a minute).
         let p4 = Kind::new(false, 4);
         vec![
             (Env::Unpinned, vec![fwd, rev], all.clone()),
@@ -750,12 +750,17 @@ fn run_env(
                 SocketAddr::from((server_ip, port)),
                 topology.as_ref().map(|t| t.server.name.as_str()),
             )
-            .context("starting the stall test's upstream")?,
+            .map_err(|err| format!("the stall test's upstream did not start: {err:#}")),
         )
     };
     let mut allowed = vec![iperf_port];
     allowed.extend(echo.as_ref().map(|e| e.addr.port()));
-    allowed.extend(stall_server.as_ref().map(|s| s.addr.port()));
+    allowed.extend(
+        stall_server
+            .as_ref()
+            .and_then(|s| s.as_ref().ok())
+            .map(|s| s.addr.port()),
+    );
 
     // Start every proxy this environment needs.
     let wanted: Vec<Contender> = Contender::ALL
@@ -925,16 +930,17 @@ fn run_env(
                 if case.reverse { "-R" } else { "fwd" },
                 settings.stall_tunnels
             ));
-            let result = match proxies.get(&case.contender) {
-                Some(Ok(proxy)) => {
+            let result = match (server, proxies.get(&case.contender)) {
+                (Err(err), _) => Err(err.clone()),
+                (Ok(server), Some(Ok(proxy))) => {
                     let ends = stall::Ends {
                         client_netns: topology.as_ref().map(|t| t.client.name.as_str()),
                         server,
                     };
                     Ok(stall::measure(case, proxy, &ends, settings.stall_tunnels))
                 }
-                Some(Err(reason)) => Err(format!("failed to start: {reason}")),
-                None => Err("no proxy".to_owned()),
+                (Ok(_), Some(Err(reason))) => Err(format!("failed to start: {reason}")),
+                (Ok(_), None) => Err("no proxy".to_owned()),
             };
             check_interrupt()?;
             progress.finish(&match &result {
@@ -1197,6 +1203,46 @@ mod tests {
         let cpu = plan(true, &["cpu/".to_owned()]);
         assert!(cpu.cases.iter().all(|c| c.kind.rate.is_some()));
         assert!(cpu.setup.is_empty() && cpu.scale.is_empty());
+    }
+
+    #[test]
+    fn packet_contenders_run_wherever_spliced_planes_do() {
+        let all = plan(false, &[]);
+        let packet = plan(false, &["packet".to_owned()]);
+        // Every environment and kind with a spliced plane has the packet plane.
+        for case in all
+            .cases
+            .iter()
+            .filter(|c| c.contender == Contender::Splice || c.contender == Contender::Copy)
+        {
+            assert!(
+                packet
+                    .cases
+                    .iter()
+                    .any(|p| p.env == case.env && p.kind == case.kind),
+                "no packet case beside {}",
+                case.id()
+            );
+        }
+        assert_eq!(packet.setup, [Contender::Packet, Contender::PacketEager]);
+        assert_eq!(packet.scale, [Contender::Packet, Contender::PacketEager]);
+        assert!(packet
+            .stall
+            .iter()
+            .all(|case| case.contender == Contender::Packet));
+        let stall = plan(false, &["stall/".to_owned()]);
+        assert!(stall.cases.is_empty() && stall.setup.is_empty() && stall.scale.is_empty());
+        assert_eq!(stall.stall.len(), 8);
+        assert_eq!(plan(true, &["stall/".to_owned()]).stall.len(), 2);
+    }
+
+    #[test]
+    fn percentile_is_nearest_rank() {
+        let sorted: Vec<f64> = (1..=10).map(f64::from).collect();
+        assert_eq!(percentile(&sorted, 0.5), Some(5.0));
+        assert_eq!(percentile(&sorted, 0.99), Some(10.0));
+        assert_eq!(percentile(&sorted, 0.0), Some(1.0));
+        assert_eq!(percentile(&[], 0.5), None);
     }
 
     #[test]

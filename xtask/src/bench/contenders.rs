@@ -299,7 +299,13 @@ pub fn start(contender: Contender, launch: &Launch<'_>) -> Result<Proxy, String>
         fs::File::create(&log).map_err(|err| format!("creating {}: {err}", log.display()))?;
     cmd.stdout(Stdio::null()).stderr(stderr);
     let mut child = Guarded::spawn(&mut cmd, name.clone()).map_err(|err| format!("{err:#}"))?;
-    if let Err(reason) = wait_listening(&mut child, launch.listen.port(), Duration::from_secs(15)) {
+    // Loading eBPF programs can take the verifier many seconds on a busy
+    // machine; give them time to either listen or say why not.
+    let limit = Duration::from_secs(match contender {
+        Contender::Sockmap | Contender::Auto | Contender::Packet | Contender::PacketEager => 40,
+        _ => 15,
+    });
+    if let Err(reason) = wait_listening(&mut child, launch.listen.port(), limit) {
         child.stop();
         let mut why = reason;
         for file in extra_log.iter().chain(std::iter::once(&log)) {

@@ -1424,7 +1424,7 @@ pub fn markdown(results: &Results, tables: &[Table]) -> String {
         md,
         "- **Contenders**: *direct* is iperf3 with no proxy (the ceiling); *spliced* runs \
          `target/release/spliced --dataplane sockmap|splice|copy|packet|auto`, the packet plane \
-         twice: with its default `--promote-after` ({} KiB) and with `--promote-after 0` \
+         twice: with its default `--promote-after` ({} MiB) and with `--promote-after 0` \
          (promoted right after the `200`); *Squid* is Debian's squid \
          run as `squid -N -f squid.conf` with a minimal configuration (CONNECT from the client \
          network to the benchmark's ports, `cache deny all`, `access_log none`); *tinyproxy* \
@@ -1435,7 +1435,7 @@ pub fn markdown(results: &Results, tables: &[Table]) -> String {
          return at once for sockets outside a tunnel. Likewise each packet instance's tc \
          programs (on `lo`, or on the proxy namespace's veths) see every packet of the other \
          contenders: one hash lookup each, passed on to the next program when it misses.",
-        DEFAULT_PROMOTE_AFTER >> 10
+        DEFAULT_PROMOTE_AFTER >> 20
     );
     let _ = writeln!(
         md,
