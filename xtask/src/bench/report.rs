@@ -1601,6 +1601,47 @@ fn notes(results: &Results) -> Vec<String> {
                 if let Err(err) = &r.busy {
                     notes.push(format!("scale {} busy tunnel: {err}", c.id()));
                 }
+                if r.promoted.is_some_and(|n| n < r.opened as u64) {
+                    notes.push(format!(
+                        "scale {}: {} of {} idle tunnels promoted ({} refused: {:?})",
+                        c.id(),
+                        r.promoted.unwrap_or(0),
+                        r.opened,
+                        r.not_promoted.unwrap_or(0),
+                        r.not_promoted_reasons
+                    ));
+                }
+                if r.greeted < r.opened {
+                    notes.push(format!(
+                        "scale {}: the upstream's byte reached {} of {} tunnels",
+                        c.id(),
+                        r.greeted,
+                        r.opened
+                    ));
+                }
+            }
+        }
+    }
+    for (case, r) in &results.stall {
+        match r {
+            Err(err) => notes.push(format!("{}: {err}", case.id())),
+            Ok(r) => {
+                if let Some(err) = &r.first_error {
+                    notes.push(format!(
+                        "{}: {} transfers failed, first: {err}",
+                        case.id(),
+                        r.errors
+                    ));
+                }
+                if let Some(promoted) = r.promoted.filter(|&n| n < r.completed) {
+                    notes.push(format!(
+                        "{}: {} of {} tunnels were not promoted before their last byte (not \
+                         counted)",
+                        case.id(),
+                        r.completed - promoted,
+                        r.completed
+                    ));
+                }
             }
         }
     }
@@ -2094,6 +2135,14 @@ mod tests {
         assert!(stall.rows[1][3].starts_with("skipped"));
         let md = markdown(&results, &tables);
         assert!(md.contains("RLIMIT_NOFILE of 20000"), "{md}");
+        assert!(
+            md.contains("stall/loopback-unpinned/packet/fwd: 1 of 3 tunnels were not promoted"),
+            "{md}"
+        );
+        assert!(
+            md.contains("scale packet-0: 98 of 100 idle tunnels promoted"),
+            "{md}"
+        );
         let svg = svg(&results);
         assert!(
             svg.starts_with("<svg") && svg.contains("&lt;&amp;&gt;"),
