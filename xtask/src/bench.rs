@@ -8,8 +8,11 @@
 //!   residency) per GiB at a fixed rate.
 //! - Connection setup: tunnels per second and CONNECT→200 latency with many
 //!   concurrent clients.
-//! - Scale: spliced's RSS with thousands of idle tunnels open, and the
-//!   throughput of one busy tunnel among them.
+//! - Scale: spliced's RSS and the kernel's memory with thousands of idle
+//!   tunnels open (promoted ones on the packet plane), and the throughput of
+//!   one busy tunnel among them.
+//! - Promotion stall: the longest pause in a bulk transfer while the packet
+//!   plane promotes its tunnel, against the same transfer on splice.
 //!
 //! Every child process, namespace and temporary file is owned by a guard, so
 //! an error, a panic or ctrl-c leaves nothing behind. Results go to a JSON
@@ -19,10 +22,12 @@ mod child;
 mod contenders;
 mod cpu;
 mod iperf;
+mod kmem;
 mod netns;
 mod report;
 mod scale;
 mod setup_rate;
+mod stall;
 
 use std::{
     collections::BTreeMap,
@@ -37,16 +42,18 @@ use anyhow::{bail, Context as _, Result};
 use self::{
     child::{check_interrupt, Ports, TempDir},
     contenders::{Contender, Launch, Proxy},
-    iperf::{Ends, Kind, Sample},
+    iperf::{Ends, Kind, PromotionCheck, Sample},
     netns::Topology,
     setup_rate::{EchoServer, SetupResult},
+    stall::{StallCase, StallResult, StallServer},
 };
 
 /// `cargo xtask bench` options.
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
-    /// Short run (under 2 minutes): fewer cases, 1 run of 3 s each, 2,000
-    /// tunnels in the scale test. The full run takes about 14 minutes.
+    /// Short run (about 3 minutes): fewer cases, 1 run of 3 s each, 2,000
+    /// tunnels in the scale test, 20 in the stall test. The full run takes
+    /// about 20 minutes.
     #[arg(long)]
     quick: bool,
     /// Where to write the raw results [default: target/bench/results.json].
@@ -55,7 +62,9 @@ pub struct BenchArgs {
     /// Run only the cases whose id contains SUBSTRING (repeatable: any of
     /// them). Ids look like `tput/loopback-unpinned/sockmap/rev/P1`,
     /// `cpu/loopback-unpinned/copy/fwd/P1/5G`, `setup/loopback/squid`,
-    /// `scale/loopback/splice`; `--list` prints them. docs/ is not rewritten.
+    /// `scale/loopback/packet-0` (with kernel memory),
+    /// `stall/netns/packet/rev`; `--list` prints them. docs/ is not
+    /// rewritten.
     #[arg(long, value_name = "SUBSTRING")]
     filter: Vec<String>,
     /// iperf3 runs per case (the tables show medians).
@@ -143,6 +152,8 @@ pub struct Settings {
     pub setup_secs: f64,
     pub setup_clients: usize,
     pub scale_tunnels: usize,
+    /// Transfers per promotion-stall case.
+    pub stall_tunnels: usize,
     pub rate: &'static str,
 }
 
@@ -176,36 +187,68 @@ impl Case {
 /// What runs: kinds × contenders per environment. Contenders are interleaved
 /// run by run, so background noise spreads evenly over them.
 fn matrix(quick: bool) -> Vec<(Env, Vec<Kind>, Vec<Contender>)> {
-    use Contender::{Auto, Copy, Direct, Sockmap, Splice};
+    use Contender::{Auto, Copy, Direct, Packet, PacketEager, Sockmap, Splice};
     // `auto` runs where its choice differs from plain sockmap: across veth.
     let all: Vec<Contender> = Contender::ALL.into_iter().filter(|&c| c != Auto).collect();
     let with_auto = Contender::ALL.to_vec();
+    // At a fixed rate the promotion point does not matter: one packet contender.
+    let cpu_all: Vec<Contender> = all.iter().copied().filter(|&c| c != PacketEager).collect();
     let (fwd, rev) = (Kind::new(false, 1), Kind::new(true, 1));
     let cpu = Kind::at_rate(false, 1, RATE);
     if quick {
         vec![
-            (Env::Unpinned, vec![fwd, rev, cpu], all),
+            (Env::Unpinned, vec![fwd, rev], all),
+            (Env::Unpinned, vec![cpu], cpu_all),
             (Env::SameCpu, vec![rev], vec![Direct, Sockmap]),
-            (Env::Netns, vec![fwd], vec![Direct, Sockmap, Auto]),
+            (Env::Netns, vec![fwd], vec![Direct, Sockmap, Packet, Auto]),
         ]
     } else {
-        // 53 cases × 3 runs × 5 s: about 14.5 minutes with the rest.
+        // 68 cases × 3 runs × 5 s: about 18 minutes with setup and scale,
+        // 20 with the stall cases (about a minute).
         let p4 = Kind::new(false, 4);
         vec![
             (Env::Unpinned, vec![fwd, rev], all.clone()),
-            (Env::Unpinned, vec![p4], vec![Direct, Sockmap, Copy]),
-            (Env::Unpinned, vec![cpu], all.clone()),
+            (Env::Unpinned, vec![p4], vec![Direct, Sockmap, Copy, Packet]),
+            (Env::Unpinned, vec![cpu], cpu_all),
             (
                 Env::Cubic,
                 vec![fwd, rev],
-                vec![Direct, Sockmap, Splice, Copy],
+                vec![Direct, Sockmap, Splice, Copy, Packet],
             ),
-            (Env::SameCpu, vec![rev], vec![Direct, Sockmap, Copy]),
-            (Env::Apart, vec![rev], vec![Direct, Sockmap, Copy]),
+            (Env::SameCpu, vec![rev], vec![Direct, Sockmap, Copy, Packet]),
+            (Env::Apart, vec![rev], vec![Direct, Sockmap, Copy, Packet]),
             (Env::Netns, vec![fwd, rev], with_auto),
-            (Env::Netns, vec![cpu], vec![Direct, Sockmap, Splice, Copy]),
+            (
+                Env::Netns,
+                vec![cpu],
+                vec![Direct, Sockmap, Splice, Copy, Packet],
+            ),
         ]
     }
+}
+
+/// The promotion-stall cases: the packet plane and splice (the same
+/// transfers without a cut), on loopback and across veth, both directions.
+fn stall_matrix(quick: bool) -> Vec<StallCase> {
+    let envs: &[Env] = if quick {
+        &[Env::Unpinned]
+    } else {
+        &[Env::Unpinned, Env::Netns]
+    };
+    let directions: &[bool] = if quick { &[false] } else { &[false, true] };
+    let mut cases = Vec::new();
+    for &env in envs {
+        for &reverse in directions {
+            for contender in [Contender::Splice, Contender::Packet] {
+                cases.push(StallCase {
+                    env,
+                    contender,
+                    reverse,
+                });
+            }
+        }
+    }
+    cases
 }
 
 /// The selected work.
@@ -213,6 +256,7 @@ struct Plan {
     cases: Vec<Case>,
     setup: Vec<Contender>,
     scale: Vec<Contender>,
+    stall: Vec<StallCase>,
 }
 
 fn setup_id(contender: Contender) -> String {
@@ -251,7 +295,12 @@ fn plan(quick: bool, filters: &[String]) -> Plan {
             .collect(),
         scale: Contender::PLANES
             .into_iter()
+            .chain([Contender::PacketEager])
             .filter(|c| keep(&scale_id(*c)))
+            .collect(),
+        stall: stall_matrix(quick)
+            .into_iter()
+            .filter(|case| keep(&case.id()))
             .collect(),
     }
 }
@@ -271,6 +320,11 @@ impl TputResult {
 
     pub fn median_gbps(&self) -> Option<f64> {
         median(self.ok().map(|s| s.gbps).collect())
+    }
+
+    /// The slowest successful run.
+    pub fn slowest_gbps(&self) -> Option<f64> {
+        self.ok().map(|s| s.gbps).min_by(f64::total_cmp)
     }
 
     pub fn median_cpu_per_gib(&self) -> Option<f64> {
@@ -308,6 +362,15 @@ impl TputResult {
     }
 }
 
+/// Nearest-rank percentile (`p` in 0..=1) of sorted values.
+pub fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    Some(sorted[rank - 1])
+}
+
 /// Median (mean of the middle two for an even count).
 pub fn median(mut values: Vec<f64>) -> Option<f64> {
     if values.is_empty() {
@@ -338,6 +401,20 @@ pub struct ScaleResult {
     pub rss_idle_kib: Option<u64>,
     pub rss_open_kib: Option<u64>,
     pub fds_open: Option<usize>,
+    /// Tunnels through which the upstream's one-byte greeting arrived.
+    pub greeted: usize,
+    /// Packet plane: tunnels promoted and tunnels refused (SIGUSR1 stats)
+    /// when the wait for promotions ended, and how long it took.
+    pub promoted: Option<u64>,
+    pub not_promoted: Option<u64>,
+    pub promote_secs: Option<f64>,
+    /// Packet plane: the reasons tunnels were not promoted (stat name, count).
+    pub not_promoted_reasons: Vec<(String, u64)>,
+    /// Kernel memory before the tunnels were opened and with them open.
+    pub kmem_before: kmem::Snapshot,
+    pub kmem_open: kmem::Snapshot,
+    /// The proxy's own sockets' buffers with the tunnels open.
+    pub proxy_sockets: Result<kmem::SocketBuffers, String>,
     pub busy: Result<Sample, String>,
 }
 
@@ -348,6 +425,7 @@ pub struct Results {
     pub tput: Vec<TputResult>,
     pub setup: Vec<(Contender, Result<SetupResult, String>)>,
     pub scale: Vec<(Contender, Result<ScaleResult, String>)>,
+    pub stall: Vec<(StallCase, Result<StallResult, String>)>,
 }
 
 impl Results {
@@ -393,6 +471,7 @@ pub fn run(args: BenchArgs, build: impl FnOnce() -> Result<PathBuf>) -> Result<(
         setup_secs: if args.quick { 1.0 } else { 3.0 },
         setup_clients: 64,
         scale_tunnels: if args.quick { 2_000 } else { 10_000 },
+        stall_tunnels: if args.quick { 20 } else { 100 },
         rate: RATE,
     };
     let plan = plan(args.quick, &args.filter);
@@ -406,9 +485,16 @@ pub fn run(args: BenchArgs, build: impl FnOnce() -> Result<PathBuf>) -> Result<(
         for contender in &plan.scale {
             println!("{}", scale_id(*contender));
         }
+        for case in &plan.stall {
+            println!("{}", case.id());
+        }
         return Ok(());
     }
-    if plan.cases.is_empty() && plan.setup.is_empty() && plan.scale.is_empty() {
+    if plan.cases.is_empty()
+        && plan.setup.is_empty()
+        && plan.scale.is_empty()
+        && plan.stall.is_empty()
+    {
         bail!(
             "--filter {:?} matches no case; `cargo xtask bench --list` prints the ids",
             args.filter
@@ -438,7 +524,8 @@ pub fn run(args: BenchArgs, build: impl FnOnce() -> Result<PathBuf>) -> Result<(
     let tmp = TempDir::new()?;
     let meta = report::Meta::collect(&settings);
     eprintln!(
-        "bench: {} on {} × {}, kernel {}; {} iperf3 cases × {} run(s) of {} s, {} setup, {} scale",
+        "bench: {} on {} × {}, kernel {}; {} iperf3 cases × {} run(s) of {} s, {} setup, {} \
+         scale, {} stall",
         if settings.quick { "quick" } else { "full" },
         meta.nproc,
         meta.cpu_model,
@@ -447,7 +534,8 @@ pub fn run(args: BenchArgs, build: impl FnOnce() -> Result<PathBuf>) -> Result<(
         settings.runs,
         settings.secs,
         plan.setup.len(),
-        plan.scale.len()
+        plan.scale.len(),
+        plan.stall.len()
     );
     eprintln!(
         "bench: background load before starting: {:.2} busy CPUs of {} (loadavg {})",
@@ -468,10 +556,14 @@ pub fn run(args: BenchArgs, build: impl FnOnce() -> Result<PathBuf>) -> Result<(
             .collect(),
         setup: Vec::new(),
         scale: Vec::new(),
+        stall: Vec::new(),
     };
     let mut progress = Progress {
         done: 0,
-        total: plan.cases.len() * settings.runs as usize + plan.setup.len() + plan.scale.len(),
+        total: plan.cases.len() * settings.runs as usize
+            + plan.setup.len()
+            + plan.scale.len()
+            + plan.stall.len(),
         started,
     };
     let mut ports = Ports::default();
@@ -482,14 +574,25 @@ pub fn run(args: BenchArgs, build: impl FnOnce() -> Result<PathBuf>) -> Result<(
             } else {
                 &[]
             };
+            let stall: Vec<StallCase> = plan
+                .stall
+                .iter()
+                .copied()
+                .filter(|case| case.env == env)
+                .collect();
             let has_cases = results.tput.iter().any(|r| r.case.env == env);
-            if !has_cases && setup.is_empty() {
+            if !has_cases && setup.is_empty() && stall.is_empty() {
                 continue;
             }
             if env == Env::Netns && !root {
+                let skipped = "skipped: network namespaces need root";
                 for result in results.tput.iter_mut().filter(|r| r.case.env == env) {
-                    result.start_failure = Some("skipped: network namespaces need root".into());
+                    result.start_failure = Some(skipped.into());
                     progress.done += settings.runs as usize;
+                }
+                for case in stall {
+                    results.stall.push((case, Err(skipped.into())));
+                    progress.done += 1;
                 }
                 continue;
             }
@@ -501,6 +604,7 @@ pub fn run(args: BenchArgs, build: impl FnOnce() -> Result<PathBuf>) -> Result<(
                 &mut ports,
                 &mut results,
                 setup,
+                &stall,
                 &mut progress,
             )?;
         }
@@ -593,7 +697,8 @@ fn copy_dir(from: &Path, to: &Path) -> Result<()> {
 }
 
 /// Runs every throughput case of `env` (and, on loopback, the connection
-/// setup cases) with all its proxies up at once.
+/// setup cases), then its promotion-stall cases, with all its proxies up at
+/// once.
 #[allow(clippy::too_many_arguments)]
 fn run_env(
     env: Env,
@@ -603,6 +708,7 @@ fn run_env(
     ports: &mut Ports,
     results: &mut Results,
     setup: &[Contender],
+    stall: &[StallCase],
     progress: &mut Progress,
 ) -> Result<()> {
     let topology = if env == Env::Netns {
@@ -631,8 +737,30 @@ fn run_env(
     } else {
         Some(EchoServer::start(ports.take()?, settings.setup_clients)?)
     };
+    let stall_server = if stall.is_empty() {
+        None
+    } else {
+        let port = if topology.is_some() {
+            5202
+        } else {
+            ports.take()?
+        };
+        Some(
+            StallServer::start(
+                SocketAddr::from((server_ip, port)),
+                topology.as_ref().map(|t| t.server.name.as_str()),
+            )
+            .map_err(|err| format!("the stall test's upstream did not start: {err:#}")),
+        )
+    };
     let mut allowed = vec![iperf_port];
     allowed.extend(echo.as_ref().map(|e| e.addr.port()));
+    allowed.extend(
+        stall_server
+            .as_ref()
+            .and_then(|s| s.as_ref().ok())
+            .map(|s| s.addr.port()),
+    );
 
     // Start every proxy this environment needs.
     let wanted: Vec<Contender> = Contender::ALL
@@ -640,6 +768,7 @@ fn run_env(
         .filter(|&c| c != Contender::Direct)
         .filter(|&c| {
             setup.contains(&c)
+                || stall.iter().any(|case| case.contender == c)
                 || results
                     .tput
                     .iter()
@@ -723,8 +852,10 @@ fn run_env(
                 let conf = proxy.map(|proxy| proxy.proxychains_conf.as_path());
                 let sockmap = proxy.filter(|_| case.contender == Contender::Sockmap);
                 let auto = proxy.filter(|_| case.contender == Contender::Auto);
+                let packet = proxy.filter(|_| case.contender.promotes());
                 let copied_before = sockmap.and_then(Proxy::flow_control_copied);
-                let logged_before = auto.and_then(Proxy::tunnel_planes).map(|p| p.len());
+                let logged_before = auto.and_then(Proxy::tunnel_records).map(|r| r.len());
+                let packet_before = packet.and_then(Proxy::tunnel_records).map(|r| r.len());
                 let mut sample = iperf::run(&ends, kind, settings.secs, conf);
                 if let (Ok(sample), Some(before)) = (&mut sample, copied_before) {
                     sample.user_copied_bytes = sockmap
@@ -732,13 +863,16 @@ fn run_env(
                         .map(|after| after.saturating_sub(before));
                 }
                 if let (Ok(sample), Some(before)) = (&mut sample, logged_before) {
-                    sample.planes_used = auto.and_then(Proxy::tunnel_planes).map(|planes| {
+                    sample.planes_used = auto.and_then(Proxy::tunnel_records).map(|records| {
                         let mut used = BTreeMap::new();
-                        for plane in planes.into_iter().skip(before) {
-                            *used.entry(plane).or_default() += 1;
+                        for record in records.into_iter().skip(before) {
+                            *used.entry(record.dataplane).or_default() += 1;
                         }
                         used
                     });
+                }
+                if let Some(proxy) = packet {
+                    sample = check_promotion(proxy, packet_before, kind, sample);
                 }
                 check_interrupt()?;
                 progress.finish(&match &sample {
@@ -787,6 +921,50 @@ fn run_env(
             results.setup.push((contender, result));
         }
     }
+    if let Some(server) = &stall_server {
+        for &case in stall {
+            progress.start(&format!(
+                "stall {} {} {} ({} bulk tunnels)",
+                env.id(),
+                case.contender.id(),
+                if case.reverse { "-R" } else { "fwd" },
+                settings.stall_tunnels
+            ));
+            let result = match (server, proxies.get(&case.contender)) {
+                (Err(err), _) => Err(err.clone()),
+                (Ok(server), Some(Ok(proxy))) => {
+                    let ends = stall::Ends {
+                        client_netns: topology.as_ref().map(|t| t.client.name.as_str()),
+                        server,
+                    };
+                    Ok(stall::measure(case, proxy, &ends, settings.stall_tunnels))
+                }
+                (Ok(_), Some(Err(reason))) => Err(format!("failed to start: {reason}")),
+                (Ok(_), None) => Err("no proxy".to_owned()),
+            };
+            check_interrupt()?;
+            progress.finish(&match &result {
+                Ok(r) => format!(
+                    "{}/{} done{}, stall p50 {} ms, p99 {} ms, max {} ms{}",
+                    r.completed,
+                    r.tunnels,
+                    r.promoted
+                        .map(|n| format!(", {n} promoted mid-transfer"))
+                        .unwrap_or_default(),
+                    fmt_ms(r.p50_ms()),
+                    fmt_ms(r.p99_ms()),
+                    fmt_ms(r.max_ms()),
+                    r.first_error
+                        .as_ref()
+                        .map(|err| format!(", {} errors, first: {err}", r.errors))
+                        .unwrap_or_default()
+                ),
+                Err(err) => err.clone(),
+            });
+            results.stall.push((case, result));
+        }
+    }
+    drop(stall_server);
     for (_, proxy) in proxies {
         if let Ok(proxy) = proxy {
             proxy.stop();
@@ -797,8 +975,58 @@ fn run_env(
     Ok(())
 }
 
-/// Opens many idle tunnels through each spliced plane, reads its RSS, and
-/// measures one busy tunnel among them.
+fn fmt_ms(value: Option<f64>) -> String {
+    value.map_or("–".to_owned(), |ms| format!("{ms:.1}"))
+}
+
+/// For the packet contenders: whether the run's data connections were
+/// promoted, from the access log (`logged_before`: its records before the
+/// run). A run whose data connection stayed on the splice pump measured the
+/// wrong plane: it becomes an error, loudly, instead of a number.
+fn check_promotion(
+    proxy: &Proxy,
+    logged_before: Option<usize>,
+    kind: Kind,
+    sample: Result<Sample, String>,
+) -> Result<Sample, String> {
+    let mut sample = sample?;
+    let before = logged_before.ok_or("cannot read spliced's access log")?;
+    // iperf3's control connection and its data connections.
+    let wanted = before + kind.streams as usize + 1;
+    let records = proxy
+        .wait_records(wanted, Duration::from_secs(6))
+        .unwrap_or_default();
+    let check = PromotionCheck::of(records.get(before..).unwrap_or_default(), kind.streams);
+    if let Some(why) = check.fallback(kind.streams) {
+        let reasons = not_promoted_reasons(proxy);
+        let reasons = if reasons.is_empty() {
+            String::new()
+        } else {
+            let parts: Vec<String> = reasons.iter().map(|(k, n)| format!("{k}={n}")).collect();
+            format!(" (spliced so far: {})", parts.join(" "))
+        };
+        return Err(format!(
+            "{why}{reasons}; its {:.2} Gbit/s are not counted",
+            sample.gbps
+        ));
+    }
+    sample.promotion = Some(check);
+    Ok(sample)
+}
+
+/// The packet plane's refusals so far, by reason (SIGUSR1 stats).
+fn not_promoted_reasons(proxy: &Proxy) -> Vec<(String, u64)> {
+    proxy
+        .stats()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(key, count)| key.starts_with("packet_not_promoted_") && *count > 0)
+        .collect()
+}
+
+/// Opens many idle tunnels through each spliced plane (the upstream greets
+/// each with one byte; `packet-0` promotes them all), reads its RSS and the
+/// kernel's memory, and measures one busy tunnel among them.
 fn run_scale(
     spliced: &Path,
     tmp: &Path,
@@ -848,9 +1076,15 @@ fn run_scale(
             Ok(proxy) => {
                 child::sleep(Duration::from_millis(300));
                 let rss_idle_kib = child::rss_kib(proxy.pid());
+                let kmem_before = kmem::Snapshot::read();
                 let open_limit = Duration::from_secs(if settings.quick { 30 } else { 90 });
                 let tunnels = scale::open_tunnels(proxy.addr, hold_addr, count, 32, open_limit);
                 scale::wait_accepted(&hold, tunnels.streams.len(), Duration::from_secs(10));
+                let promotions = (plane.promote_after() == Some(0)).then(|| {
+                    let limit = Duration::from_secs(if settings.quick { 30 } else { 90 });
+                    scale::wait_promotions(&proxy, tunnels.streams.len(), limit)
+                });
+                let greeted = scale::read_greetings(&tunnels, Duration::from_secs(10));
                 child::sleep(Duration::from_millis(if settings.quick {
                     300
                 } else {
@@ -858,6 +1092,12 @@ fn run_scale(
                 }));
                 let rss_open_kib = child::rss_kib(proxy.pid());
                 let fds_open = child::fd_count(proxy.pid());
+                let kmem_open = kmem::Snapshot::read();
+                let proxy_sockets = kmem::socket_buffers(&format!(
+                    "( sport = :{} or dport = :{} )",
+                    proxy.addr.port(),
+                    hold_addr.port()
+                ));
                 check_interrupt()?;
                 let ends = Ends {
                     server_netns: None,
@@ -869,12 +1109,15 @@ fn run_scale(
                     congestion: None,
                     dir: tmp,
                 };
-                let busy = iperf::run(
-                    &ends,
-                    Kind::new(false, 1),
-                    settings.secs,
-                    Some(&proxy.proxychains_conf),
-                );
+                let kind = Kind::new(false, 1);
+                let logged_before = proxy.tunnel_records().map(|r| r.len());
+                let mut busy =
+                    iperf::run(&ends, kind, settings.secs, Some(&proxy.proxychains_conf));
+                if plane.promotes() {
+                    busy = check_promotion(&proxy, logged_before, kind, busy);
+                }
+                let promote_secs = promotions.as_ref().map(|p| p.secs);
+                let promotion = promotions.unwrap_or_default();
                 let result = ScaleResult {
                     wanted,
                     nofile,
@@ -886,6 +1129,14 @@ fn run_scale(
                     rss_idle_kib,
                     rss_open_kib,
                     fds_open,
+                    greeted,
+                    promoted: promotion.promoted,
+                    not_promoted: promotion.not_promoted,
+                    promote_secs,
+                    not_promoted_reasons: promotion.reasons,
+                    kmem_before,
+                    kmem_open,
+                    proxy_sockets,
                     busy,
                 };
                 // Close both ends of every idle tunnel, then the proxy.
@@ -898,12 +1149,23 @@ fn run_scale(
         check_interrupt()?;
         progress.finish(&match &result {
             Ok(r) => format!(
-                "{}/{} open in {:.1} s, RSS {} → {} KiB, busy tunnel {}",
+                "{}/{} open in {:.1} s, {} greeted{}, RSS {} → {} KiB, TCP mem {} → {} pages, \
+                 busy tunnel {}",
                 r.opened,
                 r.target,
                 r.open_secs,
+                r.greeted,
+                match (r.promoted, r.not_promoted, r.promote_secs) {
+                    (Some(yes), Some(no), Some(secs)) => {
+                        format!(", {yes} promoted and {no} refused in {secs:.1} s")
+                    }
+                    (_, _, Some(_)) => ", promotions unknown (no stats)".to_owned(),
+                    _ => String::new(),
+                },
                 r.rss_idle_kib.unwrap_or(0),
                 r.rss_open_kib.unwrap_or(0),
+                r.kmem_before.tcp_mem_pages,
+                r.kmem_open.tcp_mem_pages,
                 match &r.busy {
                     Ok(s) => format!("{:.2} Gbit/s", s.gbps),
                     Err(err) => format!("error: {err}"),
@@ -941,6 +1203,46 @@ mod tests {
         let cpu = plan(true, &["cpu/".to_owned()]);
         assert!(cpu.cases.iter().all(|c| c.kind.rate.is_some()));
         assert!(cpu.setup.is_empty() && cpu.scale.is_empty());
+    }
+
+    #[test]
+    fn packet_contenders_run_wherever_spliced_planes_do() {
+        let all = plan(false, &[]);
+        let packet = plan(false, &["packet".to_owned()]);
+        // Every environment and kind with a spliced plane has the packet plane.
+        for case in all
+            .cases
+            .iter()
+            .filter(|c| c.contender == Contender::Splice || c.contender == Contender::Copy)
+        {
+            assert!(
+                packet
+                    .cases
+                    .iter()
+                    .any(|p| p.env == case.env && p.kind == case.kind),
+                "no packet case beside {}",
+                case.id()
+            );
+        }
+        assert_eq!(packet.setup, [Contender::Packet, Contender::PacketEager]);
+        assert_eq!(packet.scale, [Contender::Packet, Contender::PacketEager]);
+        assert!(packet
+            .stall
+            .iter()
+            .all(|case| case.contender == Contender::Packet));
+        let stall = plan(false, &["stall/".to_owned()]);
+        assert!(stall.cases.is_empty() && stall.setup.is_empty() && stall.scale.is_empty());
+        assert_eq!(stall.stall.len(), 8);
+        assert_eq!(plan(true, &["stall/".to_owned()]).stall.len(), 2);
+    }
+
+    #[test]
+    fn percentile_is_nearest_rank() {
+        let sorted: Vec<f64> = (1..=10).map(f64::from).collect();
+        assert_eq!(percentile(&sorted, 0.5), Some(5.0));
+        assert_eq!(percentile(&sorted, 0.99), Some(10.0));
+        assert_eq!(percentile(&sorted, 0.0), Some(1.0));
+        assert_eq!(percentile(&[], 0.5), None);
     }
 
     #[test]

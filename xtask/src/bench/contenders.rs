@@ -1,7 +1,9 @@
-//! The contenders: no proxy, spliced's three data planes, Squid and tinyproxy;
-//! how each proxy is configured, started and reached (proxychains4).
+//! The contenders: no proxy, spliced's data planes, Squid and tinyproxy; how
+//! each proxy is configured, started and reached (proxychains4), and what
+//! spliced says about its tunnels (JSON access log, SIGUSR1 stats).
 
 use std::{
+    collections::BTreeMap,
     fmt::Write as _,
     fs,
     net::SocketAddr,
@@ -21,6 +23,11 @@ pub enum Contender {
     Sockmap,
     Splice,
     Copy,
+    /// `--dataplane packet`: the splice pump, then segment translation by a
+    /// tc program once a tunnel has moved `--promote-after` (default 1 MiB).
+    Packet,
+    /// `--dataplane packet --promote-after 0`: promoted right after the `200`.
+    PacketEager,
     /// spliced's default, `--dataplane auto`: a plane per tunnel by its path.
     Auto,
     Squid,
@@ -28,16 +35,19 @@ pub enum Contender {
 }
 
 impl Contender {
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 9] = [
         Self::Direct,
         Self::Sockmap,
         Self::Splice,
         Self::Copy,
+        Self::Packet,
+        Self::PacketEager,
         Self::Auto,
         Self::Squid,
         Self::Tinyproxy,
     ];
-    pub const PLANES: [Self; 3] = [Self::Sockmap, Self::Splice, Self::Copy];
+    /// spliced's data planes, each with its defaults.
+    pub const PLANES: [Self; 4] = [Self::Sockmap, Self::Splice, Self::Copy, Self::Packet];
 
     /// Short name, used in case ids and JSON.
     pub fn id(self) -> &'static str {
@@ -46,6 +56,8 @@ impl Contender {
             Self::Sockmap => "sockmap",
             Self::Splice => "splice",
             Self::Copy => "copy",
+            Self::Packet => "packet",
+            Self::PacketEager => "packet-0",
             Self::Auto => "auto",
             Self::Squid => "squid",
             Self::Tinyproxy => "tinyproxy",
@@ -59,6 +71,8 @@ impl Contender {
             Self::Sockmap => "spliced sockmap",
             Self::Splice => "spliced splice",
             Self::Copy => "spliced copy",
+            Self::Packet => "spliced packet",
+            Self::PacketEager => "spliced packet, --promote-after 0",
             Self::Auto => "spliced auto",
             Self::Squid => "Squid",
             Self::Tinyproxy => "tinyproxy",
@@ -71,9 +85,67 @@ impl Contender {
             Self::Sockmap => Some("sockmap"),
             Self::Splice => Some("splice"),
             Self::Copy => Some("copy"),
+            Self::Packet | Self::PacketEager => Some("packet"),
             Self::Auto => Some("auto"),
             _ => None,
         }
+    }
+
+    /// Whether its tunnels should end up on the packet plane (promoted).
+    pub fn promotes(self) -> bool {
+        matches!(self, Self::Packet | Self::PacketEager)
+    }
+
+    /// The `--promote-after` it runs with (spliced's default when `None`).
+    pub fn promote_after(self) -> Option<u64> {
+        (self == Self::PacketEager).then_some(0)
+    }
+
+    /// Whether its JSON access log is kept (to see which plane ran each
+    /// tunnel); the others log to /dev/null.
+    fn keeps_access_log(self) -> bool {
+        matches!(self, Self::Auto | Self::Packet | Self::PacketEager)
+    }
+}
+
+/// spliced's `--promote-after` default (proxy-userspace
+/// `dataplane::packet::DEFAULT_PROMOTE_AFTER`).
+pub const DEFAULT_PROMOTE_AFTER: u64 = 1 << 20;
+
+/// One tunnel's record in spliced's JSON access log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TunnelRecord {
+    /// The client's address as spliced saw it (`ip:port`).
+    pub client: String,
+    /// The data plane that ran it at the end (`packet` once promoted).
+    pub dataplane: String,
+    /// Bytes both ways (the `200` head included).
+    pub bytes: u64,
+    /// Packet plane: what the pump moved before promotion, (client →
+    /// upstream, upstream → client); `None` when not promoted.
+    pub before_promotion: Option<(u64, u64)>,
+}
+
+impl TunnelRecord {
+    /// Parses one line of the JSON access log; `None` for other records
+    /// (errors, no data plane).
+    pub fn parse(line: &str) -> Option<Self> {
+        let record: serde_json::Value = serde_json::from_str(line).ok()?;
+        let dataplane = record["dataplane"].as_str()?.to_owned();
+        let before = &record["bytes_before_promotion"];
+        Some(Self {
+            client: record["client"].as_str().unwrap_or_default().to_owned(),
+            dataplane,
+            bytes: record["bytes_to_client"].as_u64().unwrap_or(0)
+                + record["bytes_from_client"].as_u64().unwrap_or(0),
+            before_promotion: before["client_to_upstream"]
+                .as_u64()
+                .zip(before["upstream_to_client"].as_u64()),
+        })
+    }
+
+    pub fn promoted(&self) -> bool {
+        self.dataplane == "packet"
     }
 }
 
@@ -105,7 +177,8 @@ pub struct Proxy {
     child: Guarded,
     /// Its stderr, where spliced prints its stats on SIGUSR1.
     log: PathBuf,
-    /// `spliced auto`'s JSON access log, which names each tunnel's plane.
+    /// spliced's JSON access log, which names each tunnel's plane (auto and
+    /// packet only).
     access_log: Option<PathBuf>,
 }
 
@@ -114,25 +187,37 @@ impl Proxy {
         self.child.pid()
     }
 
-    /// For `spliced auto`: the data plane of each tunnel logged so far, in
-    /// order, from the complete records of its JSON access log.
-    pub fn tunnel_planes(&self) -> Option<Vec<String>> {
+    /// For spliced auto and packet: every tunnel logged so far, in order,
+    /// from the complete records of its JSON access log.
+    pub fn tunnel_records(&self) -> Option<Vec<TunnelRecord>> {
         let text = fs::read_to_string(self.access_log.as_ref()?).ok()?;
         let complete = &text[..text.rfind('\n').map_or(0, |end| end + 1)];
-        let mut planes = Vec::new();
-        for line in complete.lines() {
-            let record: serde_json::Value = serde_json::from_str(line).ok()?;
-            if let Some(plane) = record["dataplane"].as_str() {
-                planes.push(plane.to_owned());
-            }
-        }
-        Some(planes)
+        Some(complete.lines().filter_map(TunnelRecord::parse).collect())
     }
 
-    /// spliced's `flow_control_copied_bytes` stat so far (asked for with
-    /// SIGUSR1); `None` for other proxies or when it does not answer.
-    pub fn flow_control_copied(&self) -> Option<u64> {
-        const KEY: &str = "flow_control_copied_bytes=";
+    /// Waits (up to `limit`) until the access log holds at least `count`
+    /// tunnel records, and returns them all; fewer when time ran out.
+    /// spliced writes a record when a tunnel ends, a promoted one when the
+    /// tc program has seen both FINs acknowledged (it looks once a second).
+    pub fn wait_records(&self, count: usize, limit: Duration) -> Option<Vec<TunnelRecord>> {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            let records = self.tunnel_records()?;
+            if records.len() >= count
+                || std::time::Instant::now() >= deadline
+                || child::interrupted()
+            {
+                return Some(records);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// spliced's counters now, from the line it logs on SIGUSR1
+    /// (`stats: dataplane=… key=value …`); `None` for other proxies or when
+    /// it does not answer within half a second.
+    pub fn stats(&self) -> Option<BTreeMap<String, u64>> {
+        const KEY: &str = "stats: dataplane=";
         let count = |text: &str| text.matches(KEY).count();
         let before = count(&fs::read_to_string(&self.log).unwrap_or_default());
         // SAFETY: kill(2) on our own child, which handles SIGUSR1.
@@ -143,12 +228,17 @@ impl Proxy {
             std::thread::sleep(Duration::from_millis(10));
             let text = fs::read_to_string(&self.log).unwrap_or_default();
             if count(&text) > before {
-                let last = &text[text.rfind(KEY)? + KEY.len()..];
-                let digits: String = last.chars().take_while(char::is_ascii_digit).collect();
-                return digits.parse().ok();
+                let last = &text[text.rfind(KEY)?..];
+                return Some(parse_stats(last.lines().next().unwrap_or_default()));
             }
         }
         None
+    }
+
+    /// spliced's `flow_control_copied_bytes` stat so far (asked for with
+    /// SIGUSR1); `None` for other proxies or when it does not answer.
+    pub fn flow_control_copied(&self) -> Option<u64> {
+        self.stats()?.get("flow_control_copied_bytes").copied()
     }
 
     /// Stops it now.
@@ -157,18 +247,31 @@ impl Proxy {
     }
 }
 
+/// The numeric `key=value` pairs of a stats line (JSON-escaped or not).
+fn parse_stats(line: &str) -> BTreeMap<String, u64> {
+    line.split(|c: char| c.is_whitespace() || c == '"' || c == ',')
+        .filter_map(|word| {
+            let (key, value) = word.split_once('=')?;
+            Some((key.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
 /// Starts a proxy contender; the error is a one-line reason for the tables.
 pub fn start(contender: Contender, launch: &Launch<'_>) -> Result<Proxy, String> {
     let name = format!("{}-{}", contender.id(), launch.tag);
     let dir = launch.dir.join(&name);
     fs::create_dir_all(&dir).map_err(|err| format!("creating {}: {err}", dir.display()))?;
     let log = dir.join("stderr.log");
-    let access_log = (contender == Contender::Auto).then(|| dir.join("access.log"));
+    let access_log = contender.keeps_access_log().then(|| dir.join("access.log"));
     let (mut cmd, extra_log) = match contender {
         Contender::Direct => return Err("direct has no proxy".to_owned()),
-        Contender::Sockmap | Contender::Splice | Contender::Copy | Contender::Auto => {
-            (spliced_command(contender, launch, &access_log), None)
-        }
+        Contender::Sockmap
+        | Contender::Splice
+        | Contender::Copy
+        | Contender::Packet
+        | Contender::PacketEager
+        | Contender::Auto => (spliced_command(contender, launch, &access_log), None),
         Contender::Squid => {
             if !child::on_path("squid") {
                 return Err("squid is not installed (Debian package squid)".to_owned());
@@ -196,7 +299,13 @@ pub fn start(contender: Contender, launch: &Launch<'_>) -> Result<Proxy, String>
         fs::File::create(&log).map_err(|err| format!("creating {}: {err}", log.display()))?;
     cmd.stdout(Stdio::null()).stderr(stderr);
     let mut child = Guarded::spawn(&mut cmd, name.clone()).map_err(|err| format!("{err:#}"))?;
-    if let Err(reason) = wait_listening(&mut child, launch.listen.port(), Duration::from_secs(15)) {
+    // Loading eBPF programs can take the verifier many seconds on a busy
+    // machine; give them time to either listen or say why not.
+    let limit = Duration::from_secs(match contender {
+        Contender::Sockmap | Contender::Auto | Contender::Packet | Contender::PacketEager => 40,
+        _ => 15,
+    });
+    if let Err(reason) = wait_listening(&mut child, launch.listen.port(), limit) {
         child.stop();
         let mut why = reason;
         for file in extra_log.iter().chain(std::iter::once(&log)) {
@@ -233,23 +342,24 @@ fn spliced_command(
     let log = access_log
         .as_ref()
         .map_or("/dev/null".into(), |path| path.to_string_lossy());
-    placed(
-        launch.netns,
-        launch.cpu,
-        &[
-            &spliced,
-            "--listen",
-            &listen,
-            "--connect-ports",
-            &ports,
-            "--dataplane",
-            plane,
-            "--access-log",
-            &log,
-            "--log-format",
-            "json",
-        ],
-    )
+    let promote_after = contender.promote_after().map(|bytes| bytes.to_string());
+    let mut argv: Vec<&str> = vec![
+        &spliced,
+        "--listen",
+        &listen,
+        "--connect-ports",
+        &ports,
+        "--dataplane",
+        plane,
+        "--access-log",
+        &log,
+        "--log-format",
+        "json",
+    ];
+    if let Some(bytes) = &promote_after {
+        argv.extend(["--promote-after", bytes]);
+    }
+    placed(launch.netns, launch.cpu, &argv)
 }
 
 fn ports_list(ports: &[u16]) -> String {
@@ -319,4 +429,42 @@ fn tinyproxy_conf(dir: &Path, launch: &Launch<'_>) -> Result<PathBuf> {
     let path = dir.join("tinyproxy.conf");
     fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
     Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn access_log_records_name_the_plane_and_the_promotion() {
+        let promoted = TunnelRecord::parse(
+            r#"{"ts":"2026-11-27T01:20:00.000Z","client":"127.0.0.1:40000","bytes_to_client":1039,"bytes_from_client":5000000,"dataplane":"packet","bytes_before_promotion":{"client_to_upstream":1100000,"upstream_to_client":0},"end":"closed"}"#,
+        )
+        .expect("a tunnel record");
+        assert!(promoted.promoted());
+        assert_eq!(promoted.bytes, 5_001_039);
+        assert_eq!(promoted.before_promotion, Some((1_100_000, 0)));
+        assert_eq!(promoted.client, "127.0.0.1:40000");
+        let pumped = TunnelRecord::parse(
+            r#"{"client":"127.0.0.1:40001","bytes_to_client":39,"bytes_from_client":37,"dataplane":"splice"}"#,
+        )
+        .expect("a tunnel record");
+        assert!(!pumped.promoted());
+        assert_eq!(pumped.before_promotion, None);
+        assert!(TunnelRecord::parse(r#"{"client":"x","dataplane":null}"#).is_none());
+        assert!(TunnelRecord::parse("not json").is_none());
+    }
+
+    #[test]
+    fn stats_lines_parse_plain_and_json_escaped() {
+        let stats = parse_stats(
+            "[INFO] stats: dataplane=packet packet_promoted=12 packet_not_promoted=1 \
+             packet_not_promoted_no_timestamps=1",
+        );
+        assert_eq!(stats["packet_promoted"], 12);
+        assert_eq!(stats["packet_not_promoted_no_timestamps"], 1);
+        assert!(!stats.contains_key("dataplane"));
+        let json = parse_stats(r#"{"msg":"stats: dataplane=sockmap flow_control_copied_bytes=7"}"#);
+        assert_eq!(json["flow_control_copied_bytes"], 7);
+    }
 }

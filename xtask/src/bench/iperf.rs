@@ -16,6 +16,7 @@ use serde_json::Value;
 
 use super::{
     child::{placed, tail, wait_listening, Guarded},
+    contenders::TunnelRecord,
     cpu,
 };
 
@@ -105,6 +106,59 @@ pub struct Sample {
     /// For `spliced auto`: how many of the run's tunnels each data plane ran
     /// (from its JSON access log); `None` for others.
     pub planes_used: Option<BTreeMap<String, u64>>,
+    /// For the packet contenders: whether the run's data connections were
+    /// promoted (from the JSON access log); `None` for others.
+    pub promotion: Option<PromotionCheck>,
+}
+
+/// What the access log says about a run's tunnels on the packet plane.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PromotionCheck {
+    /// iperf3's data connections: the run's `-P` largest tunnels (its
+    /// control connection moves a few KiB).
+    pub data: u64,
+    /// Of them, promoted (their record says `packet`).
+    pub promoted: u64,
+    /// The run's other tunnels (iperf3's control connection), by plane.
+    pub others: BTreeMap<String, u64>,
+}
+
+impl PromotionCheck {
+    /// Sorts the run's tunnel records into data and control connections.
+    pub fn of(records: &[TunnelRecord], streams: u32) -> Self {
+        let mut by_size: Vec<&TunnelRecord> = records.iter().collect();
+        by_size.sort_by_key(|record| std::cmp::Reverse(record.bytes));
+        let split = by_size.len().min(streams as usize);
+        let (data, others) = by_size.split_at(split);
+        let mut check = Self {
+            data: data.len() as u64,
+            promoted: data.iter().filter(|r| r.promoted()).count() as u64,
+            others: BTreeMap::new(),
+        };
+        for record in others {
+            *check.others.entry(record.dataplane.clone()).or_default() += 1;
+        }
+        check
+    }
+
+    /// Why the run does not measure the packet plane, if it does not.
+    pub fn fallback(&self, streams: u32) -> Option<String> {
+        if self.data < u64::from(streams) {
+            return Some(format!(
+                "the access log has {} of the run's {streams} data connection(s) (and {} \
+                 other tunnels): promotion not confirmed",
+                self.data,
+                self.others.values().sum::<u64>()
+            ));
+        }
+        (self.promoted < self.data).then(|| {
+            format!(
+                "FALLBACK: {} of {} data connection(s) not promoted (stayed on the splice pump)",
+                self.data - self.promoted,
+                self.data
+            )
+        })
+    }
 }
 
 impl Sample {
@@ -230,5 +284,38 @@ pub fn run(
         others_cpu_s,
         user_copied_bytes: None,
         planes_used: None,
+        promotion: None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(bytes: u64, plane: &str) -> TunnelRecord {
+        TunnelRecord {
+            client: "127.0.0.1:1".into(),
+            dataplane: plane.into(),
+            bytes,
+            before_promotion: None,
+        }
+    }
+
+    #[test]
+    fn promotion_check_counts_only_data_connections() {
+        let run = [
+            record(900, "splice"),
+            record(3 << 30, "packet"),
+            record(2 << 30, "splice"),
+        ];
+        let one = PromotionCheck::of(&run[..2], 1);
+        assert_eq!((one.data, one.promoted), (1, 1));
+        assert_eq!(one.others["splice"], 1);
+        assert_eq!(one.fallback(1), None);
+        let two = PromotionCheck::of(&run, 2);
+        assert_eq!((two.data, two.promoted), (2, 1));
+        assert!(two.fallback(2).unwrap().starts_with("FALLBACK: 1 of 2"));
+        let missing = PromotionCheck::of(&run[..1], 2);
+        assert!(missing.fallback(2).unwrap().contains("not confirmed"));
+    }
 }

@@ -6,7 +6,11 @@ use std::{collections::BTreeMap, fmt::Write as _, fs, process::Command, time::Du
 use serde_json::{json, Value};
 
 use super::{
-    child::run_bounded, contenders::Contender, cpu, Env, Results, ScaleResult, Settings, TputResult,
+    child::run_bounded,
+    contenders::{Contender, DEFAULT_PROMOTE_AFTER},
+    cpu, kmem,
+    stall::{StallResult, GOAL_P99_MS, WINDOW_AFTER, WINDOW_BEFORE},
+    Env, Results, ScaleResult, Settings, TputResult,
 };
 use crate::bench::iperf::{Kind, Sample};
 
@@ -126,6 +130,11 @@ fn sample_json(sample: &Result<Sample, String>) -> Value {
             "others_cpu_s": s.others_cpu_s,
             "user_copied_bytes": s.user_copied_bytes,
             "planes_used": s.planes_used,
+            "promotion": s.promotion.as_ref().map(|p| json!({
+                "data_connections": p.data,
+                "promoted": p.promoted,
+                "other_tunnels_by_plane": p.others,
+            })),
             "cpu_s_per_gib": opt(s.cpu_s_per_gib()),
             "own_cpu_s_per_gib": opt(s.own_cpu_s_per_gib()),
         }),
@@ -153,6 +162,8 @@ pub fn to_json(results: &Results) -> Value {
                 "runs": r.samples.iter().map(sample_json).collect::<Vec<_>>(),
                 "median_gbps": opt(r.median_gbps()),
                 "ratio_to_direct": opt(ratio(r.median_gbps(), direct.and_then(TputResult::median_gbps))),
+                "slowest_gbps": opt(r.slowest_gbps()),
+                "slowest_ratio_to_direct": opt(ratio(r.slowest_gbps(), direct.and_then(TputResult::median_gbps))),
                 "median_cpu_s_per_gib": opt(r.median_cpu_per_gib()),
                 "cpu_s_per_gib_minus_direct": opt(difference(
                     r.median_cpu_per_gib(),
@@ -177,6 +188,8 @@ pub fn to_json(results: &Results) -> Value {
                 "latency": if *c == Contender::Direct { "connect" } else { "connect_to_200" },
                 "p50_ms": finite(r.p50_ms),
                 "p99_ms": finite(r.p99_ms),
+                "tunnel_p50_ms": finite(r.tunnel_p50_ms),
+                "tunnel_p99_ms": finite(r.tunnel_p99_ms),
                 "errors": r.errors,
                 "first_error": r.first_error,
             }),
@@ -199,9 +212,89 @@ pub fn to_json(results: &Results) -> Value {
                 "rss_idle_kib": r.rss_idle_kib,
                 "rss_open_kib": r.rss_open_kib,
                 "fds_open": r.fds_open,
+                "greeted": r.greeted,
+                "promoted": r.promoted,
+                "not_promoted": r.not_promoted,
+                "promote_wait_s": r.promote_secs,
+                "not_promoted_reasons": r.not_promoted_reasons.iter().cloned().collect::<BTreeMap<_, _>>(),
+                "kernel_memory": {
+                    "before": snapshot_json(&r.kmem_before),
+                    "open": snapshot_json(&r.kmem_open),
+                    "page_size": kmem::page_size(),
+                    "per_tunnel": kmem_per_tunnel(r).map(|each| json!({
+                        "tcp_sockets": each.tcp_sockets,
+                        "tcp_mem_bytes": each.tcp_mem_bytes,
+                        "slab_bytes": each.slab_bytes,
+                        "slab_total_bytes": each.slab_total_bytes,
+                    })),
+                    "proxy_sockets": match &r.proxy_sockets {
+                        Ok(b) => json!({
+                            "sockets": b.sockets,
+                            "receive_bytes": b.receive,
+                            "send_bytes": b.send,
+                            "forward_alloc_bytes": b.forward,
+                            "other_bytes": b.other,
+                            "holding_data": b.holding,
+                        }),
+                        Err(err) => json!({ "error": err }),
+                    },
+                },
                 "busy": sample_json(&r.busy),
             }),
             Err(err) => json!({ "contender": c.id(), "error": err }),
+        })
+        .collect();
+    let stall: Vec<Value> = results
+        .stall
+        .iter()
+        .map(|(case, r)| {
+            let mut entry = json!({
+                "id": case.id(),
+                "env": case.env.id(),
+                "contender": case.contender.id(),
+                "reverse": case.reverse,
+            });
+            let fields = match r {
+                Ok(r) => json!({
+                    "tunnels": r.tunnels,
+                    "transfer_bytes": r.transfer_bytes,
+                    "completed": r.completed,
+                    "promoted_mid_transfer": r.promoted,
+                    "window_bytes_before_cut": WINDOW_BEFORE,
+                    "window_bytes_after_cut": WINDOW_AFTER,
+                    "stall_p50_ms": opt(r.p50_ms()),
+                    "stall_p99_ms": opt(r.p99_ms()),
+                    "stall_max_ms": opt(r.max_ms()),
+                    "over_goal": r.over(GOAL_P99_MS),
+                    "stalls_ms": r.stalls_ms,
+                    "stall_began_bytes_after_cut": r.stall_at,
+                    "cut_offsets": r.cut_offsets,
+                    "errors": r.errors,
+                    "first_error": r.first_error,
+                    "secs": r.secs,
+                    "plane_stats_delta": r.plane_stats,
+                }),
+                Err(err) => json!({ "error": err }),
+            };
+            if let (Some(entry), Value::Object(fields)) = (entry.as_object_mut(), fields) {
+                entry.extend(fields);
+            }
+            entry
+        })
+        .collect();
+    let packet_cpu: Vec<Value> = packet_cpu_rows(results)
+        .iter()
+        .map(|row| {
+            json!({
+                "env": row.env.id(),
+                "direct_cpu_s_per_gib": row.direct,
+                "splice_extra_cpu_s_per_gib": row.splice_extra,
+                "packet_extra_cpu_s_per_gib": row.packet_extra,
+                "packet_extra_over_splice_extra": opt(row.ratio()),
+                "own_splice_extra_cpu_s_per_gib": row.own_splice_extra,
+                "own_packet_extra_cpu_s_per_gib": row.own_packet_extra,
+                "own_packet_extra_over_splice_extra": opt(row.own_ratio()),
+            })
         })
         .collect();
     json!({
@@ -227,11 +320,81 @@ pub fn to_json(results: &Results) -> Value {
             "setup_clients": s.setup_clients,
             "setup_secs": s.setup_secs,
             "scale_tunnels": s.scale_tunnels,
+            "stall_tunnels": s.stall_tunnels,
+            "promote_after_default": DEFAULT_PROMOTE_AFTER,
         },
         "throughput": tput,
+        "cpu_packet_against_splice": packet_cpu,
         "setup": setup,
         "scale": scale,
+        "stall": stall,
     })
+}
+
+fn snapshot_json(snapshot: &kmem::Snapshot) -> Value {
+    json!({
+        "sockets_used": snapshot.sockets_used,
+        "tcp_inuse": snapshot.tcp_inuse,
+        "tcp_alloc": snapshot.tcp_alloc,
+        "tcp_mem_pages": snapshot.tcp_mem_pages,
+        "slab_bytes": snapshot.slab_bytes,
+        "slab_total_kib": snapshot.slab_total_kib,
+    })
+}
+
+fn kmem_per_tunnel(r: &ScaleResult) -> Option<kmem::PerTunnel> {
+    kmem::PerTunnel::of(&r.kmem_before, &r.kmem_open, r.opened, kmem::page_size())
+}
+
+/// The extra CPU per GiB over direct of the packet plane and of splice, at
+/// the fixed rate, in one environment.
+struct PacketCpu {
+    env: Env,
+    direct: f64,
+    splice_extra: f64,
+    packet_extra: f64,
+    own_splice_extra: Option<f64>,
+    own_packet_extra: Option<f64>,
+}
+
+impl PacketCpu {
+    /// packet's extra / splice's extra (`None` when splice cost nothing).
+    fn ratio(&self) -> Option<f64> {
+        ratio(Some(self.packet_extra), Some(self.splice_extra))
+    }
+
+    /// The same without other processes' CPU time.
+    fn own_ratio(&self) -> Option<f64> {
+        ratio(self.own_packet_extra, self.own_splice_extra)
+    }
+}
+
+/// The goal: packet's extra CPU per GiB at most this share of splice's.
+const PACKET_CPU_GOAL: f64 = 1.0 / 3.0;
+
+fn packet_cpu_rows(results: &Results) -> Vec<PacketCpu> {
+    let kind = Kind::at_rate(false, 1, results.settings.rate);
+    Env::ALL
+        .into_iter()
+        .filter_map(|env| {
+            let of = |c| results.tput_of(env, kind, c);
+            let (direct, splice, packet) = (
+                of(Contender::Direct)?,
+                of(Contender::Splice)?,
+                of(Contender::Packet)?,
+            );
+            let base = direct.median_cpu_per_gib()?;
+            let own_base = direct.median_own_cpu_per_gib();
+            Some(PacketCpu {
+                env,
+                direct: base,
+                splice_extra: splice.median_cpu_per_gib()? - base,
+                packet_extra: packet.median_cpu_per_gib()? - base,
+                own_splice_extra: difference(splice.median_own_cpu_per_gib(), own_base),
+                own_packet_extra: difference(packet.median_own_cpu_per_gib(), own_base),
+            })
+        })
+        .collect()
 }
 
 /// The direct (no proxy) case of the same environment and kind.
@@ -333,7 +496,18 @@ fn short(text: &str, max: usize) -> String {
     }
 }
 
-/// The cell of one throughput case: "20.3 (0.91×)".
+/// A run this much slower than its case's median marks the case as
+/// bimodal: the cell lists every run.
+const BIMODAL: f64 = 0.8;
+
+/// Errors that say a packet contender's run measured the splice pump.
+fn is_fallback(error: &str) -> bool {
+    error.starts_with("FALLBACK")
+}
+
+/// The cell of one throughput case: "20.3 (0.91×, slowest 0.85×)": the
+/// median, its ratio to direct's median and the slowest run's (for direct
+/// itself, the slowest run against its median).
 fn tput_cell(results: &Results, r: &TputResult) -> String {
     if let Some(reason) = &r.start_failure {
         return format!("failed to start: {}", short(reason, 70));
@@ -346,16 +520,43 @@ fn tput_cell(results: &Results, r: &TputResult) -> String {
         };
     };
     let mut cell = format!("{gbps:.1}");
-    if r.case.contender != Contender::Direct {
-        if let Some(ratio) = ratio(
-            Some(gbps),
-            direct_of(results, r).and_then(TputResult::median_gbps),
-        ) {
-            let _ = write!(cell, " ({ratio:.2}×)");
+    let several = r.ok().count() > 1;
+    let slowest = r.slowest_gbps().filter(|_| several);
+    if r.case.contender == Contender::Direct {
+        if let Some(slow) = ratio(slowest, Some(gbps)) {
+            let _ = write!(cell, " (slowest {slow:.2}×)");
+        }
+    } else {
+        let direct = direct_of(results, r).and_then(TputResult::median_gbps);
+        match (ratio(Some(gbps), direct), ratio(slowest, direct)) {
+            (Some(median), Some(slow)) => {
+                let _ = write!(cell, " ({median:.2}×, slowest {slow:.2}×)");
+            }
+            (Some(median), None) => {
+                let _ = write!(cell, " ({median:.2}×)");
+            }
+            _ => {}
         }
     }
-    if !errors.is_empty() {
-        let _ = write!(cell, " [{}/{} runs failed]", errors.len(), r.samples.len());
+    if slowest.is_some_and(|slow| slow < BIMODAL * gbps) {
+        let runs: Vec<String> = r.ok().map(|s| format!("{:.1}", s.gbps)).collect();
+        let _ = write!(cell, " ⚠ bimodal: runs {}", runs.join("/"));
+    }
+    let fallbacks = errors.iter().filter(|e| is_fallback(e)).count();
+    if fallbacks > 0 {
+        let _ = write!(
+            cell,
+            " [{fallbacks}/{} runs FELL BACK to splice, not counted]",
+            r.samples.len()
+        );
+    }
+    if errors.len() > fallbacks {
+        let _ = write!(
+            cell,
+            " [{}/{} runs failed]",
+            errors.len() - fallbacks,
+            r.samples.len()
+        );
     }
     cell
 }
@@ -412,6 +613,62 @@ fn auto_note(rows: &[&TputResult]) -> Option<String> {
          all runs) {}.",
         parts.join(", ")
     ))
+}
+
+/// Whether the packet contenders' data connections were promoted (each
+/// run's access-log records), and where iperf3's control connections ran.
+fn promotion_note(rows: &[&TputResult]) -> Option<String> {
+    let mut parts = Vec::new();
+    for contender in [Contender::Packet, Contender::PacketEager] {
+        let mine: Vec<&&TputResult> = rows
+            .iter()
+            .filter(|r| r.case.contender == contender)
+            .collect();
+        if mine.is_empty() {
+            continue;
+        }
+        let (mut data, mut promoted) = (0, 0);
+        let mut others: BTreeMap<&str, u64> = BTreeMap::new();
+        for check in mine
+            .iter()
+            .flat_map(|r| r.ok())
+            .filter_map(|s| s.promotion.as_ref())
+        {
+            data += check.data;
+            promoted += check.promoted;
+            for (plane, count) in &check.others {
+                *others.entry(plane).or_default() += count;
+            }
+        }
+        let fallbacks = mine
+            .iter()
+            .flat_map(|r| r.errors())
+            .filter(|e| is_fallback(e))
+            .count();
+        let mut part = format!(
+            "{}: {promoted} of {data} data connections of the runs above were promoted",
+            contender.label()
+        );
+        if fallbacks > 0 {
+            let _ = write!(
+                part,
+                ", and {fallbacks} run(s) FELL BACK to the splice pump (not counted)"
+            );
+        }
+        if !others.is_empty() {
+            let planes: Vec<String> = others
+                .iter()
+                .map(|(plane, count)| format!("{count} on {plane}"))
+                .collect();
+            let _ = write!(
+                part,
+                "; iperf3's control connections ran {}",
+                planes.join(", ")
+            );
+        }
+        parts.push(part + ".");
+    }
+    (!parts.is_empty()).then(|| parts.join(" "))
 }
 
 fn join_notes<const N: usize>(notes: [Option<String>; N]) -> Option<String> {
@@ -474,15 +731,21 @@ pub fn tables(results: &Results) -> Vec<Table> {
             .collect();
         tables.push(Table {
             title: format!(
-                "Throughput, {}: Gbit/s ({}), ratio to direct in parentheses",
+                "Throughput, {}: Gbit/s ({}), ratio to direct in parentheses{}",
                 env.title(),
-                runs_phrase(settings)
+                runs_phrase(settings),
+                if settings.runs > 1 {
+                    " (the median's, then the slowest run's)"
+                } else {
+                    ""
+                }
             ),
             header,
             rows: body,
             note: join_notes([
                 user_copy_note(&rows),
                 auto_note(&rows),
+                promotion_note(&rows),
                 background_note(&rows),
             ]),
         });
@@ -557,6 +820,7 @@ pub fn tables(results: &Results) -> Vec<Table> {
             note: None,
         });
     }
+    tables.extend(packet_cpu_table(results));
 
     if !results.setup.is_empty() {
         let body = results
@@ -569,6 +833,8 @@ pub fn tables(results: &Results) -> Vec<Table> {
                         row.push(format!("{:.0}", r.per_sec));
                         row.push(fmt_ms(r.p50_ms));
                         row.push(fmt_ms(r.p99_ms));
+                        row.push(fmt_ms(r.tunnel_p50_ms));
+                        row.push(fmt_ms(r.tunnel_p99_ms));
                         row.push(match &r.first_error {
                             Some(err) => format!("{} ({})", r.errors, short(err, 60)),
                             None => r.errors.to_string(),
@@ -576,7 +842,7 @@ pub fn tables(results: &Results) -> Vec<Table> {
                     }
                     Err(err) => {
                         row.push(short(err, 80));
-                        row.extend(["".to_owned(), "".to_owned(), "".to_owned()]);
+                        row.extend(std::iter::repeat_n(String::new(), 5));
                     }
                 }
                 row
@@ -592,6 +858,8 @@ pub fn tables(results: &Results) -> Vec<Table> {
                 "contender",
                 "tunnels/s",
                 "CONNECT→200 p50 ms",
+                "p99 ms",
+                "whole tunnel p50 ms",
                 "p99 ms",
                 "errors",
             ]
@@ -641,8 +909,280 @@ pub fn tables(results: &Results) -> Vec<Table> {
             note: None,
         });
     }
+    tables.extend(kmem_table(results));
+    tables.extend(stall_table(results));
     tables.extend(auto_check(results));
     tables
+}
+
+/// A short name of an environment's path, for the packet tables.
+fn path_label(env: Env) -> &'static str {
+    match env {
+        Env::Unpinned => "loopback",
+        Env::Cubic => "loopback, cubic endpoints",
+        Env::SameCpu => "loopback, all on one CPU",
+        Env::Apart => "loopback, CPUs apart",
+        Env::Netns => "veth between namespaces",
+    }
+}
+
+/// The packet plane's extra CPU per GiB over direct against splice's.
+fn packet_cpu_table(results: &Results) -> Option<Table> {
+    let rows: Vec<Vec<String>> = packet_cpu_rows(results)
+        .iter()
+        .map(|row| {
+            let ratio_cell = |ratio: Option<f64>| {
+                ratio.map_or("–".to_owned(), |ratio| {
+                    format!(
+                        "{ratio:.2} ({})",
+                        if ratio <= PACKET_CPU_GOAL {
+                            "goal met"
+                        } else {
+                            "goal missed"
+                        }
+                    )
+                })
+            };
+            vec![
+                path_label(row.env).to_owned(),
+                format!("{:.3}", row.direct),
+                format!("{:+.3}", row.splice_extra),
+                format!("{:+.3}", row.packet_extra),
+                ratio_cell(row.ratio()),
+                ratio_cell(row.own_ratio()),
+            ]
+        })
+        .collect();
+    (!rows.is_empty()).then(|| Table {
+        title: format!(
+            "CPU per GiB at -b {}: the packet plane's extra over direct against splice's \
+             (whole machine, {})",
+            results.settings.rate,
+            runs_phrase(&results.settings)
+        ),
+        header: [
+            "path",
+            "direct CPU-s/GiB",
+            "splice extra",
+            "packet extra",
+            "packet / splice",
+            "the same without other processes",
+        ]
+        .map(str::to_owned)
+        .to_vec(),
+        rows,
+        note: Some(
+            "Goal: the packet plane's extra CPU per GiB at most a third of splice's. The \
+             extras are differences of medians of a few runs on a shared VM: a ratio of two \
+             small differences moves a lot between runs."
+                .to_owned(),
+        ),
+    })
+}
+
+/// Kernel memory of the scale test's idle tunnels, per tunnel.
+fn kmem_table(results: &Results) -> Option<Table> {
+    let scale: Vec<(Contender, &ScaleResult)> = results
+        .scale
+        .iter()
+        .filter_map(|(c, r)| Some((*c, r.as_ref().ok()?)))
+        .collect();
+    let first = scale.first()?.1;
+    let bytes = |value: f64| format!("{value:.0}");
+    let rows = scale
+        .iter()
+        .map(|(c, r)| {
+            let each = kmem_per_tunnel(r);
+            let mut row = vec![
+                c.label().to_owned(),
+                match (r.promoted, r.not_promoted) {
+                    (Some(yes), Some(no)) => {
+                        let mut cell = format!("{yes}/{}", r.opened);
+                        if no > 0 {
+                            let reasons: Vec<String> = r
+                                .not_promoted_reasons
+                                .iter()
+                                .map(|(reason, n)| {
+                                    format!(
+                                        "{} {n}",
+                                        reason.trim_start_matches("packet_not_promoted_")
+                                    )
+                                })
+                                .collect();
+                            let _ = write!(cell, " ({no} refused: {})", reasons.join(", "));
+                        }
+                        cell
+                    }
+                    _ if c.promote_after() == Some(0) => "unknown (no stats)".to_owned(),
+                    _ => "–".to_owned(),
+                },
+                format!("{}/{}", r.greeted, r.opened),
+            ];
+            match &each {
+                Some(each) => {
+                    row.push(format!("{:.2}", each.tcp_sockets));
+                    row.push(bytes(each.tcp_mem_bytes));
+                }
+                None => row.extend(["–".to_owned(), "–".to_owned()]),
+            }
+            row.push(match &r.proxy_sockets {
+                Ok(b) if r.opened > 0 => format!(
+                    "{} ({} of {} sockets hold data)",
+                    bytes(b.total() as f64 / r.opened as f64),
+                    b.holding,
+                    b.sockets
+                ),
+                Ok(_) => "–".to_owned(),
+                Err(err) => format!("error: {}", short(err, 40)),
+            });
+            for (group, _) in kmem::SLAB_GROUPS {
+                row.push(
+                    each.as_ref()
+                        .and_then(|each| each.slab_bytes.get(group))
+                        .map_or("–".to_owned(), |&b| bytes(b)),
+                );
+            }
+            row.push(
+                each.and_then(|each| each.slab_total_bytes)
+                    .map_or("–".to_owned(), bytes),
+            );
+            row
+        })
+        .collect();
+    let mut header: Vec<String> = [
+        "plane",
+        "promoted",
+        "greeting arrived",
+        "TCP sockets",
+        "TCP buffer pages, B",
+        "proxy's socket buffers, B",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    header.extend(
+        kmem::SLAB_GROUPS
+            .iter()
+            .map(|(group, _)| format!("slab {group}, B")),
+    );
+    header.push("Slab total, B".to_owned());
+    Some(Table {
+        title: format!(
+            "Kernel memory per idle tunnel: {} tunnels on loopback (the upstream sent each one \
+             byte), open minus before, divided by the tunnels",
+            first.target
+        ),
+        header,
+        rows,
+        note: Some(
+            "Machine-wide counters: each tunnel also has its client's and its upstream's \
+             socket (4 TCP sockets in all), and the rest of the machine moves them too; compare \
+             the rows. TCP buffer pages is /proc/net/sockstat's `TCP: mem` (charged in per-CPU \
+             batches, exact to ~1 MiB per CPU); the proxy's socket buffers are its own sockets' \
+             skmem (r + t + w + f + o + bl, from `ss -tm`); slab columns are active objects × \
+             size from /proc/slabinfo. A promoted tunnel's sockets sit in repair mode: the goal \
+             is that they hold no buffers."
+                .to_owned(),
+        ),
+    })
+}
+
+/// The promotion stall of the packet plane against splice's gaps.
+fn stall_table(results: &Results) -> Option<Table> {
+    if results.stall.is_empty() {
+        return None;
+    }
+    let rows = results
+        .stall
+        .iter()
+        .map(|(case, r)| {
+            let mut row = vec![
+                path_label(case.env).to_owned(),
+                if case.reverse { "-R" } else { "fwd" }.to_owned(),
+                case.contender.label().to_owned(),
+            ];
+            match r {
+                Err(err) => {
+                    row.push(short(err, 80));
+                    row.extend(std::iter::repeat_n(String::new(), 5));
+                }
+                Ok(r) => row.extend(stall_cells(case.contender, r)),
+            }
+            row
+        })
+        .collect();
+    Some(Table {
+        title: format!(
+            "Promotion stall: the longest gap between the receiver's reads from {} MiB before \
+             to {} MiB after the cut, over {} bulk tunnels of {} MiB, one at a time",
+            WINDOW_BEFORE >> 20,
+            WINDOW_AFTER >> 20,
+            results.settings.stall_tunnels,
+            results
+                .stall
+                .iter()
+                .find_map(|(_, r)| r.as_ref().ok())
+                .map_or(0, |r| r.transfer_bytes >> 20)
+        ),
+        header: [
+            "path",
+            "direction",
+            "plane",
+            "tunnels counted",
+            "p50 ms",
+            "p99 ms",
+            "max ms",
+            format!("over {GOAL_P99_MS:.0} ms").as_str(),
+            "stall began (median, KiB after the cut)",
+        ]
+        .map(str::to_owned)
+        .to_vec(),
+        rows,
+        note: Some(format!(
+            "The cut is where the pump stopped (the access log's bytes_before_promotion); on \
+             splice, which never cuts, the window is around the byte where promotion would \
+             have happened ({} MiB). Goal: the packet plane's p99 at most {GOAL_P99_MS:.0} ms.",
+            DEFAULT_PROMOTE_AFTER >> 20
+        )),
+    })
+}
+
+fn stall_cells(contender: Contender, r: &StallResult) -> Vec<String> {
+    let mut counted = match r.promoted {
+        Some(promoted) => format!("{promoted}/{} promoted mid-transfer", r.tunnels),
+        None => format!("{}/{}", r.stalls_ms.len(), r.tunnels),
+    };
+    if r.errors > 0 {
+        let _ = write!(
+            counted,
+            " ({} failed: {})",
+            r.errors,
+            short(r.first_error.as_deref().unwrap_or("?"), 50)
+        );
+    }
+    let ms = |value: Option<f64>| value.map_or("–".to_owned(), |v| format!("{v:.1}"));
+    let mut p99 = ms(r.p99_ms());
+    if contender.promotes() {
+        if let Some(value) = r.p99_ms() {
+            p99 += if value <= GOAL_P99_MS {
+                " (goal met)"
+            } else {
+                " (goal missed)"
+            };
+        }
+    }
+    let began: Vec<f64> = r.stall_at.iter().map(|&at| at as f64 / 1024.0).collect();
+    vec![
+        counted,
+        ms(r.p50_ms()),
+        p99,
+        ms(r.max_ms()),
+        r.over(GOAL_P99_MS).to_string(),
+        if contender.promotes() {
+            super::median(began).map_or("–".to_owned(), |kib| format!("{kib:+.0}"))
+        } else {
+            "–".to_owned()
+        },
+    ]
 }
 
 /// What `auto` picks on a local path when the endpoints use `congestion`
@@ -698,12 +1238,16 @@ fn auto_check(results: &Results) -> Option<Table> {
             .into_iter()
             .filter_map(|plane| Some((plane, of(plane)?)))
             .collect();
-        let Some(&(best, _)) = measured
-            .iter()
-            .max_by(|a, b| (a.1[0] + a.1[1]).total_cmp(&(b.1[0] + b.1[1])))
-        else {
+        let fastest = |planes: &mut dyn Iterator<Item = &(Contender, [f64; 2])>| {
+            planes
+                .max_by(|a, b| (a.1[0] + a.1[1]).total_cmp(&(b.1[0] + b.1[1])))
+                .map(|&(plane, _)| plane)
+        };
+        // `--auto-local`/`--auto-network packet` are not offered yet.
+        let Some(best) = fastest(&mut measured.iter().filter(|m| m.0 != Contender::Packet)) else {
             continue;
         };
+        let packet_faster = fastest(&mut measured.iter()) == Some(Contender::Packet);
         let each: Vec<String> = measured
             .iter()
             .map(|(plane, [fwd, rev])| format!("{} {fwd:.1}/{rev:.1}", plane.id()))
@@ -712,10 +1256,16 @@ fn auto_check(results: &Results) -> Option<Table> {
             path,
             default.id().to_owned(),
             each.join(", "),
-            if best == default {
-                "yes".to_owned()
-            } else {
-                format!("no: set {flag} {}", best.id())
+            match (best == default, packet_faster) {
+                (true, false) => "yes".to_owned(),
+                (true, true) => "yes among the planes auto offers; packet (not offered) is \
+                                 faster"
+                    .to_owned(),
+                (false, false) => format!("no: set {flag} {}", best.id()),
+                (false, true) => format!(
+                    "no: set {flag} {}; packet (not offered) is faster still",
+                    best.id()
+                ),
             },
         ]);
     }
@@ -734,7 +1284,8 @@ fn auto_check(results: &Results) -> Option<Table> {
         note: Some(
             "auto chooses per tunnel by its path (and, on a local path, the host's default \
              congestion control); where a row says no, the flag named there makes auto \
-             follow this run (CPU per byte is in the tables above)."
+             follow this run (CPU per byte is in the tables above). auto does not offer the \
+             packet plane yet: it is listed to compare, never suggested."
                 .to_owned(),
         ),
     })
@@ -810,7 +1361,7 @@ pub fn markdown(results: &Results, tables: &[Table]) -> String {
     let _ = writeln!(
         md,
         "- settings: {}, {} s each; connection setup {} clients × {:.0} s; scale {} tunnels; \
-         fixed rate {} per stream",
+         promotion stall {} tunnels per case; fixed rate {} per stream",
         if s.runs == 1 {
             "1 run per case".to_owned()
         } else {
@@ -820,6 +1371,7 @@ pub fn markdown(results: &Results, tables: &[Table]) -> String {
         s.setup_clients,
         s.setup_secs,
         s.scale_tunnels,
+        s.stall_tunnels,
         s.rate
     );
     let _ = writeln!(md, "- total time of the benchmark: {:.0} s\n", m.elapsed_s);
@@ -871,14 +1423,19 @@ pub fn markdown(results: &Results, tables: &[Table]) -> String {
     let _ = writeln!(
         md,
         "- **Contenders**: *direct* is iperf3 with no proxy (the ceiling); *spliced* runs \
-         `target/release/spliced --dataplane sockmap|splice|copy`; *Squid* is Debian's squid \
+         `target/release/spliced --dataplane sockmap|splice|copy|packet|auto`, the packet plane \
+         twice: with its default `--promote-after` ({} MiB) and with `--promote-after 0` \
+         (promoted right after the `200`); *Squid* is Debian's squid \
          run as `squid -N -f squid.conf` with a minimal configuration (CONNECT from the client \
          network to the benchmark's ports, `cache deny all`, `access_log none`); *tinyproxy* \
          runs as `tinyproxy -d -c tinyproxy.conf` (Port, Listen, Allow, ConnectPort, \
          MaxClients 1024). Each listens on a port of its own; no system service is touched. \
          While the sockmap instance runs, its sock_ops program (attached to its cgroup) also \
          sees the other contenders' sockets; it only asks for TCP state callbacks, which \
-         return at once for sockets outside a tunnel."
+         return at once for sockets outside a tunnel. Likewise each packet instance's tc \
+         programs (on `lo`, or on the proxy namespace's veths) see every packet of the other \
+         contenders: one hash lookup each, passed on to the next program when it misses.",
+        DEFAULT_PROMOTE_AFTER >> 20
     );
     let _ = writeln!(
         md,
@@ -887,7 +1444,14 @@ pub fn markdown(results: &Results, tables: &[Table]) -> String {
          is a CONNECT tunnel. Forward sends client → server, `-R` server → client; `P4` is \
          `-P 4`. The number is `end.sum_received.bits_per_second`. A one-off `iperf3 -s -1` is \
          started per run. All proxies of an environment run at once and the contenders take \
-         turns run by run."
+         turns run by run. With several runs a cell shows the median's ratio to direct's median \
+         and the slowest run's; a case whose slowest run is under {:.0} % of its median is \
+         marked bimodal and lists its runs. For the packet contenders, every run's data \
+         connections (its `-P` largest tunnels in spliced's JSON access log) must have been \
+         promoted (`\"dataplane\":\"packet\"`); a run where one stayed on the splice pump is \
+         reported as a fallback, not counted. iperf3's control connection moves a few KiB and \
+         stays on the pump under the default `--promote-after`.",
+        BIMODAL * 100.0
     );
     let _ = writeln!(
         md,
@@ -921,7 +1485,8 @@ pub fn markdown(results: &Results, tables: &[Table]) -> String {
          CPU-seconds per GiB. \"Other processes\" is the CPU time that user processes outside \
          the benchmark's process tree used meanwhile (utime + stime from /proc/PID/stat, \
          scanned ten times a second; a process's last < 100 ms are missed, so it errs low); \
-         the last column subtracts it, a correction for a shared machine.",
+         the last column subtracts it, a correction for a shared machine. The packet table \
+         divides the packet plane's Δ by splice's, in each environment.",
         s.rate,
         m.cpu_source.describe()
     );
@@ -930,7 +1495,8 @@ pub fn markdown(results: &Results, tables: &[Table]) -> String {
         "- **Connection setup**: {} client threads, each in a loop: connect to the proxy, \
          `CONNECT 127.0.0.1:PORT` to an echo server inside the benchmark, read the 200 (latency \
          measured from connect() to here), send 4 bytes, read them back, wait for the close the \
-         echo server starts. Direct connects to the echo server itself.",
+         echo server starts (the whole tunnel's time ends here). Direct connects to the echo \
+         server itself.",
         s.setup_clients
     );
     let _ = writeln!(
@@ -939,13 +1505,34 @@ pub fn markdown(results: &Results, tables: &[Table]) -> String {
          through one spliced to a server inside the benchmark (a forked child) that accepts and \
          holds every connection; the proxy's VmRSS is read before and with them all open \
          (RLIMIT_NOFILE raised for the benchmark and the proxy), then one iperf3 tunnel runs \
-         among them. Kernel memory (socket buffers, psocks) is not in RSS.",
+         among them. The server sends one byte on every connection as it accepts it, which \
+         the client reads once all are open: every tunnel has carried data, and the packet \
+         plane with `--promote-after 0` promotes each (the bench waits until its SIGUSR1 \
+         stats count every tunnel promoted or refused). Kernel memory (socket buffers, \
+         psocks) is not in RSS: /proc/net/sockstat, /proc/slabinfo, /proc/meminfo's Slab and \
+         `ss -tm` for the proxy's own sockets are read before the tunnels open and with them \
+         open.",
         s.scale_tunnels
     );
     let _ = writeln!(
         md,
-        "- `cargo xtask bench --quick` runs a reduced matrix (1 run of 3 s, 2,000 tunnels) in \
-         under 2 minutes; `--filter SUBSTRING` (repeatable), `--runs N`, `--secs N` and \
+        "- **Promotion stall**: {} tunnels per case, one at a time, each carrying {} MiB + 64 \
+         MiB one way as fast as TCP goes (forward: the bench's client sends; `-R`: the bench's \
+         upstream sends), through the packet plane (default `--promote-after`) and through \
+         splice. The receiver timestamps every read; a tunnel's stall is its longest gap \
+         between consecutive reads that brought bytes from {} MiB before to {} MiB after the \
+         cut (the access log's `bytes_before_promotion`; on splice, the byte where promotion \
+         would have happened). Only tunnels promoted before their last byte count for the \
+         packet plane. Across veth the client and the upstream run in their namespaces.",
+        s.stall_tunnels,
+        DEFAULT_PROMOTE_AFTER >> 20,
+        WINDOW_BEFORE >> 20,
+        WINDOW_AFTER >> 20
+    );
+    let _ = writeln!(
+        md,
+        "- `cargo xtask bench --quick` runs a reduced matrix (1 run of 3 s, 2,000 tunnels, 20 \
+         stall tunnels) in about 3 minutes; `--filter SUBSTRING` (repeatable), `--runs N`, `--secs N` and \
          `--list` help speed work; `--filter` never rewrites this file. When anything fails, the \
          proxies' logs and configurations and the iperf3 outputs are kept in \
          `target/bench/logs/`."
@@ -1014,6 +1601,47 @@ fn notes(results: &Results) -> Vec<String> {
                 if let Err(err) = &r.busy {
                     notes.push(format!("scale {} busy tunnel: {err}", c.id()));
                 }
+                if r.promoted.is_some_and(|n| n < r.opened as u64) {
+                    notes.push(format!(
+                        "scale {}: {} of {} idle tunnels promoted ({} refused: {:?})",
+                        c.id(),
+                        r.promoted.unwrap_or(0),
+                        r.opened,
+                        r.not_promoted.unwrap_or(0),
+                        r.not_promoted_reasons
+                    ));
+                }
+                if r.greeted < r.opened {
+                    notes.push(format!(
+                        "scale {}: the upstream's byte reached {} of {} tunnels",
+                        c.id(),
+                        r.greeted,
+                        r.opened
+                    ));
+                }
+            }
+        }
+    }
+    for (case, r) in &results.stall {
+        match r {
+            Err(err) => notes.push(format!("{}: {err}", case.id())),
+            Ok(r) => {
+                if let Some(err) = &r.first_error {
+                    notes.push(format!(
+                        "{}: {} transfers failed, first: {err}",
+                        case.id(),
+                        r.errors
+                    ));
+                }
+                if let Some(promoted) = r.promoted.filter(|&n| n < r.completed) {
+                    notes.push(format!(
+                        "{}: {} of {} tunnels were not promoted before their last byte (not \
+                         counted)",
+                        case.id(),
+                        r.completed - promoted,
+                        r.completed
+                    ));
+                }
             }
         }
     }
@@ -1032,9 +1660,9 @@ type ChartRow = (String, Vec<(usize, f64, String)>);
 /// docs/benchmarks.svg: horizontal bars of loopback throughput (1 stream,
 /// both directions) and of CPU-s per GiB at the fixed rate, per contender.
 pub fn svg(results: &Results) -> String {
-    const WIDTH: f64 = 820.0;
-    const LABEL: f64 = 150.0;
-    const BAR_MAX: f64 = 560.0;
+    const WIDTH: f64 = 860.0;
+    const LABEL: f64 = 210.0;
+    const BAR_MAX: f64 = 540.0;
     const BAR_H: f64 = 13.0;
     let find = |env, kind, c| results.tput_of(env, kind, c);
     let fwd = Kind::new(false, 1);
@@ -1169,7 +1797,11 @@ pub fn svg(results: &Results) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::setup_rate::SetupResult;
+    use crate::bench::{
+        iperf::PromotionCheck,
+        setup_rate::SetupResult,
+        stall::{StallCase, StallResult},
+    };
 
     #[test]
     fn markdown_table_escapes_pipes() {
@@ -1193,7 +1825,18 @@ mod tests {
             others_cpu_s: 1.0,
             user_copied_bytes: None,
             planes_used: None,
+            promotion: None,
         })
+    }
+
+    fn promoted(gbps: f64) -> Result<Sample, String> {
+        let mut sample = sample(gbps)?;
+        sample.promotion = Some(PromotionCheck {
+            data: 1,
+            promoted: 1,
+            others: [("splice".to_owned(), 1)].into(),
+        });
+        Ok(sample)
     }
 
     #[test]
@@ -1238,6 +1881,7 @@ mod tests {
             setup_secs: 3.0,
             setup_clients: 64,
             scale_tunnels: 10_000,
+            stall_tunnels: 100,
             rate: "5G",
         };
         let case = |env, kind, contender| crate::bench::Case {
@@ -1278,6 +1922,32 @@ mod tests {
                 samples: vec![Err("no JSON".into())],
                 start_failure: None,
             },
+            TputResult {
+                case: case(Env::Unpinned, fwd, Contender::Packet),
+                samples: vec![
+                    promoted(21.0),
+                    promoted(10.0),
+                    promoted(22.0),
+                    Err("FALLBACK: 1 of 1 data connection(s) not promoted".into()),
+                ],
+                start_failure: None,
+            },
+            TputResult {
+                case: case(Env::Unpinned, cpu_kind, Contender::Splice),
+                samples: vec![Ok(Sample {
+                    busy_cpu_s: 6.0,
+                    ..sample(5.0).unwrap()
+                })],
+                start_failure: None,
+            },
+            TputResult {
+                case: case(Env::Unpinned, cpu_kind, Contender::Packet),
+                samples: vec![Ok(Sample {
+                    busy_cpu_s: 4.0,
+                    ..sample(5.0).unwrap()
+                })],
+                start_failure: None,
+            },
         ];
         Results {
             meta: Meta {
@@ -1306,6 +1976,8 @@ mod tests {
                         per_sec: 33.3,
                         p50_ms: 0.1,
                         p99_ms: f64::NAN,
+                        tunnel_p50_ms: 0.2,
+                        tunnel_p99_ms: 0.5,
                         errors: 1,
                         first_error: Some("refused".into()),
                     }),
@@ -1326,10 +1998,83 @@ mod tests {
                         rss_idle_kib: Some(5_000),
                         rss_open_kib: Some(35_000),
                         fds_open: Some(19_999),
+                        greeted: 3_341,
+                        promoted: None,
+                        not_promoted: None,
+                        promote_secs: None,
+                        not_promoted_reasons: Vec::new(),
+                        kmem_before: kmem::Snapshot::default(),
+                        kmem_open: kmem::Snapshot {
+                            tcp_alloc: 4 * 3_341,
+                            ..kmem::Snapshot::default()
+                        },
+                        proxy_sockets: Err("ss: not found".into()),
                         busy: Err("refused".into()),
                     }),
                 ),
+                (
+                    Contender::PacketEager,
+                    Ok(ScaleResult {
+                        wanted: 100,
+                        nofile: 20_000,
+                        target: 100,
+                        opened: 100,
+                        open_secs: 0.1,
+                        open_errors: 0,
+                        first_error: None,
+                        rss_idle_kib: Some(5_000),
+                        rss_open_kib: Some(6_000),
+                        fds_open: Some(210),
+                        greeted: 100,
+                        promoted: Some(98),
+                        not_promoted: Some(2),
+                        promote_secs: Some(1.5),
+                        not_promoted_reasons: vec![("packet_not_promoted_hold_timeout".into(), 2)],
+                        kmem_before: kmem::Snapshot::default(),
+                        kmem_open: kmem::Snapshot {
+                            tcp_mem_pages: 25,
+                            ..kmem::Snapshot::default()
+                        },
+                        proxy_sockets: Ok(kmem::SocketBuffers {
+                            sockets: 200,
+                            forward: 409_600,
+                            holding: 0,
+                            ..kmem::SocketBuffers::default()
+                        }),
+                        busy: promoted(20.0),
+                    }),
+                ),
                 (Contender::Copy, Err("failed to start: x".into())),
+            ],
+            stall: vec![
+                (
+                    StallCase {
+                        env: Env::Unpinned,
+                        contender: Contender::Packet,
+                        reverse: false,
+                    },
+                    Ok(StallResult {
+                        tunnels: 3,
+                        transfer_bytes: 65 << 20,
+                        completed: 3,
+                        promoted: Some(2),
+                        cut_offsets: vec![1 << 20, 2 << 20],
+                        stalls_ms: vec![210.0, 3.0],
+                        stall_at: vec![-4096, 0],
+                        errors: 0,
+                        first_error: None,
+                        secs: 1.0,
+                        plane_stats: [("packet_held".to_owned(), 40)].into(),
+                    }),
+                ),
+                (
+                    StallCase {
+                        env: Env::Netns,
+                        contender: Contender::Splice,
+                        reverse: true,
+                    },
+                    Err("skipped: network namespaces need root".into()),
+                ),
             ],
         }
     }
@@ -1338,7 +2083,8 @@ mod tests {
     fn every_table_row_fits_its_header_and_everything_renders() {
         let results = results();
         let tables = tables(&results);
-        assert_eq!(tables.len(), 4, "throughput, CPU, setup, scale");
+        let titles: Vec<&str> = tables.iter().map(|t| t.title.as_str()).collect();
+        assert_eq!(tables.len(), 7, "{titles:#?}");
         for table in &tables {
             for row in &table.rows {
                 assert_eq!(row.len(), table.header.len(), "{}: {row:?}", table.title);
@@ -1349,8 +2095,54 @@ mod tests {
         assert!(tput.contains("10.0 (0.48×) [1/2 runs failed]"), "{tput}");
         assert!(tput.contains("failed to start: exited"), "{tput}");
         assert!(tput.contains("not run"), "{tput}");
+        // The packet row: median 21 of 21, slowest 10: bimodal; one fallback.
+        assert!(
+            tput.contains(
+                "21.0 (1.00×, slowest 0.48×) ⚠ bimodal: runs 21.0/10.0/22.0 [1/4 runs FELL \
+                 BACK to splice, not counted]"
+            ),
+            "{tput}"
+        );
+        assert!(tput.contains("21.0 (slowest 0.95×)"), "{tput}");
+        assert!(
+            tput.contains(
+                "3 of 3 data connections of the runs above were promoted, and 1 run(s) FELL BACK"
+            ),
+            "{tput}"
+        );
+        let cpu = tables
+            .iter()
+            .find(|t| t.title.contains("against splice's"))
+            .unwrap();
+        // direct 0.6 CPU-s/GiB, splice 1.2, packet 0.8: extras 0.6 and 0.2.
+        assert_eq!(cpu.rows[0][4], "0.33 (goal met)");
+        let kmem = tables
+            .iter()
+            .find(|t| t.title.starts_with("Kernel memory"))
+            .unwrap();
+        assert_eq!(kmem.rows[0][3], "4.00");
+        assert_eq!(kmem.rows[1][1], "98/100 (2 refused: hold_timeout 2)");
+        assert_eq!(kmem.rows[1][4], "1024");
+        assert_eq!(kmem.rows[1][5], "4096 (0 of 200 sockets hold data)");
+        let stall = tables
+            .iter()
+            .find(|t| t.title.starts_with("Promotion stall"))
+            .unwrap();
+        assert_eq!(stall.rows[0][3], "2/3 promoted mid-transfer");
+        assert_eq!(stall.rows[0][5], "210.0 (goal missed)");
+        assert_eq!(stall.rows[0][7], "1");
+        assert_eq!(stall.rows[0][8], "-2");
+        assert!(stall.rows[1][3].starts_with("skipped"));
         let md = markdown(&results, &tables);
         assert!(md.contains("RLIMIT_NOFILE of 20000"), "{md}");
+        assert!(
+            md.contains("stall/loopback-unpinned/packet/fwd: 1 of 3 tunnels were not promoted"),
+            "{md}"
+        );
+        assert!(
+            md.contains("scale packet-0: 98 of 100 idle tunnels promoted"),
+            "{md}"
+        );
         let svg = svg(&results);
         assert!(
             svg.starts_with("<svg") && svg.contains("&lt;&amp;&gt;"),
@@ -1359,6 +2151,22 @@ mod tests {
         let json = to_json(&results);
         assert_eq!(json["throughput"][0]["median_gbps"], 21.0);
         assert_eq!(json["throughput"][1]["ratio_to_direct"], 10.0 / 21.0);
+        assert_eq!(
+            json["throughput"][6]["slowest_ratio_to_direct"],
+            10.0 / 21.0
+        );
+        assert_eq!(json["throughput"][6]["runs"][0]["promotion"]["promoted"], 1);
         assert!(json["setup"][0]["p99_ms"].is_null());
+        assert_eq!(
+            json["scale"][1]["kernel_memory"]["per_tunnel"]["tcp_mem_bytes"],
+            25.0 * kmem::page_size() as f64 / 100.0
+        );
+        assert_eq!(json["stall"][0]["stall_p99_ms"], 210.0);
+        assert_eq!(
+            json["stall"][1]["error"],
+            "skipped: network namespaces need root"
+        );
+        let cpu = &json["cpu_packet_against_splice"][0];
+        assert!((cpu["packet_extra_over_splice_extra"].as_f64().unwrap() - 1.0 / 3.0).abs() < 1e-9);
     }
 }

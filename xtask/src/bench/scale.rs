@@ -1,7 +1,9 @@
-//! Many idle tunnels at once: a hold server that accepts and keeps every
-//! connection, and client threads that open tunnels to it through a proxy.
+//! Many idle tunnels at once: a hold server that accepts every connection,
+//! greets it with one byte and keeps it, and client threads that open
+//! tunnels to it through a proxy.
 
 use std::{
+    io::Read as _,
     net::{SocketAddr, TcpStream},
     os::fd::AsRawFd as _,
     sync::{
@@ -16,12 +18,15 @@ use anyhow::{bail, Result};
 
 use super::{
     child::{fd_count, interrupted, sleep},
+    contenders::Proxy,
     setup_rate::{connect_through, listen, IO_TIMEOUT},
 };
 
-/// Accepts connections and keeps them open, idle, until dropped. It is a
-/// forked child process, so that its fds do not count against this
-/// process's RLIMIT_NOFILE, which already holds the client ends.
+/// Accepts connections, sends each one byte (so that every tunnel has
+/// carried data, and the packet plane's `--promote-after 0` promotes it) and
+/// keeps them open, idle, until dropped. It is a forked child process, so
+/// that its fds do not count against this process's RLIMIT_NOFILE, which
+/// already holds the client ends.
 pub struct HoldServer {
     pub addr: SocketAddr,
     pid: libc::pid_t,
@@ -35,8 +40,8 @@ impl HoldServer {
         let fd = listener.as_raw_fd();
         let parent = std::process::id();
         // SAFETY: after fork the child makes only async-signal-safe system
-        // calls (prctl, getppid, accept, nanosleep, _exit) and never returns
-        // into Rust code, so locks held by other threads cannot bite it.
+        // calls (prctl, getppid, accept, send, nanosleep, _exit) and never
+        // returns into Rust code, so locks held by other threads cannot bite it.
         let pid = unsafe { libc::fork() };
         if pid < 0 {
             bail!("fork: {}", std::io::Error::last_os_error());
@@ -67,7 +72,8 @@ impl HoldServer {
     }
 }
 
-/// The hold server's child: accept for ever, never close; die with the parent.
+/// The hold server's child: accept for ever, greet, never close; die with
+/// the parent.
 ///
 /// # Safety
 /// Only to be called in a freshly forked child.
@@ -82,11 +88,21 @@ unsafe fn hold_forever(listener: libc::c_int, parent: u32) -> ! {
             tv_sec: 0,
             tv_nsec: 10_000_000,
         };
+        let greeting = b"g";
         loop {
-            if libc::accept(listener, std::ptr::null_mut(), std::ptr::null_mut()) < 0 {
+            let fd = libc::accept(listener, std::ptr::null_mut(), std::ptr::null_mut());
+            if fd < 0 {
                 // EMFILE and the like: wait instead of spinning.
                 libc::nanosleep(&pause, std::ptr::null_mut());
+                continue;
             }
+            // An empty send buffer takes one byte without blocking.
+            libc::send(
+                fd,
+                greeting.as_ptr().cast(),
+                greeting.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            );
         }
     }
 }
@@ -104,6 +120,8 @@ impl Drop for HoldServer {
 /// Tunnels opened through a proxy, closed when dropped.
 pub struct OpenTunnels {
     pub streams: Vec<TcpStream>,
+    /// Per stream: whether the greeting came with the `200` already.
+    pub greeted: Vec<bool>,
     pub secs: f64,
     pub errors: u64,
     pub first_error: Option<String>,
@@ -131,6 +149,7 @@ pub fn open_tunnels(
             let all_errors = all_errors.clone();
             thread::spawn(move || {
                 let mut streams = Vec::with_capacity(share);
+                let mut greeted = Vec::with_capacity(share);
                 let mut errors = 0u64;
                 let mut first_error = None;
                 while streams.len() < share
@@ -145,11 +164,14 @@ pub fn open_tunnels(
                         TcpStream::connect_timeout(&proxy, IO_TIMEOUT).and_then(|mut s| {
                             s.set_read_timeout(Some(IO_TIMEOUT))?;
                             s.set_write_timeout(Some(IO_TIMEOUT))?;
-                            connect_through(&mut s, target)?;
-                            Ok(s)
+                            let early = connect_through(&mut s, target)?;
+                            Ok((s, !early.is_empty()))
                         });
                     match opened {
-                        Ok(stream) => streams.push(stream),
+                        Ok((stream, early)) => {
+                            streams.push(stream);
+                            greeted.push(early);
+                        }
                         Err(err) => {
                             errors += 1;
                             all_errors.fetch_add(1, Ordering::Relaxed);
@@ -158,19 +180,21 @@ pub fn open_tunnels(
                         }
                     }
                 }
-                (streams, errors, first_error)
+                (streams, greeted, errors, first_error)
             })
         })
         .collect();
     let mut all = OpenTunnels {
         streams: Vec::with_capacity(count),
+        greeted: Vec::with_capacity(count),
         secs: 0.0,
         errors: 0,
         first_error: None,
     };
     for handle in handles {
-        if let Ok((streams, errors, first_error)) = handle.join() {
+        if let Ok((streams, greeted, errors, first_error)) = handle.join() {
             all.streams.extend(streams);
+            all.greeted.extend(greeted);
             all.errors += errors;
             if all.first_error.is_none() {
                 all.first_error = first_error;
@@ -191,4 +215,88 @@ pub fn wait_accepted(server: &HoldServer, count: usize, limit: Duration) -> bool
         sleep(Duration::from_millis(20));
     }
     true
+}
+
+/// Reads the hold server's one-byte greeting from every tunnel that has not
+/// delivered it with the `200`; returns how many delivered it, within
+/// `limit`.
+pub fn read_greetings(tunnels: &OpenTunnels, limit: Duration) -> usize {
+    let deadline = Instant::now() + limit;
+    let mut greeted = tunnels.greeted.iter().filter(|&&early| early).count();
+    let mut pending: Vec<&TcpStream> = tunnels
+        .streams
+        .iter()
+        .zip(&tunnels.greeted)
+        .filter(|(stream, &early)| !early && stream.set_nonblocking(true).is_ok())
+        .map(|(stream, _)| stream)
+        .collect();
+    loop {
+        pending.retain(|&stream| {
+            let mut byte = [0u8; 1];
+            match (&mut &*stream).read(&mut byte) {
+                Ok(1) => {
+                    greeted += 1;
+                    false
+                }
+                Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => true,
+                // Closed or failed: it will not greet.
+                _ => false,
+            }
+        });
+        if pending.is_empty() || Instant::now() >= deadline || interrupted() {
+            break;
+        }
+        sleep(Duration::from_millis(50));
+    }
+    for stream in &tunnels.streams {
+        let _ = stream.set_nonblocking(false);
+    }
+    greeted
+}
+
+/// How the packet plane's promotions of the idle tunnels went.
+#[derive(Clone, Debug, Default)]
+pub struct Promotions {
+    pub promoted: Option<u64>,
+    pub not_promoted: Option<u64>,
+    /// Time waited.
+    pub secs: f64,
+    /// Refusals by reason (stat name, count).
+    pub reasons: Vec<(String, u64)>,
+}
+
+/// Waits until the packet plane has promoted or refused `count` tunnels (its
+/// SIGUSR1 stats), for at most `limit`, giving up after 10 s without
+/// progress.
+pub fn wait_promotions(proxy: &Proxy, count: usize, limit: Duration) -> Promotions {
+    let start = Instant::now();
+    let mut last_progress = (start, 0);
+    let mut seen = Promotions::default();
+    loop {
+        if let Some(stats) = proxy.stats() {
+            let promoted = stats.get("packet_promoted").copied().unwrap_or(0);
+            let refused = stats.get("packet_not_promoted").copied().unwrap_or(0);
+            seen.promoted = Some(promoted);
+            seen.not_promoted = Some(refused);
+            seen.reasons = stats
+                .into_iter()
+                .filter(|(key, n)| key.starts_with("packet_not_promoted_") && *n > 0)
+                .collect();
+            let decided = promoted + refused;
+            if decided >= count as u64 {
+                break;
+            }
+            if decided > last_progress.1 {
+                last_progress = (Instant::now(), decided);
+            }
+        }
+        let now = Instant::now();
+        if now >= start + limit || now >= last_progress.0 + Duration::from_secs(10) || interrupted()
+        {
+            break;
+        }
+        sleep(Duration::from_millis(250));
+    }
+    seen.secs = start.elapsed().as_secs_f64();
+    seen
 }

@@ -1,6 +1,7 @@
 //! Connection setup: many concurrent clients, each repeatedly opening a
 //! tunnel (CONNECT → 200), exchanging a few bytes with an echo server and
-//! closing. Reports tunnels per second and CONNECT→200 latency.
+//! closing. Reports tunnels per second, CONNECT→200 latency and the whole
+//! tunnel's time (connect to close, which a promotion lengthens).
 
 use std::{
     io::{Read, Write},
@@ -105,6 +106,9 @@ pub struct SetupResult {
     /// CONNECT→200 (through a proxy) or connect() (direct), milliseconds.
     pub p50_ms: f64,
     pub p99_ms: f64,
+    /// The whole tunnel: connect to the echo server's close, milliseconds.
+    pub tunnel_p50_ms: f64,
+    pub tunnel_p99_ms: f64,
     pub errors: u64,
     pub first_error: Option<String>,
 }
@@ -141,7 +145,7 @@ pub fn measure(
             })
         })
         .collect();
-    let mut latencies = Vec::new();
+    let mut latencies: Vec<(f64, f64)> = Vec::new();
     let mut errors = 0;
     let mut first_error = None;
     for handle in handles {
@@ -154,14 +158,19 @@ pub fn measure(
         }
     }
     let secs = start.elapsed().as_secs_f64();
-    latencies.sort_by(f64::total_cmp);
+    let mut connect: Vec<f64> = latencies.iter().map(|l| l.0).collect();
+    let mut whole: Vec<f64> = latencies.iter().map(|l| l.1).collect();
+    connect.sort_by(f64::total_cmp);
+    whole.sort_by(f64::total_cmp);
     SetupResult {
         clients,
         secs,
         tunnels: latencies.len() as u64,
         per_sec: latencies.len() as f64 / secs,
-        p50_ms: percentile(&latencies, 0.50),
-        p99_ms: percentile(&latencies, 0.99),
+        p50_ms: percentile(&connect, 0.50),
+        p99_ms: percentile(&connect, 0.99),
+        tunnel_p50_ms: percentile(&whole, 0.50),
+        tunnel_p99_ms: percentile(&whole, 0.99),
         errors,
         first_error,
     }
@@ -169,22 +178,19 @@ pub fn measure(
 
 /// Nearest-rank percentile of sorted values (NaN when empty).
 fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1]
+    super::percentile(sorted, p).unwrap_or(f64::NAN)
 }
 
-/// One tunnel; returns the latency in milliseconds.
-fn one_tunnel(proxy: Option<SocketAddr>, echo: SocketAddr) -> std::io::Result<f64> {
+/// One tunnel; returns the latency up to the 200 and to the close, in
+/// milliseconds.
+fn one_tunnel(proxy: Option<SocketAddr>, echo: SocketAddr) -> std::io::Result<(f64, f64)> {
     let started = Instant::now();
     let mut stream = TcpStream::connect_timeout(&proxy.unwrap_or(echo), IO_TIMEOUT)?;
     stream.set_read_timeout(Some(IO_TIMEOUT))?;
     stream.set_write_timeout(Some(IO_TIMEOUT))?;
     stream.set_nodelay(true)?;
-    if proxy.is_some() {
-        connect_through(&mut stream, echo)?;
+    if proxy.is_some() && !connect_through(&mut stream, echo)?.is_empty() {
+        return Err(std::io::Error::other("bytes before the echo request"));
     }
     let latency = started.elapsed().as_secs_f64() * 1e3;
     stream.write_all(PAYLOAD)?;
@@ -198,19 +204,22 @@ fn one_tunnel(proxy: Option<SocketAddr>, echo: SocketAddr) -> std::io::Result<f6
     if stream.read(&mut rest)? != 0 {
         return Err(std::io::Error::other("bytes after the echo"));
     }
-    Ok(latency)
+    Ok((latency, started.elapsed().as_secs_f64() * 1e3))
 }
 
 /// Sends `CONNECT target` on `stream` and reads the response head; fails
-/// unless it is a 200.
-pub fn connect_through(stream: &mut TcpStream, target: SocketAddr) -> std::io::Result<()> {
+/// unless it is a 200. Returns what the target sent after the head, if it
+/// came in the same reads.
+pub fn connect_through(stream: &mut TcpStream, target: SocketAddr) -> std::io::Result<Vec<u8>> {
+    const END: &[u8] = b"\r\n\r\n";
     let request = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n");
     stream.write_all(request.as_bytes())?;
     let mut head = Vec::with_capacity(128);
     let mut byte = [0u8; 256];
-    // Read until the end of the head; the target sends nothing before we do,
-    // so anything read belongs to the head.
-    while !head.ends_with(b"\r\n\r\n") {
+    let end = loop {
+        if let Some(at) = head.windows(END.len()).position(|w| w == END) {
+            break at + END.len();
+        }
         let n = stream.read(&mut byte)?;
         if n == 0 {
             return Err(std::io::Error::other(format!(
@@ -222,7 +231,8 @@ pub fn connect_through(stream: &mut TcpStream, target: SocketAddr) -> std::io::R
         if head.len() > 8192 {
             return Err(std::io::Error::other("response head over 8 KiB"));
         }
-    }
+    };
+    let after = head.split_off(end);
     let status_ok = head.starts_with(b"HTTP/1.1 200") || head.starts_with(b"HTTP/1.0 200");
     if !status_ok {
         let line = String::from_utf8_lossy(&head);
@@ -231,5 +241,36 @@ pub fn connect_through(stream: &mut TcpStream, target: SocketAddr) -> std::io::R
             line.lines().next().unwrap_or_default()
         )));
     }
-    Ok(())
+    Ok(after)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connect_through_returns_what_came_after_the_head() {
+        let proxy = TcpListener::bind(("127.0.0.1", 0)).expect("bind");
+        let addr = proxy.local_addr().expect("addr");
+        let server = thread::spawn(move || {
+            let (mut stream, _) = proxy.accept().expect("accept");
+            let mut request = [0u8; 512];
+            let _ = stream.read(&mut request).expect("request");
+            stream
+                .write_all(b"HTTP/1.1 200 Connection established\r\n\r\ng")
+                .expect("answer");
+        });
+        let mut stream = TcpStream::connect(addr).expect("connect");
+        stream.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
+        let after = connect_through(&mut stream, addr).expect("a 200");
+        server.join().expect("server");
+        // The byte came in the head's read, or is still in the socket.
+        if after.is_empty() {
+            let mut byte = [0u8; 1];
+            stream.read_exact(&mut byte).expect("greeting");
+            assert_eq!(&byte, b"g");
+        } else {
+            assert_eq!(after, b"g");
+        }
+    }
 }
