@@ -158,6 +158,10 @@ pub mod packet_config {
     /// neither answers (with its own, older TSval) a segment the first
     /// translated entry provoked.
     pub const SILENT: u32 = 2;
+    /// Lets the proxy socket's own segments out although the entry
+    /// translates: set only while the cut-over has the socket send one window
+    /// update, which wakes the peer its zero window stopped.
+    pub const WAKE: u32 = 4;
 }
 
 /// Values of [`PacketEntry::forward`].
@@ -240,8 +244,11 @@ pub mod packet_stat {
     /// proxy socket's `rcv_wup`, their FIN cleared), so the socket still gets
     /// the acknowledgement they carry.
     pub const HELD_AS_DUPLICATE: u32 = 8;
+    /// Wake-up window updates whose TSval was raised to the newest one
+    /// translated toward the same peer.
+    pub const WAKE_STAMPED: u32 = 9;
     /// Number of counters.
-    pub const COUNT: u32 = 9;
+    pub const COUNT: u32 = 10;
 }
 
 #[cfg(feature = "user")]

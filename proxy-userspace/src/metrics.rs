@@ -404,6 +404,10 @@ fn packet_metric(name: &str) -> (&'static str, MetricType) {
             "Held segments passed on as duplicates so their ACK reaches the proxy socket",
             Counter,
         ),
+        "wake_stamped" => (
+            "Cut-over window updates whose TSval was raised to the newest translated one",
+            Counter,
+        ),
         "silenced" => (
             "Segments of the proxy's silent (repair-mode) sockets dropped at egress",
             Counter,

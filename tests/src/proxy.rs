@@ -391,8 +391,13 @@ pub struct SyscallTrace {
 /// What a [`SyscallTrace`] saw.
 #[derive(Clone, Debug, Default)]
 pub struct Traced {
-    /// Bytes returned by read-like syscalls on sockets.
+    /// Bytes returned by read-like syscalls on sockets (copied out and
+    /// consumed; `MSG_PEEK` and `MSG_TRUNC` reads are counted apart).
     pub socket_reads: u64,
+    /// Bytes copied out by `MSG_PEEK` reads (left in the queue).
+    pub peeked: u64,
+    /// Bytes dropped by `MSG_TRUNC` reads (consumed, not copied).
+    pub dropped: u64,
     /// Bytes moved by splice, sendfile, copy_file_range, tee and vmsplice.
     pub spliced: u64,
     /// Calls of each traced syscall.
@@ -442,7 +447,14 @@ impl SyscallTrace {
                     fd.contains("<socket:") || fd.contains("<TCP") || fd.contains("<UDP")
                 });
                 if on_socket {
-                    traced.socket_reads += bytes as u64;
+                    let counter = if rest.contains("MSG_PEEK") {
+                        &mut traced.peeked
+                    } else if rest.contains("MSG_TRUNC") {
+                        &mut traced.dropped
+                    } else {
+                        &mut traced.socket_reads
+                    };
+                    *counter += bytes as u64;
                 }
             } else {
                 traced.spliced += bytes as u64;

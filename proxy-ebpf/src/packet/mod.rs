@@ -361,9 +361,15 @@ pub fn packet_egress(ctx: TcContext) -> i32 {
     let Some(entry) = PACKET_FLOWS.get_ptr_mut(segment.key.reversed()) else {
         return NEXT;
     };
-    if get!(entry, state) == packet_state::TRANSLATE
-        || get!(entry, config) & packet_config::SILENT != 0
-    {
+    let config = get!(entry, config);
+    let translating = get!(entry, state) == packet_state::TRANSLATE;
+    if translating && config & packet_config::WAKE != 0 {
+        if wake_timestamp(&ctx, &segment, entry).is_some() {
+            count(packet_stat::WAKE_STAMPED);
+        }
+        return NEXT;
+    }
+    if translating || config & packet_config::SILENT != 0 {
         // SAFETY: the context is the program's valid __sk_buff.
         // bpf_get_socket_cookie returns the cookie of the skb's socket (0 when
         // it has none). A segment translated at ingress and redirected here

@@ -100,11 +100,13 @@ pub(super) fn translate(
     new[15] = window[3];
     if options.ts_at != 0 {
         let at = options.ts_at;
-        write32(
-            new,
-            at,
-            read32(new, at).wrapping_add(get!(entry, tsval_delta)),
-        );
+        let tsval = read32(new, at);
+        // The sender's newest TSval: a wake-up segment of the proxy socket
+        // the translated segments go to must not carry an older one.
+        if after(tsval, get!(entry, last_tsval)) {
+            set!(entry, last_tsval, tsval);
+        }
+        write32(new, at, tsval.wrapping_add(get!(entry, tsval_delta)));
         let tsecr = read32(new, at + 4);
         if tsecr != 0 {
             write32(new, at + 4, tsecr.wrapping_add(get!(entry, tsecr_delta)));
@@ -231,6 +233,74 @@ pub(super) fn rewrite(
             0,
             diff as u64,
             u64::from(BPF_F_PSEUDO_HDR) | l4_flags,
+        )
+    } != 0
+    {
+        return None;
+    }
+    Some(())
+}
+
+/// TRANSLATE with `WAKE`: the proxy socket's window update to its peer
+/// carries, as TSval, at least the newest one translated toward that peer
+/// (the other entry's sender's newest, shifted). The peer may have taken a
+/// translated segment already; one with an older TSval than it has seen by
+/// more than a tick, it drops as an old duplicate (PAWS, RFC 7323 §5).
+#[inline(always)]
+pub(super) fn wake_timestamp(
+    ctx: &TcContext,
+    segment: &Segment,
+    entry: *mut PacketEntry,
+) -> Option<()> {
+    // bpf_map_lookup_elem: the tunnel's other entry, whose translated
+    // segments go to this socket's peer.
+    let other = PACKET_FLOWS.get_ptr_mut(get!(entry, peer_key))?;
+    if get!(other, state) != packet_state::TRANSLATE
+        || get!(other, flags) & packet_flags::TS_SEEN == 0
+    {
+        return None;
+    }
+    let floor = get!(other, last_tsval).wrapping_add(get!(other, tsval_delta));
+    // bpf_map_lookup_elem on a per-CPU array: this CPU's copy of element 0.
+    let scratch = PACKET_SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: a per-CPU value: only this program run, on this CPU, uses it.
+    let scratch = unsafe { &mut *scratch };
+    load_header(ctx, segment, &mut scratch.old)?;
+    let options = find_options(segment.header_len);
+    if options.ts_at == 0 {
+        return None;
+    }
+    let own = read32(&scratch.old, options.ts_at);
+    if !after(floor, own) {
+        return None;
+    }
+    let skb = ctx.skb.skb.cast();
+    let (old_be, new_be) = (own.to_be(), floor.to_be());
+    // SAFETY: `new_be` is on this stack for the call. bpf_skb_store_bytes
+    // writes the 4 bytes over TSval (flags 0: skb->csum alone).
+    if unsafe {
+        bpf_skb_store_bytes(
+            skb,
+            segment.l4 + options.ts_at,
+            (&raw const new_be).cast(),
+            4,
+            0,
+        )
+    } != 0
+    {
+        return None;
+    }
+    // SAFETY: no memory argument. bpf_l4_csum_replace folds the 4-byte change
+    // into the TCP checksum; at egress the socket's segment is usually
+    // CHECKSUM_PARTIAL, whose field (the pseudo-header sum) the kernel leaves
+    // alone for a non-pseudo-header change, as it must.
+    if unsafe {
+        bpf_l4_csum_replace(
+            skb,
+            segment.l4 + TCP_CHECK,
+            u64::from(old_be),
+            u64::from(new_be),
+            4,
         )
     } != 0
     {

@@ -7,24 +7,29 @@
 //! acknowledgement numbers, timestamps, SACK blocks, window, checksums — so
 //! the client and the upstream run one end-to-end TCP, and the proxy's two
 //! sockets sit silent in repair mode, holding their 4-tuples, until the flow
-//! has ended. See `cutover.rs` for the order of the cut and `translate.rs` for
-//! the arithmetic.
+//! has ended. See `cutover/mod.rs` for the order of the cut and `translate.rs`
+//! for the arithmetic.
 //!
 //! * [`kernel`] — loading and attaching the programs, the maps, events;
 //! * [`sockets`] — repair mode and the socket state the cut reads;
 //! * [`qualify`] — whether a tunnel can be promoted, and why not;
 //! * [`translate`] — the translation arithmetic (pure, unit-tested);
-//! * [`relay`] — the splice pump before promotion;
-//! * [`cutover`] — hold, drain, repair, translate (or abort);
+//! * [`relay`] — the splice pump before promotion, and its pause;
+//! * [`stop`] — when a peer has stopped sending (pure, unit-tested);
+//! * [`forward`] — the cut-over's own forwarding: peek, write, drop;
+//! * [`cutover`] — stop, forward, hold, drain, repair, translate, wake (or
+//!   abort);
 //! * [`reset`] — the RSTs that end a translated flow on a limit or shutdown;
 //! * [`tunnel`] — one tunnel from hand-over to the end of its linger.
 
 mod cutover;
+mod forward;
 mod kernel;
 pub mod qualify;
 mod relay;
 mod reset;
 mod sockets;
+mod stop;
 mod translate;
 mod tunnel;
 
@@ -110,6 +115,7 @@ impl DataPlane for PacketDataPlane {
                 translated: stat(packet_stat::TRANSLATED),
                 held: stat(packet_stat::HELD),
                 held_as_duplicate: stat(packet_stat::HELD_AS_DUPLICATE),
+                wake_stamped: stat(packet_stat::WAKE_STAMPED),
                 silenced: stat(packet_stat::SILENCED),
                 rewrite_failed: stat(packet_stat::REWRITE_FAILED),
                 redirect_failed: stat(packet_stat::REDIRECT_FAILED),
@@ -142,6 +148,9 @@ pub struct PacketStats {
     pub held: u64,
     /// Held segments passed on as duplicates, so their ACK reaches the proxy.
     pub held_as_duplicate: u64,
+    /// Wake-up window updates of a cut-over whose TSval the program raised
+    /// to the newest one translated toward the same peer.
+    pub wake_stamped: u64,
     /// Segments of the proxy's own silent sockets dropped at egress.
     pub silenced: u64,
     /// Segments a rewrite helper failed on (dropped).
@@ -165,7 +174,7 @@ impl PacketStats {
 
     /// Every counter but the per-reason ones, with the name the SIGUSR1 line
     /// and the metrics use.
-    pub fn fields(&self) -> [(&'static str, u64); 12] {
+    pub fn fields(&self) -> [(&'static str, u64); 13] {
         [
             ("promoted", self.promoted),
             ("lingering", self.lingering),
@@ -174,6 +183,7 @@ impl PacketStats {
             ("translated", self.translated),
             ("held", self.held),
             ("held_as_duplicate", self.held_as_duplicate),
+            ("wake_stamped", self.wake_stamped),
             ("silenced", self.silenced),
             ("rewrite_failed", self.rewrite_failed),
             ("redirect_failed", self.redirect_failed),

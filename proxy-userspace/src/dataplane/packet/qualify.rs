@@ -329,6 +329,7 @@ mod tests {
                 pmtu: 1500,
                 peer_mss: 1460,
                 mptcp: false,
+                rtt_us: 50,
             },
             entry: PacketEntry {
                 flags: packet_flags::SEEN_INGRESS

@@ -1,15 +1,17 @@
 //! The splice pump a tunnel runs on until it is promoted: splice.rs's loop,
 //! plus what the cut-over needs of it — a flag per direction that is clear
 //! only while no byte is between its two sockets (so stopping it there loses
-//! nothing), and a notification when the tunnel has moved `--promote-after`
-//! bytes.
+//! nothing), a notification when the tunnel has moved `--promote-after`
+//! bytes, and a pause: a paused direction reads nothing more from its source
+//! (whose receive window then fills and stops the sender without a loss)
+//! until it is resumed.
 
 use std::{
     os::fd::AsRawFd,
     sync::atomic::{AtomicBool, AtomicU64, Ordering},
 };
 
-use tokio::{io::Interest, net::TcpStream, sync::Notify};
+use tokio::{io::Interest, net::TcpStream, sync::watch};
 
 use crate::dataplane::{
     pump::{self, DirectionError, Moved},
@@ -17,12 +19,48 @@ use crate::dataplane::{
     Side,
 };
 
+/// Whether the directions may read: the cut-over pauses them.
+#[derive(Debug)]
+pub struct Pause {
+    paused: watch::Sender<bool>,
+}
+
+impl Default for Pause {
+    fn default() -> Self {
+        Self {
+            paused: watch::Sender::new(false),
+        }
+    }
+}
+
+impl Pause {
+    /// Stops both directions from reading (each finishes the bytes in its pipe).
+    pub fn pause(&self) {
+        self.paused.send_replace(true);
+    }
+
+    /// Lets both directions read again.
+    pub fn resume(&self) {
+        self.paused.send_replace(false);
+    }
+
+    /// Returns once the directions may read.
+    async fn wait(&self) {
+        let mut paused = self.paused.subscribe();
+        let _ = paused.wait_for(|paused| !*paused).await;
+    }
+
+    fn is_paused(&self) -> bool {
+        *self.paused.borrow()
+    }
+}
+
 /// Both directions' progress toward `--promote-after`.
 #[derive(Debug)]
 pub struct Threshold {
     moved: AtomicU64,
     at: u64,
-    reached: Notify,
+    reached: tokio::sync::Notify,
 }
 
 impl Threshold {
@@ -31,7 +69,7 @@ impl Threshold {
         Self {
             moved: AtomicU64::new(0),
             at,
-            reached: Notify::new(),
+            reached: tokio::sync::Notify::new(),
         }
     }
 
@@ -60,6 +98,7 @@ impl Threshold {
 /// Moves `src` → `dst` until `src`'s EOF, then half-closes `dst`, like
 /// `splice::splice_one_way`. `busy` is set while bytes are in the pipe (or
 /// the direction fell back to copying, which keeps bytes in user space).
+/// While `pause` says so it reads nothing.
 pub async fn relay_one_way(
     src: &TcpStream,
     dst: &TcpStream,
@@ -67,12 +106,17 @@ pub async fn relay_one_way(
     src_side: Side,
     busy: &AtomicBool,
     threshold: &Threshold,
+    pause: &Pause,
 ) -> Result<(), DirectionError> {
     loop {
         busy.store(false, Ordering::Relaxed);
+        pause.wait().await;
         src.readable()
             .await
             .map_err(|e| pump::error_on(src_side, e))?;
+        if pause.is_paused() {
+            continue;
+        }
         busy.store(true, Ordering::Relaxed);
         let pipe = match Pipe::new() {
             Ok(pipe) => pipe,
@@ -82,6 +126,9 @@ pub async fn relay_one_way(
             }
         };
         loop {
+            if pause.is_paused() {
+                break;
+            }
             let in_pipe = match src.try_io(Interest::READABLE, || {
                 splice(src.as_raw_fd(), pipe.write.as_raw_fd(), PIPE_BYTES as usize)
             }) {

@@ -237,6 +237,17 @@ pub fn silent(current: &PacketEntry, on: bool) -> PacketEntry {
     PacketEntry { config, ..*current }
 }
 
+/// `current` with its proxy socket's segments let out at egress although it
+/// translates (`on`: the cut-over's window update), or not.
+pub fn waking(current: &PacketEntry, on: bool) -> PacketEntry {
+    let config = if on {
+        current.config | packet_config::WAKE
+    } else {
+        current.config & !packet_config::WAKE
+    };
+    PacketEntry { config, ..*current }
+}
+
 /// `current` (as last read) translating as `direction` says.
 pub fn translating(current: &PacketEntry, direction: &Direction) -> PacketEntry {
     let (new_src, new_dst) = (

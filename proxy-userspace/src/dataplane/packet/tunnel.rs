@@ -18,7 +18,7 @@ use super::{
     cutover::{Conn, NotPromoted, Promoted, Promotion},
     kernel::Kernel,
     qualify::Reason,
-    relay::{relay_one_way, Threshold},
+    relay::{relay_one_way, Pause, Threshold},
     reset,
     translate::{self, entry_end},
 };
@@ -148,6 +148,7 @@ pub async fn run_tunnel(shared: Arc<Shared>, tunnel: Tunnel) -> TunnelOutcome {
     let (up, down) = Moved::pair(&progress, PlaneKind::Splice);
     let busy = [AtomicBool::new(false), AtomicBool::new(false)];
     let threshold = Threshold::new(shared.promote_after);
+    let pause = Pause::default();
     let mut clock = LimitClock::start(limits);
     let (promoted, end) = {
         let promotion = registration
@@ -162,6 +163,7 @@ pub async fn run_tunnel(shared: Arc<Shared>, tunnel: Tunnel) -> TunnelOutcome {
                     peer: addrs.client_peer,
                     key: registration.keys[0],
                     busy: &busy[0],
+                    moved: &up,
                 },
                 upstream: Conn {
                     name: "upstream",
@@ -170,8 +172,10 @@ pub async fn run_tunnel(shared: Arc<Shared>, tunnel: Tunnel) -> TunnelOutcome {
                     peer: addrs.upstream_peer,
                     key: registration.keys[1],
                     busy: &busy[1],
+                    moved: &down,
                 },
                 threshold: &threshold,
+                pause: &pause,
             });
         let promoting = async {
             match &promotion {
@@ -179,7 +183,15 @@ pub async fn run_tunnel(shared: Arc<Shared>, tunnel: Tunnel) -> TunnelOutcome {
                 None => std::future::pending().await,
             }
         };
-        let c2u = relay_one_way(&client, &upstream, &up, Side::Client, &busy[0], &threshold);
+        let c2u = relay_one_way(
+            &client,
+            &upstream,
+            &up,
+            Side::Client,
+            &busy[0],
+            &threshold,
+            &pause,
+        );
         let u2c = relay_one_way(
             &upstream,
             &client,
@@ -187,6 +199,7 @@ pub async fn run_tunnel(shared: Arc<Shared>, tunnel: Tunnel) -> TunnelOutcome {
             Side::Upstream,
             &busy[1],
             &threshold,
+            &pause,
         );
         tokio::pin!(c2u, u2c, promoting);
         let (mut up_done, mut down_done, mut trying) = (false, false, promotion.is_some());
@@ -242,10 +255,19 @@ pub async fn run_tunnel(shared: Arc<Shared>, tunnel: Tunnel) -> TunnelOutcome {
     shared.promoted.fetch_add(1, Ordering::Relaxed);
     progress.note_promotion(before);
     log::debug!(
-        "packet: tunnel promoted after {} + {} bytes (hold {:?}): {:?}",
+        "packet: tunnel promoted after {} + {} bytes ({} + {} of them forwarded by the cut-over; {}; from the threshold: qualified {:?}, held {:?}, translating {:?}): {:?}",
         before[0],
         before[1],
-        promoted.hold,
+        promoted.forwarded[0],
+        promoted.forwarded[1],
+        if promoted.stopped {
+            "peers stopped by their windows"
+        } else {
+            "peers' segments held"
+        },
+        promoted.qualified,
+        promoted.held,
+        promoted.took,
         promoted.directions
     );
     let end = follow(
