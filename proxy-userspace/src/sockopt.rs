@@ -1,6 +1,7 @@
 //! Thin, safe wrappers over the socket options and ioctls spliced needs beyond
 //! what `socket2` offers: socket cookies, `TCP_INFO`, `SIOCOUTQ`, `SIOCINQ`,
-//! `SO_RCVLOWAT`, `TCP_CONGESTION`, `SO_SNDBUFFORCE`, `TCP_REPAIR`.
+//! `SO_RCVLOWAT`, `TCP_CONGESTION`, `SO_SNDBUFFORCE`, `TCP_REPAIR` and the
+//! sequence numbers it unlocks (`TCP_QUEUE_SEQ`).
 
 use std::{
     io,
@@ -148,43 +149,76 @@ pub fn take_error(fd: BorrowedFd<'_>) -> io::Result<Option<io::Error>> {
 }
 
 /// Bytes in the receive queue ready to read (`SIOCINQ`/`FIONREAD`).
-pub fn readable_bytes(fd: BorrowedFd<'_>) -> io::Result<usize> {
+pub fn readable_bytes(fd: BorrowedFd<'_>) -> io::Result<u64> {
     let mut value: libc::c_int = 0;
     // SAFETY: FIONREAD writes one int through the pointer, which is valid for the call.
     let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut value) };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(usize::try_from(value).unwrap_or(0))
+    Ok(u64::try_from(value).unwrap_or(0))
 }
 
-/// Turns `TCP_REPAIR` mode on or off. A socket in repair mode sends nothing,
-/// and closing it sends neither FIN nor RST. Needs `CAP_NET_ADMIN`.
-pub fn set_repair(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
-    setsockopt(
-        fd,
-        libc::IPPROTO_TCP,
-        libc::TCP_REPAIR,
-        &libc::c_int::from(on).to_ne_bytes(),
-    )
+// `TCP_REPAIR` values (include/uapi/linux/tcp.h), not in libc for Linux.
+const TCP_REPAIR_ON: libc::c_int = 1;
+const TCP_REPAIR_OFF: libc::c_int = 0;
+/// Leave repair mode without the window probe `TCP_REPAIR_OFF` sends.
+const TCP_REPAIR_OFF_NO_WP: libc::c_int = -1;
+
+/// Puts the socket in repair mode (`TCP_REPAIR`; needs `CAP_NET_ADMIN`).
+/// Measured on 6.18: `send` fails (EINVAL), `recv` too unless `MSG_PEEK`
+/// (EPERM), and closing sends neither FIN nor RST (the peer learns nothing;
+/// its next segment gets a RST from this host). But it is not silent by
+/// itself: it still processes incoming segments and ACKs them, and its
+/// retransmission and loss-probe timers still fire and send.
+pub fn repair_on(fd: BorrowedFd<'_>) -> io::Result<()> {
+    set_int(fd, libc::IPPROTO_TCP, libc::TCP_REPAIR, TCP_REPAIR_ON)
 }
 
-/// A queue of a socket in `TCP_REPAIR` mode (`TCP_REPAIR_QUEUE`).
+/// Leaves repair mode; with `probe`, the kernel sends a window probe (an ACK
+/// with sequence number `snd_una - 1`, which the peer answers with an ACK).
+pub fn repair_off(fd: BorrowedFd<'_>, probe: bool) -> io::Result<()> {
+    let value = if probe {
+        TCP_REPAIR_OFF
+    } else {
+        TCP_REPAIR_OFF_NO_WP
+    };
+    set_int(fd, libc::IPPROTO_TCP, libc::TCP_REPAIR, value)
+}
+
+/// The sequence state of a socket in repair mode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RepairQueue {
-    /// `TCP_RECV_QUEUE`: its sequence number is `rcv_nxt`.
-    Receive = 1,
-    /// `TCP_SEND_QUEUE`: its sequence number is `write_seq`.
-    Send = 2,
+pub struct QueueSeqs {
+    /// `rcv_nxt`: the next sequence number expected from the peer.
+    pub recv: u32,
+    /// `write_seq`: the sequence number after the last byte queued for sending
+    /// (`snd_nxt` when the send queue is empty).
+    pub send: u32,
 }
 
-/// The sequence number of `queue` (`TCP_QUEUE_SEQ`) of a socket in repair mode.
-pub fn queue_seq(fd: BorrowedFd<'_>, queue: RepairQueue) -> io::Result<u32> {
-    setsockopt(
-        fd,
-        libc::IPPROTO_TCP,
-        libc::TCP_REPAIR_QUEUE,
-        &(queue as libc::c_int).to_ne_bytes(),
-    )?;
-    getsockopt::<u32>(fd, libc::IPPROTO_TCP, libc::TCP_QUEUE_SEQ)
+/// Reads both queue sequence numbers (`TCP_REPAIR_QUEUE`, `TCP_QUEUE_SEQ`;
+/// the socket must be in repair mode).
+pub fn queue_seqs(fd: BorrowedFd<'_>) -> io::Result<QueueSeqs> {
+    const TCP_NO_QUEUE: libc::c_int = 0;
+    const TCP_RECV_QUEUE: libc::c_int = 1;
+    const TCP_SEND_QUEUE: libc::c_int = 2;
+    let read = |queue| -> io::Result<u32> {
+        set_int(fd, libc::IPPROTO_TCP, libc::TCP_REPAIR_QUEUE, queue)?;
+        getsockopt::<u32>(fd, libc::IPPROTO_TCP, libc::TCP_QUEUE_SEQ)
+    };
+    let seqs = QueueSeqs {
+        recv: read(TCP_RECV_QUEUE)?,
+        send: read(TCP_SEND_QUEUE)?,
+    };
+    set_int(fd, libc::IPPROTO_TCP, libc::TCP_REPAIR_QUEUE, TCP_NO_QUEUE)?;
+    Ok(seqs)
+}
+
+pub(crate) fn set_int(
+    fd: BorrowedFd<'_>,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
+    setsockopt(fd, level, name, &value.to_ne_bytes())
 }

@@ -8,7 +8,7 @@
 //! that arrive late are forwarded once, and `MSG_TRUNC` drops without a copy:
 //! every byte crosses user space once, as it does through the splice pump.
 
-use std::{io, os::fd::AsFd};
+use std::{io, os::fd::AsFd, sync::PoisonError};
 
 use tokio::net::TcpStream;
 
@@ -16,43 +16,63 @@ use super::{cutover::Conn, sockets};
 
 /// Writes to `to` what `from`'s receive queue holds beyond the `forwarded`
 /// bytes already written, as far as `to` takes it now (its send buffer may
-/// be full: the far end is not reading); the rest waits for the next call.
-/// The bytes are peeked, so nothing is consumed and `from`'s window stays as
-/// it is. `forwarded` and `from`'s byte count count every byte written.
+/// be full: the far end is not reading); the rest waits in `from.unsent` for
+/// the next call, which writes it before it peeks again. The bytes are
+/// peeked, so nothing is consumed and `from`'s window stays as it is.
+/// `forwarded` and `from`'s byte count count every byte written.
 pub fn forward_new(from: &Conn<'_>, to: &TcpStream, forwarded: &mut u64) -> io::Result<()> {
     let (moved, fd) = (from.moved, from.socket.as_fd());
-    let queued = sockets::recv_queue_len(fd)?;
-    if queued <= *forwarded {
-        return Ok(());
-    }
-    let mut buf = vec![0u8; usize::try_from(queued - *forwarded).map_err(io::Error::other)?];
-    // The peek starts just past what was forwarded (a short write last time
-    // left the peek offset further on). With the pump paused nothing else
-    // reads the queue.
-    sockets::set_peek_offset(
-        fd,
-        Some(u32::try_from(*forwarded).map_err(io::Error::other)?),
-    )?;
-    let peeked = sockets::peek(fd, &mut buf)?;
-    if peeked != buf.len() {
-        return Err(io::Error::other(format!(
-            "peeked {peeked} of {} queued bytes",
-            buf.len()
-        )));
+    let mut unsent = from.unsent.lock().unwrap_or_else(PoisonError::into_inner);
+    if unsent.is_empty() {
+        let queued = crate::sockopt::readable_bytes(fd)?;
+        if queued <= *forwarded {
+            return Ok(());
+        }
+        unsent.resize(
+            usize::try_from(queued - *forwarded).map_err(io::Error::other)?,
+            0,
+        );
+        // The peek starts just past what was forwarded. With the pump paused
+        // nothing else reads the queue.
+        sockets::set_peek_offset(
+            fd,
+            Some(u32::try_from(*forwarded).map_err(io::Error::other)?),
+        )?;
+        let peeked = sockets::peek(fd, &mut unsent)?;
+        if peeked != unsent.len() {
+            let queued = unsent.len();
+            unsent.clear();
+            return Err(io::Error::other(format!(
+                "peeked {peeked} of {queued} queued bytes"
+            )));
+        }
     }
     let mut written = 0;
-    while written < buf.len() {
-        match to.try_write(&buf[written..]) {
+    while written < unsent.len() {
+        match to.try_write(&unsent[written..]) {
             Ok(n) => {
                 written += n;
                 *forwarded += n as u64;
                 moved.add(n);
             }
             Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
-            Err(err) => return Err(err),
+            Err(err) => {
+                unsent.drain(..written);
+                return Err(err);
+            }
         }
     }
+    unsent.drain(..written);
     Ok(())
+}
+
+/// Forgets what was peeked from `from` and not written (the cut-over gave
+/// up: the pump reads those bytes again).
+pub fn forget_unsent(from: &Conn<'_>) {
+    from.unsent
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clear();
 }
 
 /// Drops the `forwarded` bytes from `from`'s receive queue (they are there:

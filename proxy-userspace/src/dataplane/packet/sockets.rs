@@ -1,83 +1,17 @@
-//! The socket options and ioctls of the cut-over: `TCP_REPAIR` and what it
-//! unlocks (`TCP_QUEUE_SEQ`), `TCP_TIMESTAMP`, `TCP_QUICKACK`, `SO_MEMINFO`,
-//! `SO_PEEK_OFF`, `MSG_TRUNC`, `SIOCINQ`/`SIOCOUTQ` and the `TCP_INFO` fields
+//! The socket options and calls of the cut-over beyond `sockopt.rs`'s
+//! repair-mode basics: `TCP_REPAIR_WINDOW`, `TCP_TIMESTAMP`, `TCP_MAXSEG` in
+//! repair mode, `TCP_QUICKACK`, `TCP_WINDOW_CLAMP`, `SO_MEMINFO`,
+//! `SO_PEEK_OFF`, `MSG_PEEK` and `MSG_TRUNC`, and the `TCP_INFO` fields
 //! qualification needs.
 
 use std::{io, os::fd::AsRawFd, os::fd::BorrowedFd};
 
-use crate::sockopt::{getsockopt, send_queue_len, setsockopt};
+use crate::sockopt::{getsockopt, readable_bytes, send_queue_len, set_int};
+pub use crate::sockopt::{queue_seqs, repair_off, repair_on, QueueSeqs};
 
-const TCP_REPAIR: libc::c_int = 19;
-const TCP_REPAIR_QUEUE: libc::c_int = 20;
-const TCP_QUEUE_SEQ: libc::c_int = 21;
-const TCP_TIMESTAMP: libc::c_int = 24;
-const TCP_REPAIR_WINDOW: libc::c_int = 29;
-const TCP_REPAIR_ON: libc::c_int = 1;
-const TCP_REPAIR_OFF: libc::c_int = 0;
-/// Leave repair mode without the window probe `TCP_REPAIR_OFF` sends.
-const TCP_REPAIR_OFF_NO_WP: libc::c_int = -1;
-const TCP_NO_QUEUE: libc::c_int = 0;
-const TCP_RECV_QUEUE: libc::c_int = 1;
-const TCP_SEND_QUEUE: libc::c_int = 2;
 const SO_MEMINFO: libc::c_int = 55;
 const SK_MEMINFO_RMEM_ALLOC: usize = 0;
 const SK_MEMINFO_BACKLOG: usize = 7;
-
-fn set_int(
-    fd: BorrowedFd<'_>,
-    level: libc::c_int,
-    name: libc::c_int,
-    value: libc::c_int,
-) -> io::Result<()> {
-    setsockopt(fd, level, name, &value.to_ne_bytes())
-}
-
-/// Puts the socket in repair mode. Measured on 6.18: `send` fails (EINVAL),
-/// `recv` too unless `MSG_PEEK` (EPERM), and closing sends neither FIN nor
-/// RST (the peer learns nothing; its next segment gets a RST from this host).
-/// But it is not silent by itself: it still processes incoming segments and
-/// ACKs them, and its retransmission and loss-probe timers still fire and
-/// send. A promoted tunnel's sockets stay quiet because nothing reaches them
-/// once the tc program translates, their send queues were acknowledged before
-/// the cut, and the egress program drops whatever they send anyway.
-pub fn repair_on(fd: BorrowedFd<'_>) -> io::Result<()> {
-    set_int(fd, libc::IPPROTO_TCP, TCP_REPAIR, TCP_REPAIR_ON)
-}
-
-/// Leaves repair mode; with `probe`, the kernel sends a window probe (an ACK
-/// with sequence number `snd_una - 1`, which the peer answers with an ACK).
-pub fn repair_off(fd: BorrowedFd<'_>, probe: bool) -> io::Result<()> {
-    let value = if probe {
-        TCP_REPAIR_OFF
-    } else {
-        TCP_REPAIR_OFF_NO_WP
-    };
-    set_int(fd, libc::IPPROTO_TCP, TCP_REPAIR, value)
-}
-
-/// The sequence state of a socket in repair mode.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct QueueSeqs {
-    /// `rcv_nxt`: the next sequence number expected from the peer.
-    pub recv: u32,
-    /// `write_seq`: the sequence number after the last byte queued for sending
-    /// (`snd_nxt` when the send queue is empty).
-    pub send: u32,
-}
-
-/// Reads both queue sequence numbers (the socket must be in repair mode).
-pub fn queue_seqs(fd: BorrowedFd<'_>) -> io::Result<QueueSeqs> {
-    let read = |queue| -> io::Result<u32> {
-        set_int(fd, libc::IPPROTO_TCP, TCP_REPAIR_QUEUE, queue)?;
-        getsockopt::<u32>(fd, libc::IPPROTO_TCP, TCP_QUEUE_SEQ)
-    };
-    let seqs = QueueSeqs {
-        recv: read(TCP_RECV_QUEUE)?,
-        send: read(TCP_SEND_QUEUE)?,
-    };
-    set_int(fd, libc::IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_NO_QUEUE)?;
-    Ok(seqs)
-}
 
 /// The window state of a socket in repair mode (`struct tcp_repair_window`).
 #[repr(C)]
@@ -113,7 +47,7 @@ impl RepairWindow {
 /// Reads the window state (`TCP_REPAIR_WINDOW`; the socket must be in repair
 /// mode).
 pub fn repair_window(fd: BorrowedFd<'_>) -> io::Result<RepairWindow> {
-    getsockopt::<RepairWindow>(fd, libc::IPPROTO_TCP, TCP_REPAIR_WINDOW)
+    getsockopt::<RepairWindow>(fd, libc::IPPROTO_TCP, libc::TCP_REPAIR_WINDOW)
 }
 
 /// In repair mode, `TCP_MAXSEG` reads the MSS the peer announced
@@ -125,7 +59,7 @@ pub fn peer_mss(fd: BorrowedFd<'_>) -> io::Result<u32> {
 /// The socket's TSval clock now (`TCP_TIMESTAMP`: the kernel's timestamp
 /// clock plus the socket's random offset).
 pub fn timestamp_now(fd: BorrowedFd<'_>) -> io::Result<u32> {
-    getsockopt::<u32>(fd, libc::IPPROTO_TCP, TCP_TIMESTAMP)
+    getsockopt::<u32>(fd, libc::IPPROTO_TCP, libc::TCP_TIMESTAMP)
 }
 
 /// Caps the receive window the socket offers (`TCP_WINDOW_CLAMP`; the kernel
@@ -189,18 +123,6 @@ pub fn quickack(fd: BorrowedFd<'_>) -> io::Result<()> {
     set_int(fd, libc::IPPROTO_TCP, libc::TCP_QUICKACK, 1)
 }
 
-/// Bytes readable from the receive queue (`SIOCINQ`).
-pub fn recv_queue_len(fd: BorrowedFd<'_>) -> io::Result<u64> {
-    let mut value: libc::c_int = 0;
-    // SAFETY: SIOCINQ (FIONREAD) writes one int through the pointer, which is
-    // valid for the call.
-    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut value) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(u64::try_from(value).unwrap_or(0))
-}
-
 /// Memory the socket holds on the receive side: the receive and out-of-order
 /// queues (`SO_MEMINFO` rmem_alloc) plus the backlog of segments that arrived
 /// while it was locked.
@@ -212,7 +134,7 @@ pub fn receive_memory(fd: BorrowedFd<'_>) -> io::Result<u64> {
 /// Whether nothing is in flight through the socket: nothing to read, nothing
 /// held (out of order, backlog), nothing sent and not acknowledged.
 pub fn quiet(fd: BorrowedFd<'_>) -> io::Result<bool> {
-    Ok(recv_queue_len(fd)? == 0 && receive_memory(fd)? == 0 && send_queue_len(fd)? == 0)
+    Ok(readable_bytes(fd)? == 0 && receive_memory(fd)? == 0 && send_queue_len(fd)? == 0)
 }
 
 /// `TCPI_OPT_*` bits of `tcpi_options`.

@@ -164,6 +164,7 @@ pub async fn run_tunnel(shared: Arc<Shared>, tunnel: Tunnel) -> TunnelOutcome {
                     key: registration.keys[0],
                     busy: &busy[0],
                     moved: &up,
+                    unsent: std::sync::Mutex::default(),
                 },
                 upstream: Conn {
                     name: "upstream",
@@ -173,6 +174,7 @@ pub async fn run_tunnel(shared: Arc<Shared>, tunnel: Tunnel) -> TunnelOutcome {
                     key: registration.keys[1],
                     busy: &busy[1],
                     moved: &down,
+                    unsent: std::sync::Mutex::default(),
                 },
                 threshold: &threshold,
                 pause: &pause,

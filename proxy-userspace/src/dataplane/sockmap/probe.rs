@@ -204,7 +204,7 @@ impl Pair {
 /// Waits until `socket` has `bytes` queued to read.
 fn wait_until_queued(socket: &TcpStream, bytes: usize) -> io::Result<()> {
     let deadline = Instant::now() + DEADLINE;
-    while sockopt::readable_bytes(socket.as_fd())? < bytes {
+    while sockopt::readable_bytes(socket.as_fd())? < bytes as u64 {
         if Instant::now() > deadline {
             return Err(io::Error::new(
                 io::ErrorKind::TimedOut,
@@ -255,6 +255,6 @@ fn read_available(mut socket: &TcpStream, bytes: usize) -> io::Result<Vec<u8>> {
 /// The client's `write_seq` (the sequence number after its last byte), read in
 /// `TCP_REPAIR` mode, which the client stays in: closing it then sends nothing.
 fn client_write_seq(client: &TcpStream) -> io::Result<u32> {
-    sockopt::set_repair(client.as_fd(), true)?;
-    sockopt::queue_seq(client.as_fd(), sockopt::RepairQueue::Send)
+    sockopt::repair_on(client.as_fd())?;
+    Ok(sockopt::queue_seqs(client.as_fd())?.send)
 }

@@ -109,7 +109,7 @@ impl Promotion<'_> {
                         format!(
                             "{}: {} to read ({bytes} forwarded), {} unacknowledged, busy {}",
                             conn.name,
-                            sockets::recv_queue_len(fd).unwrap_or(u64::MAX),
+                            crate::sockopt::readable_bytes(fd).unwrap_or(u64::MAX),
                             crate::sockopt::send_queue_len(fd).unwrap_or(u64::MAX),
                             conn.busy.load(Ordering::Relaxed)
                         )
@@ -142,10 +142,10 @@ impl Promotion<'_> {
         for (index, conn) in self.conns().into_iter().enumerate() {
             let fd = conn.socket.as_fd();
             let receive_side_done = if forwarded[index] == 0 {
-                sockets::recv_queue_len(fd).is_ok_and(|n| n == 0)
+                crate::sockopt::readable_bytes(fd).is_ok_and(|n| n == 0)
                     && sockets::receive_memory(fd).is_ok_and(|n| n == 0)
             } else {
-                sockets::recv_queue_len(fd).is_ok_and(|n| n == forwarded[index])
+                crate::sockopt::readable_bytes(fd).is_ok_and(|n| n == forwarded[index])
             };
             let waits_for_ack =
                 receive_side_done && crate::sockopt::send_queue_len(fd).is_ok_and(|n| n > 0);
@@ -174,7 +174,7 @@ impl Promotion<'_> {
                 if bytes == 0 {
                     sockets::quiet(fd).unwrap_or(false)
                 } else {
-                    sockets::recv_queue_len(fd).is_ok_and(|n| n == bytes)
+                    crate::sockopt::readable_bytes(fd).is_ok_and(|n| n == bytes)
                         && crate::sockopt::send_queue_len(fd).is_ok_and(|n| n == 0)
                 }
             })

@@ -69,6 +69,7 @@ impl Promotion<'_> {
     /// from it, so that the pump, when it resumes, goes on after them.
     pub(super) fn undo_forward(&self, forwarded: [u64; 2], why: &str) {
         for (conn, bytes) in self.conns().into_iter().zip(forwarded) {
+            forward::forget_unsent(conn);
             if let Err(err) = forward::finish(conn.socket, bytes) {
                 log::error!(
                     "packet: dropping {bytes} forwarded bytes from the {} socket ({why}): {err}; the stream may repeat them",

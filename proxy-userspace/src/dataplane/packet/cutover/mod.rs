@@ -92,6 +92,10 @@ pub struct Conn<'a> {
     /// the cut-over forwards itself join (moved before the cut, like the
     /// pump's, whether or not the cut happens).
     pub moved: &'a Moved,
+    /// Bytes peeked from this socket that the other one has not taken yet
+    /// (its send buffer was full): written before anything is peeked again,
+    /// so each byte is copied out once.
+    pub unsent: std::sync::Mutex<Vec<u8>>,
 }
 
 /// What promotion needs.
