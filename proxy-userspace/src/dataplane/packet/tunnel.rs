@@ -20,7 +20,7 @@ use super::{
     qualify::Reason,
     relay::{relay_one_way, Pause, Threshold},
     reset,
-    translate::{self, entry_end},
+    translate::{self, entry_end, EntryEnd},
 };
 use crate::dataplane::{
     pump::{self, DirectionError, Moved},
@@ -345,6 +345,28 @@ fn registration_gone(shared: &Shared) {
     shared.lingering.fetch_sub(1, Ordering::Relaxed);
 }
 
+/// How a translated flow ended, if it has, from its two entries' ends.
+///
+/// Both FINs acknowledged is a close in order even if a RST was seen too:
+/// an endpoint that has reset its connection acknowledges nothing after, so
+/// that RST came after the close — typically the answer of a host whose
+/// socket is gone to a late segment (a retransmission, a duplicate the
+/// network made), which the programs translate during the linger like any
+/// other. The RST and the last acknowledgement can reach user space in the
+/// same read of the entries; checked first, the RST made a complete tunnel
+/// look broken.
+fn flow_end(client: EntryEnd, upstream: EntryEnd) -> Option<TunnelEnd> {
+    if client.peer_fin_acked && upstream.peer_fin_acked {
+        Some(TunnelEnd::Closed)
+    } else if client.reset {
+        Some(TunnelEnd::ClientError)
+    } else if upstream.reset {
+        Some(TunnelEnd::UpstreamError)
+    } else {
+        None
+    }
+}
+
 /// Follows a translated flow until it ends: both FINs acknowledged, a RST, a
 /// limit or shutdown. Reports its bytes to `progress` as it goes.
 async fn follow(
@@ -362,15 +384,8 @@ async fn follow(
         };
         let totals = [before[0] + client_in.bytes, before[1] + upstream_in.bytes];
         progress.advance_to(PlaneKind::Packet, PerDirection(totals));
-        let (client_end, upstream_end) = (entry_end(&client_in), entry_end(&upstream_in));
-        if client_end.reset {
-            return TunnelEnd::ClientError;
-        }
-        if upstream_end.reset {
-            return TunnelEnd::UpstreamError;
-        }
-        if client_end.peer_fin_acked && upstream_end.peer_fin_acked {
-            return TunnelEnd::Closed;
+        if let Some(end) = flow_end(entry_end(&client_in), entry_end(&upstream_in)) {
+            return end;
         }
         if let Some(exceeded) = clock.check(totals[0] + totals[1]) {
             return exceeded;
@@ -390,5 +405,37 @@ async fn follow(
             _ = shutdown.wait_for(|closing| *closing) => return TunnelEnd::Shutdown,
             () = tokio::time::sleep(wait) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn end(peer_fin_acked: bool, reset: bool) -> EntryEnd {
+        EntryEnd {
+            peer_fin_acked,
+            reset,
+        }
+    }
+
+    #[test]
+    fn a_reset_after_both_fins_are_acknowledged_is_a_close() {
+        let (open, acked) = (end(false, false), end(true, false));
+        assert_eq!(flow_end(open, open), None);
+        assert_eq!(flow_end(acked, open), None);
+        assert_eq!(flow_end(acked, acked), Some(TunnelEnd::Closed));
+        // A RST before the close is an error of the side that sent it.
+        assert_eq!(
+            flow_end(end(false, true), open),
+            Some(TunnelEnd::ClientError)
+        );
+        assert_eq!(
+            flow_end(acked, end(false, true)),
+            Some(TunnelEnd::UpstreamError)
+        );
+        // Both FINs acknowledged: a RST seen as well came after the close.
+        assert_eq!(flow_end(acked, end(true, true)), Some(TunnelEnd::Closed));
+        assert_eq!(flow_end(end(true, true), acked), Some(TunnelEnd::Closed));
     }
 }
