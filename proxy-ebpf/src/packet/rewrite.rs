@@ -40,26 +40,8 @@ pub(super) fn as_duplicate(
     let flags_at = segment.l4 + 12;
     let old_word = ctx.load::<u16>(flags_at as usize).ok()?;
     let new_word = (u16::from_be(old_word) & !1).to_be();
-    // SAFETY: `new_seq` is on this stack for the call. bpf_skb_store_bytes
-    // writes the 4 bytes into the skb's TCP header (flags 0: skb->csum alone).
-    if unsafe { bpf_skb_store_bytes(skb, segment.l4 + 4, (&raw const new_seq).cast(), 4, 0) } != 0 {
-        return None;
-    }
-    // SAFETY: as above, for the flags word.
-    if unsafe { bpf_skb_store_bytes(skb, flags_at, (&raw const new_word).cast(), 2, 0) } != 0 {
-        return None;
-    }
-    // SAFETY: no memory argument. bpf_l4_csum_replace folds the change of a
-    // 4-byte field from `from` to `to` into the TCP checksum at `check`; not
-    // a pseudo-header field, so a CHECKSUM_PARTIAL skb's field is left alone.
-    if unsafe { bpf_l4_csum_replace(skb, check, u64::from(old_seq), u64::from(new_seq), 4) } != 0 {
-        return None;
-    }
-    // SAFETY: as above, for the 2-byte flags word.
-    if unsafe { bpf_l4_csum_replace(skb, check, u64::from(old_word), u64::from(new_word), 2) } != 0
-    {
-        return None;
-    }
+    replace_field(skb, check, segment.l4 + 4, old_seq, new_seq)?;
+    replace_field(skb, check, flags_at, old_word, new_word)?;
     Some(())
 }
 
@@ -274,36 +256,37 @@ pub(super) fn wake_timestamp(
     if !after(floor, own) {
         return None;
     }
-    let skb = ctx.skb.skb.cast();
-    let (old_be, new_be) = (own.to_be(), floor.to_be());
-    // SAFETY: `new_be` is on this stack for the call. bpf_skb_store_bytes
-    // writes the 4 bytes over TSval (flags 0: skb->csum alone).
-    if unsafe {
-        bpf_skb_store_bytes(
-            skb,
-            segment.l4 + options.ts_at,
-            (&raw const new_be).cast(),
-            4,
-            0,
-        )
-    } != 0
-    {
+    replace_field(
+        ctx.skb.skb.cast(),
+        segment.l4 + TCP_CHECK,
+        segment.l4 + options.ts_at,
+        own.to_be(),
+        floor.to_be(),
+    )
+}
+
+/// Overwrites the TCP header field at `at` (from the packet's start) with
+/// `new` and folds its change from `old` into the TCP checksum at `check`
+/// (both values in network order, `size_of::<T>()` bytes). Not a
+/// pseudo-header field, so a CHECKSUM_PARTIAL skb's checksum field (the
+/// pseudo-header sum) is left alone, as it must be.
+#[inline(always)]
+fn replace_field<T: Copy + Into<u64>>(
+    skb: *mut aya_ebpf::bindings::__sk_buff,
+    check: u32,
+    at: u32,
+    old: T,
+    new: T,
+) -> Option<()> {
+    let size = core::mem::size_of::<T>() as u32;
+    // SAFETY: `new` is on this stack for the call. bpf_skb_store_bytes writes
+    // its `size` bytes into the skb at `at` (flags 0: skb->csum alone).
+    if unsafe { bpf_skb_store_bytes(skb, at, (&raw const new).cast(), size, 0) } != 0 {
         return None;
     }
-    // SAFETY: no memory argument. bpf_l4_csum_replace folds the 4-byte change
-    // into the TCP checksum; at egress the socket's segment is usually
-    // CHECKSUM_PARTIAL, whose field (the pseudo-header sum) the kernel leaves
-    // alone for a non-pseudo-header change, as it must.
-    if unsafe {
-        bpf_l4_csum_replace(
-            skb,
-            segment.l4 + TCP_CHECK,
-            u64::from(old_be),
-            u64::from(new_be),
-            4,
-        )
-    } != 0
-    {
+    // SAFETY: no memory argument. bpf_l4_csum_replace folds the change of a
+    // `size`-byte field from `old` to `new` into the TCP checksum at `check`.
+    if unsafe { bpf_l4_csum_replace(skb, check, old.into(), new.into(), u64::from(size)) } != 0 {
         return None;
     }
     Some(())
