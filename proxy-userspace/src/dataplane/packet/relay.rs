@@ -11,7 +11,11 @@ use std::{
     sync::atomic::{AtomicBool, AtomicU64, Ordering},
 };
 
-use tokio::{io::Interest, net::TcpStream, sync::watch};
+use tokio::{
+    io::Interest,
+    net::TcpStream,
+    sync::{watch, Notify},
+};
 
 use crate::dataplane::{
     pump::{self, DirectionError, Moved},
@@ -60,7 +64,7 @@ impl Pause {
 pub struct Threshold {
     moved: AtomicU64,
     at: u64,
-    reached: tokio::sync::Notify,
+    reached: Notify,
 }
 
 impl Threshold {
@@ -69,7 +73,7 @@ impl Threshold {
         Self {
             moved: AtomicU64::new(0),
             at,
-            reached: tokio::sync::Notify::new(),
+            reached: Notify::new(),
         }
     }
 

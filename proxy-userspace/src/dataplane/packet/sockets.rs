@@ -6,7 +6,7 @@
 
 use std::{io, os::fd::AsRawFd, os::fd::BorrowedFd};
 
-use crate::sockopt::{getsockopt, readable_bytes, send_queue_len, set_int};
+use crate::sockopt::{getsockopt, set_int};
 pub use crate::sockopt::{queue_seqs, repair_off, repair_on, QueueSeqs};
 
 const SO_MEMINFO: libc::c_int = 55;
@@ -129,12 +129,6 @@ pub fn quickack(fd: BorrowedFd<'_>) -> io::Result<()> {
 pub fn receive_memory(fd: BorrowedFd<'_>) -> io::Result<u64> {
     let info = getsockopt::<[u32; 9]>(fd, libc::SOL_SOCKET, SO_MEMINFO)?;
     Ok(u64::from(info[SK_MEMINFO_RMEM_ALLOC]) + u64::from(info[SK_MEMINFO_BACKLOG]))
-}
-
-/// Whether nothing is in flight through the socket: nothing to read, nothing
-/// held (out of order, backlog), nothing sent and not acknowledged.
-pub fn quiet(fd: BorrowedFd<'_>) -> io::Result<bool> {
-    Ok(readable_bytes(fd)? == 0 && receive_memory(fd)? == 0 && send_queue_len(fd)? == 0)
 }
 
 /// `TCPI_OPT_*` bits of `tcpi_options`.

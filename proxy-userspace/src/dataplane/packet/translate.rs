@@ -229,21 +229,21 @@ pub fn monitor(current: &PacketEntry) -> PacketEntry {
 /// `current` with its proxy socket's segments dropped at egress (`on`) or
 /// not.
 pub fn silent(current: &PacketEntry, on: bool) -> PacketEntry {
-    let config = if on {
-        current.config | packet_config::SILENT
-    } else {
-        current.config & !packet_config::SILENT
-    };
-    PacketEntry { config, ..*current }
+    with_config(current, packet_config::SILENT, on)
 }
 
 /// `current` with its proxy socket's segments let out at egress although it
 /// translates (`on`: the cut-over's window update), or not.
 pub fn waking(current: &PacketEntry, on: bool) -> PacketEntry {
+    with_config(current, packet_config::WAKE, on)
+}
+
+/// `current` with the `packet_config` bit `bit` set (`on`) or clear.
+fn with_config(current: &PacketEntry, bit: u32, on: bool) -> PacketEntry {
     let config = if on {
-        current.config | packet_config::WAKE
+        current.config | bit
     } else {
-        current.config & !packet_config::WAKE
+        current.config & !bit
     };
     PacketEntry { config, ..*current }
 }

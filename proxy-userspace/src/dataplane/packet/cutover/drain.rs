@@ -8,7 +8,7 @@ impl Promotion<'_> {
     /// segment sent meanwhile (by a peer that was idle) is held.
     pub(super) fn hold_at_rcv_nxt(&self) -> Result<(), String> {
         for conn in self.conns() {
-            let (rcv_nxt, _) = read_window(conn.socket)
+            let rcv_nxt = rcv_nxt(conn.socket)
                 .map_err(|err| format!("the {} socket's rcv_nxt: {err}", conn.name))?;
             let entry = self
                 .kernel
@@ -29,7 +29,7 @@ impl Promotion<'_> {
     pub(super) fn hold_at_edges(&self) -> Result<(), NotPromoted> {
         let entries = self.entries()?;
         for (conn, entry) in self.conns().into_iter().zip(&entries) {
-            let (rcv_nxt, _) = read_window(conn.socket).map_err(|err| {
+            let rcv_nxt = rcv_nxt(conn.socket).map_err(|err| {
                 NotPromoted::new(
                     Reason::Internal,
                     format!("reading the {} socket in repair mode: {err}", conn.name),
@@ -60,14 +60,9 @@ impl Promotion<'_> {
         let deadline = held_at + HOLD_DEADLINE;
         loop {
             if let Some(forwarded) = forwarded.as_deref_mut() {
-                for (index, (from, to)) in self.forward_pairs().into_iter().enumerate() {
-                    if let Err(err) = forward::forward_new(from, to.socket, &mut forwarded[index]) {
-                        self.release();
-                        return Err(NotPromoted::new(
-                            Reason::Internal,
-                            format!("forwarding what the {} socket holds: {err}", from.name),
-                        ));
-                    }
+                if let Err(err) = self.forward_new(forwarded) {
+                    self.release();
+                    return Err(NotPromoted::new(Reason::Internal, err));
                 }
             }
             let forwarded = forwarded.as_deref().copied().unwrap_or([0, 0]);
@@ -78,13 +73,11 @@ impl Promotion<'_> {
                     "a connection left ESTABLISHED during the hold",
                 ));
             }
-            let idle = self
-                .conns()
-                .iter()
-                .all(|conn| !conn.busy.load(Ordering::Relaxed));
-            let quiet = self.quiet(forwarded);
+            let idle = self.pump_idle();
+            let drains = self.drains(forwarded);
+            let quiet = drains.iter().all(Drain::quiet);
             if idle && !quiet {
-                self.ask_for_acks(held_at, probed, forwarded);
+                self.ask_for_acks(held_at, probed, drains);
             }
             if idle && quiet {
                 match self.cut(infos, devices, forwarded) {
@@ -137,21 +130,13 @@ impl Promotion<'_> {
         &self,
         held_at: Instant,
         probed: &mut [Option<Instant>; 2],
-        forwarded: [u64; 2],
+        drains: [Drain; 2],
     ) {
         for (index, conn) in self.conns().into_iter().enumerate() {
-            let fd = conn.socket.as_fd();
-            let receive_side_done = if forwarded[index] == 0 {
-                crate::sockopt::readable_bytes(fd).is_ok_and(|n| n == 0)
-                    && sockets::receive_memory(fd).is_ok_and(|n| n == 0)
-            } else {
-                crate::sockopt::readable_bytes(fd).is_ok_and(|n| n == forwarded[index])
-            };
-            let waits_for_ack =
-                receive_side_done && crate::sockopt::send_queue_len(fd).is_ok_and(|n| n > 0);
             let due = probed[index].is_none_or(|at| at.elapsed() >= PROBE_AGAIN);
-            if waits_for_ack && due && held_at.elapsed() >= PROBE_AFTER {
+            if drains[index].waits_for_ack() && due && held_at.elapsed() >= PROBE_AFTER {
                 probed[index] = Some(Instant::now());
+                let fd = conn.socket.as_fd();
                 if let Err(err) =
                     sockets::repair_on(fd).and_then(|()| sockets::repair_off(fd, true))
                 {
@@ -161,23 +146,15 @@ impl Promotion<'_> {
         }
     }
 
-    /// Whether nothing is in flight through the proxy sockets: each receive
-    /// queue holds only the bytes forwarded from it (`forwarded`; with none,
-    /// no memory either: nothing out of order), each send queue is
-    /// acknowledged.
+    /// Where each proxy socket's drain stands; `forwarded`: the bytes the
+    /// cut-over forwarded from it, still in its receive queue.
+    pub(super) fn drains(&self, forwarded: [u64; 2]) -> [Drain; 2] {
+        [0, 1].map(|index| Drain::read(self.conns()[index].socket.as_fd(), forwarded[index]))
+    }
+
+    /// Whether nothing is in flight through the proxy sockets (see [`Drain`]).
     pub(super) fn quiet(&self, forwarded: [u64; 2]) -> bool {
-        self.conns()
-            .into_iter()
-            .zip(forwarded)
-            .all(|(conn, bytes)| {
-                let fd = conn.socket.as_fd();
-                if bytes == 0 {
-                    sockets::quiet(fd).unwrap_or(false)
-                } else {
-                    crate::sockopt::readable_bytes(fd).is_ok_and(|n| n == bytes)
-                        && crate::sockopt::send_queue_len(fd).is_ok_and(|n| n == 0)
-                }
-            })
+        self.drains(forwarded).iter().all(Drain::quiet)
     }
 
     /// Turns the egress drop of both proxy sockets' segments on or off.
@@ -189,5 +166,40 @@ impl Promotion<'_> {
             }
         }
         Ok(())
+    }
+}
+
+/// One proxy socket during the drain.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Drain {
+    /// Its receive queue holds only the bytes forwarded from it (with none
+    /// forwarded, no memory either: nothing out of order).
+    receive_side_done: bool,
+    /// Bytes sent and not acknowledged (`None`: unreadable).
+    unacknowledged: Option<u64>,
+}
+
+impl Drain {
+    fn read(fd: BorrowedFd<'_>, forwarded: u64) -> Self {
+        let readable = crate::sockopt::readable_bytes(fd);
+        let receive_side_done = if forwarded == 0 {
+            readable.is_ok_and(|n| n == 0) && sockets::receive_memory(fd).is_ok_and(|n| n == 0)
+        } else {
+            readable.is_ok_and(|n| n == forwarded)
+        };
+        Self {
+            receive_side_done,
+            unacknowledged: crate::sockopt::send_queue_len(fd).ok(),
+        }
+    }
+
+    /// Nothing in flight: the receive side done, the send queue acknowledged.
+    fn quiet(&self) -> bool {
+        self.receive_side_done && self.unacknowledged == Some(0)
+    }
+
+    /// Only an acknowledgement is missing.
+    fn waits_for_ack(&self) -> bool {
+        self.receive_side_done && self.unacknowledged.is_some_and(|n| n > 0)
     }
 }

@@ -15,11 +15,8 @@ impl Promotion<'_> {
             .map(|info| StopWatch::new(info.advmss, Duration::from_micros(u64::from(info.rtt_us))));
         let mut stopped = [None; 2];
         loop {
-            let idle = self
-                .conns()
-                .iter()
-                .all(|conn| !conn.busy.load(Ordering::Relaxed));
-            if idle {
+            if self.pump_idle() {
+                let entries = self.entries().map_err(|err| err.0.detail)?;
                 for (index, conn) in self.conns().into_iter().enumerate() {
                     // A delayed ACK still to send may open more window: the
                     // peer is stopped by the window it has been told of.
@@ -28,7 +25,7 @@ impl Promotion<'_> {
                     })?;
                     let (rcv_nxt, window) = read_window(conn.socket)
                         .map_err(|err| format!("the {} socket's window: {err}", conn.name))?;
-                    let entry = self.entries().map_err(|err| err.0.detail)?[index];
+                    let entry = entries[index];
                     let sample = stop::Sample {
                         rcv_nxt,
                         room: window.receive_room(rcv_nxt),
@@ -50,14 +47,9 @@ impl Promotion<'_> {
             tokio::time::sleep(POLL).await;
         }
         let mut forwarded = [0; 2];
-        for (index, (from, to)) in self.forward_pairs().into_iter().enumerate() {
-            if let Err(err) = forward::forward_new(from, to.socket, &mut forwarded[index]) {
-                self.undo_forward(forwarded, &err.to_string());
-                return Err(format!(
-                    "forwarding what the {} socket holds: {err}",
-                    from.name
-                ));
-            }
+        if let Err(err) = self.forward_new(&mut forwarded) {
+            self.undo_forward(forwarded, &err);
+            return Err(err);
         }
         log::debug!(
             "packet: peers stopped; forwarded {forwarded:?} bytes (so far) held in the proxy sockets"
@@ -79,12 +71,26 @@ impl Promotion<'_> {
         }
     }
 
-    /// `(from, to)` of the two forwarding directions: client's bytes first.
-    pub(super) fn forward_pairs(&self) -> [(&Conn<'_>, &Conn<'_>); 2] {
-        [
+    /// Forwards, each way, what the proxy socket holds beyond the bytes
+    /// already forwarded from it (`forwarded`: client's, upstream's), as far
+    /// as the other socket takes it now.
+    pub(super) fn forward_new(&self, forwarded: &mut [u64; 2]) -> Result<(), String> {
+        let pairs = [
             (&self.client, &self.upstream),
             (&self.upstream, &self.client),
-        ]
+        ];
+        for ((from, to), forwarded) in pairs.into_iter().zip(forwarded) {
+            forward::forward_new(from, to.socket, forwarded)
+                .map_err(|err| format!("forwarding what the {} socket holds: {err}", from.name))?;
+        }
+        Ok(())
+    }
+
+    /// Whether no pump direction has bytes in flight.
+    pub(super) fn pump_idle(&self) -> bool {
+        self.conns()
+            .iter()
+            .all(|conn| !conn.busy.load(Ordering::Relaxed))
     }
 
     /// Wakes the peers the stop-and-forward cut left at a shut window: each

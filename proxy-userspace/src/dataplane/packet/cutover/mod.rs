@@ -43,7 +43,7 @@ mod forwarding;
 
 use std::{
     net::SocketAddr,
-    os::fd::AsFd,
+    os::fd::{AsFd, BorrowedFd},
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
@@ -249,12 +249,13 @@ impl Promotion<'_> {
         for (index, conn) in self.conns().into_iter().enumerate() {
             let probe = !sighted(&entries[index]);
             probed[index] = probe.then(Instant::now);
-            (_, infos[index].peer_mss) = peek(conn.socket, probe).map_err(|err| {
-                NotPromoted::new(
-                    Reason::Internal,
-                    format!("reading the {} socket in repair mode: {err}", conn.name),
-                )
-            })?;
+            infos[index].peer_mss =
+                in_repair(conn.socket, probe, sockets::peer_mss).map_err(|err| {
+                    NotPromoted::new(
+                        Reason::Internal,
+                        format!("reading the {} socket in repair mode: {err}", conn.name),
+                    )
+                })?;
         }
         let entries = self.entries()?;
         qualify::sockets(
@@ -322,24 +323,29 @@ impl Promotion<'_> {
     }
 }
 
-/// Reads the socket's `rcv_nxt` and its peer's MSS in repair mode, then
-/// leaves it, with `probe` sending a window probe (`TCP_REPAIR_OFF` sends
-/// one: an ACK with sequence number `snd_una - 1`, which the peer answers
-/// with an ACK).
-fn peek(socket: &TcpStream, probe: bool) -> std::io::Result<(u32, u32)> {
-    sockets::repair_on(socket.as_fd())?;
-    let read = sockets::queue_seqs(socket.as_fd())
-        .and_then(|seqs| Ok((seqs.recv, sockets::peer_mss(socket.as_fd())?)));
-    sockets::repair_off(socket.as_fd(), probe)?;
+/// Runs `read` on the socket in repair mode, then leaves it; with `probe`,
+/// leaving sends a window probe (`TCP_REPAIR_OFF` sends one: an ACK with
+/// sequence number `snd_una - 1`, which the peer answers with an ACK).
+fn in_repair<T>(
+    socket: &TcpStream,
+    probe: bool,
+    read: impl FnOnce(BorrowedFd<'_>) -> std::io::Result<T>,
+) -> std::io::Result<T> {
+    let fd = socket.as_fd();
+    sockets::repair_on(fd)?;
+    let read = read(fd);
+    sockets::repair_off(fd, probe)?;
     read
 }
 
-/// The socket's `rcv_nxt` and window state, read in repair mode (left
-/// without a window probe).
+/// The socket's `rcv_nxt`, read in repair mode.
+fn rcv_nxt(socket: &TcpStream) -> std::io::Result<u32> {
+    in_repair(socket, false, |fd| Ok(sockets::queue_seqs(fd)?.recv))
+}
+
+/// The socket's `rcv_nxt` and window state, read in repair mode.
 fn read_window(socket: &TcpStream) -> std::io::Result<(u32, sockets::RepairWindow)> {
-    sockets::repair_on(socket.as_fd())?;
-    let read = sockets::queue_seqs(socket.as_fd())
-        .and_then(|seqs| Ok((seqs.recv, sockets::repair_window(socket.as_fd())?)));
-    sockets::repair_off(socket.as_fd(), false)?;
-    read
+    in_repair(socket, false, |fd| {
+        Ok((sockets::queue_seqs(fd)?.recv, sockets::repair_window(fd)?))
+    })
 }
