@@ -85,22 +85,24 @@ impl Netns {
     /// `tcp_wmem`) to the kernel's own defaults: a new namespace copies the
     /// host's, and how much a window can hold decides what a test sees.
     pub fn set_default_tcp_buffers(&self) {
-        for sysctl in [
-            "net.ipv4.tcp_rmem=4096 131072 6291456",
-            "net.ipv4.tcp_wmem=4096 16384 4194304",
-        ] {
-            let output = self
-                .command("sysctl")
-                .args(["-q", "-w", sysctl])
-                .output()
-                .expect("sysctl (Debian procps) must be installed");
-            assert!(
-                output.status.success(),
-                "sysctl -w {sysctl} in namespace {}: {}",
-                self.name,
-                String::from_utf8_lossy(&output.stderr).trim()
-            );
-        }
+        self.sysctl("net.ipv4.tcp_rmem=4096 131072 6291456");
+        self.sysctl("net.ipv4.tcp_wmem=4096 16384 4194304");
+    }
+
+    /// Sets `setting` (`name=value`) with sysctl inside the namespace; fails
+    /// the test if it cannot.
+    pub fn sysctl(&self, setting: &str) {
+        let output = self
+            .command("sysctl")
+            .args(["-q", "-w", setting])
+            .output()
+            .expect("sysctl (Debian procps) must be installed");
+        assert!(
+            output.status.success(),
+            "sysctl -w {setting} in namespace {}: {}",
+            self.name,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
     }
 
     /// Runs `ip ARGS` inside the namespace.

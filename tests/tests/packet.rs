@@ -740,9 +740,9 @@ fn windows_rescaled_between_different_scales() {
     // The endpoints' 1 GiB limit asks for the largest shift, 14; the proxy's
     // sockets get theirs from the larger of its tcp_rmem and the host-wide
     // net.core.rmem_max (4 MiB by default: 7).
-    sysctl(&topology.proxy, "net.ipv4.tcp_rmem=4096 65536 65536");
+    topology.proxy.sysctl("net.ipv4.tcp_rmem=4096 65536 65536");
     for ns in [&topology.client, &topology.server] {
-        sysctl(ns, "net.ipv4.tcp_rmem=4096 131072 1073741824");
+        ns.sysctl("net.ipv4.tcp_rmem=4096 131072 1073741824");
     }
     let setup = Setup::on(topology, false, 0);
     let headers = [
@@ -834,21 +834,6 @@ fn an_idle_promoted_tunnel_is_reset_at_both_ends() {
 // Qualification: each rule of `qualify.rs` keeps a tunnel on the splice pump.
 // ---------------------------------------------------------------------------
 
-/// Sets `setting` (`name=value`) with sysctl inside `ns`.
-fn sysctl(ns: &Netns, setting: &str) {
-    let output = ns
-        .command("sysctl")
-        .args(["-qw", setting])
-        .output()
-        .expect("sysctl");
-    assert!(
-        output.status.success(),
-        "sysctl -w {setting} in {}: {}",
-        ns.name,
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
-
 /// Runs `program args` inside `ns`; fails the test if it fails.
 fn run_in(ns: &Netns, program: &str, args: &[&str]) {
     let output = ns.command(program).args(args).output().expect(program);
@@ -924,7 +909,7 @@ fn refusing_setup(topology: Topology, ipv6: bool, extra: &[&str]) -> Setup {
 #[test]
 fn refused_without_timestamps_on_one_side() {
     let topology = topology();
-    sysctl(&topology.client, "net.ipv4.tcp_timestamps=0");
+    topology.client.sysctl("net.ipv4.tcp_timestamps=0");
     let setup = refusing_setup(topology, false, &[]);
     assert_refused(
         &setup,
@@ -939,7 +924,7 @@ fn refused_without_timestamps_on_one_side() {
 #[test]
 fn refused_without_sack_on_one_side() {
     let topology = topology();
-    sysctl(&topology.client, "net.ipv4.tcp_sack=0");
+    topology.client.sysctl("net.ipv4.tcp_sack=0");
     let setup = refusing_setup(topology, false, &[]);
     assert_refused(
         &setup,
@@ -955,8 +940,8 @@ fn refused_without_sack_on_one_side() {
 #[test]
 fn refused_with_ecn_on_one_side() {
     let topology = topology();
-    sysctl(&topology.client, "net.ipv4.tcp_ecn=1");
-    sysctl(&topology.proxy, "net.ipv4.tcp_ecn=2");
+    topology.client.sysctl("net.ipv4.tcp_ecn=1");
+    topology.proxy.sysctl("net.ipv4.tcp_ecn=2");
     let setup = refusing_setup(topology, false, &[]);
     assert_refused(
         &setup,
@@ -1027,9 +1012,9 @@ fn refused_after_tcp_fast_open() {
     const TCP_FASTOPEN_CONNECT: libc::c_int = 30;
     let topology = topology();
     // Server: on (0x2), no cookie needed (0x200), on every listener (0x400).
-    sysctl(&topology.proxy, "net.ipv4.tcp_fastopen=0x602");
+    topology.proxy.sysctl("net.ipv4.tcp_fastopen=0x602");
     // Client: on (0x1), data in the SYN without a cookie (0x4).
-    sysctl(&topology.client, "net.ipv4.tcp_fastopen=0x5");
+    topology.client.sysctl("net.ipv4.tcp_fastopen=0x5");
     let setup = refusing_setup(topology, false, &[]);
     let (proxy, target) = (setup.proxy.addr, setup.target.clone());
     let stream = setup.client_ns.enter(move || {
@@ -1278,7 +1263,9 @@ fn try_tunnel(ns: &Netns, proxy: SocketAddr, target: &str) -> (u16, Option<TcpSt
 #[test]
 fn ephemeral_ports_of_promoted_tunnels_are_not_reused() {
     let topology = topology();
-    sysctl(&topology.proxy, "net.ipv4.ip_local_port_range=40000 40003");
+    topology
+        .proxy
+        .sysctl("net.ipv4.ip_local_port_range=40000 40003");
     let setup = Setup::on(topology, false, 0);
     let server_ns = &setup.others[1];
     let h = header(8 * MIB, 8 * MIB + 1, 401, Mode::AnswerAfterEof);
