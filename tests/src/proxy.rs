@@ -161,6 +161,20 @@ impl Proxy {
         self.stderr.lock().unwrap().join("\n")
     }
 
+    /// Whether spliced logs a line containing `needle` within 10 s. The log
+    /// arrives through a pipe read by another thread, so a line written
+    /// before the access log record may still be on its way when the record
+    /// is seen.
+    pub fn logged(&self, needle: &str) -> bool {
+        wait_until(Duration::from_secs(10), || {
+            self.stderr
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|line| line.contains(needle))
+        })
+    }
+
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.id()

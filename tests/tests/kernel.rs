@@ -364,19 +364,27 @@ fn flow_events_drive_the_tunnel_lifecycle() {
 /// its sockets, splice, sendfile, …) sees only the request head and exactly
 /// the bytes the holds copied, and the kernel counters account for the rest.
 /// Held back at a 256 KiB backlog (`tiny-backlog`), the 64 MiB each way pass
-/// the pause threshold many times. The same trace sees every byte on the copy
+/// the pause threshold. (How often a direction resumes is timing: it resumes
+/// only once its copy has caught up with a sender that may never pause, so
+/// `held_back_directions_resume_in_order` tests resumption, not this test.) The same trace sees every byte on the copy
 /// and splice planes, so it can see them.
 #[test]
 fn spliced_bytes_bypass_user_space() {
     const SIZE: u64 = 64 * MIB;
     for plane in ["sockmap", "copy", "splice"] {
-        let upstream = Upstream::start();
-        let port = upstream.addr.port().to_string();
+        // How often the sockmap plane holds a direction back depends on how
+        // the senders pace: the namespace fixes the congestion control the
+        // runs were measured with instead of taking the host's.
+        let ns = Netns::new();
+        ns.set_default_congestion("bbr");
+        let upstream = Upstream::start_in(&ns, "127.0.0.1:8443".parse().unwrap());
         let mut args = vec![
             "--dataplane",
             plane,
             "--connect-ports",
-            &port,
+            "8443",
+            "--listen",
+            "127.0.0.1:3128",
             "--log-format",
             "json",
             "--admin",
@@ -385,7 +393,7 @@ fn spliced_bytes_bypass_user_space() {
         if plane == "sockmap" {
             args.extend(["--test-hook", "tiny-backlog"]);
         }
-        let proxy = Proxy::start(&args);
+        let proxy = Proxy::start_in(&ns, &args);
         let trace = proxy.trace_syscalls();
         let h = Header {
             up: SIZE,
@@ -394,7 +402,9 @@ fn spliced_bytes_bypass_user_space() {
             mode: Mode::Concurrent,
         };
         let target = upstream.addr.to_string();
-        let client = exchange(open_tunnel(proxy.addr, &target), h, false);
+        let proxy_addr = proxy.addr;
+        let tunnel_target = target.clone();
+        let client = ns.enter(move || exchange(open_tunnel(proxy_addr, &tunnel_target), h, false));
         assert_eq!(client.received, Ok(h.down), "{}", proxy.stderr());
         assert_eq!(upstream.result().received, Ok(h.up));
         let record = &proxy.wait_json_records(1)[0];
@@ -409,7 +419,7 @@ fn spliced_bytes_bypass_user_space() {
             "sockmap" => {
                 let stats = proxy.stats();
                 let copied = stats["flow_control_copied_bytes"];
-                assert!(stats["flow_control_pauses"] >= 2, "{stats:?}");
+                assert!(stats["flow_control_pauses"] >= 1, "{stats:?}");
                 assert_eq!(traced.spliced, 0, "{traced:?}");
                 assert_eq!(
                     traced.socket_reads,
@@ -931,11 +941,7 @@ fn a_half_spliced_tunnel_is_exact() {
     assert_eq!(record["end"], "closed", "{record}");
     assert_eq!(record["bytes_from_client"], 32 + h.up, "{record}");
     assert_eq!(record["bytes_to_client"], 39 + h.down, "{record}");
-    assert!(
-        proxy.stderr().contains("copied in user space"),
-        "{}",
-        proxy.stderr()
-    );
+    assert!(proxy.logged("copied in user space"), "{}", proxy.stderr());
 }
 
 /// A failure after both sockets are spliced (here the `SO_RCVLOWAT` kick)
@@ -976,9 +982,5 @@ fn a_failure_after_splicing_resets_both_sockets() {
     let record = &proxy.wait_json_records(1)[0];
     assert_eq!(record["dataplane"], "sockmap", "{record}");
     assert_ne!(record["end"], "closed", "{record}");
-    assert!(
-        proxy.stderr().contains("resetting both sockets"),
-        "{}",
-        proxy.stderr()
-    );
+    assert!(proxy.logged("resetting both sockets"), "{}", proxy.stderr());
 }

@@ -722,7 +722,7 @@ fn a_hold_that_does_not_drain_is_released() {
     let records = setup.proxy.wait_json_records(1);
     assert_eq!(records[0]["dataplane"], "splice", "{}", records[0]);
     assert!(
-        setup.proxy.stderr().contains("did not drain within"),
+        setup.proxy.logged("did not drain within"),
         "{}",
         setup.proxy.stderr()
     );
@@ -1493,11 +1493,7 @@ fn sigterm_lets_a_promoted_tunnel_finish() {
     assert_eq!(received, Ok(h.down), "{}", daemon.proxy.stderr());
     assert_eq!(daemon.upstream.result().received, Ok(h.up));
     daemon.assert_clean_exit(Duration::from_secs(15));
-    assert!(
-        daemon.proxy.stderr().contains("all connections closed"),
-        "{}",
-        daemon.proxy.stderr()
-    );
+    daemon.proxy.wait_log(0, "all connections closed");
     assert_tunnel_record(&daemon.records(), "closed", Some((32 + h.up, 39 + h.down)));
 }
 

@@ -1840,11 +1840,7 @@ fn sigterm_lets_open_tunnels_finish(plane: &str) {
     );
     with_log_on_failure(&proxy, || site.finish_paused(paused, big, 8001));
     assert_clean_exit(&mut proxy, Duration::from_secs(10));
-    assert!(
-        proxy.stderr().contains("all connections closed"),
-        "{}",
-        proxy.stderr()
-    );
+    proxy.wait_log(0, "all connections closed");
     let records = final_records(&site);
     assert_one_tunnel(&records, "closed", plane);
     assert_eq!(
