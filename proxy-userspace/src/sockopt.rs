@@ -177,13 +177,22 @@ pub fn repair_on(fd: BorrowedFd<'_>) -> io::Result<()> {
 
 /// Leaves repair mode; with `probe`, the kernel sends a window probe (an ACK
 /// with sequence number `snd_una - 1`, which the peer answers with an ACK).
+///
+/// Then sets `SO_REUSEADDR` again: leaving repair mode sets `sk_reuse` to
+/// `SK_NO_REUSE` whatever it was (net/ipv4/tcp.c, `do_tcp_setsockopt`,
+/// `TCP_REPAIR`), so an accepted socket loses the `SO_REUSEADDR` it
+/// inherited from the listener, and its `TIME_WAIT` then keeps the listening
+/// address from being bound for 60 s: a restarted spliced failed with
+/// `EADDRINUSE`. On an upstream socket it only lets a later bind to that exact
+/// address and port succeed against the `TIME_WAIT`, as `SO_REUSEADDR` does.
 pub fn repair_off(fd: BorrowedFd<'_>, probe: bool) -> io::Result<()> {
     let value = if probe {
         TCP_REPAIR_OFF
     } else {
         TCP_REPAIR_OFF_NO_WP
     };
-    set_int(fd, libc::IPPROTO_TCP, libc::TCP_REPAIR, value)
+    set_int(fd, libc::IPPROTO_TCP, libc::TCP_REPAIR, value)?;
+    set_int(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)
 }
 
 /// The sequence state of a socket in repair mode.

@@ -983,6 +983,48 @@ fn refused_when_segments_would_not_fit_by_their_timestamps() {
     );
 }
 
+/// A tunnel refused after its sockets were in repair mode (qualification reads
+/// the peer's MSS there) keeps no hold on the listening address: the kernel
+/// clears `SO_REUSEADDR` when a socket leaves repair mode, and the proxy's
+/// end of the client connection, which closes first when the upstream does,
+/// then sat in a `TIME_WAIT` that kept a restarted spliced from binding its
+/// port for 60 s.
+#[test]
+fn a_restarted_proxy_binds_the_port_its_refused_tunnels_used() {
+    let topology = topology();
+    let (proxy_end, server_end) = topology.server_link.clone();
+    topology
+        .proxy
+        .ip(&["link", "set", &proxy_end, "mtu", "1400"]);
+    topology
+        .server
+        .ip(&["link", "set", &server_end, "mtu", "1400"]);
+    let setup = refusing_setup(topology, false, &[]);
+    let stream = setup.tunnel();
+    setup.wait_logged("packet: tunnel not promoted", 1);
+    let h = header(MIB, 2 * MIB, 202, Mode::ServerFirst);
+    let client = exchange(stream, h, false);
+    setup.assert_exact(h, &client, &setup.upstream.result());
+    assert_eq!(setup.proxy.wait_json_records(1)[0]["dataplane"], "splice");
+    let listen = setup.proxy.addr;
+    let Setup { proxy, others, .. } = setup;
+    drop(proxy);
+    let proxy_ns = &others[0];
+    let time_wait = proxy_ns
+        .command("ss")
+        .args(["-Htan", "state", "time-wait", "src", &listen.to_string()])
+        .output()
+        .expect("ss");
+    assert!(
+        !time_wait.stdout.is_empty(),
+        "the proxy's end did not close first: the test shows nothing"
+    );
+    // std's TcpListener sets SO_REUSEADDR, as spliced's listeners do.
+    proxy_ns
+        .enter(move || std::net::TcpListener::bind(listen).map(drop))
+        .unwrap_or_else(|err| panic!("binding {listen} after the proxy: {err}"));
+}
+
 /// The client comes over IPv6, the upstream is IPv4: no header of one can be
 /// rewritten into the other.
 #[test]
@@ -1103,6 +1145,30 @@ fn refused_where_the_programs_are_not_attached() {
         setup.tunnel(),
         "not_attached",
         "no segment of the upstream connection arrived on an attached interface",
+    );
+}
+
+/// The client's link is replaced after spliced started, as a pod's veth is
+/// created after the node's proxy: the programs attach to the new interface
+/// before the promotion, and the tunnel through it is promoted.
+#[test]
+fn an_interface_added_after_the_start_gets_the_programs() {
+    let topology = topology();
+    let old_client_end = topology.client_link.0.clone();
+    let setup = Setup::on(topology, false, 0);
+    let proxy_ns = &setup.others[0];
+    setup.client_ns.ip(&["link", "del", &old_client_end]);
+    let (_, new_proxy_end) =
+        setup
+            .client_ns
+            .link(proxy_ns, Topology::CLIENT_IP, Topology::PROXY_IP);
+    let h = header(4 * MIB, 4 * MIB, 203, Mode::Concurrent);
+    let (client, server) = setup.exchange(h, SETTLE);
+    setup.assert_exact(h, &client, &server);
+    setup.assert_logged(&[h]);
+    setup.wait_logged(
+        &format!("packet plane: tc programs attached to {new_proxy_end} ("),
+        1,
     );
 }
 

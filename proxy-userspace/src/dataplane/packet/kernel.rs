@@ -30,6 +30,12 @@ const ETHERNET_TYPES: [u32; 2] = [1, 772];
 
 type Waiters = Mutex<HashMap<u64, mpsc::UnboundedSender<PacketEvent>>>;
 
+/// The classifiers and where each attaches.
+const PROGRAMS: [(&str, TcAttachType); 2] = [
+    ("packet_ingress", TcAttachType::Ingress),
+    ("packet_egress", TcAttachType::Egress),
+];
+
 /// The loaded programs and the maps of the packet plane.
 pub struct Kernel {
     flows: Mutex<BpfHashMap<MapData, PacketKey, PacketEntry>>,
@@ -37,10 +43,21 @@ pub struct Kernel {
     waiters: Arc<Waiters>,
     /// `lo`'s interface index in this network namespace.
     pub loopback: u32,
-    /// The interfaces the programs are attached to: (name, index).
-    pub attached: Vec<(String, u32)>,
-    /// Keeps the programs loaded and attached.
-    _ebpf: Ebpf,
+    /// Whether the programs go on every interface (no `--packet-interfaces`),
+    /// including those that appear later.
+    attach_all: bool,
+    /// The interfaces (name, index) the programs are attached to, and those
+    /// they could not attach to (not tried again).
+    interfaces: Mutex<Interfaces>,
+    /// Keeps the programs loaded and attached; attaches them to new
+    /// interfaces.
+    ebpf: Mutex<Ebpf>,
+}
+
+#[derive(Default)]
+struct Interfaces {
+    attached: Vec<(String, u32)>,
+    failed: Vec<(String, u32)>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -58,8 +75,8 @@ fn read_number(path: &str) -> anyhow::Result<u32> {
 }
 
 /// The interfaces to attach to: `wanted`, or every Ethernet-like interface of
-/// this network namespace.
-fn interfaces(wanted: &[String]) -> anyhow::Result<Vec<(String, u32)>> {
+/// this network namespace (saying which others it leaves out if `log_skipped`).
+fn interfaces(wanted: &[String], log_skipped: bool) -> anyhow::Result<Vec<(String, u32)>> {
     let names: Vec<String> = if wanted.is_empty() {
         let mut all: Vec<String> = fs::read_dir("/sys/class/net")
             .context("listing /sys/class/net")?
@@ -76,9 +93,11 @@ fn interfaces(wanted: &[String]) -> anyhow::Result<Vec<(String, u32)>> {
             .with_context(|| format!("interface {name}"))?;
         if !ETHERNET_TYPES.contains(&kind) {
             if wanted.is_empty() {
-                log::info!(
-                    "packet plane: not attaching to {name} (link type {kind}, no Ethernet header)"
-                );
+                if log_skipped {
+                    log::info!(
+                        "packet plane: not attaching to {name} (link type {kind}, no Ethernet header)"
+                    );
+                }
                 continue;
             }
             bail!("interface {name} has link type {kind}; the packet plane needs Ethernet or loopback");
@@ -109,28 +128,17 @@ impl Kernel {
         let flows = BpfHashMap::try_from(take(&mut ebpf, "PACKET_FLOWS")?)?;
         let stats = Array::try_from(take(&mut ebpf, "PACKET_STATS")?)?;
         let events = RingBuf::try_from(take(&mut ebpf, "PACKET_EVENTS")?)?;
-        let attached = interfaces(wanted)?;
+        let attached = interfaces(wanted, true)?;
         if attached.is_empty() {
             bail!("no interface to attach the packet plane's programs to");
         }
-        for (program, attach_type) in [
-            ("packet_ingress", TcAttachType::Ingress),
-            ("packet_egress", TcAttachType::Egress),
-        ] {
-            let classifier: &mut SchedClassifier = ebpf
-                .program_mut(program)
-                .with_context(|| format!("program {program} missing"))?
-                .try_into()?;
-            classifier
+        for (program, _) in PROGRAMS {
+            classifier(&mut ebpf, program)?
                 .load()
                 .with_context(|| format!("loading {program} (tc classifier)"))?;
-            for (name, _) in &attached {
-                // tcx on kernels ≥ 6.6: a link owned by this process, gone
-                // when it exits.
-                classifier
-                    .attach(name, attach_type)
-                    .with_context(|| format!("attaching {program} to {name}"))?;
-            }
+        }
+        for (name, _) in &attached {
+            attach(&mut ebpf, name)?;
         }
         let loopback = read_number("/sys/class/net/lo/ifindex").unwrap_or(1);
         let waiters: Arc<Waiters> = Arc::default();
@@ -145,9 +153,60 @@ impl Kernel {
             stats: Mutex::new(stats),
             waiters,
             loopback,
-            attached,
-            _ebpf: ebpf,
+            attach_all: wanted.is_empty(),
+            interfaces: Mutex::new(Interfaces {
+                attached,
+                failed: Vec::new(),
+            }),
+            ebpf: Mutex::new(ebpf),
         })
+    }
+
+    /// The interfaces (name, index) the programs are attached to.
+    pub fn attached(&self) -> Vec<(String, u32)> {
+        lock(&self.interfaces).attached.clone()
+    }
+
+    /// With every interface wanted: attaches the programs to the interfaces
+    /// that appeared since the last look (a pod's veth created after the
+    /// start) and forgets those that are gone (the kernel drops a tcx link
+    /// with its device). Runs before each promotion, so that a tunnel through
+    /// a new interface can qualify.
+    pub fn attach_new_interfaces(&self) {
+        if !self.attach_all {
+            return;
+        }
+        // An interface can vanish while it is read; the next promotion looks again.
+        let Ok(present) = interfaces(&[], false) else {
+            return;
+        };
+        let mut known = lock(&self.interfaces);
+        known
+            .attached
+            .retain(|interface| present.contains(interface));
+        known.failed.retain(|interface| present.contains(interface));
+        let new: Vec<(String, u32)> = present
+            .into_iter()
+            .filter(|interface| {
+                !known.attached.contains(interface) && !known.failed.contains(interface)
+            })
+            .collect();
+        if new.is_empty() {
+            return;
+        }
+        let mut ebpf = lock(&self.ebpf);
+        for (name, index) in new {
+            match attach(&mut ebpf, &name) {
+                Ok(()) => {
+                    log::info!("packet plane: tc programs attached to {name} ({index}), which appeared after the start");
+                    known.attached.push((name, index));
+                }
+                Err(err) => {
+                    log::warn!("packet plane: {err:#}; tunnels through {name} stay on splice");
+                    known.failed.push((name, index));
+                }
+            }
+        }
     }
 
     /// Whether every interface that is up now has the programs: none added
@@ -156,6 +215,7 @@ impl Kernel {
     /// its segments do not carry its socket's addresses.
     pub fn every_interface_attached(&self) -> bool {
         const IFF_UP: u32 = 1;
+        let attached = self.attached();
         let Ok(dir) = fs::read_dir("/sys/class/net") else {
             return false;
         };
@@ -169,7 +229,7 @@ impl Kernel {
                     u32::from_str_radix(flags.trim().trim_start_matches("0x"), 16).ok()
                 })
                 .is_none_or(|flags| flags & IFF_UP != 0);
-            !up || self.attached.iter().any(|(attached, _)| *attached == name)
+            !up || attached.iter().any(|(attached, _)| *attached == name)
         })
     }
 
@@ -211,6 +271,26 @@ impl Kernel {
     pub fn unsubscribe(&self, flow_id: u64) {
         lock(&self.waiters).remove(&flow_id);
     }
+}
+
+/// The loaded classifier `program` of `ebpf`.
+fn classifier<'a>(ebpf: &'a mut Ebpf, program: &str) -> anyhow::Result<&'a mut SchedClassifier> {
+    Ok(ebpf
+        .program_mut(program)
+        .with_context(|| format!("program {program} missing"))?
+        .try_into()?)
+}
+
+/// Attaches both classifiers to interface `name`.
+fn attach(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<()> {
+    for (program, attach_type) in PROGRAMS {
+        // tcx on kernels ≥ 6.6: a link owned by this process, gone when it
+        // exits or the device goes.
+        classifier(ebpf, program)?
+            .attach(name, attach_type)
+            .with_context(|| format!("attaching {program} to {name}"))?;
+    }
+    Ok(())
 }
 
 async fn dispatch_events(mut events: AsyncFd<RingBuf<MapData>>, waiters: Arc<Waiters>) {

@@ -63,7 +63,7 @@ impl PacketDataPlane {
         log::info!(
             "packet plane: tc programs attached to {}",
             kernel
-                .attached
+                .attached()
                 .iter()
                 .map(|(name, index)| format!("{name} ({index})"))
                 .collect::<Vec<_>>()

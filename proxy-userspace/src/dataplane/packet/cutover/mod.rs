@@ -170,6 +170,7 @@ impl Promotion<'_> {
     /// not. Between its awaits the pump runs; the cut itself has none.
     pub async fn run(&self) -> Result<Promoted, NotPromoted> {
         self.threshold.reached().await;
+        self.kernel.attach_new_interfaces();
         let started = Instant::now();
         let (infos, devices, mut probed) = self.qualify().await?;
         let qualified = started.elapsed();
