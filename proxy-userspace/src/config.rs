@@ -109,23 +109,23 @@ pub struct Config {
     pub connect_ports: Option<PortSet>,
 
     /// Data plane that moves tunnel bytes: `auto` picks one per tunnel by where
-    /// its two ends are (`--auto-local`, `--auto-network`); splice stands in for
-    /// sockmap when the eBPF programs do not load.
+    /// its two ends are (`--auto-local`, `--auto-network`; packet on both by
+    /// default); splice stands in for sockmap or packet when their eBPF
+    /// programs do not load.
     #[arg(long, value_enum, default_value_t = DataPlaneChoice::Auto)]
     pub dataplane: DataPlaneChoice,
 
     /// With `--dataplane auto`: the data plane of a tunnel whose client and
     /// upstream are both on this host (loopback or one of its own addresses).
-    /// Default: sockmap when the host's default congestion control is BBR (with
-    /// BBR endpoints it was the fastest and cheapest on loopback), else splice
-    /// (the fastest with cubic endpoints).
+    /// Default packet: on loopback it was the fastest and cheapest plane with
+    /// BBR and with cubic endpoints (docs/benchmarks.md).
     #[arg(long, value_enum, value_name = "PLANE")]
     pub auto_local: Option<PlaneKind>,
 
     /// With `--dataplane auto`: the data plane of every other tunnel (an end
-    /// reached through a network device). Default splice: measured across veth
-    /// it moves the most; sockmap is ~25 % slower there, and cost less CPU per
-    /// byte in two of three full bench runs (docs/benchmarks.md).
+    /// reached through a network device). Default packet: across veth it
+    /// moved as much as a direct connection, at the least CPU per byte
+    /// (docs/benchmarks.md).
     #[arg(long, value_enum, value_name = "PLANE")]
     pub auto_network: Option<PlaneKind>,
 
@@ -183,7 +183,7 @@ pub struct Config {
     #[arg(long, value_name = "BYTES", default_value_t = 16 * 1024 * 1024)]
     pub redirect_send_buffer: u32,
 
-    /// With `--dataplane packet`: promote a tunnel to segment translation once
+    /// Where the packet plane runs: promote a tunnel to segment translation once
     /// the splice pump has moved this many bytes (both directions together;
     /// 0: right after the `200`; default 1 MiB). Promotion costs the peers one
     /// retransmission of what they send during the cut-over, so short
@@ -191,9 +191,9 @@ pub struct Config {
     #[arg(long, value_name = "BYTES")]
     pub promote_after: Option<u64>,
 
-    /// With `--dataplane packet`: the interfaces to attach the tc programs to
-    /// (comma-separated). Default: every Ethernet-like interface and `lo`
-    /// present at start.
+    /// Where the packet plane runs: the interfaces to attach the tc programs to
+    /// (comma-separated). Default: every Ethernet-like interface and `lo`,
+    /// and those that appear later (looked for before each promotion).
     #[arg(long, value_name = "IFACE,...", value_delimiter = ',')]
     pub packet_interfaces: Vec<String>,
 

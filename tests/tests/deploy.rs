@@ -1561,15 +1561,12 @@ const PUBLIC_CLIENT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
 /// probes, then SIGTERM and an exit within the grace period.
 fn pod_serves_as_specified(layout: &str) {
     let topology = Topology::new();
-    // `auto` loads the eBPF programs when a path wants sockmap: local paths
-    // do under a BBR default (see dataplane/auto.rs), so the node gets one.
-    topology.proxy.set_default_congestion("bbr");
     let pod_ip = Topology::PROXY_IP;
     let container = Container::of(layout, pod_ip);
     let mut pod = container.run(&topology.proxy, Node::CgroupV2).start();
     assert!(
         pod.stderr()
-            .contains("data plane: auto (eBPF programs loaded and attached"),
+            .contains("data plane: packet (tc programs attached for the packet plane"),
         "{layout}: the pod's capabilities must be enough for the eBPF data plane:\n{}",
         pod.stderr()
     );
@@ -1671,13 +1668,13 @@ fn egress_fleet_pod_runs_as_specified() {
     pod_serves_as_specified("egress-fleet");
 }
 
-/// The claims of the DaemonSet's comments: without CAP_BPF or CAP_NET_ADMIN,
-/// or on a node without a cgroup2 hierarchy, spliced falls back to splice(2)
-/// and says so; the privileged variant gets the eBPF data plane there too.
+/// The claims of the DaemonSet's comments: without CAP_BPF or CAP_NET_ADMIN
+/// spliced falls back to splice(2) and says so; with them the packet plane
+/// runs, on a node without a cgroup2 hierarchy too (tc needs none), and so
+/// does the privileged variant; sockmap, asked for, needs cgroup2.
 #[test]
 fn data_plane_per_capability_set_and_node() {
     let topology = Topology::new();
-    topology.proxy.set_default_congestion("bbr");
     let data_plane = |container: &Container, node: Node| {
         let pod = container.run(&topology.proxy, node).start();
         let stderr = pod.stderr();
@@ -1699,23 +1696,27 @@ fn data_plane_per_capability_set_and_node() {
             .retain(|cap| cap != needed);
         let line = data_plane(&fewer, Node::CgroupV2);
         assert!(
-            line.contains("data plane: splice (eBPF unavailable"),
+            line.contains("data plane: splice (packet plane unavailable"),
             "without {needed}: {line}"
         );
     }
+    let packet = "data plane: packet (tc programs attached for the packet plane";
     let line = data_plane(&daemonset, Node::CgroupV1);
-    assert!(
-        line.contains("data plane: splice (eBPF unavailable"),
-        "cgroup v1 node: {line}"
-    );
+    assert!(line.contains(packet), "cgroup v1 node: {line}");
     let privileged = Container::of("variants/privileged", Topology::PROXY_IP);
     for node in [Node::CgroupV2, Node::CgroupV1] {
         let line = data_plane(&privileged, node);
-        assert!(
-            line.contains("data plane: auto (eBPF programs loaded and attached"),
-            "privileged: {line}"
-        );
+        assert!(line.contains(packet), "privileged: {line}");
     }
+    let mut sockmap = Container::of("daemonset", Topology::PROXY_IP);
+    sockmap
+        .run_args
+        .extend(["--auto-local".into(), "sockmap".into()]);
+    let line = data_plane(&sockmap, Node::CgroupV1);
+    assert!(
+        line.contains("eBPF unavailable") && line.contains("this host → splice"),
+        "sockmap on a cgroup v1 node: {line}"
+    );
 }
 
 // ---------------------------------------------------------------------------

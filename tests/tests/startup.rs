@@ -47,28 +47,32 @@ fn assert_sockmap_chosen_and_used(proxy: &Proxy, upstream: &Upstream) {
     assert_eq!(proxy.wait_json_records(1)[0]["dataplane"], "sockmap");
 }
 
-/// In a namespace whose default congestion control is BBR, `auto` loads the
-/// eBPF programs, says so, and puts a loopback tunnel on sockmap.
+/// `auto` attaches the packet plane's tc programs, says so, and promotes a
+/// loopback tunnel past its default `--promote-after`, whatever the host's
+/// congestion control (the namespaces' defaults differ).
 #[test]
-fn auto_picks_sockmap_and_says_so() {
-    let ns = Netns::new();
-    ns.set_default_congestion("bbr");
-    let target: SocketAddr = "127.0.0.1:8443".parse().unwrap();
-    let upstream = Upstream::start_in(&ns, target);
-    let proxy = Proxy::start_in(&ns, &["--connect-ports", "8443", "--log-format", "json"]);
-    assert!(
-        proxy.stderr().contains(
-            "data plane: auto (eBPF programs loaded and attached; per tunnel: both ends on \
-             this host → sockmap (default congestion control bbr), an end across the network \
-             → splice)"
-        ),
-        "{}",
-        proxy.stderr()
-    );
-    assert_eq!(
-        plane_of_tunnel(&proxy, Some(&ns), &upstream, target, 0),
-        "sockmap"
-    );
+fn auto_picks_packet_and_says_so() {
+    for congestion in ["bbr", "cubic"] {
+        let ns = Netns::new();
+        ns.set_default_congestion(congestion);
+        let target: SocketAddr = "127.0.0.1:8443".parse().unwrap();
+        let upstream = Upstream::start_in(&ns, target);
+        let proxy = Proxy::start_in(&ns, &["--connect-ports", "8443", "--log-format", "json"]);
+        assert!(
+            proxy.stderr().contains(
+                "data plane: packet (tc programs attached for the packet plane; --dataplane \
+                 auto with packet on every path)"
+            ),
+            "{congestion}: {}",
+            proxy.stderr()
+        );
+        assert_eq!(
+            plane_of_tunnel(&proxy, Some(&ns), &upstream, target, 0),
+            "packet",
+            "{congestion}: {}",
+            proxy.stderr()
+        );
+    }
 }
 
 /// The kernel check that runs before sockmap is used: where it fails, `auto`
@@ -86,6 +90,10 @@ fn a_failed_kernel_check_keeps_sockmap_out() {
             "8443",
             "--log-format",
             "json",
+            "--auto-local",
+            "sockmap",
+            "--auto-network",
+            "splice",
             "--test-hook",
             "fail-probe",
         ],
@@ -182,9 +190,12 @@ fn plane_of_tunnel(
     target: SocketAddr,
     records_before: usize,
 ) -> String {
+    // Long enough to pass the packet plane's default `--promote-after` (1 MiB)
+    // with most of its bytes still to come when the cut-over ends (on
+    // loopback a few MiB pass in a millisecond).
     let h = Header {
-        up: 1_000_000,
-        down: 700_000,
+        up: 64 << 20,
+        down: 48 << 20,
         seed: 3,
         mode: Mode::Concurrent,
     };
@@ -203,12 +214,10 @@ fn plane_of_tunnel(
         .to_owned()
 }
 
-/// `auto` picks per tunnel: sockmap when both ends are on the proxy's host
-/// (whose default congestion control is BBR), splice when an end is across a
-/// network device (the measured winners), splice on local paths too when the
-/// proxy's namespace defaults to another (reno: a namespace may only pick
-/// from `tcp_allowed_congestion_control`), and `--auto-local` / `--auto-network`
-/// change each choice on its own.
+/// `auto` picks per tunnel by its path: packet on both kinds by default (a
+/// tunnel past `--promote-after` that qualifies is promoted), whatever the proxy's
+/// namespace's congestion control; `--auto-local` / `--auto-network` change
+/// each choice on its own.
 #[test]
 fn auto_picks_each_tunnels_plane_by_its_path() {
     let topology = Topology::new();
@@ -216,25 +225,25 @@ fn auto_picks_each_tunnels_plane_by_its_path() {
     let local_target: SocketAddr = "127.0.0.1:8444".parse().unwrap();
     let remote = Upstream::start_in(&topology.server, remote_target);
     let local = Upstream::start_in(&topology.proxy, local_target);
+    // A client across veth (MSS 1448) to an upstream on the proxy's `lo`
+    // (MSS 65483) does not qualify for promotion and stays on splice.
     let cases: [(&str, &[&str], [&str; 3]); 4] = [
-        ("bbr", &[], ["sockmap", "splice", "splice"]),
-        (
-            "bbr",
-            &["--auto-network", "sockmap"],
-            ["sockmap", "sockmap", "sockmap"],
-        ),
+        ("bbr", &[], ["packet", "packet", "splice"]),
+        ("reno", &[], ["packet", "packet", "splice"]),
         (
             "bbr",
             &["--auto-local", "copy", "--auto-network", "sockmap"],
             ["copy", "sockmap", "sockmap"],
         ),
         (
-            "reno",
-            &["--auto-network", "copy"],
+            "bbr",
+            &["--auto-local", "splice", "--auto-network", "copy"],
             ["splice", "copy", "copy"],
         ),
     ];
     for (congestion, flags, [local_to_local, remote_to_remote, remote_to_local]) in cases {
+        // A namespace may only pick from `tcp_allowed_congestion_control`,
+        // which has reno where cubic is built as a module.
         topology.proxy.set_default_congestion(congestion);
         let mut args = vec![
             "--connect-ports",
@@ -286,7 +295,7 @@ fn auto_falls_back_to_splice_without_bpf_privileges() {
     );
     let stderr = proxy.stderr();
     assert!(
-        stderr.contains("data plane: splice (eBPF unavailable"),
+        stderr.contains("data plane: splice (packet plane unavailable"),
         "{stderr}"
     );
     assert_eq!(

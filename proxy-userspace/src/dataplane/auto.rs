@@ -1,21 +1,15 @@
 //! `--dataplane auto`: a data plane per tunnel, by where the tunnel's two ends
-//! are. The bench (`cargo xtask bench`, docs/benchmarks.md) measured each plane
-//! on both kinds of path on this machine:
-//!
-//! * both ends on this host (loopback): the winner depends on the endpoints'
-//!   congestion control. With BBR (this machine's default) sockmap moved
-//!   28–37 Gbit/s against splice's 19–20 and cost the least CPU per byte; with
-//!   cubic endpoints splice moved ~46 against sockmap's 28–35. So sockmap when
-//!   the host's default is BBR, splice otherwise ([`local_default`]);
-//! * an end behind a network device (veth between namespaces): splice moves the
-//!   most (0.7× direct), sockmap and copy about 0.5×, because the kernel worker
-//!   that sends a redirected skb also runs the receiving host's TCP input inline
-//!   and has no backpressure, so splice.
+//! are. By default both kinds of path get the packet plane ([`DEFAULT_PLANE`]):
+//! in the bench (`cargo xtask bench`, docs/benchmarks.md, 2026-12-03 run) it
+//! moved 0.93–1.00× direct on loopback with BBR or cubic endpoints and
+//! 0.99–1.02× across veth, against splice's 0.67–0.88× and sockmap's
+//! 0.38–0.55×, at 0.07–0.17 of splice's extra CPU per GiB. Tunnels that never
+//! reach `--promote-after`, or do not qualify, stay on splice, which is what
+//! the packet plane starts every tunnel on; where its tc programs do not load,
+//! splice runs every tunnel.
 //!
 //! Both choices are flags (`--auto-local`, `--auto-network`): a host whose
-//! bench says otherwise, or that values CPU per byte over peak throughput
-//! (across veth sockmap cost less in two of three full bench runs), sets its
-//! own.
+//! bench says otherwise sets its own.
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -26,33 +20,9 @@ use tokio::net::TcpStream;
 
 use super::{DataPlane, DataPlaneChoice, Picked, PlaneKind, PlaneStats, Tunnel, TunnelFuture};
 
-/// The plane for local paths when `--auto-local` is not given, with a note for
-/// the start-up line. Local applications use the host's default congestion
-/// control unless they set their own, and the bench's winner on loopback
-/// depends on it: with BBR endpoints (whose model sees a microsecond RTT and
-/// keeps a tiny window) sockmap moved 28–37 Gbit/s against splice's 19–20;
-/// with cubic endpoints splice moved ~46 against sockmap's 28–35.
-pub fn local_default(host_congestion_control: &str) -> (PlaneKind, String) {
-    let plane = if host_congestion_control == "bbr" {
-        PlaneKind::Sockmap
-    } else {
-        PlaneKind::Splice
-    };
-    let name = if host_congestion_control.is_empty() {
-        "unknown"
-    } else {
-        host_congestion_control
-    };
-    (plane, format!(" (default congestion control {name})"))
-}
-
-/// `net.ipv4.tcp_congestion_control` of the proxy's network namespace, or ""
-/// when it cannot be read.
-pub fn host_congestion_control() -> String {
-    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control")
-        .map(|text| text.trim().to_owned())
-        .unwrap_or_default()
-}
+/// The plane of both kinds of path when `--auto-local`/`--auto-network` are
+/// not given.
+pub const DEFAULT_PLANE: PlaneKind = PlaneKind::Packet;
 
 /// Where a tunnel's ends are, as far as choosing its data plane goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -130,17 +100,5 @@ impl DataPlane for AutoDataPlane {
 
     fn stats(&self) -> PlaneStats {
         self.local.stats().or(self.network.stats())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn local_paths_follow_the_hosts_congestion_control() {
-        assert_eq!(local_default("bbr").0, PlaneKind::Sockmap);
-        assert_eq!(local_default("cubic").0, PlaneKind::Splice);
-        assert_eq!(local_default("").1, " (default congestion control unknown)");
     }
 }

@@ -602,15 +602,13 @@ pub fn select(config: &Config) -> anyhow::Result<(Arc<dyn DataPlane>, String)> {
     }
 }
 
-/// `--dataplane auto`: the planes its two path kinds ask for, sockmap loaded only
-/// if one of them wants it; a single plane when both kinds end up on the same one.
+/// `--dataplane auto`: the planes its two path kinds ask for (packet on both by
+/// default), each loaded only if a path wants it; a single plane when both
+/// kinds end up on the same one.
 fn select_auto(config: &Config, splice: Arc<dyn DataPlane>) -> (Arc<dyn DataPlane>, String) {
     let mut why = Vec::new();
-    let (local, local_note) = match config.auto_local {
-        Some(plane) => (plane, String::new()),
-        None => auto::local_default(&auto::host_congestion_control()),
-    };
-    let network = config.auto_network.unwrap_or(PlaneKind::Splice);
+    let local = config.auto_local.unwrap_or(auto::DEFAULT_PLANE);
+    let network = config.auto_network.unwrap_or(auto::DEFAULT_PLANE);
     let wanted = |kind| [local, network].contains(&kind);
     let sockmap: Option<Arc<dyn DataPlane>> = if wanted(PlaneKind::Sockmap) {
         match sockmap::SockmapDataPlane::load(config, splice.clone()) {
@@ -651,16 +649,14 @@ fn select_auto(config: &Config, splice: Arc<dyn DataPlane>) -> (Arc<dyn DataPlan
     };
     let (local, network) = (build(local), build(network));
     if local.name() == network.name() {
-        if why.is_empty() {
-            why.push(format!(
-                "--dataplane auto with {} on every path",
-                local.name()
-            ));
-        }
+        why.push(format!(
+            "--dataplane auto with {} on every path",
+            local.name()
+        ));
         return (local, why.join("; "));
     }
     why.push(format!(
-        "per tunnel: both ends on this host → {}{local_note}, an end across the network → {}",
+        "per tunnel: both ends on this host → {}, an end across the network → {}",
         local.name(),
         network.name()
     ));
@@ -682,7 +678,7 @@ mod tests {
     }
 
     #[test]
-    fn auto_without_sockmap_on_any_path_loads_no_ebpf() {
+    fn auto_without_an_ebpf_plane_on_any_path_loads_no_ebpf() {
         assert_eq!(
             selected(&["--auto-local", "copy", "--auto-network", "copy"]).unwrap(),
             (
@@ -690,7 +686,7 @@ mod tests {
                 "--dataplane auto with copy on every path".to_owned()
             )
         );
-        let (name, why) = selected(&["--auto-local", "copy"]).unwrap();
+        let (name, why) = selected(&["--auto-local", "copy", "--auto-network", "splice"]).unwrap();
         assert_eq!(name, "auto");
         assert_eq!(
             why,

@@ -1185,23 +1185,12 @@ fn stall_cells(contender: Contender, r: &StallResult) -> Vec<String> {
     ]
 }
 
-/// What `auto` picks on a local path when the endpoints use `congestion`
-/// (proxy-userspace's `dataplane::auto::local_default`: sockmap under BBR,
-/// splice otherwise).
-fn auto_local_choice(congestion: &str) -> Contender {
-    if congestion == "bbr" {
-        Contender::Sockmap
-    } else {
-        Contender::Splice
-    }
-}
-
 /// `auto`'s defaults against the fastest spliced plane of this run on each
 /// kind of path (single-stream medians, forward and reverse averaged), so a
-/// node's own bench says which flags to set. The local default follows the
-/// endpoints' congestion control: the system default in the unpinned
-/// loopback table, cubic in the `-C cubic` one (what a host whose default is
-/// cubic gets).
+/// node's own bench says which flags to set. `auto` puts both kinds of path on
+/// the packet plane (proxy-userspace's `dataplane::auto::DEFAULT_PLANE`),
+/// whatever the endpoints' congestion control; both loopback tables are
+/// checked because the winner there has depended on it before.
 fn auto_check(results: &Results) -> Option<Table> {
     let host = results.meta.congestion.as_str();
     let paths = [
@@ -1209,24 +1198,22 @@ fn auto_check(results: &Results) -> Option<Table> {
             Env::Unpinned,
             format!("both ends on this host (loopback), endpoints on {host}"),
             "--auto-local",
-            auto_local_choice(host),
         ),
         (
             Env::Cubic,
             "both ends on this host (loopback), endpoints on cubic".to_owned(),
             "--auto-local",
-            auto_local_choice("cubic"),
         ),
         (
             Env::Netns,
             "an end across the network (veth)".to_owned(),
             "--auto-network",
-            Contender::Splice,
         ),
     ];
+    let default = Contender::Packet;
     let single = [Kind::new(false, 1), Kind::new(true, 1)];
     let mut rows = Vec::new();
-    for (env, path, flag, default) in paths {
+    for (env, path, flag) in paths {
         let of = |plane: Contender| -> Option<[f64; 2]> {
             let mut medians = [0.0; 2];
             for (slot, kind) in medians.iter_mut().zip(single) {
@@ -1238,16 +1225,13 @@ fn auto_check(results: &Results) -> Option<Table> {
             .into_iter()
             .filter_map(|plane| Some((plane, of(plane)?)))
             .collect();
-        let fastest = |planes: &mut dyn Iterator<Item = &(Contender, [f64; 2])>| {
-            planes
-                .max_by(|a, b| (a.1[0] + a.1[1]).total_cmp(&(b.1[0] + b.1[1])))
-                .map(|&(plane, _)| plane)
-        };
-        // `--auto-local`/`--auto-network packet` are not offered yet.
-        let Some(best) = fastest(&mut measured.iter().filter(|m| m.0 != Contender::Packet)) else {
+        let Some(best) = measured
+            .iter()
+            .max_by(|a, b| (a.1[0] + a.1[1]).total_cmp(&(b.1[0] + b.1[1])))
+            .map(|&(plane, _)| plane)
+        else {
             continue;
         };
-        let packet_faster = fastest(&mut measured.iter()) == Some(Contender::Packet);
         let each: Vec<String> = measured
             .iter()
             .map(|(plane, [fwd, rev])| format!("{} {fwd:.1}/{rev:.1}", plane.id()))
@@ -1256,16 +1240,10 @@ fn auto_check(results: &Results) -> Option<Table> {
             path,
             default.id().to_owned(),
             each.join(", "),
-            match (best == default, packet_faster) {
-                (true, false) => "yes".to_owned(),
-                (true, true) => "yes among the planes auto offers; packet (not offered) is \
-                                 faster"
-                    .to_owned(),
-                (false, false) => format!("no: set {flag} {}", best.id()),
-                (false, true) => format!(
-                    "no: set {flag} {}; packet (not offered) is faster still",
-                    best.id()
-                ),
+            if best == default {
+                "yes".to_owned()
+            } else {
+                format!("no: set {flag} {}", best.id())
             },
         ]);
     }
@@ -1282,10 +1260,8 @@ fn auto_check(results: &Results) -> Option<Table> {
         .to_vec(),
         rows,
         note: Some(
-            "auto chooses per tunnel by its path (and, on a local path, the host's default \
-             congestion control); where a row says no, the flag named there makes auto \
-             follow this run (CPU per byte is in the tables above). auto does not offer the \
-             packet plane yet: it is listed to compare, never suggested."
+            "auto chooses per tunnel by its path; where a row says no, the flag named there \
+             makes auto follow this run (CPU per byte is in the tables above)."
                 .to_owned(),
         ),
     })
@@ -1845,10 +1821,10 @@ mod tests {
         results.tput.clear();
         for (env, plane, gbps) in [
             (Env::Unpinned, Contender::Sockmap, 30.0),
-            (Env::Unpinned, Contender::Splice, 20.0),
+            (Env::Unpinned, Contender::Packet, 33.0),
             (Env::Netns, Contender::Sockmap, 12.0),
             (Env::Netns, Contender::Splice, 9.0),
-            (Env::Netns, Contender::Copy, 10.0),
+            (Env::Netns, Contender::Packet, 10.0),
         ] {
             for reverse in [false, true] {
                 results.tput.push(TputResult {
@@ -1863,11 +1839,12 @@ mod tests {
             }
         }
         let table = auto_check(&results).expect("both paths measured");
+        assert_eq!(table.rows[0][1], "packet");
         assert_eq!(table.rows[0][3], "yes");
         assert_eq!(table.rows[1][3], "no: set --auto-network sockmap");
         assert_eq!(
             table.rows[1][2],
-            "sockmap 12.0/12.0, splice 9.0/9.0, copy 10.0/10.0"
+            "sockmap 12.0/12.0, splice 9.0/9.0, packet 10.0/10.0"
         );
         results.tput.retain(|r| r.case.env == Env::Unpinned);
         assert_eq!(auto_check(&results).unwrap().rows.len(), 1);
