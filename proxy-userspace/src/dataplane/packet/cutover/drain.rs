@@ -57,7 +57,8 @@ impl Promotion<'_> {
         held_at: Instant,
         probed: &mut [Option<Instant>; 2],
     ) -> Result<[Direction; 2], NotPromoted> {
-        let deadline = held_at + HOLD_DEADLINE;
+        let limit = held_at + HOLD_LIMIT;
+        let (mut progress, mut progressed_at) = (None, held_at);
         loop {
             if let Some(forwarded) = forwarded.as_deref_mut() {
                 if let Err(err) = self.forward_new(forwarded) {
@@ -75,6 +76,10 @@ impl Promotion<'_> {
             }
             let idle = self.pump_idle();
             let drains = self.drains(forwarded);
+            let mark = Some((forwarded, drains.map(|drain| drain.unacknowledged)));
+            if mark != progress {
+                (progress, progressed_at) = (mark, Instant::now());
+            }
             let quiet = drains.iter().all(Drain::quiet);
             if idle && !quiet {
                 self.ask_for_acks(held_at, probed, drains);
@@ -91,7 +96,8 @@ impl Promotion<'_> {
                     }
                 }
             }
-            if Instant::now() >= deadline {
+            let now = Instant::now();
+            if now >= progressed_at + HOLD_DEADLINE || now >= limit {
                 self.release();
                 let state: Vec<String> = self
                     .conns()
@@ -111,7 +117,9 @@ impl Promotion<'_> {
                 return Err(NotPromoted::new(
                     Reason::HoldTimeout,
                     format!(
-                        "the proxy sockets did not drain within {HOLD_DEADLINE:?} of the hold ({})",
+                        "the proxy sockets did not drain within {:?} of the hold, the last {:?} without progress ({})",
+                        now - held_at,
+                        now - progressed_at,
                         state.join("; ")
                     ),
                 ));

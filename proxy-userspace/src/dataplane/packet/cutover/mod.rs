@@ -31,8 +31,9 @@
 //! sender) gets the old order instead: the pump goes on, HOLD drops the
 //! peers' new segments while the sockets drain, and the peers retransmit them
 //! after the cut (a loss-recovery episode: up to a retransmission timeout,
-//! ~200 ms, when one segment was in flight). A hold that does not drain
-//! within [`HOLD_DEADLINE`], or a socket that leaves ESTABLISHED, aborts: the
+//! ~200 ms, when one segment was in flight). A hold whose drain makes no
+//! progress for [`HOLD_DEADLINE`] or lasts [`HOLD_LIMIT`], or a socket that
+//! leaves ESTABLISHED, aborts: the
 //! forwarded bytes are dropped from the queues they were peeked from, the
 //! entries go back to MONITOR, the peers retransmit what was dropped, and the
 //! pump goes on.
@@ -63,8 +64,13 @@ use super::{
     translate::{self, Cut, Direction, SocketAtCut},
 };
 
-/// The longest a hold may wait for the proxy sockets to drain.
+/// The longest a hold may wait for the proxy sockets to drain without
+/// progress (a byte forwarded or acknowledged).
 pub const HOLD_DEADLINE: Duration = Duration::from_secs(2);
+/// The longest a hold may last, progress or not. With loss on one link the
+/// other peer can fill a proxy socket's whole receive window (23 MiB seen)
+/// before it stops, and the cut-over forwards that at the lossy link's rate.
+pub const HOLD_LIMIT: Duration = Duration::from_secs(10);
 /// The longest the paused pump waits for both peers to stop (see
 /// [`stop::StopWatch`]).
 pub const STOP_DEADLINE: Duration = Duration::from_millis(300);
