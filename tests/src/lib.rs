@@ -9,6 +9,7 @@ pub mod deploy;
 pub mod dns;
 pub mod echo;
 pub mod healthy;
+pub mod netem;
 pub mod netns;
 pub mod pattern;
 pub mod paused;
