@@ -157,6 +157,23 @@ impl Netns {
         self.ip(&["route", "add", destination, "via", &via.to_string()]);
     }
 
+    /// `nstat -az` counters of this namespace (a new namespace starts at 0).
+    pub fn nstat(&self) -> std::collections::HashMap<String, u64> {
+        let output = self
+            .command("nstat")
+            .args(["-az", "--json"])
+            .env("NSTAT_HISTORY", "/dev/null")
+            .output()
+            .expect("nstat");
+        let json: serde_json::Value = serde_json::from_slice(&output.stdout).expect("nstat JSON");
+        json["kernel"]
+            .as_object()
+            .expect("nstat kernel counters")
+            .iter()
+            .filter_map(|(k, v)| Some((k.clone(), v.as_u64()?)))
+            .collect()
+    }
+
     /// Runs `f` on a thread that has entered this namespace; sockets it creates
     /// stay in the namespace whichever thread uses them later.
     pub fn enter<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {

@@ -166,12 +166,20 @@ impl Proxy {
     /// before the access log record may still be on its way when the record
     /// is seen.
     pub fn logged(&self, needle: &str) -> bool {
+        self.logged_times(needle, 1)
+    }
+
+    /// Whether spliced logs `needle` at least `count` times within 10 s (see
+    /// [`Proxy::logged`]).
+    pub fn logged_times(&self, needle: &str, count: usize) -> bool {
         wait_until(Duration::from_secs(10), || {
             self.stderr
                 .lock()
                 .unwrap()
                 .iter()
-                .any(|line| line.contains(needle))
+                .map(|line| line.matches(needle).count())
+                .sum::<usize>()
+                >= count
         })
     }
 
@@ -509,4 +517,24 @@ pub(crate) fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<String> 
     Ok(answer
         .split_once("\r\n\r\n")
         .map_or(answer.clone(), |(_, body)| body.to_owned()))
+}
+
+/// spliced's arguments for the packet plane tests: `--dataplane packet`,
+/// `--promote-after`, the upstream's port, the listening address, JSON
+/// access log.
+pub fn packet_args(promote_after: u64, upstream_port: u16, listen: SocketAddr) -> Vec<String> {
+    [
+        "--dataplane",
+        "packet",
+        "--promote-after",
+        &promote_after.to_string(),
+        "--connect-ports",
+        &upstream_port.to_string(),
+        "--listen",
+        &listen.to_string(),
+        "--log-format",
+        "json",
+    ]
+    .map(str::to_owned)
+    .to_vec()
 }

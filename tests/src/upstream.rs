@@ -41,6 +41,16 @@ pub struct Header {
     pub mode: Mode,
 }
 
+/// A [`Header`] from its four fields, in order.
+pub fn header(up: u64, down: u64, seed: u64, mode: Mode) -> Header {
+    Header {
+        up,
+        down,
+        seed,
+        mode,
+    }
+}
+
 impl Header {
     /// Wire form.
     pub fn encode(&self) -> [u8; 32] {

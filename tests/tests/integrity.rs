@@ -25,7 +25,7 @@ use spliced_tests::{
     expect_connect_ok,
     netns::{self, Netns, Topology},
     open_tunnel,
-    upstream::{exchange_with, ClientResult, Header, SPLICE_GRACE},
+    upstream::{exchange_with, header, ClientResult, Header, SPLICE_GRACE},
     wait_until, Mode, Proxy, ServerResult, Upstream, IO_TIMEOUT,
 };
 
@@ -383,15 +383,6 @@ fn assert_exact(header: Header, client: &ClientResult, server: &ServerResult) {
         Ok(header.down),
         "client side of {header:?}"
     );
-}
-
-fn header(up: u64, down: u64, seed: u64, mode: Mode) -> Header {
-    Header {
-        up,
-        down,
-        seed,
-        mode,
-    }
 }
 
 /// Eight tunnels at once, 0 B to 16 MiB each way. On `packet_default` they

@@ -19,7 +19,8 @@ use std::{
 use spliced_tests::{
     netns::{Netns, Topology},
     open_tunnel,
-    upstream::{exchange, ClientResult, Header},
+    proxy::packet_args,
+    upstream::{exchange, header, ClientResult, Header},
     Mode, Proxy, ServerResult, Upstream,
 };
 
@@ -28,15 +29,6 @@ const PREFIX: &str = "pk";
 /// How long a client waits after the `200` before it sends, so that a
 /// tunnel with `--promote-after 0` is translating before its first byte.
 const SETTLE: Duration = Duration::from_millis(100);
-
-fn header(up: u64, down: u64, seed: u64, mode: Mode) -> Header {
-    Header {
-        up,
-        down,
-        seed,
-        mode,
-    }
-}
 
 /// Where the client, the proxy and the upstream are.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,24 +47,6 @@ fn topology() -> Topology {
         ns.set_default_tcp_buffers();
     }
     topology
-}
-
-/// spliced's arguments: the packet plane, JSON access log.
-fn proxy_args(promote_after: u64, upstream_port: u16, listen: SocketAddr) -> Vec<String> {
-    [
-        "--dataplane",
-        "packet",
-        "--promote-after",
-        &promote_after.to_string(),
-        "--connect-ports",
-        &upstream_port.to_string(),
-        "--listen",
-        &listen.to_string(),
-        "--log-format",
-        "json",
-    ]
-    .map(str::to_owned)
-    .to_vec()
 }
 
 /// A proxy on the packet plane, an upstream, and where clients run.
@@ -112,7 +86,7 @@ impl Setup {
             Ipv4Addr::LOCALHOST.into()
         };
         let upstream = Upstream::start_in(&ns, SocketAddr::new(ip, 0));
-        let mut args = proxy_args(
+        let mut args = packet_args(
             promote_after,
             upstream.addr.port(),
             SocketAddr::new(ip, 3128),
@@ -155,7 +129,7 @@ impl Setup {
         extra: &[&str],
     ) -> Self {
         let upstream = Upstream::start_in(&topology.server, SocketAddr::new(server_ip, 8443));
-        let mut args = proxy_args(promote_after, 8443, SocketAddr::new(listen_ip, 3128));
+        let mut args = packet_args(promote_after, 8443, SocketAddr::new(listen_ip, 3128));
         args.extend(extra.iter().map(|arg| (*arg).to_owned()));
         let proxy = Proxy::start_in(
             &topology.proxy,
@@ -199,11 +173,8 @@ impl Setup {
     /// `needle`: the proxy's own word, so waiting touches none of its sockets
     /// (unlike `/metrics`).
     fn wait_logged(&self, needle: &str, count: usize) {
-        let logged = spliced_tests::wait_until(Duration::from_secs(10), || {
-            self.proxy.stderr().matches(needle).count() >= count
-        });
         assert!(
-            logged,
+            self.proxy.logged_times(needle, count),
             "spliced did not log {needle:?} {count} times\n{}",
             self.proxy.stderr()
         );
@@ -284,7 +255,7 @@ impl Setup {
     /// No endpoint rejected a translated segment: PAWS, TSecr, checksum.
     fn assert_no_rejections(&self) {
         for ns in self.endpoint_namespaces() {
-            let counters = nstat(ns);
+            let counters = ns.nstat();
             for name in [
                 "TcpExtPAWSEstab",
                 "TcpExtPAWSOldAck",
@@ -315,28 +286,11 @@ impl Setup {
         }
         eprintln!("stats: {:?}", self.proxy.stats());
         for ns in std::iter::once(&self.client_ns).chain(&self.others) {
-            let mut counters: Vec<_> = nstat(ns).into_iter().filter(|(_, v)| *v != 0).collect();
+            let mut counters: Vec<_> = ns.nstat().into_iter().filter(|(_, v)| *v != 0).collect();
             counters.sort();
             eprintln!("nstat {}: {counters:?}", ns.name);
         }
     }
-}
-
-/// `nstat -az` counters of a namespace.
-fn nstat(ns: &Netns) -> HashMap<String, u64> {
-    let output = ns
-        .command("nstat")
-        .args(["-az", "--json"])
-        .env("NSTAT_HISTORY", "/dev/null")
-        .output()
-        .expect("nstat");
-    let json: serde_json::Value = serde_json::from_slice(&output.stdout).expect("nstat JSON");
-    json["kernel"]
-        .as_object()
-        .expect("nstat kernel counters")
-        .iter()
-        .filter_map(|(k, v)| Some((k.clone(), v.as_u64()?)))
-        .collect()
 }
 
 /// `--promote-after 0`: each tunnel is translating before its first byte
@@ -1099,7 +1053,8 @@ fn refused_after_tcp_fast_open() {
         "fast_open",
         "TCP Fast Open on the client connection",
     );
-    let passive = nstat(&setup.others[0])
+    let passive = setup.others[0]
+        .nstat()
         .get("TcpExtTCPFastOpenPassive")
         .copied();
     assert_eq!(passive, Some(1), "the CONNECT did not come in the SYN");

@@ -23,7 +23,8 @@ use spliced_tests::{
     netem::{one_segment_per_packet, Counts, Direction, Impaired, Impairment, Wire},
     netns::{Netns, Topology},
     open_tunnel, pattern,
-    upstream::{exchange, ClientResult, Header},
+    proxy::packet_args,
+    upstream::{exchange, header, ClientResult, Header},
     Mode, Proxy, ServerResult, Upstream,
 };
 
@@ -53,32 +54,6 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-fn header(up: u64, down: u64, seed: u64, mode: Mode) -> Header {
-    Header {
-        up,
-        down,
-        seed,
-        mode,
-    }
-}
-
-/// `nstat -az` counters of a namespace (a new namespace starts at 0).
-fn nstat(ns: &Netns) -> HashMap<String, u64> {
-    let output = ns
-        .command("nstat")
-        .args(["-az", "--json"])
-        .env("NSTAT_HISTORY", "/dev/null")
-        .output()
-        .expect("nstat");
-    let json: serde_json::Value = serde_json::from_slice(&output.stdout).expect("nstat JSON");
-    json["kernel"]
-        .as_object()
-        .expect("nstat kernel counters")
-        .iter()
-        .filter_map(|(k, v)| Some((k.clone(), v.as_u64()?)))
-        .collect()
 }
 
 fn get(counters: &HashMap<String, u64>, name: &str) -> u64 {
@@ -151,7 +126,7 @@ fn each_impairment_does_what_it_says() {
     let impaired = pair.wire.impair(Impairment::loss(3.0));
     assert_eq!(pair.transfer(LEN, 1), Ok(LEN));
     let data = impaired.counts(Direction::AToB);
-    let (sender, receiver) = (nstat(&pair.a), nstat(&pair.b));
+    let (sender, receiver) = (pair.a.nstat(), pair.b.nstat());
     eprintln!(
         "loss 3 %: a→b {data:?} ({:.2} % dropped), b→a {:?}; sender retransmitted {}, receiver queued {} out of order, PAWS {}",
         share(data.dropped, data.seen),
@@ -178,7 +153,7 @@ fn each_impairment_does_what_it_says() {
     let impaired = pair.wire.impair(Impairment::duplicate(2.0));
     assert_eq!(pair.transfer(LEN, 3), Ok(LEN));
     let data = impaired.counts(Direction::AToB);
-    let (sender, receiver) = (nstat(&pair.a), nstat(&pair.b));
+    let (sender, receiver) = (pair.a.nstat(), pair.b.nstat());
     let dsacks = get(&receiver, "TcpExtTCPDSACKOldSent") + get(&receiver, "TcpExtTCPDSACKOfoSent");
     eprintln!(
         "duplication 2 %: a→b {data:?} ({:.2} % duplicated); receiver got {} segments for {} sent, sent {dsacks} D-SACKs, PAWS {}; sender retransmitted {}",
@@ -208,7 +183,7 @@ fn each_impairment_does_what_it_says() {
     let impaired = pair.wire.impair(Impairment::reorder(5.0));
     assert_eq!(pair.transfer(LEN, 5), Ok(LEN));
     let data = impaired.counts(Direction::AToB);
-    let (sender, receiver) = (nstat(&pair.a), nstat(&pair.b));
+    let (sender, receiver) = (pair.a.nstat(), pair.b.nstat());
     let paws = |c: &HashMap<String, u64>| get(c, "TcpExtPAWSEstab") + get(c, "TcpExtPAWSOldAck");
     eprintln!(
         "reordering 5 %: a→b {data:?} ({:.2} % picked); receiver queued {} segments out of order, PAWS-dropped {}; sender saw reordering {} times (SACK) + {} (TS), retransmitted {} ({} undone), PAWS-dropped {}",
@@ -255,24 +230,6 @@ fn each_impairment_does_what_it_says() {
 
 // ---------------------------------------------------------------------------
 // Through the proxy.
-
-/// spliced's arguments: the packet plane, JSON access log.
-fn proxy_args(promote_after: u64, upstream_port: u16, listen: SocketAddr) -> Vec<String> {
-    [
-        "--dataplane",
-        "packet",
-        "--promote-after",
-        &promote_after.to_string(),
-        "--connect-ports",
-        &upstream_port.to_string(),
-        "--listen",
-        &listen.to_string(),
-        "--log-format",
-        "json",
-    ]
-    .map(str::to_owned)
-    .to_vec()
-}
 
 /// Which link an impairment is on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -339,7 +296,7 @@ impl Setup {
             (Topology::PROXY_IP.into(), Topology::SERVER_IP.into())
         };
         let upstream = Upstream::start_in(&topology.server, SocketAddr::new(server_ip, 8443));
-        let args = proxy_args(promote_after, 8443, SocketAddr::new(listen_ip, 3128));
+        let args = packet_args(promote_after, 8443, SocketAddr::new(listen_ip, 3128));
         let proxy = Proxy::start_in(
             &topology.proxy,
             &args.iter().map(String::as_str).collect::<Vec<_>>(),
@@ -411,18 +368,12 @@ impl Setup {
         (client, self.upstream.result())
     }
 
-    /// Tunnels promoted so far (the proxy's debug log).
-    fn promoted(&self) -> usize {
-        self.proxy
-            .stderr()
-            .matches("packet: tunnel promoted after")
-            .count()
-    }
-
     /// Waits until `count` tunnels were promoted; fails with the refusals if
     /// not within 10 s.
     fn wait_promoted(&self, count: usize) {
-        let ok = spliced_tests::wait_until(Duration::from_secs(10), || self.promoted() >= count);
+        let ok = self
+            .proxy
+            .logged_times("packet: tunnel promoted after", count);
         assert!(ok, "{count} promotions expected\n{}", self.refusals());
     }
 
@@ -510,7 +461,7 @@ impl Setup {
     fn assert_no_rejections(&self) {
         let held = self.held();
         for ns in [&self.topology.client, &self.topology.server] {
-            let counters = nstat(ns);
+            let counters = ns.nstat();
             for name in ["TcpExtTSEcrRejected", "TcpInCsumErrors"] {
                 assert_eq!(
                     get(&counters, name),
@@ -553,7 +504,7 @@ impl Setup {
         let endpoints: Vec<String> = [&self.topology.client, &self.topology.server]
             .iter()
             .map(|ns| {
-                let c = nstat(ns);
+                let c = ns.nstat();
                 format!(
                     "retrans {} ofo {} dsack-rx {} paws {}",
                     get(&c, "TcpRetransSegs"),
