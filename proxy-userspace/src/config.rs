@@ -197,6 +197,16 @@ pub struct Config {
     #[arg(long, value_name = "IFACE,...", value_delimiter = ',')]
     pub packet_interfaces: Vec<String>,
 
+    /// Where the packet plane runs: a directory on a bpffs (e.g.
+    /// `/sys/fs/bpf/spliced`) where its maps and tc links are pinned, so that
+    /// promoted tunnels outlive the process. On SIGTERM they are handed over
+    /// at once instead of drained, and the next spliced started with the same
+    /// directory adopts them (and logs them when they end). Off by default:
+    /// the programs then detach when the process exits and its promoted
+    /// tunnels are reset. `rm -r DIR` detaches pinned programs.
+    #[arg(long, value_name = "DIR")]
+    pub packet_state_dir: Option<std::path::PathBuf>,
+
     /// Serve `/healthz`, `/readyz` and `/metrics` (Prometheus) over HTTP on this
     /// address (port 0 picks one; the log says which). Off by default; keep it on
     /// loopback or a management network.

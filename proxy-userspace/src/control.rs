@@ -30,7 +30,8 @@ use crate::{
     access_log::{AccessLog, AccessRecord, BytesBeforePromotion},
     config::{TestHook, TestHooks},
     connect_request::{self, HeadError, Host, RequestHead, Target},
-    dataplane::{DataPlane, Picked, Progress, Tunnel, TunnelLimits, TunnelOutcome},
+    dataplane::{DataPlane, Picked, Progress, Tunnel, TunnelEnd, TunnelLimits, TunnelOutcome},
+    handover::HandoverRecord,
     metrics::Metrics,
     policy::Denial,
     settings::{Policy, Settings},
@@ -68,6 +69,8 @@ pub struct ControlPlane {
     all_closed: Notify,
     /// Set once shutdown_lifetime is over: open tunnels end at once.
     closing: tokio::sync::watch::Sender<bool>,
+    /// Set when the drain starts (SIGTERM).
+    draining: tokio::sync::watch::Sender<bool>,
     /// The proxy's own listening sockets (proxy and admin): never a target.
     own_addrs: Mutex<Vec<SocketAddr>>,
     /// A descriptor held in reserve, given back to refuse clients cleanly when
@@ -121,7 +124,7 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 }
 
 /// Counts a connection as open until dropped.
-struct ConnectionGuard<'a> {
+pub(crate) struct ConnectionGuard<'a> {
     control: &'a ControlPlane,
     client: IpAddr,
 }
@@ -163,6 +166,7 @@ impl ControlPlane {
             open_connections: AtomicUsize::new(0),
             all_closed: Notify::new(),
             closing: tokio::sync::watch::Sender::new(false),
+            draining: tokio::sync::watch::Sender::new(false),
             own_addrs: Mutex::default(),
             fd_reserve: tokio::sync::Mutex::new(
                 (0..FD_RESERVE)
@@ -215,6 +219,27 @@ impl ControlPlane {
     /// writes its access log line, with the end `shutdown`.
     pub fn close_all(&self) {
         self.closing.send_replace(true);
+    }
+
+    /// The drain begins: tunnels a data plane can hand to the next process
+    /// are handed over now.
+    pub fn start_draining(&self) {
+        self.draining.send_replace(true);
+    }
+
+    /// Becomes `true` when open connections must end at once.
+    pub fn closing(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.closing.subscribe()
+    }
+
+    /// Becomes `true` when the drain begins.
+    pub fn draining(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.draining.subscribe()
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// The settings in force.
@@ -298,7 +323,9 @@ impl ControlPlane {
         }
     }
 
-    fn admit(&self, client: IpAddr, limit: Option<u32>) -> (ConnectionGuard<'_>, bool) {
+    /// Counts a connection from `client` as open until the guard is dropped;
+    /// says whether it is within `limit` connections from that address.
+    pub(crate) fn admit(&self, client: IpAddr, limit: Option<u32>) -> (ConnectionGuard<'_>, bool) {
         self.open_connections.fetch_add(1, Ordering::AcqRel);
         let mut per_client = self.per_client.lock().unwrap_or_else(|p| p.into_inner());
         let count = per_client.entry(client).or_insert(0);
@@ -359,6 +386,10 @@ impl ControlPlane {
                     },
                     shutdown: self.closing.subscribe(),
                     progress: progress.clone(),
+                    draining: self.draining.subscribe(),
+                    handover: HandoverRecord::of(&record, opened.pipelined)
+                        .to_bytes()
+                        .into(),
                 };
                 let (plane_kind, plane) = self.dataplane.pick(&tunnel);
                 self.metrics.request_answered(200);
@@ -378,6 +409,17 @@ impl ControlPlane {
                     .await;
                 progress.finish(&outcome);
                 self.metrics.tunnel_closed(plane_kind, &outcome);
+                if outcome.end == TunnelEnd::HandedOver {
+                    // The next process writes the record when the tunnel ends.
+                    log::info!(
+                        "tunnel {} → {} handed over to the next process after {} + {} bytes",
+                        record.client,
+                        record.target,
+                        outcome.client_to_upstream,
+                        outcome.upstream_to_client
+                    );
+                    return;
+                }
                 record.bytes_to_client = CONNECT_OK.len() as u64 + outcome.upstream_to_client;
                 record.bytes_from_client = opened.pipelined + outcome.client_to_upstream;
                 record.dataplane = Some(outcome.dataplane);

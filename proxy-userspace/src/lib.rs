@@ -6,6 +6,7 @@
 //! * [`dataplane`] — the one interface that moves a tunnel's bytes, with the
 //!   sockmap (eBPF), splice(2) and copy implementations;
 //! * [`access_log`] — Squid-style and JSON access log records;
+//! * [`handover`] — tunnels handed from one process to the next (packet plane);
 //! * [`squid`] — a `squid.conf` subset reader and Squid's `http_access` semantics;
 //! * [`admin`] and [`metrics`] — the `--admin` HTTP listener (health, readiness,
 //!   Prometheus metrics).
@@ -16,6 +17,7 @@ pub mod config;
 pub mod connect_request;
 pub mod control;
 pub mod dataplane;
+pub mod handover;
 pub mod metrics;
 pub mod policy;
 pub mod settings;

@@ -234,6 +234,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
     if let Some(addr) = admin_addr {
         control.add_own_addr(addr);
     }
+    for adopted in dataplane.adopted() {
+        tokio::spawn(spliced::handover::follow_adopted(control.clone(), adopted));
+    }
     readiness.set_not_ready("starting: binding the listeners");
     if config.hooks().has(TestHook::DelayStartup) {
         tokio::time::sleep(std::time::Duration::from_secs(2)).await;
@@ -261,6 +264,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     // Graceful shutdown: stop accepting, let open tunnels finish for up to
     // shutdown_lifetime; a second SIGTERM or SIGINT ends them at once.
     readiness.set_not_ready("draining: shutting down");
+    control.start_draining();
     listeners.stop(&control).await;
     let lifetime = control.active().settings.shutdown_lifetime;
     let open = control.open_connections();

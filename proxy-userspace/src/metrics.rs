@@ -383,6 +383,10 @@ fn packet_metric(name: &str) -> (&'static str, MetricType) {
     use MetricType::{Counter, Gauge};
     match name {
         "promoted" => ("Tunnels promoted to segment translation", Counter),
+        "adopted" => (
+            "Promoted tunnels of a previous process taken over at start-up",
+            Counter,
+        ),
         "lingering" => (
             "Promoted tunnels that ended and still translate late segments",
             Gauge,

@@ -77,6 +77,11 @@ impl Spliced {
         spliced
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Every address spliced has logged `listening on` for, in order.
     pub fn listening(&self) -> Vec<SocketAddr> {
         self.stderr_lines()

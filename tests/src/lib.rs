@@ -4,6 +4,7 @@
 //!
 //! Everything here talks only to loopback or to namespaces the test created.
 
+pub mod bpffs;
 pub mod daemon;
 pub mod deploy;
 pub mod dns;

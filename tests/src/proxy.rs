@@ -504,7 +504,7 @@ impl Peaks {
 }
 
 /// The body of `GET path` from an HTTP/1.1 server at `addr`.
-pub(crate) fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
+pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
     use std::io::{Read as _, Write as _};
     let mut stream = std::net::TcpStream::connect_timeout(&addr, crate::IO_TIMEOUT)?;
     stream.set_read_timeout(Some(crate::IO_TIMEOUT))?;

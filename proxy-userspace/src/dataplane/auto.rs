@@ -18,7 +18,9 @@ use std::{
 
 use tokio::net::TcpStream;
 
-use super::{DataPlane, DataPlaneChoice, Picked, PlaneKind, PlaneStats, Tunnel, TunnelFuture};
+use super::{
+    AdoptedTunnel, DataPlane, DataPlaneChoice, Picked, PlaneKind, PlaneStats, Tunnel, TunnelFuture,
+};
 
 /// The plane of both kinds of path when `--auto-local`/`--auto-network` are
 /// not given.
@@ -100,5 +102,11 @@ impl DataPlane for AutoDataPlane {
 
     fn stats(&self) -> PlaneStats {
         self.local.stats().or(self.network.stats())
+    }
+
+    fn adopted(&self) -> Vec<AdoptedTunnel> {
+        let mut adopted = self.local.adopted();
+        adopted.extend(self.network.adopted());
+        adopted
     }
 }

@@ -19,6 +19,7 @@ pub mod splice;
 use std::{
     fmt,
     future::Future,
+    net::SocketAddr,
     ops::{Index, IndexMut},
     pin::Pin,
     sync::{
@@ -281,6 +282,52 @@ pub struct Tunnel {
     /// Where the data plane reports bytes as it moves them, so that an open
     /// tunnel's traffic shows in the metrics before it ends.
     pub progress: Progress,
+    /// Becomes `true` when the proxy starts draining (SIGTERM): a plane that
+    /// can hand a tunnel to the next process (the packet plane with
+    /// `--packet-state-dir`) does so then, and reports [`TunnelEnd::HandedOver`].
+    pub draining: tokio::sync::watch::Receiver<bool>,
+    /// What the next process needs to log the tunnel if it is handed over:
+    /// an opaque record from the control plane (see [`AdoptedTunnel`]).
+    pub handover: Arc<[u8]>,
+}
+
+/// A tunnel that a previous spliced process promoted and handed over (the
+/// packet plane with `--packet-state-dir`); this process follows it to its end.
+pub struct AdoptedTunnel {
+    /// What the previous process's control plane gave the tunnel as
+    /// [`Tunnel::handover`]; empty if the previous process stopped before it
+    /// was stored.
+    pub handover: Vec<u8>,
+    /// The client's address and the proxy address it connected to.
+    pub client: (SocketAddr, SocketAddr),
+    /// The upstream's address.
+    pub upstream: SocketAddr,
+    /// Bytes the previous process's socket plane moved before promotion
+    /// (client → upstream, upstream → client).
+    pub before_promotion: [u64; 2],
+    /// Follows the tunnel to its end.
+    pub run: Box<dyn FnOnce(AdoptedContext) -> TunnelFuture + Send>,
+}
+
+impl fmt::Debug for AdoptedTunnel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AdoptedTunnel")
+            .field("client", &self.client)
+            .field("upstream", &self.upstream)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What an adopted tunnel gets from the control plane, as a [`Tunnel`] does.
+pub struct AdoptedContext {
+    /// See [`Tunnel::limits`].
+    pub limits: TunnelLimits,
+    /// See [`Tunnel::shutdown`].
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
+    /// See [`Tunnel::draining`].
+    pub draining: tokio::sync::watch::Receiver<bool>,
+    /// See [`Tunnel::progress`].
+    pub progress: Progress,
 }
 
 /// Receives the bytes tunnels move while they are open (the metrics).
@@ -467,6 +514,9 @@ pub enum TunnelEnd {
     LifetimeExceeded,
     /// The proxy shut down before the tunnel ended.
     Shutdown,
+    /// The proxy shut down and left the tunnel, still open, to the next
+    /// process (which logs it when it ends).
+    HandedOver,
 }
 
 impl TunnelEnd {
@@ -479,6 +529,7 @@ impl TunnelEnd {
             Self::IdleTimeout => "idle_timeout",
             Self::LifetimeExceeded => "lifetime_exceeded",
             Self::Shutdown => "shutdown",
+            Self::HandedOver => "handed_over",
         }
     }
 }
@@ -521,6 +572,11 @@ pub trait DataPlane: Send + Sync {
     /// Counters kept beside the bytes (SIGUSR1, `/metrics`); only sockmap has any.
     fn stats(&self) -> PlaneStats {
         PlaneStats::default()
+    }
+
+    /// Tunnels a previous process handed over, taken once after start-up.
+    fn adopted(&self) -> Vec<AdoptedTunnel> {
+        Vec::new()
     }
 }
 
@@ -570,17 +626,23 @@ pub fn select(config: &Config) -> anyhow::Result<(Arc<dyn DataPlane>, String)> {
     }
     let packet_wanted = config.dataplane == DataPlaneChoice::Packet
         || (config.dataplane == DataPlaneChoice::Auto
-            && [config.auto_local, config.auto_network].contains(&Some(PlaneKind::Packet)));
+            && [config.auto_local, config.auto_network]
+                .map(|plane| plane.unwrap_or(auto::DEFAULT_PLANE))
+                .contains(&PlaneKind::Packet));
     if !packet_wanted {
         if let Some(flag) = [
             config.promote_after.map(|_| "--promote-after"),
             (!config.packet_interfaces.is_empty()).then_some("--packet-interfaces"),
+            config
+                .packet_state_dir
+                .as_ref()
+                .map(|_| "--packet-state-dir"),
         ]
         .into_iter()
         .flatten()
         .next()
         {
-            anyhow::bail!("{flag} applies only where the packet plane runs (--dataplane packet)");
+            anyhow::bail!("{flag} applies only where the packet plane runs (--dataplane packet, or auto where a path gets packet)");
         }
     }
     match config.dataplane {

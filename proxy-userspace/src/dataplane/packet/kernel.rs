@@ -10,18 +10,24 @@
 use std::{
     collections::HashMap,
     fs,
+    path::PathBuf,
     sync::{Arc, Mutex, MutexGuard},
 };
 
 use anyhow::{anyhow, bail, Context as _};
 use aya::{
     maps::{Array, HashMap as BpfHashMap, MapData, RingBuf},
-    programs::{SchedClassifier, TcAttachType},
+    programs::{
+        links::{FdLink, PinnedLink},
+        tc::SchedClassifierLink,
+        SchedClassifier, TcAttachType,
+    },
     Ebpf, EbpfLoader,
 };
 use proxy_common::{PacketEntry, PacketEvent, PacketKey};
 use tokio::{io::unix::AsyncFd, sync::mpsc};
 
+use super::handover::{StateDir, PINNED_MAPS};
 use crate::dataplane::EBPF_OBJECT;
 
 /// `ARPHRD_ETHER` and `ARPHRD_LOOPBACK`: devices whose skbs start with an
@@ -52,6 +58,8 @@ pub struct Kernel {
     /// Keeps the programs loaded and attached; attaches them to new
     /// interfaces.
     ebpf: Mutex<Ebpf>,
+    /// Where the links are pinned (`--packet-state-dir`).
+    state: Option<StateDir>,
 }
 
 #[derive(Default)]
@@ -111,10 +119,18 @@ fn interfaces(wanted: &[String], log_skipped: bool) -> anyhow::Result<Vec<(Strin
 impl Kernel {
     /// Loads the object, attaches both programs to `wanted` (every interface
     /// when empty) and starts reading events. Must run inside a tokio runtime.
-    pub fn load(wanted: &[String]) -> anyhow::Result<Self> {
+    pub fn load(wanted: &[String], state: Option<&StateDir>) -> anyhow::Result<Self> {
         let mut loader = EbpfLoader::new();
         for unused in ["REDIRECT_TARGETS", "SPLICED", "FLOWS", "FLOW_CONTROL"] {
             loader.map_max_entries(unused, 1);
+        }
+        if let Some(state) = state {
+            // A pinned map is opened instead of created: the programs of the
+            // previous process (still attached through their pinned links)
+            // and these share it.
+            for (map, file) in PINNED_MAPS {
+                loader.map_pin_path(map, state.map_pin(file));
+            }
         }
         // A ring buffer's size is a power-of-two number of pages.
         loader.map_max_entries("FLOW_EVENTS", 4096);
@@ -137,8 +153,12 @@ impl Kernel {
                 .load()
                 .with_context(|| format!("loading {program} (tc classifier)"))?;
         }
-        for (name, _) in &attached {
-            attach(&mut ebpf, name)?;
+        let mut pins = Vec::new();
+        for (name, index) in &attached {
+            pins.extend(attach(&mut ebpf, name, *index, state)?);
+        }
+        if let Some(state) = state {
+            state.prune_links(&pins);
         }
         let loopback = read_number("/sys/class/net/lo/ifindex").unwrap_or(1);
         let waiters: Arc<Waiters> = Arc::default();
@@ -154,6 +174,7 @@ impl Kernel {
             waiters,
             loopback,
             attach_all: wanted.is_empty(),
+            state: state.cloned(),
             interfaces: Mutex::new(Interfaces {
                 attached,
                 failed: Vec::new(),
@@ -196,8 +217,8 @@ impl Kernel {
         }
         let mut ebpf = lock(&self.ebpf);
         for (name, index) in new {
-            match attach(&mut ebpf, &name) {
-                Ok(()) => {
+            match attach(&mut ebpf, &name, index, self.state.as_ref()) {
+                Ok(_pins) => {
                     log::info!("packet plane: tc programs attached to {name} ({index}), which appeared after the start");
                     known.attached.push((name, index));
                 }
@@ -255,6 +276,11 @@ impl Kernel {
         lock(&self.flows).keys().count()
     }
 
+    /// Every entry in the map now.
+    pub fn all_entries(&self) -> Vec<(PacketKey, PacketEntry)> {
+        lock(&self.flows).iter().filter_map(Result::ok).collect()
+    }
+
     /// Counter `index` of `PACKET_STATS`.
     pub fn stat(&self, index: u32) -> u64 {
         lock(&self.stats).get(&index, 0).unwrap_or(0)
@@ -281,16 +307,59 @@ fn classifier<'a>(ebpf: &'a mut Ebpf, program: &str) -> anyhow::Result<&'a mut S
         .try_into()?)
 }
 
-/// Attaches both classifiers to interface `name`.
-fn attach(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<()> {
+/// Attaches both classifiers to interface `name` (index `index`); returns
+/// the links' pins.
+///
+/// tcx on kernels ≥ 6.6: a link owned by this process, gone when it exits or
+/// the device goes, unless it is pinned in the state directory: then it stays
+/// until its pin is removed, and the next process swaps its own program into
+/// it (`BPF_LINK_UPDATE`, atomic) instead of adding a second one, which would
+/// translate segments twice.
+fn attach(
+    ebpf: &mut Ebpf,
+    name: &str,
+    index: u32,
+    state: Option<&StateDir>,
+) -> anyhow::Result<Vec<PathBuf>> {
+    let mut pins = Vec::new();
     for (program, attach_type) in PROGRAMS {
-        // tcx on kernels ≥ 6.6: a link owned by this process, gone when it
-        // exits or the device goes.
-        classifier(ebpf, program)?
-            .attach(name, attach_type)
-            .with_context(|| format!("attaching {program} to {name}"))?;
+        let classifier = classifier(ebpf, program)?;
+        let Some(state) = state else {
+            classifier
+                .attach(name, attach_type)
+                .with_context(|| format!("attaching {program} to {name}"))?;
+            continue;
+        };
+        let pin = state.link_pin(index, program);
+        let replaced = match PinnedLink::from_pin(&pin) {
+            Ok(old) => {
+                // The pin goes: the link lives on in `old` until it is
+                // updated (or dropped, which detaches it).
+                let _ = fs::remove_file(&pin);
+                SchedClassifierLink::try_from(FdLink::from(old))
+                    .map_err(anyhow::Error::from)
+                    .and_then(|link| Ok(classifier.attach_to_link(link)?))
+                    .inspect_err(|err| {
+                        log::warn!("packet plane: {program} on {name}: the pinned link cannot be reused ({err:#}); attaching anew");
+                    })
+                    .ok()
+            }
+            Err(_) => None,
+        };
+        let id = match replaced {
+            Some(id) => id,
+            None => classifier
+                .attach(name, attach_type)
+                .with_context(|| format!("attaching {program} to {name}"))?,
+        };
+        let link = classifier.take_link(id)?;
+        FdLink::try_from(link)
+            .map_err(anyhow::Error::from)
+            .and_then(|link| Ok(link.pin(&pin)?))
+            .with_context(|| format!("pinning the link of {program} on {name}"))?;
+        pins.push(pin);
     }
-    Ok(())
+    Ok(pins)
 }
 
 async fn dispatch_events(mut events: AsyncFd<RingBuf<MapData>>, waiters: Arc<Waiters>) {

@@ -20,10 +20,15 @@
 //! * [`cutover`] — stop, forward, hold, drain, repair, translate, wake (or
 //!   abort);
 //! * [`reset`] — the RSTs that end a translated flow on a limit or shutdown;
-//! * [`tunnel`] — one tunnel from hand-over to the end of its linger.
+//! * [`tunnel`] — one tunnel from hand-over to the end of its linger;
+//! * [`handover`] — `--packet-state-dir`: pinned maps and links, so that
+//!   promoted tunnels outlive the process; [`adopt`] — taking them over at
+//!   start-up.
 
+mod adopt;
 mod cutover;
 mod forward;
+mod handover;
 mod kernel;
 pub mod qualify;
 mod relay;
@@ -35,12 +40,14 @@ mod tunnel;
 
 use std::{
     fmt,
-    sync::{atomic::Ordering, Arc},
+    sync::{atomic::Ordering, Arc, Mutex},
 };
 
 use proxy_common::packet_stat;
 
-use super::{DataPlane, DataPlaneChoice, Picked, PlaneKind, PlaneStats, Tunnel, TunnelFuture};
+use super::{
+    AdoptedTunnel, DataPlane, DataPlaneChoice, Picked, PlaneKind, PlaneStats, Tunnel, TunnelFuture,
+};
 use crate::config::Config;
 
 /// `--promote-after` when not given: a tunnel is promoted once it has moved
@@ -54,12 +61,25 @@ pub const DEFAULT_PROMOTE_AFTER: u64 = 1 << 20;
 /// The packet data plane. See the module documentation.
 pub struct PacketDataPlane {
     shared: Arc<tunnel::Shared>,
+    /// Tunnels of a previous process, until the control plane takes them.
+    adopted: Mutex<Vec<AdoptedTunnel>>,
 }
 
 impl PacketDataPlane {
-    /// Loads and attaches the tc programs. Must run inside a tokio runtime.
+    /// Loads and attaches the tc programs (with `--packet-state-dir`, takes
+    /// over those a previous process left, and its tunnels). Must run inside
+    /// a tokio runtime.
     pub fn load(config: &Config) -> anyhow::Result<Self> {
-        let kernel = kernel::Kernel::load(&config.packet_interfaces)?;
+        let state = config
+            .packet_state_dir
+            .as_deref()
+            .map(handover::StateDir::open)
+            .transpose()?;
+        let kernel = kernel::Kernel::load(&config.packet_interfaces, state.as_ref())?;
+        let tunnels = state
+            .as_ref()
+            .map(handover::StateDir::tunnels)
+            .transpose()?;
         log::info!(
             "packet plane: tc programs attached to {}",
             kernel
@@ -69,15 +89,20 @@ impl PacketDataPlane {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
+        let shared = Arc::new(tunnel::Shared {
+            kernel,
+            tunnels,
+            promote_after: config.promote_after.unwrap_or(DEFAULT_PROMOTE_AFTER),
+            next_flow: 1.into(),
+            promoted: 0.into(),
+            adopted: 0.into(),
+            not_promoted: Default::default(),
+            lingering: 0.into(),
+        });
+        let adopted = adopt::adopt(&shared);
         Ok(Self {
-            shared: Arc::new(tunnel::Shared {
-                kernel,
-                promote_after: config.promote_after.unwrap_or(DEFAULT_PROMOTE_AFTER),
-                next_flow: 1.into(),
-                promoted: 0.into(),
-                not_promoted: Default::default(),
-                lingering: 0.into(),
-            }),
+            shared,
+            adopted: Mutex::new(adopted),
         })
     }
 }
@@ -99,12 +124,17 @@ impl DataPlane for PacketDataPlane {
         Box::pin(tunnel::run_tunnel(self.shared.clone(), tunnel))
     }
 
+    fn adopted(&self) -> Vec<AdoptedTunnel> {
+        std::mem::take(&mut *self.adopted.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
     fn stats(&self) -> PlaneStats {
         let shared = &self.shared;
         let stat = |index| shared.kernel.stat(index);
         PlaneStats {
             packet: Some(PacketStats {
                 promoted: shared.promoted.load(Ordering::Relaxed),
+                adopted: shared.adopted.load(Ordering::Relaxed),
                 not_promoted: shared
                     .not_promoted
                     .each_ref()
@@ -133,6 +163,9 @@ impl DataPlane for PacketDataPlane {
 pub struct PacketStats {
     /// Tunnels promoted to segment translation.
     pub promoted: u64,
+    /// Promoted tunnels of a previous process taken over at start-up
+    /// (`--packet-state-dir`).
+    pub adopted: u64,
     /// Tunnels that stayed on the splice pump (refused or aborted
     /// promotion), by reason (`qualify::Reason::ALL` order).
     pub not_promoted: [u64; qualify::Reason::ALL.len()],
@@ -174,9 +207,10 @@ impl PacketStats {
 
     /// Every counter but the per-reason ones, with the name the SIGUSR1 line
     /// and the metrics use.
-    pub fn fields(&self) -> [(&'static str, u64); 13] {
+    pub fn fields(&self) -> [(&'static str, u64); 14] {
         [
             ("promoted", self.promoted),
+            ("adopted", self.adopted),
             ("lingering", self.lingering),
             ("entries", self.entries),
             ("matched", self.matched),

@@ -16,6 +16,7 @@ use tokio::{net::TcpStream, sync::mpsc};
 
 use super::{
     cutover::{Conn, NotPromoted, Promoted, Promotion},
+    handover::{HandoverValue, Tunnels},
     kernel::Kernel,
     qualify::Reason,
     relay::{relay_one_way, Pause, Threshold},
@@ -38,26 +39,35 @@ const LIMIT_CHECK_CAP: Duration = Duration::from_secs(1);
 /// What every tunnel of the plane shares.
 pub struct Shared {
     pub kernel: Kernel,
+    /// The `tunnels` map of `--packet-state-dir`: promoted tunnels are handed
+    /// to the next process on SIGTERM.
+    pub tunnels: Option<Tunnels>,
     /// `--promote-after`.
     pub promote_after: u64,
     pub next_flow: AtomicU64,
     pub promoted: AtomicU64,
+    /// Tunnels of a previous process adopted at start-up.
+    pub adopted: AtomicU64,
     /// Tunnels that stayed on the pump, by [`Reason`] (in `Reason::ALL` order).
     pub not_promoted: [AtomicU64; Reason::ALL.len()],
     pub lingering: AtomicU64,
 }
 
-/// A tunnel's two entries and its event subscription; removed on drop.
-struct Registration {
+/// A tunnel's two entries, its `tunnels` value and its event subscription;
+/// removed on drop unless handed over.
+pub struct Registration {
     shared: Arc<Shared>,
     keys: [PacketKey; 2],
     flow_id: u64,
+    /// Left in the maps for the next process.
+    handed_over: bool,
 }
 
 impl Registration {
     fn new(
         shared: &Arc<Shared>,
         addrs: &Addrs,
+        handover: &[u8],
     ) -> anyhow::Result<(Self, mpsc::UnboundedReceiver<PacketEvent>)> {
         let flow_id = shared.next_flow.fetch_add(1, Ordering::Relaxed);
         let keys = [
@@ -69,7 +79,11 @@ impl Registration {
             shared: shared.clone(),
             keys,
             flow_id,
+            handed_over: false,
         };
+        if let Some(tunnels) = &shared.tunnels {
+            tunnels.insert(flow_id, &HandoverValue::new(keys[0], handover))?;
+        }
         let ipv6 = !translate::is_ipv4(&addrs.client_peer);
         shared.kernel.insert(
             &keys[0],
@@ -80,6 +94,31 @@ impl Registration {
             translate::monitor_entry(flow_id, addrs.cookies[1], keys[0], ipv6),
         )?;
         Ok((registration, events))
+    }
+
+    /// The registration of a flow a previous process left in the maps
+    /// (`keys`: the client connection's entry first).
+    pub fn adopt(
+        shared: &Arc<Shared>,
+        keys: [PacketKey; 2],
+        flow_id: u64,
+    ) -> (Self, mpsc::UnboundedReceiver<PacketEvent>) {
+        let events = shared.kernel.subscribe(flow_id);
+        let registration = Self {
+            shared: shared.clone(),
+            keys,
+            flow_id,
+            handed_over: false,
+        };
+        (registration, events)
+    }
+
+    /// Whether the next process can take this tunnel over.
+    fn can_hand_over(&self) -> bool {
+        self.shared
+            .tunnels
+            .as_ref()
+            .is_some_and(|tunnels| tunnels.get(self.flow_id).is_some())
     }
 
     fn entries(&self) -> Option<[PacketEntry; 2]> {
@@ -95,20 +134,26 @@ impl Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
+        self.shared.kernel.unsubscribe(self.flow_id);
+        if self.handed_over {
+            return;
+        }
         for key in &self.keys {
             self.shared.kernel.remove(key);
         }
-        self.shared.kernel.unsubscribe(self.flow_id);
+        if let Some(tunnels) = &self.shared.tunnels {
+            tunnels.remove(self.flow_id);
+        }
     }
 }
 
 /// The four addresses of a tunnel and its two sockets' cookies.
-struct Addrs {
-    cookies: [u64; 2],
-    client_local: SocketAddr,
-    client_peer: SocketAddr,
-    upstream_local: SocketAddr,
-    upstream_peer: SocketAddr,
+pub struct Addrs {
+    pub cookies: [u64; 2],
+    pub client_local: SocketAddr,
+    pub client_peer: SocketAddr,
+    pub upstream_local: SocketAddr,
+    pub upstream_peer: SocketAddr,
 }
 
 fn addrs(client: &TcpStream, upstream: &TcpStream) -> std::io::Result<Addrs> {
@@ -131,14 +176,16 @@ pub async fn run_tunnel(shared: Arc<Shared>, tunnel: Tunnel) -> TunnelOutcome {
         upstream,
         limits,
         mut shutdown,
+        draining,
         progress,
+        handover,
         ..
     } = tunnel;
     let registered = match addrs(&client, &upstream) {
-        Ok(addrs) => Registration::new(&shared, &addrs).map(|r| (r, addrs)),
+        Ok(addrs) => Registration::new(&shared, &addrs, &handover).map(|r| (r, addrs)),
         Err(err) => Err(err.into()),
     };
-    let (registration, mut events, addrs) = match registered {
+    let (registration, events, addrs) = match registered {
         Ok(((registration, events), addrs)) => (Some(registration), Some(events), Some(addrs)),
         Err(err) => {
             log::warn!("packet: tunnel not registered ({err:#}); it stays on the splice pump");
@@ -256,6 +303,9 @@ pub async fn run_tunnel(shared: Arc<Shared>, tunnel: Tunnel) -> TunnelOutcome {
     let before = [up.get(), down.get()];
     shared.promoted.fetch_add(1, Ordering::Relaxed);
     progress.note_promotion(before);
+    if let Some(tunnels) = &shared.tunnels {
+        tunnels.promoted(registration.flow_id, before);
+    }
     log::debug!(
         "packet: tunnel promoted after {} + {} bytes ({} + {} of them forwarded by the cut-over; {}; from the threshold: qualified {:?}, held {:?}, translating {:?}): {:?}",
         before[0],
@@ -272,10 +322,60 @@ pub async fn run_tunnel(shared: Arc<Shared>, tunnel: Tunnel) -> TunnelOutcome {
         promoted.took,
         promoted.directions
     );
+    let addrs = addrs.expect("a registered tunnel has its addresses");
+    translated(Translated {
+        shared,
+        registration,
+        events,
+        shutdown,
+        draining,
+        clock,
+        progress,
+        before,
+        addrs,
+        sockets: Box::new((client, upstream)),
+    })
+    .await
+}
+
+/// A promoted tunnel, from the cut (or its adoption) to its end.
+pub struct Translated {
+    pub shared: Arc<Shared>,
+    pub registration: Registration,
+    pub events: Option<mpsc::UnboundedReceiver<PacketEvent>>,
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
+    pub draining: tokio::sync::watch::Receiver<bool>,
+    pub clock: LimitClock,
+    pub progress: crate::dataplane::Progress,
+    /// Bytes the socket plane moved before promotion.
+    pub before: [u64; 2],
+    pub addrs: Addrs,
+    /// The proxy's two sockets, in repair mode: they hold the 4-tuples until
+    /// the entries are gone.
+    pub sockets: Box<dyn Send>,
+}
+
+/// Follows a translated tunnel to its end, then lingers (or resets both
+/// endpoints, or hands the tunnel over).
+pub async fn translated(tunnel: Translated) -> TunnelOutcome {
+    let Translated {
+        shared,
+        mut registration,
+        mut events,
+        mut shutdown,
+        mut draining,
+        mut clock,
+        progress,
+        before,
+        addrs,
+        sockets,
+    } = tunnel;
+    let handover = registration.can_hand_over();
     let end = follow(
         &registration,
         events.as_mut(),
         &mut shutdown,
+        handover.then_some(&mut draining),
         &mut clock,
         &progress,
         before,
@@ -290,28 +390,43 @@ pub async fn run_tunnel(shared: Arc<Shared>, tunnel: Tunnel) -> TunnelOutcome {
         dataplane: PlaneKind::Packet,
         end,
     };
-    if matches!(
-        end,
-        TunnelEnd::Closed | TunnelEnd::ClientError | TunnelEnd::UpstreamError
-    ) {
-        // The endpoints may still retransmit a FIN or send a last ACK: keep
-        // translating a while; the sockets stay in repair mode until then.
-        shared.lingering.fetch_add(1, Ordering::Relaxed);
-        tokio::spawn(async move {
-            tokio::time::sleep(LINGER).await;
+    match end {
+        TunnelEnd::HandedOver => {
+            // The entries, the `tunnels` value and the pinned programs stay;
+            // the sockets go with the process (a repair-mode close sends
+            // nothing), which is exiting.
+            registration.handed_over = true;
+            std::mem::forget(sockets);
+        }
+        TunnelEnd::Closed | TunnelEnd::ClientError | TunnelEnd::UpstreamError => {
+            // Logged now: the next process must not log it again if this one
+            // stops during the linger.
+            if let Some(tunnels) = &shared.tunnels {
+                tunnels.remove(registration.flow_id);
+            }
+            // The endpoints may still retransmit a FIN or send a last ACK:
+            // keep translating a while; the sockets stay in repair mode until
+            // then.
+            shared.lingering.fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(async move {
+                tokio::time::sleep(LINGER).await;
+                drop(registration);
+                drop(sockets);
+                registration_gone(&shared);
+            });
+        }
+        _ => {
+            // A limit or shutdown: both endpoints get a RST now (see
+            // reset.rs), sent once the translation is gone so nothing it
+            // forwards can overtake it; with the entries and the repair-mode
+            // sockets gone, a segment either endpoint sends later gets one
+            // from this host too.
+            let last = registration.entries();
             drop(registration);
-            drop((client, upstream));
-            registration_gone(&shared);
-        });
-    } else {
-        // A limit or shutdown: both endpoints get a RST now (see reset.rs),
-        // sent once the translation is gone so nothing it forwards can
-        // overtake it; with the entries and the repair-mode sockets gone,
-        // a segment either endpoint sends later gets one from this host too.
-        let last = registration.entries();
-        drop(registration);
-        if let (Some([client_in, upstream_in]), Some(addrs)) = (last, addrs.as_ref()) {
-            reset_endpoints(addrs, &client_in, &upstream_in);
+            drop(sockets);
+            if let Some([client_in, upstream_in]) = last {
+                reset_endpoints(&addrs, &client_in, &upstream_in);
+            }
         }
     }
     outcome
@@ -355,7 +470,7 @@ fn registration_gone(shared: &Shared) {
 /// other. The RST and the last acknowledgement can reach user space in the
 /// same read of the entries; checked first, the RST made a complete tunnel
 /// look broken.
-fn flow_end(client: EntryEnd, upstream: EntryEnd) -> Option<TunnelEnd> {
+pub(super) fn flow_end(client: EntryEnd, upstream: EntryEnd) -> Option<TunnelEnd> {
     if client.peer_fin_acked && upstream.peer_fin_acked {
         Some(TunnelEnd::Closed)
     } else if client.reset {
@@ -368,11 +483,13 @@ fn flow_end(client: EntryEnd, upstream: EntryEnd) -> Option<TunnelEnd> {
 }
 
 /// Follows a translated flow until it ends: both FINs acknowledged, a RST, a
-/// limit or shutdown. Reports its bytes to `progress` as it goes.
+/// limit or shutdown, or (with `draining`) the proxy starts draining and the
+/// flow is handed over. Reports its bytes to `progress` as it goes.
 async fn follow(
     registration: &Registration,
     mut events: Option<&mut mpsc::UnboundedReceiver<PacketEvent>>,
     shutdown: &mut tokio::sync::watch::Receiver<bool>,
+    mut draining: Option<&mut tokio::sync::watch::Receiver<bool>>,
     clock: &mut LimitClock,
     progress: &crate::dataplane::Progress,
     before: [u64; 2],
@@ -403,6 +520,16 @@ async fn follow(
                 }
             }
             _ = shutdown.wait_for(|closing| *closing) => return TunnelEnd::Shutdown,
+            _ = async {
+                let drained = match draining.as_deref_mut() {
+                    Some(draining) => draining.wait_for(|draining| *draining).await.is_ok(),
+                    None => false,
+                };
+                // Without a sender (the control plane is gone) nothing drains.
+                if !drained {
+                    std::future::pending::<()>().await;
+                }
+            } => return TunnelEnd::HandedOver,
             () = tokio::time::sleep(wait) => {}
         }
     }

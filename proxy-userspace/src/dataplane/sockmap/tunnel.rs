@@ -72,6 +72,8 @@ pub async fn run(shared: Arc<Shared>, tunnel: Tunnel) -> TunnelOutcome {
         limits,
         shutdown,
         progress,
+        draining,
+        handover,
     } = tunnel;
     let hand_back = |client, upstream| Tunnel {
         client,
@@ -81,6 +83,8 @@ pub async fn run(shared: Arc<Shared>, tunnel: Tunnel) -> TunnelOutcome {
         limits,
         shutdown: shutdown.clone(),
         progress: progress.clone(),
+        draining: draining.clone(),
+        handover: handover.clone(),
     };
     let sockets = match Sockets::read(&client, &upstream) {
         Ok(sockets) => sockets,
