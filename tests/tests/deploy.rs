@@ -28,6 +28,7 @@ use std::{
 
 use serde_json::Value;
 use spliced_tests::{
+    bpffs::Bpffs,
     deploy::{self, CgroupMount, Outcome, PodRun},
     netns::Topology,
     open_tunnel,
@@ -1387,6 +1388,8 @@ struct Container {
     admin_port: Option<u16>,
     /// Holds the ConfigMap files.
     _config_dir: tempfile::TempDir,
+    /// The bpffs of the hostPath `/sys/fs/bpf` volume.
+    bpffs: Option<Bpffs>,
 }
 
 impl Container {
@@ -1422,6 +1425,7 @@ impl Container {
         let config_dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
         let mut mapped: Vec<(String, PathBuf)> = Vec::new();
         let mut empty_dirs = Vec::new();
+        let mut bpffs = None;
         for mount in container["volumeMounts"].as_array().unwrap() {
             let mount_path = mount["mountPath"].as_str().unwrap();
             let volume = pod_spec["volumes"]
@@ -1453,8 +1457,11 @@ impl Container {
                 empty_dirs.push(dir.clone());
                 mapped.push((mount_path.to_owned(), dir));
             } else if volume["hostPath"]["path"] == "/sys/fs/bpf" {
-                // The host's bpffs: spliced pins nothing there, so nothing to
-                // emulate.
+                // The host's bpffs: one of the test's own (the pod's pins
+                // must not land in the host's), bound onto the container's
+                // /sys/fs/bpf; paths under it stay as they are.
+                assert_eq!(mount_path, "/sys/fs/bpf", "{layout}");
+                bpffs = Some(Bpffs::mount());
             } else {
                 panic!("{layout}: volume {volume} is not emulated");
             }
@@ -1512,6 +1519,7 @@ impl Container {
             privileged,
             admin_port,
             _config_dir: config_dir,
+            bpffs,
         }
     }
 
@@ -1524,6 +1532,7 @@ impl Container {
             no_new_privs: self.no_new_privs,
             read_only_root: self.read_only_root,
             empty_dirs: self.empty_dirs.clone(),
+            bpffs: self.bpffs.as_ref().map(|bpffs| bpffs.path().to_owned()),
             cgroup: match node {
                 Node::CgroupV2 => CgroupMount::V2 {
                     read_only: !self.privileged,
@@ -1570,6 +1579,16 @@ fn pod_serves_as_specified(layout: &str) {
         "{layout}: the pod's capabilities must be enough for the eBPF data plane:\n{}",
         pod.stderr()
     );
+    if let Some(bpffs) = &container.bpffs {
+        // --packet-state-dir under the hostPath volume: the packet plane's
+        // maps are pinned on the node's bpffs.
+        let pinned = std::fs::read_dir(bpffs.path().join("spliced"))
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok)
+            .any(|part| part.path().join("flows").exists());
+        assert!(pinned, "{layout}: nothing pinned on the node's bpffs");
+    }
 
     let http_port = squid_facts(&read(&squid_conf_path())).http_port;
     let proxy = SocketAddr::from((pod_ip, http_port));

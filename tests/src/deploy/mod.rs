@@ -253,6 +253,9 @@ pub struct PodRun<'a> {
     pub empty_dirs: Vec<PathBuf>,
     /// What the runtime mounts at /sys/fs/cgroup.
     pub cgroup: CgroupMount,
+    /// The directory a bpffs (the host's `/sys/fs/bpf` of a hostPath volume)
+    /// is mounted on, bound onto the container's `/sys/fs/bpf`.
+    pub bpffs: Option<PathBuf>,
 }
 
 impl PodRun<'_> {
@@ -266,6 +269,9 @@ impl PodRun<'_> {
             script.push_str(&format!(
                 "mount -t cgroup2 -o {mode},nosuid,nodev,noexec cgroup2 /sys/fs/cgroup\n"
             ));
+        }
+        if let Some(bpffs) = &self.bpffs {
+            script.push_str(&format!("mount --bind '{}' /sys/fs/bpf\n", bpffs.display()));
         }
         for dir in &self.empty_dirs {
             assert!(
