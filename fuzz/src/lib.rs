@@ -19,7 +19,10 @@ use std::{
 use spliced::{
     connect_request::{parse_head, parse_target, Target},
     policy::PortSet,
-    squid::{self, BasicAuth, Decision, LocalTime, LogFields, LogFormat, RequestFacts, Weekday},
+    squid::{
+        self, BasicAuth, Decision, LocalTime, LogFields, LogFormat, RequestFacts, Step1, Step2,
+        Weekday,
+    },
 };
 
 /// What a fuzz target does with one input.
@@ -36,6 +39,7 @@ pub const TARGETS: &[(&str, Run)] = &[
     ("basic_auth", basic_auth),
     ("logformat", logformat),
     ("port_set", port_set),
+    ("client_hello", client_hello),
 ];
 
 /// `connect_request::parse_head` on raw client bytes; then `parse_target` on
@@ -265,6 +269,34 @@ fn check_config(text: &str, name: &Path) {
             "the rendered configuration decides {facts:?} differently\n--- rendered ---\n{rendered}"
         );
     }
+    // The TLS name policy: the rendered file peeks and judges alike (the
+    // rule locations in terminate details differ, so only the kinds count).
+    for facts in sample_requests() {
+        let step1 = RequestFacts { step: 1, ..facts };
+        let kind1 = |step: Step1| std::mem::discriminant(&step);
+        assert_eq!(
+            kind1(config.tls_step1(&step1)),
+            kind1(again.config.tls_step1(&step1)),
+            "the rendered configuration peeks {facts:?} differently\n--- rendered ---\n{rendered}"
+        );
+        for sni in [None, Some("www.example.com"), Some("other.example.org")] {
+            let step2 = RequestFacts {
+                step: 2,
+                sni,
+                ..facts
+            };
+            let kind2 = |step: Step2| match step {
+                Step2::Splice => "splice",
+                Step2::Terminate { reason, .. } => reason,
+            };
+            assert_eq!(
+                kind2(config.tls_step2(&step2, true)),
+                kind2(again.config.tls_step2(&step2, true)),
+                "the rendered configuration judges {facts:?} with SNI {sni:?} differently\n--- rendered ---\n{rendered}"
+            );
+            let _ = config.tunnels_unsupported(&step2);
+        }
+    }
     let _ = config.needs_destination();
     let _ = config.verify_basic(&basic("bob:password"));
 }
@@ -294,6 +326,8 @@ fn sample_requests() -> [RequestFacts<'static>; 4] {
             dst: Some(ip("93.184.216.34")),
             user: None,
             now: at(Weekday::Monday, 12, 30),
+            step: 0,
+            sni: None,
         },
         RequestFacts {
             client: ip("127.0.0.1"),
@@ -305,6 +339,8 @@ fn sample_requests() -> [RequestFacts<'static>; 4] {
             dst: Some(ip("::1")),
             user: Some("alice"),
             now: at(Weekday::Saturday, 3, 0),
+            step: 0,
+            sni: None,
         },
         RequestFacts {
             client: ip("2001:db8::1"),
@@ -316,6 +352,8 @@ fn sample_requests() -> [RequestFacts<'static>; 4] {
             dst: Some(ip("192.0.2.7")),
             user: Some("Bob"),
             now: at(Weekday::Wednesday, 18, 0),
+            step: 0,
+            sni: None,
         },
         RequestFacts {
             client: ip("::ffff:192.168.1.20"),
@@ -327,6 +365,8 @@ fn sample_requests() -> [RequestFacts<'static>; 4] {
             dst: None,
             user: Some(""),
             now: at(Weekday::Sunday, 23, 59),
+            step: 0,
+            sni: None,
         },
     ]
 }
@@ -556,4 +596,31 @@ pub fn port_set(data: &[u8]) {
         .unwrap_or_else(|err| panic!("{text:?} printed as {printed:?}, which fails: {err}"));
     assert_eq!(set, again, "{text:?} printed as {printed:?}");
     assert!(!set.contains(0), "{text:?} contains port 0");
+}
+
+/// `tls_peek::parse` on raw tunnel bytes: any server name it returns is
+/// lower-case ASCII, and a decision made on a prefix stands whatever follows
+/// (the proxy acts on it before the rest arrives).
+pub fn client_hello(data: &[u8]) {
+    use spliced::tls_peek::{parse, Peeked, MAX_CLIENT_HELLO};
+
+    let full = parse(data, MAX_CLIENT_HELLO);
+    if let Ok(Some(Peeked::Hello { sni: Some(sni) })) = &full {
+        assert!(
+            !sni.is_empty() && sni.bytes().all(|b| b.is_ascii() && !b.is_ascii_uppercase()),
+            "server name {sni:?} is not lower-case ASCII"
+        );
+    }
+    match parse(&data[..data.len() / 2], MAX_CLIENT_HELLO) {
+        Ok(None) => {}
+        Ok(Some(early)) => assert!(
+            matches!(&full, Ok(Some(late)) if *late == early),
+            "prefix decided {early:?}, the whole input {full:?}"
+        ),
+        Err(early) => assert!(
+            full.as_ref()
+                .is_err_and(|late| std::mem::discriminant(late) == std::mem::discriminant(&early)),
+            "prefix failed with {early:?}, the whole input gave {full:?}"
+        ),
+    }
 }

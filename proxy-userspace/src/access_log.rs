@@ -53,6 +53,10 @@ pub struct AccessRecord {
     /// promoted (absent when it was not).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bytes_before_promotion: Option<BytesBeforePromotion>,
+    /// The SNI of the client's ClientHello, when an `ssl_bump peek` (or
+    /// `sni_must_match_connect`) read it (`%ssl::>sni`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sni: Option<String>,
     /// How the tunnel or request ended, for operators (`closed`, `client_error`, …).
     pub end: String,
 }
@@ -109,6 +113,9 @@ impl LogFields for AccessRecord {
     }
     fn hierarchy(&self) -> &str {
         self.hierarchy
+    }
+    fn sni(&self) -> Option<&str> {
+        self.sni.as_deref()
     }
     fn mime_type(&self) -> Option<&str> {
         // Error answers carry a short text body; tunnels have no MIME type.
@@ -220,6 +227,7 @@ mod tests {
             bytes_from_client: 1000,
             dataplane: Some(PlaneKind::Sockmap),
             bytes_before_promotion: None,
+            sni: None,
             end: "closed".into(),
         }
     }

@@ -33,10 +33,11 @@ use crate::{
     dataplane::{DataPlane, Picked, Progress, Tunnel, TunnelEnd, TunnelLimits, TunnelOutcome},
     handover::HandoverRecord,
     metrics::Metrics,
+    peek,
     policy::Denial,
     settings::{Policy, Settings},
     sockopt,
-    squid::{Decision, LocalTime, RequestFacts},
+    squid::{Decision, LocalTime, RequestFacts, SquidConfig, Step1},
     upstream,
 };
 
@@ -88,6 +89,9 @@ struct Refusal {
     /// The access rule that denied the request, for metrics: `FILE:LINE`,
     /// `implicit` or `builtin:REASON`.
     rule: Option<String>,
+    /// The `200` was sent before the refusal (the TLS name policy closes a
+    /// tunnel after it): nothing more is answered.
+    answered: bool,
 }
 
 impl Refusal {
@@ -98,6 +102,7 @@ impl Refusal {
             reason: reason.into(),
             headers: String::new(),
             rule: None,
+            answered: false,
         }
     }
 
@@ -361,6 +366,7 @@ impl ControlPlane {
             bytes_from_client: 0,
             dataplane: None,
             bytes_before_promotion: None,
+            sni: None,
             end: String::new(),
         };
         let mut closing = self.closing.subscribe();
@@ -434,6 +440,10 @@ impl ControlPlane {
             Err(refusal) => {
                 record.result = refusal.result;
                 record.end = refusal.reason.clone();
+                if refusal.answered {
+                    record.status = 200;
+                    record.bytes_to_client = CONNECT_OK.len() as u64;
+                }
                 if let Some(rule) = &refusal.rule {
                     self.metrics.acl_denied(rule);
                 }
@@ -570,6 +580,21 @@ impl ControlPlane {
         }
         let write_upstream =
             |err: io::Error| Refusal::new(502, format!("writing pipelined bytes upstream: {err}"));
+        if let Some(squid) = judge.tls_policy() {
+            let facts = judge.facts(Some(upstream_addr.ip()), 1);
+            match squid.tls_step1(&facts) {
+                Step1::Splice => {}
+                Step1::Terminate(rule) => {
+                    self.metrics.tls_refused("terminate");
+                    return Err(Refusal::denied(403, format!("terminated by {rule}")));
+                }
+                Step1::Peek => {
+                    return self
+                        .peek_then_open(settings, squid, &facts, client, upstream, &head, record)
+                        .await;
+                }
+            }
+        }
         if !head.pipelined.is_empty() {
             upstream
                 .write_all(&head.pipelined)
@@ -590,6 +615,54 @@ impl ControlPlane {
             return Err(Refusal::new(0, format!("client gone before 200: {err}")));
         }
         let pipelined = head.pipelined.len() as u64 + queued.bytes;
+        Ok(OpenedTunnel {
+            upstream,
+            pipelined,
+            client_bytes_consumed: head.head_len as u64 + pipelined,
+            client_queue_clean: queued.clean,
+        })
+    }
+}
+
+impl ControlPlane {
+    /// A tunnel under a peek rule: the `200` first (a TLS client sends its
+    /// ClientHello only then), the ClientHello read (with what the client
+    /// pipelined behind its head), step 2 decided; on `splice` every byte read
+    /// goes upstream and the tunnel is open, on `terminate` nothing has.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one call site, all borrowed from it"
+    )]
+    async fn peek_then_open(
+        &self,
+        settings: &Settings,
+        squid: &SquidConfig,
+        facts: &RequestFacts<'_>,
+        client: &mut TcpStream,
+        mut upstream: TcpStream,
+        head: &RequestHead,
+        record: &mut AccessRecord,
+    ) -> Result<OpenedTunnel, Refusal> {
+        if let Err(err) = client.write_all(CONNECT_OK).await {
+            return Err(Refusal::new(0, format!("client gone before 200: {err}")));
+        }
+        let mut read = head.pipelined.clone();
+        let peeked = peek::run(squid, facts, client, &mut read, settings.request_timeout).await;
+        record.sni.clone_from(&peeked.sni);
+        if let peek::Verdict::Terminate { reason, detail } = peeked.verdict {
+            self.metrics.tls_refused(reason);
+            return Err(Refusal {
+                answered: true,
+                ..Refusal::denied(0, format!("{reason}: {detail}"))
+            });
+        }
+        let write_upstream =
+            |err: io::Error| Refusal::new(0, format!("writing the ClientHello upstream: {err}"));
+        upstream.write_all(&read).await.map_err(write_upstream)?;
+        let queued = forward_queued_bytes(client, &mut upstream)
+            .await
+            .map_err(write_upstream)?;
+        let pipelined = read.len() as u64 + queued.bytes;
         Ok(OpenedTunnel {
             upstream,
             pipelined,
@@ -647,6 +720,32 @@ impl<'a> Judge<'a> {
         matches!(self.policy, Policy::Squid(squid) if squid.needs_destination())
     }
 
+    /// What the squid.conf rules look at, at SslBump `step` (0 for
+    /// `http_access`).
+    fn facts(&self, dst: Option<IpAddr>, step: u8) -> RequestFacts<'_> {
+        RequestFacts {
+            client: self.client,
+            local_ip: self.local.map(|l| l.ip()),
+            local_port: self.local.map_or(0, |l| l.port()),
+            method: self.method,
+            host: &self.host,
+            port: self.port,
+            dst,
+            user: self.user.as_deref(),
+            now: LocalTime::now(),
+            step,
+            sni: None,
+        }
+    }
+
+    /// The squid.conf in force if it has a TLS name policy.
+    fn tls_policy(&self) -> Option<&SquidConfig> {
+        match self.policy {
+            Policy::Squid(squid) if squid.peeks() => Some(squid),
+            _ => None,
+        }
+    }
+
     /// Decides with `dst` the address about to be connected to (`None` before
     /// resolution: `dst` ACLs then do not match, as in Squid).
     fn decide(&self, dst: Option<IpAddr>) -> Result<(), Refusal> {
@@ -662,18 +761,7 @@ impl<'a> Judge<'a> {
                 }
             }),
             Policy::Squid(squid) => {
-                let facts = RequestFacts {
-                    client: self.client,
-                    local_ip: self.local.map(|l| l.ip()),
-                    local_port: self.local.map_or(0, |l| l.port()),
-                    method: self.method,
-                    host: &self.host,
-                    port: self.port,
-                    dst,
-                    user: self.user.as_deref(),
-                    now: LocalTime::now(),
-                };
-                let decision = squid.decide(&facts);
+                let decision = squid.decide(&self.facts(dst, 0));
                 match decision {
                     Decision::Allow => Ok(()),
                     // Before resolution a denial that a destination could lift is

@@ -43,6 +43,9 @@ pub struct HandoverRecord {
     /// Bytes received from the client after the head, before the data plane
     /// took the tunnel (pipelined).
     pub pipelined: u64,
+    /// See [`AccessRecord::sni`].
+    #[serde(default)]
+    pub sni: Option<String>,
 }
 
 /// Hierarchy codes as the access record spells them.
@@ -60,6 +63,7 @@ impl HandoverRecord {
             upstream: record.upstream,
             user: record.user.clone(),
             pipelined,
+            sni: record.sni.clone(),
         }
     }
 
@@ -80,6 +84,7 @@ impl HandoverRecord {
             upstream: Some(adopted.upstream),
             user: None,
             pipelined: 0,
+            sni: None,
         })
     }
 
@@ -108,6 +113,7 @@ impl HandoverRecord {
             bytes_from_client: self.pipelined,
             dataplane: Some(PlaneKind::Packet),
             bytes_before_promotion: None,
+            sni: self.sni.clone(),
             end: String::new(),
         }
     }
@@ -183,6 +189,7 @@ mod tests {
             upstream: Some("203.0.113.5:443".parse().unwrap()),
             user: Some("alice".into()),
             pipelined: 517,
+            sni: Some("example.com".into()),
         };
         let adopted = |handover: Vec<u8>| AdoptedTunnel {
             handover,

@@ -7,7 +7,9 @@
 //!   sockmap (eBPF), splice(2) and copy implementations;
 //! * [`access_log`] — Squid-style and JSON access log records;
 //! * [`handover`] — tunnels handed from one process to the next (packet plane);
+//! * [`peek`] — the TLS name policy's ClientHello step (`ssl_bump`);
 //! * [`squid`] — a `squid.conf` subset reader and Squid's `http_access` semantics;
+//! * [`tls_peek`] — the SNI of a tunnel's TLS ClientHello, read without decrypting;
 //! * [`admin`] and [`metrics`] — the `--admin` HTTP listener (health, readiness,
 //!   Prometheus metrics).
 
@@ -19,8 +21,10 @@ pub mod control;
 pub mod dataplane;
 pub mod handover;
 pub mod metrics;
+pub mod peek;
 pub mod policy;
 pub mod settings;
 pub mod sockopt;
 pub mod squid;
+pub mod tls_peek;
 pub mod upstream;

@@ -90,6 +90,7 @@ pub struct Metrics {
     plane_bytes: [[Counter; 2]; 4],
     connect_duration: Histogram,
     acl_denials: Family<RuleLabels, Counter>,
+    tls_refusals: Family<ReasonLabels, Counter>,
     upstream_connect_errors: Family<KindLabels, Counter>,
     dns_duration: Histogram,
     config_reloads: Family<ResultLabels, Counter>,
@@ -156,6 +157,12 @@ impl Metrics {
             "Requests denied (403), by the rule that denied them: FILE:LINE, implicit or builtin:REASON",
             acl_denials.clone(),
         );
+        let tls_refusals = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "tls_refusals",
+            "Tunnels closed by the TLS name policy after peeking at their first bytes, by reason: terminate (an ssl_bump rule), sni_mismatch (sni_must_match_connect), not_tls, timeout, too_large, malformed, closed_early, io",
+            tls_refusals.clone(),
+        );
         let upstream_connect_errors = Family::<KindLabels, Counter>::default();
         registry.register(
             "upstream_connect_errors",
@@ -199,6 +206,7 @@ impl Metrics {
             plane_bytes,
             connect_duration,
             acl_denials,
+            tls_refusals,
             upstream_connect_errors,
             dns_duration,
             config_reloads,
@@ -265,6 +273,13 @@ impl Metrics {
             .get_or_create(&RuleLabels {
                 rule: rule.to_owned(),
             })
+            .inc();
+    }
+
+    /// The TLS name policy closed a tunnel for `reason`.
+    pub fn tls_refused(&self, reason: &'static str) {
+        self.tls_refusals
+            .get_or_create(&ReasonLabels { reason })
             .inc();
     }
 

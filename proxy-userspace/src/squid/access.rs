@@ -136,6 +136,12 @@ pub struct RequestFacts<'a> {
     pub user: Option<&'a str>,
     /// The local time (`time`).
     pub now: LocalTime,
+    /// The SslBump step being decided (`at_step`): 1 before the tunnel's
+    /// first byte, 2 with its ClientHello read; 0 for `http_access`.
+    pub step: u8,
+    /// The ClientHello's SNI, once read (`ssl::server_name` matches it, and
+    /// the CONNECT host before).
+    pub sni: Option<&'a str>,
 }
 
 /// The answer of the `http_access` rules.
@@ -225,7 +231,7 @@ enum Verdict {
 }
 
 /// Request facts prepared once for all rules.
-struct Prepared<'a> {
+pub(super) struct Prepared<'a> {
     facts: &'a RequestFacts<'a>,
     client: IpAddr,
     dst: Option<IpAddr>,
@@ -235,10 +241,13 @@ struct Prepared<'a> {
     host_is_ip: bool,
     /// `host:port`, IPv6 hosts in brackets.
     url: String,
+    /// What `ssl::server_name` matches: the SNI, else the host (lower case,
+    /// no trailing dot).
+    server_name: String,
 }
 
 impl<'a> Prepared<'a> {
-    fn new(facts: &'a RequestFacts<'a>) -> Self {
+    pub(super) fn new(facts: &'a RequestFacts<'a>) -> Self {
         let bare = facts.host.trim_start_matches('[').trim_end_matches(']');
         let host = bare.strip_suffix('.').unwrap_or(bare).to_ascii_lowercase();
         let literal = host.parse::<IpAddr>().ok();
@@ -246,8 +255,13 @@ impl<'a> Prepared<'a> {
             Some(IpAddr::V6(_)) => format!("[{host}]:{}", facts.port),
             _ => format!("{host}:{}", facts.port),
         };
+        let server_name = match facts.sni {
+            Some(sni) => sni.strip_suffix('.').unwrap_or(sni).to_ascii_lowercase(),
+            None => host.clone(),
+        };
         Self {
             facts,
+            server_name,
             client: canonical_ip(facts.client),
             dst: facts.dst.map(canonical_ip),
             local_ip: facts.local_ip.map(canonical_ip),
@@ -331,6 +345,13 @@ fn evaluate(acl: &Acl, request: &Prepared<'_>) -> Verdict {
             None => Verdict::NeedAuth,
             Some(user) => verdict(patterns.iter().any(|pattern| pattern.regex.is_match(user))),
         },
+        AclKind::AtStep(steps) => verdict(steps.contains(&facts.step)),
+        AclKind::ServerName(set) => verdict(set.matches(&request.server_name)),
+        AclKind::ServerNameRegex(patterns) => verdict(
+            patterns
+                .iter()
+                .any(|pattern| pattern.regex.is_match(&request.server_name)),
+        ),
         // Cache manager requests are never CONNECT requests; unsupported types
         // cannot be on an http_access line (the parser refuses them).
         AclKind::Manager | AclKind::Unsupported { .. } => Verdict::Mismatch,
@@ -345,21 +366,10 @@ impl SquidConfig {
     pub fn decide(&self, facts: &RequestFacts<'_>) -> Decision {
         let request = Prepared::new(facts);
         for rule in &self.rules {
-            let mut matched = true;
-            for acl_ref in &rule.acls {
-                let acl = &self.acls[acl_ref.index];
-                let hit = match evaluate(acl, &request) {
-                    Verdict::NeedAuth => return Decision::AuthRequired,
-                    Verdict::Match => !acl_ref.negated,
-                    Verdict::Mismatch => acl_ref.negated,
-                };
-                if !hit {
-                    matched = false;
-                    break;
-                }
-            }
-            if !matched {
-                continue;
+            match self.acls_match(&rule.acls, &request) {
+                None => return Decision::AuthRequired,
+                Some(false) => continue,
+                Some(true) => {}
             }
             if rule.allow {
                 return Decision::Allow;
@@ -395,6 +405,22 @@ impl SquidConfig {
             },
             Some(_) => Decision::Allow,
         }
+    }
+
+    /// Whether every ACL of a line matches, left to right; `None` when a
+    /// `proxy_auth` ACL is reached without an authenticated user.
+    pub(super) fn acls_match(&self, acls: &[AclRef], request: &Prepared<'_>) -> Option<bool> {
+        for acl_ref in acls {
+            let hit = match evaluate(&self.acls[acl_ref.index], request) {
+                Verdict::NeedAuth => return None,
+                Verdict::Match => !acl_ref.negated,
+                Verdict::Mismatch => acl_ref.negated,
+            };
+            if !hit {
+                return Some(false);
+            }
+        }
+        Some(true)
     }
 
     /// Whether any `http_access` line uses a `dst`-type ACL (`dst`,

@@ -58,6 +58,14 @@ pub(super) enum AclKind {
     ProxyAuth(UserList),
     /// `proxy_auth_regex`.
     ProxyAuthRegex(Vec<Pattern>),
+    /// `at_step`: the SslBump step being decided (1: the CONNECT, 2: the
+    /// client's ClientHello peeked); spliced has no step 3.
+    AtStep(Vec<u8>),
+    /// `ssl::server_name`: the ClientHello's SNI once peeked, else the
+    /// CONNECT host; `dstdomain` syntax.
+    ServerName(DomainSet),
+    /// `ssl::server_name_regex`: the same name, by regular expression.
+    ServerNameRegex(Vec<Pattern>),
     /// The predefined `manager`: cache manager URLs, never a CONNECT request.
     Manager,
     /// A Squid type spliced does not evaluate.
@@ -154,6 +162,19 @@ impl DomainSet {
         self.exact.contains(host) || self.covering(host).is_some()
     }
 
+    /// Whether one entry matches both `a` and `b` (lower case, without
+    /// trailing dots): `a` itself written without a dot and `b == a`, or a
+    /// `.domain` entry that is a parent of (or equal to) both.
+    pub fn covers_both(&self, a: &str, b: &str) -> bool {
+        if a == b && self.exact.contains(a) {
+            return true;
+        }
+        std::iter::once(a)
+            .chain(a.match_indices('.').map(|(at, _)| &a[at + 1..]))
+            .filter(|suffix| self.subtree.contains(*suffix))
+            .any(|suffix| b == suffix || b.ends_with(&format!(".{suffix}")))
+    }
+
     /// The `.domain` entry that covers `name`: the name itself or a parent.
     fn covering<'a>(&self, name: &'a str) -> Option<&'a str> {
         std::iter::once(name)
@@ -193,7 +214,7 @@ pub(super) enum TypeInfo {
 const WHY_NO_PATH: &str = "a CONNECT request has no URL path or query; its URL is only host:port";
 const WHY_NO_REPLY: &str = "a tunnel has no HTTP reply to inspect";
 const WHY_NO_TLS: &str =
-    "spliced never looks inside the TLS inside a tunnel (no SslBump), so there is no TLS state to match";
+    "spliced never decrypts and never sees a certificate (it peeks at the ClientHello only), so there is no TLS state to match";
 const WHY_NO_PEERS: &str = "spliced always connects directly; there are no cache peers";
 const WHY_NO_HEADERS: &str =
     "spliced does not keep request headers for access checks; use dstdomain, port, src and proxy_auth";
@@ -224,13 +245,13 @@ pub(super) fn type_info(name: &str) -> Option<TypeInfo> {
         "proxy_auth_regex" => S("proxy_auth_regex"),
         "urlpath_regex" | "urllogin" => U(WHY_NO_PATH),
         "rep_header" | "rep_mime_type" | "http_status" => U(WHY_NO_REPLY),
-        "ssl::server_name"
-        | "ssl::server_name_regex"
-        | "ssl_error"
+        "at_step" => S("at_step"),
+        "ssl::server_name" => S("ssl::server_name"),
+        "ssl::server_name_regex" => S("ssl::server_name_regex"),
+        "ssl_error"
         | "server_cert_fingerprint"
         | "user_cert"
         | "ca_cert"
-        | "at_step"
         | "ssl::certHasExpired"
         | "connections_encrypted" => U(WHY_NO_TLS),
         "peername" | "peername_regex" | "hier_code" => U(WHY_NO_PEERS),
@@ -280,6 +301,9 @@ impl AclKind {
                 ignore_case: false,
             }),
             "proxy_auth_regex" => Self::ProxyAuthRegex(Vec::new()),
+            "at_step" => Self::AtStep(Vec::new()),
+            "ssl::server_name" => Self::ServerName(DomainSet::default()),
+            "ssl::server_name_regex" => Self::ServerNameRegex(Vec::new()),
             other => Self::Unsupported {
                 type_name: other.to_owned(),
                 reason: WHY_NOT_YET,
@@ -303,6 +327,9 @@ impl AclKind {
             Self::Time(_) => "time",
             Self::ProxyAuth(_) => "proxy_auth",
             Self::ProxyAuthRegex(_) => "proxy_auth_regex",
+            Self::AtStep(_) => "at_step",
+            Self::ServerName(_) => "ssl::server_name",
+            Self::ServerNameRegex(_) => "ssl::server_name_regex",
             Self::Manager => "manager",
             Self::Unsupported { type_name, .. } => type_name,
         }
@@ -317,8 +344,12 @@ impl AclKind {
     pub fn len(&self) -> usize {
         match self {
             Self::Src(v) | Self::LocalIp(v) | Self::Dst { ranges: v, .. } => v.len(),
-            Self::DstDomain(set) => set.list.len(),
-            Self::DstDomRegex(v) | Self::UrlRegex(v) | Self::ProxyAuthRegex(v) => v.len(),
+            Self::DstDomain(set) | Self::ServerName(set) => set.list.len(),
+            Self::DstDomRegex(v)
+            | Self::UrlRegex(v)
+            | Self::ProxyAuthRegex(v)
+            | Self::ServerNameRegex(v) => v.len(),
+            Self::AtStep(v) => v.len(),
             Self::Port(v) | Self::LocalPort(v) => v.len(),
             Self::Method(v) | Self::Proto(v) => v.len(),
             Self::Time(v) => v.len(),
@@ -331,7 +362,9 @@ impl AclKind {
     fn accepts_flag(&self, flag: &str) -> bool {
         matches!(
             (self, flag),
-            (Self::Dst { .. } | Self::DstDomain(_), "-n") | (Self::ProxyAuth(_), "-i")
+            (Self::Dst { .. } | Self::DstDomain(_), "-n")
+                | (Self::ProxyAuth(_), "-i")
+                | (Self::ServerName(_), "--client-requested")
         )
     }
 
@@ -339,7 +372,10 @@ impl AclKind {
     fn is_regex(&self) -> bool {
         matches!(
             self,
-            Self::DstDomRegex(_) | Self::UrlRegex(_) | Self::ProxyAuthRegex(_)
+            Self::DstDomRegex(_)
+                | Self::UrlRegex(_)
+                | Self::ProxyAuthRegex(_)
+                | Self::ServerNameRegex(_)
         )
     }
 
@@ -362,6 +398,14 @@ impl AclKind {
                     break;
                 }
                 if !self.accepts_flag(word) {
+                    if matches!(self, Self::ServerName(_))
+                        && ["--server-provided", "--consensus"].contains(&word.as_str())
+                    {
+                        return Err(loc.diag(
+                            "spliced never sees the server's certificate: only the name the client requested (--client-requested) can be matched",
+                            word,
+                        ));
+                    }
                     return Err(loc.diag(
                         format!("unknown flag for ACL type {}", self.type_name()),
                         word,
@@ -389,7 +433,24 @@ impl AclKind {
                     }
                     ranges.extend(parsed);
                 }
-                Self::DstDomain(set) => {
+                Self::AtStep(steps) => {
+                    let step = match word.as_str() {
+                        "SslBump1" => 1,
+                        "SslBump2" => 2,
+                        "SslBump3" => {
+                            return Err(bad(
+                                "spliced decides at SslBump1 and SslBump2 only: it never peeks at the server's TLS"
+                                    .into(),
+                            ))
+                        }
+                        "GeneratingCONNECT" => {
+                            return Err(bad("spliced never generates CONNECT requests".into()))
+                        }
+                        _ => return Err(bad("expected SslBump1 or SslBump2".into())),
+                    };
+                    steps.push(step);
+                }
+                Self::DstDomain(set) | Self::ServerName(set) => {
                     if let Some(other) = set.insert(parse_domain(word).map_err(bad)?) {
                         warnings.push(loc.diag(
                             format!(
@@ -402,7 +463,8 @@ impl AclKind {
                 }
                 Self::DstDomRegex(patterns)
                 | Self::UrlRegex(patterns)
-                | Self::ProxyAuthRegex(patterns) => match word.as_str() {
+                | Self::ProxyAuthRegex(patterns)
+                | Self::ServerNameRegex(patterns) => match word.as_str() {
                     "-i" => {
                         ignore_case = true;
                         count -= 1;
@@ -482,10 +544,16 @@ impl AclKind {
                 }
                 out.extend(ranges.iter().skip(skip).map(IpRange::to_string));
             }
-            Self::DstDomain(set) => out.extend(set.list.iter().skip(skip).map(Domain::to_string)),
+            Self::DstDomain(set) | Self::ServerName(set) => {
+                out.extend(set.list.iter().skip(skip).map(Domain::to_string))
+            }
+            Self::AtStep(steps) => {
+                out.extend(steps.iter().skip(skip).map(|step| format!("SslBump{step}")))
+            }
             Self::DstDomRegex(patterns)
             | Self::UrlRegex(patterns)
-            | Self::ProxyAuthRegex(patterns) => {
+            | Self::ProxyAuthRegex(patterns)
+            | Self::ServerNameRegex(patterns) => {
                 let mut ignore_case = false;
                 for pattern in patterns.iter().skip(skip) {
                     if pattern.ignore_case != ignore_case {

@@ -62,6 +62,11 @@ pub trait LogFields {
     fn request_header(&self, _name: &str) -> Option<&str> {
         None
     }
+    /// The SNI of the client's ClientHello, when a peek rule read it
+    /// (`%ssl::>sni`); none by default.
+    fn sni(&self) -> Option<&str> {
+        None
+    }
 }
 
 /// A named log format: its specification and the parsed items.
@@ -133,11 +138,13 @@ enum Code {
     Hierarchy,
     MimeType,
     RequestHeader,
+    Sni,
     Percent,
 }
 
 /// Codes, longest first where one is a prefix of another.
 const CODES: &[(&str, Code)] = &[
+    ("ssl::>sni", Code::Sni),
     (">Hs", Code::Status),
     (">st", Code::BytesFromClient),
     ("<st", Code::BytesToClient),
@@ -417,6 +424,7 @@ impl Field {
             Code::RequestHeader => rec
                 .request_header(self.arg.as_deref().unwrap_or_default())?
                 .to_owned(),
+            Code::Sni => rec.sni()?.to_owned(),
             Code::Percent => "%".to_owned(),
         })
     }

@@ -28,8 +28,14 @@
 //! # Directives
 //! Supported:
 //! * `http_port [ADDR:]PORT [name=NAME]`, repeatable: `3128`, `127.0.0.1:3128`,
-//!   `[::1]:3128`. `name=` is the only option accepted; every other Squid option
-//!   (`intercept`, `tproxy`, `accel`, `ssl-bump`, `tcpkeepalive`, …) is an error.
+//!   `[::1]:3128`. `ssl-bump` and its certificate options (`cert=`,
+//!   `generate-host-certificates`, …) are accepted with a warning (peeking
+//!   needs no certificate); every other Squid option (`intercept`, `tproxy`,
+//!   `accel`, `tcpkeepalive`, …) is an error.
+//! * `ssl_bump peek|splice|terminate ACL…`, `on_unsupported_protocol
+//!   tunnel|respond ACL…` and spliced's `sni_must_match_connect
+//!   exact|same_dstdomain|off`: the TLS name policy (see `ssl_bump.rs`).
+//!   `ssl_bump bump|stare` are errors: spliced never decrypts.
 //! * `acl NAME TYPE [FLAGS] VALUE…` (repeated lines with one name and type
 //!   append; see [ACL types](#acl-types)).
 //! * `http_access allow|deny [!]ACL…`.
@@ -62,7 +68,7 @@
 //! The full list, with the reason each is ignored, is in `parse.rs`.
 //!
 //! Errors: unknown directives; directives whose loss would change what the proxy
-//! lets through or where it connects (`https_port`, `ssl_bump`, `cache_peer`,
+//! lets through or where it connects (`https_port`, `cache_peer`,
 //! `tcp_outgoing_address`, `follow_x_forwarded_for`, `delay_pools`,
 //! `url_rewrite_program`, ICAP/eCAP, `if` conditionals, …); bad values; ACL
 //! names used by `http_access` before they are defined.
@@ -89,6 +95,10 @@
 //! * `time [DAYS] [HH:MM-HH:MM]…`, days `SMTWHFA` (and `D` for Monday to
 //!   Friday), both ends inclusive, evaluated in [`RequestFacts::now`].
 //! * `proxy_auth [-i] REQUIRED|USER…`, `proxy_auth_regex`.
+//! * `at_step SslBump1|SslBump2` (no `SslBump3`: the server's hello is never
+//!   read), `ssl::server_name [--client-requested]` (`dstdomain` syntax) and
+//!   `ssl::server_name_regex`: the ClientHello's SNI once an `ssl_bump peek`
+//!   read it, else the CONNECT host.
 //! * Predefined: `all`, `localhost` (127.0.0.1/32 ::1), `to_localhost`
 //!   (127.0.0.0/8 0.0.0.0/32 ::/128 ::1/128), `to_linklocal` (169.254.0.0/16
 //!   fe80::/10), `CONNECT` (method CONNECT) and `manager` (Squid's cache manager
@@ -97,7 +107,7 @@
 //!   `acl manager proto cache_object` is ignored with a warning.
 //!
 //! Squid types that mean nothing for a tunnel (`urlpath_regex`, `rep_header`,
-//! `ssl::server_name`, `peername`, …) or that spliced does not evaluate
+//! `ssl_error`, `peername`, …) or that spliced does not evaluate
 //! (`browser`, `req_header`, `srcdomain`, `external`, `maxconn`, …) may be
 //! defined — with a warning, so that Squid configurations that only use them in
 //! ignored directives still load — but an `http_access` line that uses one is an
@@ -119,6 +129,7 @@ mod logformat;
 mod parse;
 mod reader;
 mod render;
+mod ssl_bump;
 #[cfg(test)]
 mod tests;
 
@@ -133,6 +144,7 @@ use std::{
 pub use access::{Decision, LocalTime, RequestFacts, Weekday};
 pub use auth::BasicAuth;
 pub use logformat::{LogFields, LogFormat};
+pub use ssl_bump::{BumpAction, SniCheck, Step1, Step2};
 
 use access::AccessRule;
 use acl::Acl;
@@ -287,6 +299,8 @@ pub struct SquidConfig {
     acls: Vec<Acl>,
     /// The `http_access` lines, in order.
     rules: Vec<AccessRule>,
+    /// `ssl_bump`, `on_unsupported_protocol`, `sni_must_match_connect`.
+    tls: ssl_bump::TlsPolicy,
 }
 
 /// Reads the configuration file at `path`, following its `include`s.

@@ -8,6 +8,7 @@ use super::{
     acl::{self, Acl, AclKind, TypeInfo},
     auth::{self, BasicAuth},
     reader::{read_value_file, resolve, rest_after, tokenize, Loc, Reader, SourceLine, Token},
+    ssl_bump::{BumpAction, SniCheck, TlsRule},
     AccessLogTarget, ConfigError, Diagnostic, HttpPort, LoadedConfig, LogFormat, SquidConfig,
     Timeouts,
 };
@@ -29,6 +30,8 @@ const WHY_NO_TLS_ORIGIN: &str = "spliced never originates TLS; tunnels carry the
 const WHY_HELPER_DEF: &str =
     "spliced runs no helper programs, so ACLs of type external cannot be used in http_access";
 const WHY_NO_MGR: &str = "spliced has no cache manager";
+const WHY_NO_CERTS: &str =
+    "spliced never decrypts (ssl_bump peeks at the ClientHello only), so it makes and checks no certificates";
 
 /// Directives accepted with a warning, and why they have no effect.
 const IGNORED: &[(&str, &str)] = &[
@@ -157,6 +160,8 @@ const IGNORED: &[(&str, &str)] = &[
     ("ftp_passive", WHY_FTP),
     ("ftp_sanitycheck", WHY_FTP),
     ("tls_outgoing_options", WHY_NO_TLS_ORIGIN),
+    ("sslcrtd_program", WHY_NO_CERTS),
+    ("sslcrtd_children", WHY_NO_CERTS),
     ("external_acl_type", WHY_HELPER_DEF),
 ];
 
@@ -165,22 +170,6 @@ const UNSUPPORTED: &[(&str, &str)] = &[
     (
         "https_port",
         "TLS towards clients is not supported; use http_port",
-    ),
-    (
-        "ssl_bump",
-        "spliced never looks inside tunnels (no SslBump)",
-    ),
-    (
-        "sslcrtd_program",
-        "spliced never looks inside tunnels (no SslBump)",
-    ),
-    (
-        "sslcrtd_children",
-        "spliced never looks inside tunnels (no SslBump)",
-    ),
-    (
-        "sslproxy_cert_error",
-        "spliced never looks inside tunnels (no SslBump)",
     ),
     (
         "cache_peer",
@@ -262,7 +251,28 @@ const UNSUPPORTED: &[(&str, &str)] = &[
 ];
 
 /// `http_port` options that select a mode spliced does not have.
-const PORT_MODES: &[&str] = &["intercept", "transparent", "tproxy", "accel", "ssl-bump"];
+const PORT_MODES: &[&str] = &["intercept", "transparent", "tproxy", "accel"];
+
+/// `http_port` options of SslBump's certificate generation: accepted with a
+/// warning (peek and splice need no certificate).
+const PORT_CERT_OPTIONS: &[&str] = &[
+    "cert=",
+    "key=",
+    "tls-cert=",
+    "tls-key=",
+    "generate-host-certificates",
+    "dynamic_cert_mem_cache_size=",
+    "tls-dh=",
+    "dhparams=",
+    "cafile=",
+    "tls-cafile=",
+    "capath=",
+    "options=",
+    "tls-options=",
+    "sslflags=",
+    "tls-default-ca",
+    "cipher=",
+];
 
 /// Parses what the reader collected.
 pub(super) fn parse(reader: Reader) -> Result<LoadedConfig, ConfigError> {
@@ -314,6 +324,7 @@ impl Parser {
                 auth: None,
                 acls,
                 rules: Vec::new(),
+                tls: Default::default(),
             },
             warnings,
             acl_names,
@@ -337,6 +348,15 @@ impl Parser {
             "http_port" => self.http_port(line, args),
             "acl" => self.acl(line, args),
             "http_access" => self.http_access(line, args),
+            "ssl_bump" | "on_unsupported_protocol" => self.tls_rule(line, args, directive),
+            "sni_must_match_connect" => {
+                let [value] = args else {
+                    return Err(loc.diag("expected exact, same_dstdomain or off", &line.text));
+                };
+                self.config.tls.sni_check =
+                    SniCheck::parse(value.text()).map_err(|why| loc.diag(why, value.text()))?;
+                Ok(())
+            }
             "access_log" => self.access_log(line, args),
             "connect_timeout" | "read_timeout" | "client_lifetime" | "request_timeout"
             | "shutdown_lifetime" | "dns_timeout" => {
@@ -391,10 +411,11 @@ impl Parser {
                 {
                     Err(loc.diag(format!("directive not supported: {why}"), &line.text))
                 } else if directive.starts_with("sslproxy_") {
-                    Err(loc.diag(
-                        "directive not supported: spliced never looks inside tunnels (no SslBump)",
+                    self.warnings.push(loc.diag(
+                        format!("directive has no effect in spliced ({WHY_NO_CERTS}); ignored"),
                         &line.text,
-                    ))
+                    ));
+                    Ok(())
                 } else {
                     Err(loc.diag("unknown directive", &line.text))
                 }
@@ -436,6 +457,15 @@ impl Parser {
             let option = option.text();
             if let Some(value) = option.strip_prefix("name=") {
                 name = Some(value.to_owned());
+            } else if option == "ssl-bump"
+                || PORT_CERT_OPTIONS
+                    .iter()
+                    .any(|prefix| option.starts_with(prefix))
+            {
+                self.warnings.push(loc.diag(
+                    format!("http_port option has no effect in spliced ({WHY_NO_CERTS}); ssl_bump rules apply on every port"),
+                    option,
+                ));
             } else if PORT_MODES.contains(&option) {
                 return Err(loc.diag(
                     "http_port mode not supported: spliced is a plain forward proxy",
@@ -443,7 +473,7 @@ impl Parser {
                 ));
             } else {
                 return Err(loc.diag(
-                    "http_port option not supported (only name=NAME is accepted)",
+                    "http_port option not supported (only name=NAME, and ssl-bump with its certificate options, are accepted)",
                     option,
                 ));
             }
@@ -573,6 +603,29 @@ impl Parser {
             "deny" => false,
             other => return Err(loc.diag("expected allow or deny", other)),
         };
+        let acls = self.acl_refs(line, names, "http_access")?;
+        if acls.is_empty() {
+            return Err(loc.diag(
+                "http_access needs at least one ACL (use 'all' to match every request)",
+                &line.text,
+            ));
+        }
+        self.config.rules.push(AccessRule {
+            allow,
+            acls,
+            loc: loc.clone(),
+        });
+        Ok(())
+    }
+
+    /// The ACLs named on a rule line (`[!]NAME…`), each defined before it.
+    fn acl_refs(
+        &self,
+        line: &SourceLine,
+        names: &[Token],
+        directive: &str,
+    ) -> Result<Vec<AclRef>, Diagnostic> {
+        let loc = &line.loc;
         let mut acls = Vec::new();
         let mut negate_next = false;
         for token in names {
@@ -597,7 +650,7 @@ impl Parser {
                 })?;
             if let AclKind::Unsupported { type_name, reason } = &self.config.acls[index].kind {
                 return Err(loc.diag(
-                    format!("ACL type {type_name} cannot be used in http_access: {reason}"),
+                    format!("ACL type {type_name} cannot be used in {directive}: {reason}"),
                     name,
                 ));
             }
@@ -610,17 +663,48 @@ impl Parser {
         if negate_next {
             return Err(loc.diag("'!' must be followed by an ACL name", &line.text));
         }
+        Ok(acls)
+    }
+
+    /// `ssl_bump ACTION ACL…` and `on_unsupported_protocol tunnel|respond ACL…`.
+    fn tls_rule(
+        &mut self,
+        line: &SourceLine,
+        args: &[Token],
+        directive: &str,
+    ) -> Result<(), Diagnostic> {
+        let loc = &line.loc;
+        let Some((action, names)) = args.split_first() else {
+            return Err(loc.diag(format!("expected: {directive} ACTION ACL…"), &line.text));
+        };
+        let acls = self.acl_refs(line, names, directive)?;
         if acls.is_empty() {
             return Err(loc.diag(
-                "http_access needs at least one ACL (use 'all' to match every request)",
+                format!("{directive} needs at least one ACL (use 'all' to match every tunnel)"),
                 &line.text,
             ));
         }
-        self.config.rules.push(AccessRule {
-            allow,
-            acls,
-            loc: loc.clone(),
-        });
+        let tls = &mut self.config.tls;
+        if directive == "ssl_bump" {
+            let action =
+                BumpAction::parse(action.text()).map_err(|why| loc.diag(why, action.text()))?;
+            tls.bump.push(TlsRule {
+                action,
+                acls,
+                loc: loc.clone(),
+            });
+        } else {
+            let tunnel = match action.text() {
+                "tunnel" => true,
+                "respond" => false,
+                other => return Err(loc.diag("expected tunnel or respond", other)),
+            };
+            tls.unsupported.push(TlsRule {
+                action: tunnel,
+                acls,
+                loc: loc.clone(),
+            });
+        }
         Ok(())
     }
 

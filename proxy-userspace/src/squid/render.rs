@@ -150,6 +150,18 @@ impl SquidConfig {
         for rule in &self.rules {
             line(rule.to_string());
         }
+        for rule in &self.tls.bump {
+            line(rule.to_string());
+        }
+        for rule in &self.tls.unsupported {
+            line(rule.to_string());
+        }
+        if self.tls.sni_check != super::SniCheck::Off {
+            line(format!(
+                "sni_must_match_connect {}",
+                self.tls.sni_check.as_str()
+            ));
+        }
         out
     }
 }

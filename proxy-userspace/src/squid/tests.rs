@@ -135,6 +135,8 @@ impl Req {
             dst: self.dst.map(ip),
             user: self.user,
             now: self.now,
+            step: 0,
+            sni: None,
         })
     }
 }
@@ -876,10 +878,10 @@ fn malformed_configs_name_file_and_line() {
             "intercept",
         ),
         (
-            "http_port 3128 ssl-bump cert=/x.pem",
+            "http_port 3128 ssl-bump cert=/x.pem tls-bogus=1",
             1,
-            "mode not supported",
-            "ssl-bump",
+            "option not supported",
+            "tls-bogus=1",
         ),
         (
             "http_port 3128 tcpkeepalive",
@@ -1002,9 +1004,9 @@ fn malformed_configs_name_file_and_line() {
             "b",
         ),
         (
-            "acl s ssl::server_name .x.org\nhttp_access deny s",
+            "acl s ssl_error X509_V_ERR_CERT_HAS_EXPIRED\nhttp_access deny s",
             2,
-            "never looks inside the TLS",
+            "never decrypts",
             "s",
         ),
         (
@@ -1115,13 +1117,21 @@ fn malformed_configs_name_file_and_line() {
             "forwarding through another proxy",
             "cache_peer parent.example parent 3128 0",
         ),
-        ("ssl_bump peek all", 1, "no SslBump", "ssl_bump peek all"),
+        ("ssl_bump bump all", 1, "needs decryption", "bump"),
+        ("ssl_bump stare all", 1, "spliced never does", "stare"),
         (
-            "sslproxy_cert_adapt setValidAfter all",
+            "acl s at_step SslBump3",
             1,
-            "no SslBump",
-            "sslproxy_cert_adapt setValidAfter all",
+            "never peeks at the server",
+            "SslBump3",
         ),
+        (
+            "acl s ssl::server_name --server-provided .x.org",
+            1,
+            "only the name the client requested",
+            "--server-provided",
+        ),
+        ("sni_must_match_connect maybe", 1, "expected exact", "maybe"),
         (
             "tcp_outgoing_address 192.0.2.1",
             1,
