@@ -187,10 +187,17 @@ impl Case {
 /// What runs: kinds × contenders per environment. Contenders are interleaved
 /// run by run, so background noise spreads evenly over them.
 fn matrix(quick: bool) -> Vec<(Env, Vec<Kind>, Vec<Contender>)> {
-    use Contender::{Auto, Copy, Direct, Packet, PacketEager, Sockmap, Splice};
+    use Contender::{Auto, Copy, Direct, Packet, PacketEager, Sockmap, Splice, SplicePeek};
     // `auto` runs where its choice differs from plain sockmap: across veth.
-    let all: Vec<Contender> = Contender::ALL.into_iter().filter(|&c| c != Auto).collect();
-    let with_auto = Contender::ALL.to_vec();
+    // A peek rule only costs at connection setup.
+    let all: Vec<Contender> = Contender::ALL
+        .into_iter()
+        .filter(|&c| c != Auto && c != SplicePeek)
+        .collect();
+    let with_auto: Vec<Contender> = Contender::ALL
+        .into_iter()
+        .filter(|&c| c != SplicePeek)
+        .collect();
     // At a fixed rate the promotion point does not matter: one packet contender.
     let cpu_all: Vec<Contender> = all.iter().copied().filter(|&c| c != PacketEager).collect();
     let (fwd, rev) = (Kind::new(false, 1), Kind::new(true, 1));
@@ -903,11 +910,17 @@ fn run_env(
                 Some(Err(reason)) => Err(format!("failed to start: {reason}")),
             };
             let result = proxy.map(|proxy| {
+                let payload = if contender == Contender::SplicePeek {
+                    setup_rate::client_hello()
+                } else {
+                    setup_rate::PING
+                };
                 setup_rate::measure(
                     proxy,
                     echo.addr,
                     settings.setup_clients,
                     Duration::from_secs_f64(settings.setup_secs),
+                    payload,
                 )
             });
             check_interrupt()?;

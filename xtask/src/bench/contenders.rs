@@ -22,6 +22,10 @@ pub enum Contender {
     Direct,
     Sockmap,
     Splice,
+    /// `--dataplane splice` with a squid.conf whose `ssl_bump peek` reads
+    /// every tunnel's ClientHello before splicing it: the cost of a TLS name
+    /// rule (connection setup only).
+    SplicePeek,
     Copy,
     /// `--dataplane packet`: the splice pump, then segment translation by a
     /// tc program once a tunnel has moved `--promote-after` (default 1 MiB).
@@ -35,10 +39,11 @@ pub enum Contender {
 }
 
 impl Contender {
-    pub const ALL: [Self; 9] = [
+    pub const ALL: [Self; 10] = [
         Self::Direct,
         Self::Sockmap,
         Self::Splice,
+        Self::SplicePeek,
         Self::Copy,
         Self::Packet,
         Self::PacketEager,
@@ -55,6 +60,7 @@ impl Contender {
             Self::Direct => "direct",
             Self::Sockmap => "sockmap",
             Self::Splice => "splice",
+            Self::SplicePeek => "splice-peek",
             Self::Copy => "copy",
             Self::Packet => "packet",
             Self::PacketEager => "packet-0",
@@ -70,6 +76,7 @@ impl Contender {
             Self::Direct => "direct (no proxy)",
             Self::Sockmap => "spliced sockmap",
             Self::Splice => "spliced splice",
+            Self::SplicePeek => "spliced splice, ssl_bump peek",
             Self::Copy => "spliced copy",
             Self::Packet => "spliced packet",
             Self::PacketEager => "spliced packet, --promote-after 0",
@@ -83,7 +90,7 @@ impl Contender {
     pub fn plane(self) -> Option<&'static str> {
         match self {
             Self::Sockmap => Some("sockmap"),
-            Self::Splice => Some("splice"),
+            Self::Splice | Self::SplicePeek => Some("splice"),
             Self::Copy => Some("copy"),
             Self::Packet | Self::PacketEager => Some("packet"),
             Self::Auto => Some("auto"),
@@ -266,6 +273,10 @@ pub fn start(contender: Contender, launch: &Launch<'_>) -> Result<Proxy, String>
     let access_log = contender.keeps_access_log().then(|| dir.join("access.log"));
     let (mut cmd, extra_log) = match contender {
         Contender::Direct => return Err("direct has no proxy".to_owned()),
+        Contender::SplicePeek => {
+            let conf = peek_conf(&dir, launch).map_err(|err| format!("{err:#}"))?;
+            (spliced_peek_command(launch, &conf), None)
+        }
         Contender::Sockmap
         | Contender::Splice
         | Contender::Copy
@@ -359,6 +370,50 @@ fn spliced_command(
     if let Some(bytes) = &promote_after {
         argv.extend(["--promote-after", bytes]);
     }
+    placed(launch.netns, launch.cpu, &argv)
+}
+
+/// The name in the ClientHello the setup benchmark sends through
+/// [`Contender::SplicePeek`], which its rules splice.
+pub const PEEK_SNI: &str = "echo.bench.test";
+
+/// [`Contender::SplicePeek`]'s squid.conf: the built-in policy's clients
+/// and ports, and Squid's peek-and-splice lines.
+fn peek_conf(dir: &Path, launch: &Launch<'_>) -> Result<PathBuf> {
+    let ports: Vec<String> = launch.connect_ports.iter().map(u16::to_string).collect();
+    let text = format!(
+        "http_port {listen}
+         acl clients src {clients}
+         acl ports port {ports}
+         http_access allow clients ports
+         http_access deny all
+         acl step1 at_step SslBump1
+         acl bench ssl::server_name {PEEK_SNI}
+         ssl_bump peek step1
+         ssl_bump splice bench
+         ssl_bump terminate all
+",
+        listen = launch.listen,
+        clients = launch.clients,
+        ports = ports.join(" "),
+    );
+    let path = dir.join("squid.conf");
+    fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
+}
+
+fn spliced_peek_command(launch: &Launch<'_>, conf: &Path) -> std::process::Command {
+    let spliced = launch.spliced.to_string_lossy();
+    let conf = conf.to_string_lossy();
+    let argv = [
+        &*spliced,
+        "-f",
+        &conf,
+        "--dataplane",
+        "splice",
+        "--access-log",
+        "/dev/null",
+    ];
     placed(launch.netns, launch.cpu, &argv)
 }
 

@@ -9,6 +9,7 @@ use super::{
     child::run_bounded,
     contenders::{Contender, DEFAULT_PROMOTE_AFTER},
     cpu, kmem,
+    setup_rate::SetupResult,
     stall::{StallResult, GOAL_P99_MS, WINDOW_AFTER, WINDOW_BEFORE},
     Env, Results, ScaleResult, Settings, TputResult,
 };
@@ -479,6 +480,24 @@ impl Table {
     }
 }
 
+/// What a TLS name rule costs: `ssl_bump peek`'s tunnels/s against plain
+/// splice's, when both ran.
+fn peek_cost_note(setup: &[(Contender, Result<SetupResult, String>)]) -> Option<String> {
+    let rate = |wanted| {
+        setup.iter().find_map(|(c, r)| {
+            (*c == wanted)
+                .then(|| r.as_ref().ok().map(|r| r.per_sec))
+                .flatten()
+        })
+    };
+    let (splice, peek) = (rate(Contender::Splice)?, rate(Contender::SplicePeek)?);
+    let cost = (1.0 - peek / splice) * 100.0;
+    Some(format!(
+        "A peek rule (`ssl_bump peek step1`, the ClientHello read and its SNI judged before splicing) costs {cost:.1} % of splice's tunnels/s in this run (goal: under 10 %{}).",
+        if cost < 10.0 { ", met" } else { ", not met" }
+    ))
+}
+
 /// Contenders present among `results`, in the canonical order.
 fn contenders_in(results: &[&TputResult]) -> Vec<Contender> {
     Contender::ALL
@@ -866,7 +885,7 @@ pub fn tables(results: &Results) -> Vec<Table> {
             .map(str::to_owned)
             .to_vec(),
             rows: body,
-            note: None,
+            note: peek_cost_note(&results.setup),
         });
     }
 

@@ -22,7 +22,42 @@ use super::child::interrupted;
 /// Every socket operation of the benchmark's own clients and servers gives
 /// up after this long.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
-const PAYLOAD: &[u8; 4] = b"ping";
+/// What a client sends after the `200` and gets its first 4 bytes back of.
+pub const PING: &[u8] = b"ping";
+/// Bytes echoed back.
+const ECHOED: usize = 4;
+
+/// A TLS ClientHello naming [`super::contenders::PEEK_SNI`] (TLS 1.3 only,
+/// one cipher suite, SNI and supported_versions), what a peek rule reads.
+pub fn client_hello() -> &'static [u8] {
+    static HELLO: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    HELLO.get_or_init(|| {
+        let name = super::contenders::PEEK_SNI.as_bytes();
+        let u16_be = |n: usize| (n as u16).to_be_bytes();
+        let mut sni = vec![0];
+        sni.extend(u16_be(name.len()));
+        sni.extend(name);
+        let mut extensions = vec![0, 0];
+        extensions.extend(u16_be(sni.len() + 2));
+        extensions.extend(u16_be(sni.len()));
+        extensions.extend(&sni);
+        extensions.extend([0x00, 0x2b, 0x00, 0x03, 0x02, 0x03, 0x04]);
+        let mut body = vec![0x03, 0x03];
+        body.extend([0x5a; 32]);
+        body.push(0); // no session id
+        body.extend([0x00, 0x02, 0x13, 0x01]); // TLS_AES_128_GCM_SHA256
+        body.extend([0x01, 0x00]); // null compression
+        body.extend(u16_be(extensions.len()));
+        body.extend(&extensions);
+        let mut handshake = vec![0x01, 0];
+        handshake.extend(u16_be(body.len()));
+        handshake.extend(&body);
+        let mut record = vec![0x16, 0x03, 0x01];
+        record.extend(u16_be(handshake.len()));
+        record.extend(&handshake);
+        record
+    })
+}
 
 /// Binds a loopback listener with a deep accept queue.
 pub fn listen(port: u16) -> Result<TcpListener> {
@@ -68,19 +103,30 @@ impl EchoServer {
     }
 }
 
+/// Reads the client's message — [`PING`], or a TLS record as long as its
+/// header says — and sends its first 4 bytes back. Reading all of it first
+/// keeps the close from turning into a RST over unread bytes.
 fn echo(mut stream: TcpStream) -> std::io::Result<()> {
     stream.set_read_timeout(Some(IO_TIMEOUT))?;
     stream.set_write_timeout(Some(IO_TIMEOUT))?;
-    let mut buf = [0u8; PAYLOAD.len()];
+    let mut buf = vec![0u8; 5];
     let mut have = 0;
-    while have < buf.len() {
-        let n = stream.read(&mut buf[have..])?;
+    let mut want = ECHOED;
+    while have < want {
+        let n = stream.read(&mut buf[have..want.max(have + 1)])?;
         if n == 0 {
             break;
         }
         have += n;
+        if have >= 1 && buf[0] == 0x16 && want == ECHOED {
+            want = 5;
+        }
+        if want == 5 && have >= 5 {
+            want = 5 + usize::from(u16::from_be_bytes([buf[3], buf[4]]));
+            buf.resize(want, 0);
+        }
     }
-    stream.write_all(&buf[..have])
+    stream.write_all(&buf[..have.min(ECHOED)])
 }
 
 impl Drop for EchoServer {
@@ -122,6 +168,7 @@ pub fn measure(
     echo: SocketAddr,
     clients: usize,
     duration: Duration,
+    payload: &'static [u8],
 ) -> SetupResult {
     let start = Instant::now();
     let deadline = start + duration;
@@ -132,7 +179,7 @@ pub fn measure(
                 let mut errors = 0u64;
                 let mut first_error = None;
                 while Instant::now() < deadline && !interrupted() {
-                    match one_tunnel(proxy, echo) {
+                    match one_tunnel(proxy, echo, payload) {
                         Ok(latency) => latencies.push(latency),
                         Err(err) => {
                             errors += 1;
@@ -183,7 +230,11 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 /// One tunnel; returns the latency up to the 200 and to the close, in
 /// milliseconds.
-fn one_tunnel(proxy: Option<SocketAddr>, echo: SocketAddr) -> std::io::Result<(f64, f64)> {
+fn one_tunnel(
+    proxy: Option<SocketAddr>,
+    echo: SocketAddr,
+    payload: &[u8],
+) -> std::io::Result<(f64, f64)> {
     let started = Instant::now();
     let mut stream = TcpStream::connect_timeout(&proxy.unwrap_or(echo), IO_TIMEOUT)?;
     stream.set_read_timeout(Some(IO_TIMEOUT))?;
@@ -193,10 +244,10 @@ fn one_tunnel(proxy: Option<SocketAddr>, echo: SocketAddr) -> std::io::Result<(f
         return Err(std::io::Error::other("bytes before the echo request"));
     }
     let latency = started.elapsed().as_secs_f64() * 1e3;
-    stream.write_all(PAYLOAD)?;
-    let mut back = [0u8; PAYLOAD.len()];
+    stream.write_all(payload)?;
+    let mut back = [0u8; ECHOED];
     stream.read_exact(&mut back)?;
-    if &back != PAYLOAD {
+    if back[..] != payload[..ECHOED] {
         return Err(std::io::Error::other("echo returned other bytes"));
     }
     // The echo server closes after answering; the tunnel must pass that on.
@@ -247,6 +298,27 @@ pub fn connect_through(stream: &mut TcpStream, target: SocketAddr) -> std::io::R
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_client_hello_is_one_record_the_echo_reads_whole() {
+        let hello = client_hello();
+        assert_eq!(hello[0], 0x16);
+        let record = usize::from(u16::from_be_bytes([hello[3], hello[4]]));
+        assert_eq!(hello.len(), 5 + record);
+        let handshake = usize::from(u16::from_be_bytes([hello[7], hello[8]]));
+        assert_eq!((hello[5], hello[6], record), (1, 0, 4 + handshake));
+        let name = super::super::contenders::PEEK_SNI.as_bytes();
+        assert!(hello.windows(name.len()).any(|w| w == name));
+
+        let echo = EchoServer::start(0, 1).expect("echo");
+        for payload in [PING, hello] {
+            let mut stream = TcpStream::connect(echo.addr).expect("connect");
+            stream.write_all(payload).expect("write");
+            let mut back = Vec::new();
+            stream.read_to_end(&mut back).expect("read");
+            assert_eq!(back, payload[..ECHOED]);
+        }
+    }
 
     #[test]
     fn connect_through_returns_what_came_after_the_head() {
