@@ -1491,7 +1491,11 @@ pub fn markdown(results: &Results, tables: &[Table]) -> String {
          `CONNECT 127.0.0.1:PORT` to an echo server inside the benchmark, read the 200 (latency \
          measured from connect() to here), send 4 bytes, read them back, wait for the close the \
          echo server starts (the whole tunnel's time ends here). Direct connects to the echo \
-         server itself.",
+         server itself. `spliced splice, ssl_bump peek` runs splice with a squid.conf of Squid's \
+         peek-and-splice lines (`ssl_bump peek step1`, `ssl_bump splice` on an \
+         `ssl::server_name`), and its clients send a 90-byte TLS ClientHello naming that \
+         server instead of the 4 bytes: the proxy answers 200, reads and judges the ClientHello, \
+         then splices.",
         s.setup_clients
     );
     let _ = writeln!(
