@@ -1493,7 +1493,7 @@ pub fn markdown(results: &Results, tables: &[Table]) -> String {
          echo server starts (the whole tunnel's time ends here). Direct connects to the echo \
          server itself. `spliced splice, ssl_bump peek` runs splice with a squid.conf of Squid's \
          peek-and-splice lines (`ssl_bump peek step1`, `ssl_bump splice` on an \
-         `ssl::server_name`), and its clients send a 90-byte TLS ClientHello naming that \
+         `ssl::server_name`), and its clients send an 83-byte TLS ClientHello naming that \
          server instead of the 4 bytes: the proxy answers 200, reads and judges the ClientHello, \
          then splices.",
         s.setup_clients
