@@ -145,9 +145,7 @@ pub async fn follow_adopted(control: Arc<ControlPlane>, adopted: AdoptedTunnel) 
         draining: control.draining(),
         progress: progress.clone(),
     };
-    control
-        .metrics()
-        .tunnel_opened(PlaneKind::Packet, Duration::ZERO, 0);
+    control.metrics().tunnel_adopted(PlaneKind::Packet);
     let run = adopted.run;
     let outcome = run(context).await;
     progress.finish(&outcome);

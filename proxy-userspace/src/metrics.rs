@@ -251,6 +251,15 @@ impl Metrics {
             .inc();
     }
 
+    /// A tunnel a previous process opened is followed here from now on.
+    pub fn tunnel_adopted(&self, dataplane: PlaneKind) {
+        self.tunnels_active
+            .get_or_create(&DataplaneLabels {
+                dataplane: dataplane.as_str(),
+            })
+            .inc();
+    }
+
     /// A tunnel that [`Metrics::tunnel_opened`] counted for `dataplane` ended.
     /// Its bytes are not counted here: see [`crate::dataplane::Progress::finish`].
     pub fn tunnel_closed(&self, dataplane: PlaneKind, outcome: &TunnelOutcome) {

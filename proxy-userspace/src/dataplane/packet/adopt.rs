@@ -31,6 +31,13 @@ pub fn adopt(shared: &Arc<Shared>) -> Vec<AdoptedTunnel> {
         |flow_id| tunnels.get(flow_id).map(|value| value.client_key),
         |a, b| flow_end(entry_end(a), entry_end(b)).is_some(),
     );
+    // Values whose entries never made it into the map (the previous process
+    // stopped between the two inserts).
+    for id in &ids {
+        if !entries.iter().any(|(_, entry)| entry.flow_id == *id) {
+            tunnels.remove(*id);
+        }
+    }
     let mut adopted = Vec::new();
     let (mut removed, mut lingering) = (0, 0);
     for found in found {
