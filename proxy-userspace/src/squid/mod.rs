@@ -301,6 +301,8 @@ pub struct SquidConfig {
     rules: Vec<AccessRule>,
     /// `ssl_bump`, `on_unsupported_protocol`, `sni_must_match_connect`.
     tls: ssl_bump::TlsPolicy,
+    /// `via` and `forwarded_for`: what plain-HTTP forwarding writes.
+    pub headers: crate::http_forward::HeaderPolicy,
 }
 
 /// Reads the configuration file at `path`, following its `include`s.

@@ -1784,10 +1784,12 @@ fn diagnostics_format() {
         err.to_string(),
         "test.conf:2: unknown directive: 'bogus 1 2'"
     );
-    let warning = &parse_str("via off\n", "squid.conf").unwrap().warnings[0];
+    let warning = &parse_str("reply_header_add X-A b\n", "squid.conf")
+        .unwrap()
+        .warnings[0];
     assert_eq!(
         warning.to_string(),
-        "squid.conf:1: directive has no effect in spliced (a tunnel forwards no HTTP headers to add, remove or rewrite); ignored: 'via off'"
+        "squid.conf:1: directive has no effect in spliced (spliced rewrites no HTTP header fields beyond hop-by-hop ones, via and forwarded_for); ignored: 'reply_header_add X-A b'"
     );
 }
 
