@@ -1,0 +1,789 @@
+//! Plain-HTTP forwarding (issue 14, first part), end to end: the real spliced
+//! as `HTTP_PROXY` for curl, wget and Python's urllib, in front of an HTTP/1.1
+//! origin written here (threads of the test process, on loopback) that counts
+//! the connections it accepts and echoes what it saw: method, origin-form
+//! path, header fields, the body's size and SHA-256.
+//!
+//! Every wait is bounded: sockets by [`IO_TIMEOUT`], curl by `--max-time`,
+//! other commands by `timeout(1)`.
+
+use std::{
+    fs,
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::Path,
+    process::{Command, Output},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
+
+use sha2::{Digest, Sha256};
+use spliced_tests::{raw_request, status_of, wait_until, Proxy, IO_TIMEOUT};
+
+const MIB: u64 = 1 << 20;
+/// The large bodies: at least 100 MiB each way.
+const LARGE: u64 = 100 * MIB;
+
+// ---------------------------------------------------------------------------
+// The origin.
+// ---------------------------------------------------------------------------
+
+/// One request as the origin received it.
+#[derive(Clone, Debug)]
+struct Seen {
+    method: String,
+    path: String,
+    version: String,
+    headers: Vec<(String, String)>,
+    body_len: u64,
+    body_sha256: String,
+}
+
+impl Seen {
+    /// Every value of the field `name`.
+    fn all(&self, name: &str) -> Vec<&str> {
+        self.headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        self.all(name).first().copied()
+    }
+}
+
+/// A threaded HTTP/1.1 origin on 127.0.0.1.
+///
+/// * `/size/N`: N bytes of [`pattern`] with a Content-Length;
+/// * `/chunked/N`: the same, chunked;
+/// * `/close/N`: the same, delimited by the end of the connection;
+/// * anything else: a text echo of the request (`method`, `path`, fields,
+///   `body-bytes`, `body-sha256`).
+///
+/// `Expect: 100-continue` gets a `100 Continue` before the body is read.
+struct Origin {
+    addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+impl Origin {
+    fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind origin");
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (count, log) = (accepted.clone(), seen.clone());
+        std::thread::spawn(move || {
+            for stream in listener.incoming().map_while(Result::ok) {
+                count.fetch_add(1, Ordering::SeqCst);
+                let log = log.clone();
+                std::thread::spawn(move || {
+                    let _ = serve(stream, &log);
+                });
+            }
+        });
+        Self {
+            addr,
+            accepted,
+            seen,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    /// The last request the origin saw.
+    fn last(&self) -> Seen {
+        self.seen()
+            .last()
+            .cloned()
+            .expect("the origin saw no request")
+    }
+}
+
+/// The bytes of every generated body: not periodic within a buffer size.
+fn pattern(offset: u64, buf: &mut [u8]) {
+    for (i, byte) in buf.iter_mut().enumerate() {
+        let i = offset + i as u64;
+        *byte = ((i % 251) as u8) ^ ((i >> 12) as u8);
+    }
+}
+
+/// SHA-256 of `len` bytes of [`pattern`].
+fn pattern_sha256(len: u64) -> String {
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(buf.len() as u64) as usize;
+        pattern(done, &mut buf[..n]);
+        hasher.update(&buf[..n]);
+        done += n as u64;
+    }
+    hex(&hasher.finalize())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn file_sha256(path: &Path) -> String {
+    let mut file = fs::File::open(path).expect("open file");
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = file.read(&mut buf).expect("read file");
+        if n == 0 {
+            return hex(&hasher.finalize());
+        }
+        hasher.update(&buf[..n]);
+    }
+}
+
+fn write_pattern_file(path: &Path, len: u64) {
+    let mut file = fs::File::create(path).expect("create file");
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(buf.len() as u64) as usize;
+        // Shifted, so an upload is not the same bytes as a download.
+        pattern(done + 7, &mut buf[..n]);
+        file.write_all(&buf[..n]).expect("write file");
+        done += n as u64;
+    }
+}
+
+fn serve(stream: TcpStream, log: &Mutex<Vec<Seen>>) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    let mut out = stream.try_clone()?;
+    let mut reader = BufReader::new(stream);
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        let mut parts = line.split_whitespace();
+        let (method, path, version) = (
+            parts.next().unwrap_or_default().to_owned(),
+            parts.next().unwrap_or_default().to_owned(),
+            parts.next().unwrap_or_default().to_owned(),
+        );
+        let mut headers = Vec::new();
+        loop {
+            let mut field = String::new();
+            reader.read_line(&mut field)?;
+            let field = field.trim_end();
+            if field.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = field.split_once(':') {
+                headers.push((name.trim().to_owned(), value.trim().to_owned()));
+            }
+        }
+        let mut seen = Seen {
+            method,
+            path,
+            version,
+            headers,
+            body_len: 0,
+            body_sha256: String::new(),
+        };
+        if seen
+            .header("expect")
+            .is_some_and(|v| v.eq_ignore_ascii_case("100-continue"))
+        {
+            out.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
+        }
+        let mut hasher = Sha256::new();
+        let chunked = seen
+            .header("transfer-encoding")
+            .is_some_and(|v| v.eq_ignore_ascii_case("chunked"));
+        if chunked {
+            loop {
+                let mut size = String::new();
+                reader.read_line(&mut size)?;
+                let size = u64::from_str_radix(size.trim().split(';').next().unwrap(), 16)
+                    .map_err(|_| std::io::Error::other("bad chunk size"))?;
+                if size == 0 {
+                    let mut end = String::new();
+                    while reader.read_line(&mut end)? > 2 {
+                        end.clear();
+                    }
+                    break;
+                }
+                seen.body_len += copy_to_hasher(&mut reader, size, &mut hasher)?;
+                let mut crlf = [0u8; 2];
+                reader.read_exact(&mut crlf)?;
+            }
+        } else if let Some(len) = seen.header("content-length") {
+            let len: u64 = len.parse().unwrap_or(0);
+            seen.body_len = copy_to_hasher(&mut reader, len, &mut hasher)?;
+        }
+        seen.body_sha256 = hex(&hasher.finalize());
+        log.lock().unwrap().push(seen.clone());
+        let close = seen.version == "HTTP/1.0"
+            || seen
+                .header("connection")
+                .is_some_and(|v| v.eq_ignore_ascii_case("close"));
+        let head_only = seen.method == "HEAD";
+        let number = |prefix: &str| {
+            seen.path
+                .strip_prefix(prefix)
+                .and_then(|n| n.parse::<u64>().ok())
+        };
+        let connection = if close { "Connection: close\r\n" } else { "" };
+        if let Some(len) = number("/size/") {
+            write!(out, "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {len}\r\n{connection}\r\n")?;
+            if !head_only {
+                send_pattern(&mut out, len, false)?;
+            }
+        } else if let Some(len) = number("/chunked/") {
+            write!(out, "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nTransfer-Encoding: chunked\r\n{connection}\r\n")?;
+            if !head_only {
+                send_pattern(&mut out, len, true)?;
+            }
+        } else if let Some(len) = number("/close/") {
+            write!(
+                out,
+                "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\n"
+            )?;
+            if !head_only {
+                send_pattern(&mut out, len, false)?;
+            }
+            return Ok(());
+        } else {
+            let mut body = format!(
+                "method {}\npath {}\nversion {}\n",
+                seen.method, seen.path, seen.version
+            );
+            for (name, value) in &seen.headers {
+                body.push_str(&format!("{}: {value}\n", name.to_ascii_lowercase()));
+            }
+            body.push_str(&format!(
+                "body-bytes {}\nbody-sha256 {}\n",
+                seen.body_len, seen.body_sha256
+            ));
+            write!(
+                out,
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: keep-alive\r\nKeep-Alive: timeout=30\r\nX-Origin-Hop: secret\r\n{connection}\r\n",
+                body.len()
+            )?;
+            if !head_only {
+                out.write_all(body.as_bytes())?;
+            }
+        }
+        if close {
+            return Ok(());
+        }
+    }
+}
+
+fn copy_to_hasher(reader: &mut impl Read, len: u64, hasher: &mut Sha256) -> std::io::Result<u64> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut left = len;
+    while left > 0 {
+        let n = reader.read(&mut buf[..left.min(65536) as usize])?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        hasher.update(&buf[..n]);
+        left -= n as u64;
+    }
+    Ok(len)
+}
+
+fn send_pattern(out: &mut TcpStream, len: u64, chunked: bool) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(buf.len() as u64) as usize;
+        pattern(done, &mut buf[..n]);
+        if chunked {
+            write!(out, "{n:x}\r\n")?;
+        }
+        out.write_all(&buf[..n])?;
+        if chunked {
+            out.write_all(b"\r\n")?;
+        }
+        done += n as u64;
+    }
+    if chunked {
+        out.write_all(b"0\r\n\r\n")?;
+    }
+    out.flush()
+}
+
+// ---------------------------------------------------------------------------
+// Clients.
+// ---------------------------------------------------------------------------
+
+/// Runs curl through `proxy` with `args`, bounded by `--max-time`.
+fn curl(proxy: &Proxy, args: &[&str]) -> Output {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "120", "-x"])
+        .arg(format!("http://{}", proxy.addr))
+        .args(args)
+        .output()
+        .expect("run curl");
+    out
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// curl's `-w '%{http_code}'` after the body, which goes to `/dev/null`.
+fn curl_status(proxy: &Proxy, args: &[&str]) -> u16 {
+    let mut full = vec!["-o", "/dev/null", "-w", "%{http_code}"];
+    full.extend_from_slice(args);
+    let out = curl(proxy, &full);
+    stdout(&out).trim().parse().unwrap_or(0)
+}
+
+/// The `body-sha256` line of an echo.
+fn echoed(echo: &str, key: &str) -> String {
+    echo.lines()
+        .find_map(|line| line.strip_prefix(&format!("{key} ")))
+        .unwrap_or_else(|| panic!("no {key} in the echo:\n{echo}"))
+        .to_owned()
+}
+
+fn start_proxy(extra: &[&str]) -> Proxy {
+    let mut args = vec!["--dataplane", "copy"];
+    args.extend_from_slice(extra);
+    Proxy::start(&args)
+}
+
+/// A proxy with the squid.conf `conf` (written to a temporary file).
+fn start_with_conf(dir: &Path, conf: &str) -> Proxy {
+    let path = dir.join("squid.conf");
+    fs::write(&path, conf).unwrap();
+    start_proxy(&["-f", path.to_str().unwrap()])
+}
+
+// ---------------------------------------------------------------------------
+// Tests.
+// ---------------------------------------------------------------------------
+
+#[test]
+fn every_method_is_forwarded_in_origin_form_with_its_host() {
+    let origin = Origin::start();
+    let proxy = start_proxy(&[]);
+    for method in ["GET", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"] {
+        let out = curl(
+            &proxy,
+            &["-X", method, "-d", "x=1", &origin.url("/echo/a?b=c")],
+        );
+        assert!(out.status.success(), "{method}: {}", stderr(&out));
+        let echo = stdout(&out);
+        assert_eq!(echoed(&echo, "method"), method, "{echo}");
+        assert_eq!(echoed(&echo, "path"), "/echo/a?b=c", "{echo}");
+        let seen = origin.last();
+        assert_eq!(seen.header("host"), Some(origin.addr.to_string().as_str()));
+        assert_eq!(seen.body_len, 3, "{method}");
+    }
+    let out = curl(&proxy, &["-I", &origin.url("/size/1234")]);
+    assert!(out.status.success(), "HEAD: {}", stderr(&out));
+    let head = stdout(&out).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("content-length: 1234"), "{head}");
+    assert_eq!(origin.last().method, "HEAD");
+    let lines = proxy.wait_access_lines(7);
+    assert!(
+        lines.iter().all(|l| l.contains(" TCP_MISS/200 ")),
+        "{lines:#?}"
+    );
+}
+
+#[test]
+fn squid_log_line_of_a_forwarded_request() {
+    let origin = Origin::start();
+    let proxy = start_proxy(&[]);
+    let out = curl(&proxy, &["-o", "/dev/null", &origin.url("/size/1234")]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let line = proxy.wait_access_lines(1).remove(0);
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(fields[2], "127.0.0.1", "{line}");
+    assert_eq!(fields[3], "TCP_MISS/200", "{line}");
+    let bytes: u64 = fields[4].parse().unwrap();
+    assert!(
+        (1234 + 60..1234 + 400).contains(&bytes),
+        "%<st {bytes} should be the body and the head: {line}"
+    );
+    assert_eq!(
+        fields[5..].join(" "),
+        format!(
+            "GET {} - HIER_DIRECT/127.0.0.1 application/octet-stream",
+            origin.url("/size/1234")
+        ),
+        "{line}"
+    );
+    // JSON: the method, the URL in `target`, no data plane.
+    let json_proxy = start_proxy(&["--log-format", "json"]);
+    let out = curl(&json_proxy, &["-o", "/dev/null", &origin.url("/echo")]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let record = &json_proxy.wait_json_records(1)[0];
+    assert_eq!(record["method"], "GET", "{record}");
+    assert_eq!(record["target"], origin.url("/echo"), "{record}");
+    assert_eq!(record["result"], "TCP_MISS", "{record}");
+    assert!(record["dataplane"].is_null(), "{record}");
+    assert_eq!(record["mime_type"], "text/plain", "{record}");
+}
+
+#[test]
+fn small_and_large_bodies_stream_both_ways() {
+    let origin = Origin::start();
+    let proxy = start_proxy(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    for len in [0, 1024, LARGE] {
+        // Download.
+        let file = dir.path().join(format!("down-{len}"));
+        let out = curl(
+            &proxy,
+            &[
+                "-o",
+                file.to_str().unwrap(),
+                &origin.url(&format!("/size/{len}")),
+            ],
+        );
+        assert!(out.status.success(), "download {len}: {}", stderr(&out));
+        assert_eq!(fs::metadata(&file).unwrap().len(), len);
+        assert_eq!(file_sha256(&file), pattern_sha256(len), "download {len}");
+        // Upload, with -T (PUT) and --data-binary (POST).
+        let up = dir.path().join(format!("up-{len}"));
+        write_pattern_file(&up, len);
+        let want = file_sha256(&up);
+        for how in ["-T", "--data-binary"] {
+            let arg = if how == "-T" {
+                up.to_str().unwrap().to_owned()
+            } else {
+                format!("@{}", up.display())
+            };
+            let out = curl(&proxy, &[how, &arg, &origin.url("/upload")]);
+            assert!(out.status.success(), "upload {len} {how}: {}", stderr(&out));
+            let echo = stdout(&out);
+            assert_eq!(echoed(&echo, "body-bytes"), len.to_string(), "{how}");
+            assert_eq!(echoed(&echo, "body-sha256"), want, "{how} {len}");
+        }
+    }
+}
+
+#[test]
+fn chunked_and_until_close_bodies() {
+    let origin = Origin::start();
+    let proxy = start_proxy(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let up = dir.path().join("up");
+    write_pattern_file(&up, 3 * MIB + 17);
+    let out = curl(
+        &proxy,
+        &[
+            "-H",
+            "Transfer-Encoding: chunked",
+            "--data-binary",
+            &format!("@{}", up.display()),
+            &origin.url("/upload"),
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let seen = origin.last();
+    assert_eq!(seen.header("transfer-encoding"), Some("chunked"));
+    assert_eq!(seen.body_sha256, file_sha256(&up));
+    for path in ["/chunked/", "/close/"] {
+        let len = 5 * MIB + 3;
+        let file = dir.path().join("down");
+        let out = curl(
+            &proxy,
+            &[
+                "-D",
+                "-",
+                "-o",
+                file.to_str().unwrap(),
+                &origin.url(&format!("{path}{len}")),
+            ],
+        );
+        assert!(out.status.success(), "{path}: {}", stderr(&out));
+        assert_eq!(file_sha256(&file), pattern_sha256(len), "{path}");
+    }
+}
+
+#[test]
+fn expect_100_continue_upload() {
+    let origin = Origin::start();
+    let proxy = start_proxy(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let up = dir.path().join("up");
+    write_pattern_file(&up, 2 * MIB);
+    let out = curl(
+        &proxy,
+        &[
+            "-v",
+            "-H",
+            "Expect: 100-continue",
+            // Without a 100 curl would wait this long, then send anyway.
+            "--expect100-timeout",
+            "30",
+            "-T",
+            up.to_str().unwrap(),
+            &origin.url("/upload"),
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let verbose = stderr(&out);
+    assert!(verbose.contains("HTTP/1.1 100 Continue"), "{verbose}");
+    assert_eq!(echoed(&stdout(&out), "body-sha256"), file_sha256(&up));
+}
+
+#[test]
+fn keep_alive_reuses_the_client_and_the_upstream_connection() {
+    let origin = Origin::start();
+    let proxy = start_proxy(&[]);
+    let out = curl(
+        &proxy,
+        &[
+            "-o",
+            "/dev/null",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{num_connects}\n",
+            &origin.url("/size/100"),
+            &origin.url("/echo"),
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "1\n0\n", "one client connection for both");
+    assert_eq!(origin.accepted(), 1, "one upstream connection for both");
+    assert_eq!(origin.seen().len(), 2);
+    proxy.wait_access_lines(2);
+}
+
+#[test]
+fn via_added_and_hop_by_hop_fields_removed() {
+    let origin = Origin::start();
+    let proxy = start_proxy(&[]);
+    let out = curl(
+        &proxy,
+        &[
+            "-D",
+            "-",
+            "-H",
+            "Connection: X-Secret, keep-alive",
+            "-H",
+            "X-Secret: 1",
+            "-H",
+            "Keep-Alive: timeout=5",
+            "-H",
+            "TE: trailers",
+            "-H",
+            "Trailer: X-T",
+            "-H",
+            "Upgrade: h2c",
+            "-H",
+            "Proxy-Authorization: Basic dTpw",
+            "-H",
+            "X-End-To-End: kept",
+            &origin.url("/echo"),
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let seen = origin.last();
+    for gone in [
+        "connection",
+        "x-secret",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "upgrade",
+        "proxy-authorization",
+    ] {
+        assert!(
+            seen.all(gone).is_empty(),
+            "{gone} reached the origin: {seen:?}"
+        );
+    }
+    assert_eq!(seen.header("x-end-to-end"), Some("kept"));
+    assert_eq!(seen.all("via"), ["1.1 spliced"]);
+    // The answer: the origin's hop-by-hop fields are not passed on either.
+    let answer = stdout(&out).to_ascii_lowercase();
+    assert!(answer.contains("via: 1.1 spliced"), "{answer}");
+    assert!(!answer.contains("keep-alive: timeout=30"), "{answer}");
+    // HTTP/1.0 clients.
+    let out = curl(&proxy, &["-0", "-D", "-", &origin.url("/echo")]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(origin.last().all("via"), ["1.0 spliced"]);
+    assert!(stdout(&out).contains("body-bytes 0"));
+}
+
+#[test]
+fn via_and_forwarded_for_directives() {
+    let origin = Origin::start();
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("", Some("192.0.2.9, 127.0.0.1"), true),
+        ("forwarded_for on\n", Some("192.0.2.9, 127.0.0.1"), true),
+        (
+            "forwarded_for off\nvia on\n",
+            Some("192.0.2.9, unknown"),
+            true,
+        ),
+        ("forwarded_for delete\nvia off\n", None, false),
+        ("forwarded_for transparent\n", Some("192.0.2.9"), true),
+    ];
+    for (directives, xff, via) in cases {
+        let proxy = start_with_conf(
+            dir.path(),
+            &format!("http_access allow localhost\nhttp_access deny all\n{directives}"),
+        );
+        let out = curl(
+            &proxy,
+            &["-H", "X-Forwarded-For: 192.0.2.9", &origin.url("/echo")],
+        );
+        assert!(out.status.success(), "{directives}: {}", stderr(&out));
+        let seen = origin.last();
+        assert_eq!(seen.header("x-forwarded-for"), xff, "{directives:?}");
+        assert_eq!(!seen.all("via").is_empty(), via, "{directives:?}");
+    }
+}
+
+#[test]
+fn https_in_absolute_form_is_501() {
+    let origin = Origin::start();
+    let proxy = start_proxy(&[]);
+    let url = format!("https://{}/x", origin.addr);
+    let answer = raw_request(
+        proxy.addr,
+        format!("GET {url} HTTP/1.1\r\nHost: {}\r\n\r\n", origin.addr).as_bytes(),
+    );
+    assert_eq!(status_of(&answer), 501, "{answer}");
+    assert!(answer.contains("send CONNECT"), "{answer}");
+    assert_eq!(origin.accepted(), 0);
+    let line = proxy.wait_access_lines(1).remove(0);
+    assert!(
+        line.contains(" NONE_NONE/501 ") && line.contains(&format!(" GET {url} ")),
+        "{line}"
+    );
+}
+
+#[test]
+fn acl_denial_is_403_with_a_squid_line() {
+    let origin = Origin::start();
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = start_with_conf(
+        dir.path(),
+        &format!(
+            "acl blocked port {}\nhttp_access deny blocked\nhttp_access allow localhost\nhttp_access deny all\n",
+            origin.addr.port()
+        ),
+    );
+    let out = curl(&proxy, &["-D", "-", &origin.url("/secret")]);
+    let answer = stdout(&out);
+    assert_eq!(status_of(&answer), 403, "{answer}");
+    assert!(
+        answer.ends_with("spliced: 403 Forbidden: ERR_ACCESS_DENIED\n"),
+        "{answer}"
+    );
+    assert_eq!(origin.accepted(), 0);
+    let line = proxy.wait_access_lines(1).remove(0);
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(fields[3], "TCP_DENIED/403", "{line}");
+    assert_eq!(
+        fields[5..].join(" "),
+        format!("GET {} - HIER_NONE/- text/plain", origin.url("/secret")),
+        "{line}"
+    );
+    // Every request on a kept-alive connection is judged, not only the first.
+    let other = Origin::start();
+    let out = curl(
+        &proxy,
+        &[
+            "-o",
+            "/dev/null",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}\n",
+            &other.url("/ok"),
+            &origin.url("/secret"),
+        ],
+    );
+    assert_eq!(stdout(&out), "200\n403\n", "{}", stderr(&out));
+    assert_eq!(origin.accepted(), 0);
+}
+
+#[test]
+fn origin_down_is_502_and_unknown_name_503() {
+    let closed = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = closed.local_addr().unwrap();
+    drop(closed);
+    let proxy = start_proxy(&["--dns-timeout", "5"]);
+    assert_eq!(curl_status(&proxy, &[&format!("http://{addr}/x")]), 502);
+    assert_eq!(curl_status(&proxy, &["http://no-such-host.invalid/x"]), 503);
+    let lines = proxy.wait_access_lines(2);
+    assert!(lines[0].contains("/502 "), "{lines:#?}");
+    assert!(lines[1].contains("/503 "), "{lines:#?}");
+}
+
+#[test]
+fn proxy_never_forwards_to_itself() {
+    let proxy = start_proxy(&[]);
+    let status = curl_status(&proxy, &[&format!("http://{}/loop", proxy.addr)]);
+    assert_eq!(status, 403);
+    assert!(wait_until(Duration::from_secs(5), || proxy
+        .access_lines()
+        .iter()
+        .any(|l| l.contains("TCP_DENIED/403"))));
+}
+
+#[test]
+fn wget_and_python_urllib_as_clients() {
+    let origin = Origin::start();
+    let proxy = start_proxy(&[]);
+    let proxy_url = format!("http://{}", proxy.addr);
+    let out = Command::new("timeout")
+        .args(["60", "wget", "-q", "-O", "-"])
+        .env("http_proxy", &proxy_url)
+        .arg(origin.url("/echo/wget"))
+        .output()
+        .expect("run wget");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(echoed(&stdout(&out), "path"), "/echo/wget");
+    assert_eq!(origin.last().all("via"), ["1.1 spliced"]);
+    let script = format!(
+        "import urllib.request as u\n\
+         o = u.build_opener(u.ProxyHandler({{'http': '{proxy_url}'}}))\n\
+         r = o.open(u.Request('{}', data=b'abc', method='PUT'), timeout=30)\n\
+         print(r.status)\nprint(r.read().decode())\n",
+        origin.url("/echo/py")
+    );
+    let out = Command::new("timeout")
+        .args(["60", "python3", "-c", &script])
+        .output()
+        .expect("run python3");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.starts_with("200\n"), "{text}");
+    assert_eq!(echoed(&text, "method"), "PUT");
+    assert_eq!(echoed(&text, "body-bytes"), "3");
+}
