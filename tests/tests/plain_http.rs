@@ -787,3 +787,157 @@ fn wget_and_python_urllib_as_clients() {
     assert_eq!(echoed(&text, "method"), "PUT");
     assert_eq!(echoed(&text, "body-bytes"), "3");
 }
+
+#[test]
+fn requests_are_counted_by_status() {
+    let origin = Origin::start();
+    let proxy = start_proxy(&["--admin", "127.0.0.1:0"]);
+    assert_eq!(curl_status(&proxy, &[&origin.url("/echo")]), 200);
+    assert_eq!(curl_status(&proxy, &[&origin.url("/echo")]), 200);
+    let https = format!("https://{}/", origin.addr);
+    let answer = raw_request(
+        proxy.addr,
+        format!("GET {https} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes(),
+    );
+    assert_eq!(status_of(&answer), 501);
+    let admin = proxy.admin_addr().expect("admin listener");
+    let metrics = spliced_tests::proxy::http_get(admin, "/metrics").expect("scrape");
+    let count = |status: u16| {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(&format!("spliced_requests_total{{status=\"{status}\"}}")))
+            .and_then(|l| l.split_whitespace().last())
+            .map(str::to_owned)
+    };
+    assert_eq!(count(200).as_deref(), Some("2"), "{metrics}");
+    assert_eq!(count(501).as_deref(), Some("1"), "{metrics}");
+}
+
+#[test]
+fn proxy_authentication_is_asked_for_and_checked() {
+    let origin = Origin::start();
+    let dir = tempfile::tempdir().unwrap();
+    let hash = bcrypt::hash("secret", 4).unwrap();
+    fs::write(dir.path().join("passwd"), format!("alice:{hash}\n")).unwrap();
+    let proxy = start_with_conf(
+        dir.path(),
+        &format!(
+            "auth_param basic program /usr/lib/squid/basic_ncsa_auth {}\n\
+             auth_param basic realm test\n\
+             acl users proxy_auth REQUIRED\nhttp_access allow users\nhttp_access deny all\n",
+            dir.path().join("passwd").display()
+        ),
+    );
+    let out = curl(
+        &proxy,
+        &["-D", "-", "-o", "/dev/null", &origin.url("/echo")],
+    );
+    let head = stdout(&out);
+    assert_eq!(status_of(&head), 407, "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("proxy-authenticate: basic realm=\"test\""),
+        "{head}"
+    );
+    let out = curl(
+        &proxy,
+        &["--proxy-user", "alice:secret", &origin.url("/echo")],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let echo = stdout(&out);
+    assert!(echo.starts_with("method GET"), "{echo}");
+    assert!(
+        origin.last().all("proxy-authorization").is_empty(),
+        "credentials reached the origin"
+    );
+    let lines = proxy.wait_access_lines(2);
+    assert!(lines[0].contains(" TCP_DENIED/407 "), "{lines:#?}");
+    assert!(
+        lines[1].contains(" TCP_MISS/200 ") && lines[1].contains(" alice "),
+        "{lines:#?}"
+    );
+    assert_eq!(origin.accepted(), 1);
+}
+
+/// An origin that answers an `Upgrade: websocket` request with `101` and then
+/// echoes every byte back, upper-cased.
+fn websocket_origin() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let heads = Arc::new(Mutex::new(Vec::new()));
+    let seen = heads.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().map_while(Result::ok) {
+            let seen = seen.clone();
+            std::thread::spawn(move || {
+                stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+                let mut out = stream.try_clone().unwrap();
+                let mut reader = BufReader::new(stream);
+                let mut head = String::new();
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push_str(&line);
+                    if line == "\r\n" {
+                        break;
+                    }
+                }
+                seen.lock().unwrap().push(head);
+                out.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n").unwrap();
+                let mut buf = [0u8; 4096];
+                loop {
+                    match reader.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            if out.write_all(&buf[..n].to_ascii_uppercase()).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, heads)
+}
+
+#[test]
+fn websocket_upgrade_is_relayed() {
+    let (origin, heads) = websocket_origin();
+    let proxy = start_proxy(&[]);
+    let mut stream = TcpStream::connect(proxy.addr).unwrap();
+    stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    write!(
+        stream,
+        "GET http://{origin}/chat HTTP/1.1\r\nHost: {origin}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    .unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut head = String::new();
+    loop {
+        let mut line = String::new();
+        assert!(reader.read_line(&mut line).unwrap() > 0, "closed: {head}");
+        head.push_str(&line);
+        if line == "\r\n" {
+            break;
+        }
+    }
+    assert_eq!(status_of(&head), 101, "{head}");
+    let lower = head.to_ascii_lowercase();
+    assert!(lower.contains("upgrade: websocket"), "{head}");
+    assert!(lower.contains("connection: upgrade"), "{head}");
+    let seen = heads.lock().unwrap()[0].to_ascii_lowercase();
+    assert!(seen.starts_with("get /chat http/1.1"), "{seen}");
+    assert!(seen.contains("upgrade: websocket"), "{seen}");
+    assert!(seen.contains("connection: upgrade"), "{seen}");
+    for message in ["hello", "over the upgraded connection"] {
+        stream.write_all(message.as_bytes()).unwrap();
+        let mut echo = vec![0u8; message.len()];
+        reader.read_exact(&mut echo).unwrap();
+        assert_eq!(echo, message.to_ascii_uppercase().as_bytes());
+    }
+    let line = proxy.wait_access_lines(1).remove(0);
+    assert!(line.contains(" TCP_MISS/101 "), "{line}");
+}

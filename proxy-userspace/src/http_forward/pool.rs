@@ -1,6 +1,6 @@
 //! Idle upstream HTTP/1.1 connections kept for reuse, per destination
-//! (`host:port` as the client named it): at most [`MAX_IDLE_PER_HOST`] each,
-//! none older than [`IDLE_TIMEOUT`]. A connection is offered again only to a
+//! (`host:port` as the client named it): at most [`MAX_IDLE_PER_HOST`] each
+//! and [`MAX_IDLE`] in all, none older than [`IDLE_TIMEOUT`]. A connection is offered again only to a
 //! request whose policy allows the address it is connected to, so `dst` ACLs
 //! and the forwarding-loop check judge every request, reused or not.
 
@@ -21,6 +21,8 @@ use super::body::CountingBody;
 pub const MAX_IDLE_PER_HOST: usize = 8;
 /// An idle connection older than this is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Idle connections kept in all.
+pub const MAX_IDLE: usize = 1024;
 
 /// The sending half of an upstream connection.
 pub type Sender = SendRequest<CountingBody>;
@@ -69,24 +71,27 @@ impl Pool {
             if sender.ready().await.is_err() {
                 return;
             }
-            let mut idle = pool.idle.lock().unwrap_or_else(|p| p.into_inner());
-            sweep(&mut idle);
-            let list = idle.entry(key).or_default();
-            if list.len() >= MAX_IDLE_PER_HOST {
-                list.remove(0);
+            {
+                let mut idle = pool.idle.lock().unwrap_or_else(|p| p.into_inner());
+                sweep(&mut idle);
+                if idle.values().map(Vec::len).sum::<usize>() >= MAX_IDLE {
+                    return;
+                }
+                let list = idle.entry(key).or_default();
+                if list.len() >= MAX_IDLE_PER_HOST {
+                    list.remove(0);
+                }
+                list.push(Idle {
+                    addr,
+                    sender,
+                    since: Instant::now(),
+                });
             }
-            list.push(Idle {
-                addr,
-                sender,
-                since: Instant::now(),
-            });
+            // Closes this connection (and any other expired one) once it has
+            // been idle too long, even if no request comes to sweep it.
+            tokio::time::sleep(IDLE_TIMEOUT).await;
+            sweep(&mut pool.idle.lock().unwrap_or_else(|p| p.into_inner()));
         });
-    }
-
-    /// Idle connections held now, for tests.
-    pub fn idle_count(&self) -> usize {
-        let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        idle.values().map(Vec::len).sum()
     }
 }
 
