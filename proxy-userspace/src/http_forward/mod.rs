@@ -25,8 +25,11 @@ use std::{
 
 use bytes::Bytes;
 use hyper::{
-    body::Incoming, header, server::conn::http1, service::service_fn, Request, Response,
-    StatusCode, Version,
+    body::Incoming,
+    header::{self, HeaderName, HeaderValue},
+    server::conn::http1,
+    service::service_fn,
+    HeaderMap, Request, Response, StatusCode, Version,
 };
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
@@ -58,8 +61,9 @@ struct Connection {
 }
 
 /// Serves the client connection whose first request head is `head` (already
-/// read from `client`) until the client closes, the proxy shuts down, or
-/// `client_lifetime` is over. `base` is the connection's record so far
+/// read from `client`) until the client closes, the proxy drains (SIGTERM: the
+/// answer in flight is finished, an idle connection closed at once) or shuts
+/// down, or `client_lifetime` is over. `base` is the connection's record so far
 /// (addresses); each request gets its own record.
 pub(crate) async fn serve(
     control: Arc<ControlPlane>,
@@ -74,6 +78,7 @@ pub(crate) async fn serve(
     let request_timeout = active.settings.request_timeout;
     let lifetime = active.settings.client_lifetime;
     let mut closing = control.closing();
+    let mut draining = control.draining();
     let connection = Arc::new(Connection {
         control,
         active,
@@ -90,17 +95,26 @@ pub(crate) async fn serve(
         .serve_connection(TokioIo::new(Rewind::new(prefix, client)), service)
         .with_upgrades();
     tokio::pin!(served);
-    tokio::select! {
+    let drain = tokio::select! {
         result = served.as_mut() => {
             if let Err(err) = result {
                 log::debug!("plain-HTTP client connection: {err}");
             }
             return;
         }
-        _ = closing.wait_for(|closing| *closing) => {}
-        () = tokio::time::sleep(lifetime) => {}
-    }
+        _ = draining.wait_for(|draining| *draining) => true,
+        _ = closing.wait_for(|closing| *closing) => false,
+        () = tokio::time::sleep(lifetime) => false,
+    };
+    // Idle now: closed at once; answering: closed after the answer.
     served.as_mut().graceful_shutdown();
+    if drain {
+        // SIGTERM: the answer in flight may take until shutdown_lifetime.
+        tokio::select! {
+            _ = served.as_mut() => return,
+            _ = closing.wait_for(|closing| *closing) => {}
+        }
+    }
     let _ = tokio::time::timeout(CLOSE_GRACE, served).await;
 }
 
@@ -117,7 +131,7 @@ impl Connection {
     /// be forwarded). The record is written when the answer's body ends.
     async fn forward(self: Arc<Self>, request: Request<Incoming>) -> Response<LoggedBody> {
         let started = Instant::now();
-        let mut record = AccessRecord {
+        let record = AccessRecord {
             ts: SystemTime::now(),
             method: request.method().as_str().to_owned(),
             target: request.uri().to_string(),
@@ -131,7 +145,16 @@ impl Connection {
             ..self.base.clone()
         };
         let from_client = Arc::new(AtomicU64::new(0));
-        let exchanged = self.exchange(request, &mut record, &from_client).await;
+        let mut unanswered = Unanswered {
+            record: Some(record),
+            control: self.control.clone(),
+            started,
+        };
+        let exchanged = {
+            let record = unanswered.record.as_mut().expect("taken only below");
+            self.exchange(request, record, &from_client).await
+        };
+        let mut record = unanswered.record.take().expect("taken only here");
         let pending = |record, head_len| body::Pending {
             record,
             head_len,
@@ -175,19 +198,22 @@ impl Connection {
                     self.control.metrics().acl_denied(rule);
                 }
                 self.control.metrics().request_answered(refusal.status);
-                let mut response = Response::builder()
-                    .status(refusal.status)
-                    .header(header::CONTENT_TYPE, "text/plain")
-                    .header(header::CONNECTION, "close");
-                for line in refusal.headers.split("\r\n") {
-                    if let Some((name, value)) = line.split_once(':') {
-                        response = response.header(name.trim(), value.trim());
-                    }
-                }
                 let body = Bytes::from(error_body(&refusal));
-                let mut fields = response.headers_ref().cloned().unwrap_or_default();
-                if let Ok(length) = header::HeaderValue::from_str(&body.len().to_string()) {
-                    fields.insert(header::CONTENT_LENGTH, length);
+                let mut fields = HeaderMap::new();
+                fields.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+                fields.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+                // Like CONNECT's error answers: the connection ends after it.
+                fields.insert(header::CONNECTION, HeaderValue::from_static("close"));
+                for line in refusal.headers.split("\r\n") {
+                    let Some((name, value)) = line.split_once(':') else {
+                        continue;
+                    };
+                    if let (Ok(name), Ok(value)) = (
+                        HeaderName::from_bytes(name.trim().as_bytes()),
+                        HeaderValue::from_str(value.trim()),
+                    ) {
+                        fields.append(name, value);
+                    }
                 }
                 let status = StatusCode::from_u16(refusal.status)
                     .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
@@ -308,6 +334,27 @@ impl Connection {
                     _ => return Err(Refusal::new(502, format!("upstream: {}", err.error()))),
                 },
             }
+        }
+    }
+}
+
+/// A request's record while it has no answer yet: written (end
+/// `client_closed_before_answer`) if hyper drops the request because the
+/// client went away.
+struct Unanswered {
+    record: Option<AccessRecord>,
+    control: Arc<ControlPlane>,
+    started: Instant,
+}
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if let Some(mut record) = self.record.take() {
+            record.status = 0;
+            record.ts = SystemTime::now();
+            record.duration_ms = self.started.elapsed().as_millis() as u64;
+            record.end = "client_closed_before_answer".into();
+            self.control.active().access_log.write(&record);
         }
     }
 }
