@@ -941,3 +941,68 @@ fn websocket_upgrade_is_relayed() {
     let line = proxy.wait_access_lines(1).remove(0);
     assert!(line.contains(" TCP_MISS/101 "), "{line}");
 }
+
+#[test]
+fn a_client_that_leaves_before_the_answer_is_logged() {
+    // An origin that accepts and never answers.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let held = Arc::new(Mutex::new(Vec::new()));
+    let keep = held.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().map_while(Result::ok) {
+            keep.lock().unwrap().push(stream);
+        }
+    });
+    let proxy = start_proxy(&["--log-format", "json"]);
+    let out = curl(
+        &proxy,
+        &["--max-time", "1", &format!("http://{addr}/stall")],
+    );
+    assert!(!out.status.success(), "the origin answered?");
+    let record = &proxy.wait_json_records(1)[0];
+    assert_eq!(record["end"], "client_closed_before_answer", "{record}");
+    assert_eq!(record["status"], 0, "{record}");
+    assert_eq!(record["upstream"], addr.to_string(), "{record}");
+    assert_eq!(held.lock().unwrap().len(), 1);
+}
+
+#[test]
+fn sigterm_closes_idle_keep_alive_connections_at_once() {
+    let origin = Origin::start();
+    let proxy = start_proxy(&[]);
+    let mut stream = TcpStream::connect(proxy.addr).unwrap();
+    stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    let url = origin.url("/size/10");
+    write!(
+        stream,
+        "GET {url} HTTP/1.1\r\nHost: {}\r\n\r\n",
+        origin.addr
+    )
+    .unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    // Until the head and the 10-byte body are in.
+    loop {
+        let n = stream.read(&mut buf).unwrap();
+        assert!(n > 0, "closed before the answer");
+        answer.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&answer).into_owned();
+        if text
+            .split_once("\r\n\r\n")
+            .is_some_and(|(_, body)| body.len() >= 10)
+        {
+            break;
+        }
+    }
+    assert_eq!(status_of(&String::from_utf8_lossy(&answer)), 200);
+    // The connection is idle and kept alive; the drain (shutdown_lifetime 30 s
+    // by default) must not wait for it.
+    // SAFETY: kill(2) on the proxy's own pid.
+    assert_eq!(unsafe { libc::kill(proxy.pid() as i32, libc::SIGTERM) }, 0);
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let n = stream.read(&mut buf);
+    assert!(matches!(n, Ok(0)), "the idle connection stayed open: {n:?}");
+}
