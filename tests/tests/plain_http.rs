@@ -1006,3 +1006,44 @@ fn sigterm_closes_idle_keep_alive_connections_at_once() {
     let n = stream.read(&mut buf);
     assert!(matches!(n, Ok(0)), "the idle connection stayed open: {n:?}");
 }
+
+#[test]
+fn a_pooled_connection_is_judged_again_by_dst() {
+    let origin = Origin::start();
+    let dir = tempfile::tempdir().unwrap();
+    // GET may reach loopback, POST may not: `to_localhost` judges the address
+    // of the connection the request would go on, a pooled one included.
+    let proxy = start_with_conf(
+        dir.path(),
+        "acl post method POST\nhttp_access deny post to_localhost\n\
+         http_access allow localhost\nhttp_access deny all\n",
+    );
+    let out = curl(
+        &proxy,
+        &[
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}\n",
+            &origin.url("/echo"),
+            // A second transfer with its own options, on the same connections.
+            "--next",
+            "-x",
+            &format!("http://{}", proxy.addr),
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{num_connects}\n",
+            "-d",
+            "x",
+            &origin.url("/echo"),
+        ],
+    );
+    assert_eq!(stdout(&out), "200\n403 0\n", "{}", stderr(&out));
+    assert_eq!(origin.seen().len(), 1, "the POST reached the origin");
+    let lines = proxy.wait_access_lines(2);
+    assert!(
+        lines[1].contains(" TCP_DENIED/403 ") && lines[1].contains(" POST "),
+        "{lines:#?}"
+    );
+}
