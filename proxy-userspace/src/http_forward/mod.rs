@@ -19,7 +19,10 @@ pub mod target;
 use std::{
     convert::Infallible,
     net::SocketAddr,
-    sync::{atomic::AtomicU64, Arc},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
     time::{Duration, Instant, SystemTime},
 };
 
@@ -161,6 +164,7 @@ impl Connection {
             from_client: from_client.clone(),
             started,
             control: self.control.clone(),
+            idle: self.active.settings.read_timeout,
         };
         match exchanged {
             Ok(response) => {
@@ -273,8 +277,10 @@ impl Connection {
             .parse()
             .map_err(|err| Refusal::new(400, format!("bad request target: {err}")))?;
         parts.version = Version::HTTP_11;
-        let mut outgoing =
-            Request::from_parts(parts, CountingBody::new(incoming, from_client.clone()));
+        let mut outgoing = Request::from_parts(
+            parts,
+            CountingBody::new(incoming, from_client.clone(), settings.read_timeout),
+        );
 
         let key = target.target.to_string();
         let pool = self.control.http_pool();
@@ -307,14 +313,20 @@ impl Connection {
                 }
                 return Err(Refusal::new(502, "upstream connection closed"));
             }
-            let sent =
-                tokio::time::timeout(settings.read_timeout, sender.try_send_request(outgoing))
-                    .await;
+            let sent = without_progress(
+                settings.read_timeout,
+                from_client,
+                sender.try_send_request(outgoing),
+            )
+            .await;
             match sent {
                 Err(_) => {
                     return Err(Refusal::new(
                         504,
-                        format!("no answer from upstream within {:?}", settings.read_timeout),
+                        format!(
+                            "no answer from upstream for {:?} (read_timeout)",
+                            settings.read_timeout
+                        ),
                     ))
                 }
                 Ok(Ok(mut response)) => {
@@ -333,6 +345,29 @@ impl Connection {
                     Some(unsent) if reused => outgoing = unsent,
                     _ => return Err(Refusal::new(502, format!("upstream: {}", err.error()))),
                 },
+            }
+        }
+    }
+}
+
+/// `sending`, or `Err` once `idle` passed with neither an answer nor a
+/// request body byte going upstream (a long upload is not a stalled origin).
+async fn without_progress<T>(
+    idle: Duration,
+    from_client: &AtomicU64,
+    sending: impl std::future::Future<Output = T>,
+) -> Result<T, ()> {
+    tokio::pin!(sending);
+    let mut seen = from_client.load(Ordering::Relaxed);
+    loop {
+        match tokio::time::timeout(idle, &mut sending).await {
+            Ok(done) => return Ok(done),
+            Err(_) => {
+                let now = from_client.load(Ordering::Relaxed);
+                if now == seen {
+                    return Err(());
+                }
+                seen = now;
             }
         }
     }
