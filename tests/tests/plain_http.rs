@@ -1047,3 +1047,59 @@ fn a_pooled_connection_is_judged_again_by_dst() {
         "{lines:#?}"
     );
 }
+
+#[test]
+fn an_answer_that_stalls_ends_after_read_timeout() {
+    // An origin that promises 100 bytes, sends 10, then nothing.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let held = Arc::new(Mutex::new(Vec::new()));
+    let keep = held.clone();
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().map_while(Result::ok) {
+            let mut head = [0u8; 4096];
+            let _ = stream.read(&mut head);
+            let _ = stream.write_all(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 100\r\n\r\n0123456789",
+            );
+            keep.lock().unwrap().push(stream);
+        }
+    });
+    let proxy = start_proxy(&["--read-timeout", "1", "--log-format", "json"]);
+    let started = std::time::Instant::now();
+    let out = curl(
+        &proxy,
+        &["--max-time", "30", &format!("http://{addr}/stall")],
+    );
+    let took = started.elapsed();
+    assert!(!out.status.success(), "a 10-byte body passed for 100");
+    assert!(
+        took < Duration::from_secs(10),
+        "the stalled answer held the client {took:?}"
+    );
+    let record = &proxy.wait_json_records(1)[0];
+    assert_eq!(record["end"], "idle_timeout", "{record}");
+    assert_eq!(record["status"], 200, "{record}");
+}
+
+#[test]
+fn an_origin_that_never_answers_gets_504_after_read_timeout() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let held = Arc::new(Mutex::new(Vec::new()));
+    let keep = held.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().map_while(Result::ok) {
+            keep.lock().unwrap().push(stream);
+        }
+    });
+    let proxy = start_proxy(&["--read-timeout", "1"]);
+    let started = std::time::Instant::now();
+    assert_eq!(
+        curl_status(&proxy, &[&format!("http://{addr}/silent")]),
+        504
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let line = proxy.wait_access_lines(1).remove(0);
+    assert!(line.contains(" NONE_NONE/504 "), "{line}");
+}
