@@ -31,7 +31,10 @@ pub enum ForwardedFor {
 /// A `forwarded_for` value that is none of `on`, `off`, `delete`, `transparent`.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("expected on, off, delete or transparent, not {0:?}")]
-pub struct BadForwardedFor(pub String);
+pub struct BadForwardedFor(
+    /// The value given.
+    pub String,
+);
 
 impl FromStr for ForwardedFor {
     type Err = BadForwardedFor;
