@@ -36,6 +36,18 @@ pub struct BadForwardedFor(
     pub String,
 );
 
+impl ForwardedFor {
+    /// The squid.conf spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::On => "on",
+            Self::Off => "off",
+            Self::Delete => "delete",
+            Self::Transparent => "transparent",
+        }
+    }
+}
+
 impl FromStr for ForwardedFor {
     type Err = BadForwardedFor;
 

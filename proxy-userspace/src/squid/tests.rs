@@ -1890,6 +1890,10 @@ fn via_and_forwarded_for_are_parsed() {
         loaded.config.headers.forwarded_for,
         ForwardedFor::Transparent
     );
+    let rendered = loaded.config.render_effective();
+    let lines: Vec<&str> = rendered.lines().collect();
+    assert!(lines.contains(&"via off"), "{rendered}");
+    assert!(lines.contains(&"forwarded_for transparent"), "{rendered}");
     for bad in ["via maybe\n", "forwarded_for yes\n", "forwarded_for\n"] {
         assert!(parse_str(bad, "squid.conf").is_err(), "{bad}");
     }
