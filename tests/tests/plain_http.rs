@@ -1103,3 +1103,30 @@ fn an_origin_that_never_answers_gets_504_after_read_timeout() {
     let line = proxy.wait_access_lines(1).remove(0);
     assert!(line.contains(" NONE_NONE/504 "), "{line}");
 }
+
+#[test]
+fn pipelined_requests_and_a_body_in_the_first_segment() {
+    let origin = Origin::start();
+    let proxy = start_proxy(&[]);
+    let mut stream = TcpStream::connect(proxy.addr).unwrap();
+    stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    let host = origin.addr;
+    // One write: a POST with its body, then a GET that closes; the proxy read
+    // all of it before it knew this was plain HTTP.
+    let requests = format!(
+        "POST {} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 5\r\n\r\nhello\
+         GET {} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n",
+        origin.url("/echo/first"),
+        origin.url("/echo/second"),
+    );
+    stream.write_all(requests.as_bytes()).unwrap();
+    let mut answers = String::new();
+    stream.read_to_string(&mut answers).unwrap();
+    assert_eq!(answers.matches("HTTP/1.1 200 OK").count(), 2, "{answers}");
+    assert!(answers.contains("path /echo/first"), "{answers}");
+    assert!(answers.contains("body-bytes 5"), "{answers}");
+    assert!(answers.contains("path /echo/second"), "{answers}");
+    let seen = origin.seen();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[0].body_sha256, hex(&Sha256::digest(b"hello")));
+}
