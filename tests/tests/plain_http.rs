@@ -525,6 +525,30 @@ fn chunked_and_until_close_bodies() {
         assert!(out.status.success(), "{path}: {}", stderr(&out));
         assert_eq!(file_sha256(&file), pattern_sha256(len), "{path}");
     }
+    // An HTTP/1.0 client cannot take chunks: the chunked answer reaches it
+    // delimited by the end of the connection.
+    let len = 2 * MIB + 5;
+    let file = dir.path().join("down-1.0");
+    let out = curl(
+        &proxy,
+        &[
+            "-0",
+            "-D",
+            "-",
+            "-o",
+            file.to_str().unwrap(),
+            &origin.url(&format!("/chunked/{len}")),
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        !stdout(&out)
+            .to_ascii_lowercase()
+            .contains("transfer-encoding"),
+        "{}",
+        stdout(&out)
+    );
+    assert_eq!(file_sha256(&file), pattern_sha256(len));
 }
 
 #[test]
