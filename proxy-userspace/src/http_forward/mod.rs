@@ -434,3 +434,38 @@ fn head_length(status: StatusCode, fields: &hyper::HeaderMap) -> u64 {
     };
     (status_line.len() + fields_len + date + 2) as u64
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn head_length_counts_what_hyper_writes() {
+        let mut fields = HeaderMap::new();
+        fields.insert(header::CONTENT_LENGTH, HeaderValue::from(5usize));
+        // "HTTP/1.1 200 OK\r\n" + "content-length: 5\r\n" + date line + "\r\n"
+        assert_eq!(head_length(StatusCode::OK, &fields), 17 + 19 + 37 + 2);
+        fields.insert(header::DATE, HeaderValue::from_static("x"));
+        assert_eq!(head_length(StatusCode::OK, &fields), 17 + 19 + 9 + 2);
+    }
+
+    #[tokio::test]
+    async fn only_a_wait_without_progress_times_out() {
+        let idle = Duration::from_millis(50);
+        let still = AtomicU64::new(0);
+        assert!(without_progress(idle, &still, std::future::pending::<()>())
+            .await
+            .is_err());
+        let moving = Arc::new(AtomicU64::new(0));
+        let ticks = moving.clone();
+        let ticker = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                ticks.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        let slow_answer = tokio::time::sleep(Duration::from_millis(200));
+        assert!(without_progress(idle, &moving, slow_answer).await.is_ok());
+        ticker.abort();
+    }
+}
