@@ -332,7 +332,12 @@ impl Connection {
                 Ok(Ok(mut response)) => {
                     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
                         if let Some(client_upgrade) = client_upgrade {
-                            relay_upgraded(client_upgrade, hyper::upgrade::on(&mut response));
+                            relay_upgraded(
+                                &self.control,
+                                settings.client_lifetime,
+                                client_upgrade,
+                                hyper::upgrade::on(&mut response),
+                            );
                         }
                     } else {
                         pool.put_when_ready(key, addr, sender);
@@ -396,8 +401,15 @@ impl Drop for Unanswered {
 
 /// After a `101 Switching Protocols`, relays bytes between the client's and
 /// the origin's upgraded connections (in user space, with
-/// `tokio::io::copy_bidirectional`; the data planes are not used).
-fn relay_upgraded(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+/// `tokio::io::copy_bidirectional`; the data planes are not used) until either
+/// closes, `lifetime` is over, or the proxy shuts down.
+fn relay_upgraded(
+    control: &ControlPlane,
+    lifetime: Duration,
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+) {
+    let mut closing = control.closing();
     tokio::spawn(async move {
         let (client, upstream) = match tokio::try_join!(client, upstream) {
             Ok(pair) => pair,
@@ -407,8 +419,13 @@ fn relay_upgraded(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::O
             }
         };
         let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
-        if let Err(err) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-            log::debug!("upgraded connection: {err}");
+        tokio::select! {
+            relayed = tokio::io::copy_bidirectional(&mut client, &mut upstream) => match relayed {
+                Ok((up, down)) => log::debug!("upgraded connection closed after {up} + {down} bytes"),
+                Err(err) => log::debug!("upgraded connection: {err}"),
+            },
+            _ = closing.wait_for(|closing| *closing) => log::debug!("upgraded connection ended by shutdown"),
+            () = tokio::time::sleep(lifetime) => log::debug!("upgraded connection ended by client_lifetime"),
         }
     });
 }
