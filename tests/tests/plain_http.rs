@@ -1154,3 +1154,23 @@ fn pipelined_requests_and_a_body_in_the_first_segment() {
     assert_eq!(seen.len(), 2);
     assert_eq!(seen[0].body_sha256, hex(&Sha256::digest(b"hello")));
 }
+
+#[test]
+fn builtin_policy_allows_only_safe_ports() {
+    let origin = Origin::start();
+    let proxy = start_proxy(&["--admin", "127.0.0.1:0"]);
+    // Squid's stock Safe_ports: 1025-65535 (the origin's port) but not 25.
+    assert_eq!(curl_status(&proxy, &[&origin.url("/echo")]), 200);
+    assert_eq!(curl_status(&proxy, &["http://127.0.0.1:25/"]), 403);
+    let lines = proxy.wait_access_lines(2);
+    assert!(
+        lines[1].contains(" TCP_DENIED/403 ") && lines[1].contains(" GET http://127.0.0.1:25/ "),
+        "{lines:#?}"
+    );
+    let admin = proxy.admin_addr().expect("admin listener");
+    let metrics = spliced_tests::proxy::http_get(admin, "/metrics").expect("scrape");
+    assert!(
+        metrics.contains("builtin:unsafe_port"),
+        "no denial by rule builtin:unsafe_port:\n{metrics}"
+    );
+}
