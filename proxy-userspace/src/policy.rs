@@ -172,6 +172,27 @@ mod tests {
     }
 
     #[test]
+    fn plain_requests_go_to_safe_ports() {
+        let policy = BuiltinPolicy {
+            connect_ports: "443".parse().unwrap(),
+        };
+        let local = "10.0.0.1".parse().unwrap();
+        for port in [80, 21, 443, 777, 1025, 8080, 65535] {
+            assert_eq!(policy.check_plain(local, port), Ok(()), "{port}");
+        }
+        for port in [25, 22, 1024, 6] {
+            assert_eq!(
+                policy.check_plain(local, port),
+                Err(Denial::UnsafePort(port))
+            );
+        }
+        assert_eq!(
+            policy.check_plain("8.8.8.8".parse().unwrap(), 80),
+            Err(Denial::ClientNotLocal)
+        );
+    }
+
+    #[test]
     fn localnet_matches_squid_stock_ranges() {
         for ok in [
             "127.0.0.1",
