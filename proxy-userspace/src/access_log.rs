@@ -57,6 +57,10 @@ pub struct AccessRecord {
     /// `sni_must_match_connect`) read it (`%ssl::>sni`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sni: Option<String>,
+    /// The answer's media type (`%mt`), from a forwarded answer's
+    /// `Content-Type` (plain HTTP); error answers are `text/plain`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mime_type: Option<String>,
     /// How the tunnel or request ended, for operators (`closed`, `client_error`, …).
     pub end: String,
 }
@@ -119,7 +123,10 @@ impl LogFields for AccessRecord {
     }
     fn mime_type(&self) -> Option<&str> {
         // Error answers carry a short text body; tunnels have no MIME type.
-        (self.result != "TCP_TUNNEL" && self.bytes_to_client > 0).then_some("text/plain")
+        self.mime_type.as_deref().or_else(|| {
+            (!matches!(self.result, "TCP_TUNNEL" | "TCP_MISS") && self.bytes_to_client > 0)
+                .then_some("text/plain")
+        })
     }
 }
 
@@ -228,6 +235,7 @@ mod tests {
             dataplane: Some(PlaneKind::Sockmap),
             bytes_before_promotion: None,
             sni: None,
+            mime_type: None,
             end: "closed".into(),
         }
     }

@@ -147,6 +147,8 @@ pub struct RequestHead {
     pub target: String,
     /// The `Proxy-Authorization` header (field names are case-insensitive).
     pub proxy_authorization: Option<String>,
+    /// The head itself, as received (plain HTTP hands it to hyper).
+    pub raw: Vec<u8>,
     /// Bytes the client sent after the head: the start of the tunnel payload.
     pub pipelined: Vec<u8>,
     /// Size of the head itself.
@@ -224,6 +226,7 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<RequestHead>, HeadError> {
                 .find(|h| h.name.eq_ignore_ascii_case("proxy-authorization"))
                 .and_then(|h| std::str::from_utf8(h.value).ok())
                 .map(|v| v.trim().to_owned()),
+            raw: buf[..head_len].to_vec(),
             pipelined: buf[head_len..].to_vec(),
             head_len,
         })),

@@ -32,6 +32,7 @@ use crate::{
     connect_request::{self, HeadError, Host, RequestHead, Target},
     dataplane::{DataPlane, Picked, Progress, Tunnel, TunnelEnd, TunnelLimits, TunnelOutcome},
     handover::HandoverRecord,
+    http_forward,
     metrics::Metrics,
     peek,
     policy::Denial,
@@ -77,25 +78,31 @@ pub struct ControlPlane {
     /// A descriptor held in reserve, given back to refuse clients cleanly when
     /// the process runs out of descriptors.
     fd_reserve: tokio::sync::Mutex<Vec<std::fs::File>>,
+    /// Idle upstream connections of plain-HTTP forwarding.
+    http_pool: Arc<http_forward::Pool>,
 }
 
 /// An error answer to a request.
-struct Refusal {
-    status: u16,
-    result: &'static str,
-    reason: String,
+pub(crate) struct Refusal {
+    /// The HTTP status (0: none is sent).
+    pub(crate) status: u16,
+    /// The Squid result code logged (`NONE_NONE`, `TCP_DENIED`).
+    pub(crate) result: &'static str,
+    /// Why, for the log (and the body, unless it is a denial).
+    pub(crate) reason: String,
     /// Extra header lines, each ending in CRLF.
-    headers: String,
+    pub(crate) headers: String,
     /// The access rule that denied the request, for metrics: `FILE:LINE`,
     /// `implicit` or `builtin:REASON`.
-    rule: Option<String>,
+    pub(crate) rule: Option<String>,
     /// The `200` was sent before the refusal (the TLS name policy closes a
     /// tunnel after it): nothing more is answered.
     answered: bool,
 }
 
 impl Refusal {
-    fn new(status: u16, reason: impl Into<String>) -> Self {
+    /// A refusal with `status`, logged as `NONE_NONE`.
+    pub(crate) fn new(status: u16, reason: impl Into<String>) -> Self {
         Self {
             status,
             result: "NONE_NONE",
@@ -106,7 +113,8 @@ impl Refusal {
         }
     }
 
-    fn denied(status: u16, reason: impl Into<String>) -> Self {
+    /// A refusal by the policy, logged as `TCP_DENIED`.
+    pub(crate) fn denied(status: u16, reason: impl Into<String>) -> Self {
         Self {
             result: "TCP_DENIED",
             ..Self::new(status, reason)
@@ -178,7 +186,13 @@ impl ControlPlane {
                     .filter_map(|_| std::fs::File::open("/dev/null").ok())
                     .collect(),
             ),
+            http_pool: Arc::default(),
         }
+    }
+
+    /// Idle upstream connections of plain-HTTP forwarding.
+    pub(crate) fn http_pool(&self) -> &Arc<http_forward::Pool> {
+        &self.http_pool
     }
 
     /// Notes a socket the proxy listens on, so no tunnel may lead back to it.
@@ -199,7 +213,7 @@ impl ControlPlane {
 
     /// Whether connecting to `target` would reach one of the proxy's own
     /// listening sockets (a forwarding loop).
-    fn is_own(&self, target: SocketAddr) -> bool {
+    pub(crate) fn is_own(&self, target: SocketAddr) -> bool {
         let own = self.own_addrs.lock().unwrap_or_else(|p| p.into_inner());
         // Judge the address connect(2) really reaches: it takes 0.0.0.0 for
         // 127.0.0.1 and :: for ::1, so `0.0.0.0:PORT` (a literal, or what a name
@@ -367,6 +381,7 @@ impl ControlPlane {
             dataplane: None,
             bytes_before_promotion: None,
             sni: None,
+            mime_type: None,
             end: String::new(),
         };
         let mut closing = self.closing.subscribe();
@@ -379,7 +394,14 @@ impl ControlPlane {
             }
         };
         match opened {
-            Ok(opened) => {
+            Ok(Opened::PlainHttp(head)) => {
+                // Plain HTTP: every request on the connection is forwarded and
+                // logged on its own (`http_forward`).
+                let base = record.clone();
+                http_forward::serve(self.clone(), active.clone(), client, head, base).await;
+                return;
+            }
+            Ok(Opened::Tunnel(opened)) => {
                 let progress = Progress::new(self.metrics.clone());
                 let tunnel = Tunnel {
                     client,
@@ -506,7 +528,7 @@ impl ControlPlane {
         settings: &Settings,
         client: &mut TcpStream,
         record: &mut AccessRecord,
-    ) -> Result<OpenedTunnel, Refusal> {
+    ) -> Result<Opened, Refusal> {
         let head = connect_request::read_head(client, settings.request_timeout)
             .await
             .map_err(|err| match err {
@@ -517,6 +539,9 @@ impl ControlPlane {
             })?;
         record.method.clone_from(&head.method);
         record.target.clone_from(&head.target);
+        if head.method != "CONNECT" && http_forward::is_absolute(&head.target) {
+            return Ok(Opened::PlainHttp(head));
+        }
         if head.method != "CONNECT" {
             return Err(Refusal::new(
                 405,
@@ -530,12 +555,82 @@ impl ControlPlane {
         let judge = Judge::new(settings, record, &head, &target).await;
         record.user.clone_from(&judge.user);
         judge.decide(None)?;
+        let (mut upstream, upstream_addr) =
+            self.connect_upstream(settings, &judge, &target).await?;
+        record.upstream = Some(upstream_addr);
+        record.hierarchy = "HIER_DIRECT";
+        for socket in [&*client, &upstream] {
+            let _ = socket.set_nodelay(true);
+            if !settings.tcp_congestion.is_empty() {
+                if let Err(err) = sockopt::set_congestion(socket.as_fd(), &settings.tcp_congestion)
+                {
+                    log::debug!("TCP_CONGESTION {}: {err}", settings.tcp_congestion);
+                }
+            }
+        }
+        let write_upstream =
+            |err: io::Error| Refusal::new(502, format!("writing pipelined bytes upstream: {err}"));
+        if let Some(squid) = judge.tls_policy() {
+            let facts = judge.facts(Some(upstream_addr.ip()), 1);
+            match squid.tls_step1(&facts) {
+                Step1::Splice => {}
+                Step1::Terminate(rule) => {
+                    self.metrics.tls_refused("terminate");
+                    return Err(Refusal::denied(403, format!("terminated by {rule}")));
+                }
+                Step1::Peek => {
+                    return self
+                        .peek_then_open(settings, squid, &facts, client, upstream, &head, record)
+                        .await
+                        .map(Opened::Tunnel);
+                }
+            }
+        }
+        if !head.pipelined.is_empty() {
+            upstream
+                .write_all(&head.pipelined)
+                .await
+                .map_err(write_upstream)?;
+        }
+        let queued = if self.hooks.has(TestHook::NoQueueDrain) {
+            QueuedBytes {
+                bytes: 0,
+                clean: true,
+            }
+        } else {
+            forward_queued_bytes(client, &mut upstream)
+                .await
+                .map_err(write_upstream)?
+        };
+        if let Err(err) = client.write_all(CONNECT_OK).await {
+            return Err(Refusal::new(0, format!("client gone before 200: {err}")));
+        }
+        let pipelined = head.pipelined.len() as u64 + queued.bytes;
+        Ok(Opened::Tunnel(OpenedTunnel {
+            upstream,
+            pipelined,
+            client_bytes_consumed: head.head_len as u64 + pipelined,
+            client_queue_clean: queued.clean,
+        }))
+    }
+}
+
+impl ControlPlane {
+    /// Resolves `target`, keeps the addresses the policy allows (`dst` ACLs
+    /// judge each) that are not the proxy's own, and connects to the first
+    /// that answers.
+    pub(crate) async fn connect_upstream(
+        &self,
+        settings: &Settings,
+        judge: &Judge<'_>,
+        target: &Target,
+    ) -> Result<(TcpStream, SocketAddr), Refusal> {
         let refuse_upstream = |err: upstream::UpstreamError| {
             self.metrics.upstream_failed(&err);
             Refusal::new(err.status(), err.to_string())
         };
         let resolving = Instant::now();
-        let resolved = upstream::resolve(&target, settings.dns_timeout).await;
+        let resolved = upstream::resolve(target, settings.dns_timeout).await;
         if matches!(target.host, Host::Name(_)) {
             self.metrics.dns_resolved(resolving.elapsed());
         }
@@ -564,63 +659,9 @@ impl ControlPlane {
                 "forwarding loop: the target is this proxy",
             ));
         }
-        let (mut upstream, upstream_addr) = upstream::connect(&addrs, settings.connect_timeout)
+        upstream::connect(&addrs, settings.connect_timeout)
             .await
-            .map_err(refuse_upstream)?;
-        record.upstream = Some(upstream_addr);
-        record.hierarchy = "HIER_DIRECT";
-        for socket in [&*client, &upstream] {
-            let _ = socket.set_nodelay(true);
-            if !settings.tcp_congestion.is_empty() {
-                if let Err(err) = sockopt::set_congestion(socket.as_fd(), &settings.tcp_congestion)
-                {
-                    log::debug!("TCP_CONGESTION {}: {err}", settings.tcp_congestion);
-                }
-            }
-        }
-        let write_upstream =
-            |err: io::Error| Refusal::new(502, format!("writing pipelined bytes upstream: {err}"));
-        if let Some(squid) = judge.tls_policy() {
-            let facts = judge.facts(Some(upstream_addr.ip()), 1);
-            match squid.tls_step1(&facts) {
-                Step1::Splice => {}
-                Step1::Terminate(rule) => {
-                    self.metrics.tls_refused("terminate");
-                    return Err(Refusal::denied(403, format!("terminated by {rule}")));
-                }
-                Step1::Peek => {
-                    return self
-                        .peek_then_open(settings, squid, &facts, client, upstream, &head, record)
-                        .await;
-                }
-            }
-        }
-        if !head.pipelined.is_empty() {
-            upstream
-                .write_all(&head.pipelined)
-                .await
-                .map_err(write_upstream)?;
-        }
-        let queued = if self.hooks.has(TestHook::NoQueueDrain) {
-            QueuedBytes {
-                bytes: 0,
-                clean: true,
-            }
-        } else {
-            forward_queued_bytes(client, &mut upstream)
-                .await
-                .map_err(write_upstream)?
-        };
-        if let Err(err) = client.write_all(CONNECT_OK).await {
-            return Err(Refusal::new(0, format!("client gone before 200: {err}")));
-        }
-        let pipelined = head.pipelined.len() as u64 + queued.bytes;
-        Ok(OpenedTunnel {
-            upstream,
-            pipelined,
-            client_bytes_consumed: head.head_len as u64 + pipelined,
-            client_queue_clean: queued.clean,
-        })
+            .map_err(refuse_upstream)
     }
 }
 
@@ -673,14 +714,15 @@ impl ControlPlane {
 }
 
 /// Applies the policy in force to one request.
-struct Judge<'a> {
+pub(crate) struct Judge<'a> {
     policy: &'a Policy,
     client: IpAddr,
     local: Option<SocketAddr>,
     method: &'a str,
     host: String,
     port: u16,
-    user: Option<String>,
+    /// The user `Proxy-Authorization` authenticated, if any.
+    pub(crate) user: Option<String>,
 }
 
 impl<'a> Judge<'a> {
@@ -690,13 +732,33 @@ impl<'a> Judge<'a> {
         head: &'a RequestHead,
         target: &Target,
     ) -> Self {
+        Self::for_request(
+            settings,
+            (record.client.ip(), record.local),
+            &head.method,
+            target,
+            head.proxy_authorization.as_deref(),
+        )
+        .await
+    }
+
+    /// The judge of a request for `method` to `target` from `client` (its
+    /// address and the proxy address it reached), with its
+    /// `Proxy-Authorization` value.
+    pub(crate) async fn for_request(
+        settings: &'a Settings,
+        (client, local): (IpAddr, Option<SocketAddr>),
+        method: &'a str,
+        target: &Target,
+        proxy_authorization: Option<&str>,
+    ) -> Self {
         let host = match &target.host {
             Host::Name(name) => name.clone(),
             Host::Ip(ip) => ip.to_string(),
         };
-        let user = match (&settings.policy, &head.proxy_authorization) {
+        let user = match (&settings.policy, proxy_authorization) {
             (Policy::Squid(squid), Some(credentials)) if squid.auth.is_some() => {
-                let (squid, credentials) = (squid.clone(), credentials.clone());
+                let (squid, credentials) = (squid.clone(), credentials.trim().to_owned());
                 // A bcrypt check costs milliseconds of CPU: keep it off the executor.
                 tokio::task::spawn_blocking(move || squid.verify_basic(&credentials))
                     .await
@@ -707,16 +769,17 @@ impl<'a> Judge<'a> {
         };
         Self {
             policy: &settings.policy,
-            client: record.client.ip(),
-            local: record.local,
-            method: &head.method,
+            client,
+            local,
+            method,
             host,
             port: target.port,
             user,
         }
     }
 
-    fn needs_destination(&self) -> bool {
+    /// Whether a `dst`-like ACL makes the answer depend on the address.
+    pub(crate) fn needs_destination(&self) -> bool {
         matches!(self.policy, Policy::Squid(squid) if squid.needs_destination())
     }
 
@@ -748,12 +811,18 @@ impl<'a> Judge<'a> {
 
     /// Decides with `dst` the address about to be connected to (`None` before
     /// resolution: `dst` ACLs then do not match, as in Squid).
-    fn decide(&self, dst: Option<IpAddr>) -> Result<(), Refusal> {
+    pub(crate) fn decide(&self, dst: Option<IpAddr>) -> Result<(), Refusal> {
         match self.policy {
-            Policy::Builtin(builtin) => builtin.check(self.client, self.port).map_err(|denial| {
+            Policy::Builtin(builtin) => if self.method == "CONNECT" {
+                builtin.check(self.client, self.port)
+            } else {
+                builtin.check_plain(self.client, self.port)
+            }
+            .map_err(|denial| {
                 let rule = match denial {
                     Denial::ClientNotLocal => "builtin:client_not_local",
                     Denial::PortNotAllowed(_) => "builtin:port_not_allowed",
+                    Denial::UnsafePort(_) => "builtin:unsafe_port",
                 };
                 Refusal {
                     rule: Some(rule.into()),
@@ -791,6 +860,15 @@ impl<'a> Judge<'a> {
             }
         }
     }
+}
+
+/// What the request head leads to.
+enum Opened {
+    /// A CONNECT tunnel, ready for the data plane.
+    Tunnel(OpenedTunnel),
+    /// A plain-HTTP request in absolute form: the connection is served by
+    /// `http_forward` from the head on.
+    PlainHttp(RequestHead),
 }
 
 /// An upstream connection ready to become a tunnel.
@@ -856,7 +934,8 @@ async fn forward_queued_bytes(
     })
 }
 
-fn reason_phrase(status: u16) -> &'static str {
+/// The reason phrase of an error status.
+pub(crate) fn reason_phrase(status: u16) -> &'static str {
     match status {
         400 => "Bad Request",
         403 => "Forbidden",
@@ -865,6 +944,7 @@ fn reason_phrase(status: u16) -> &'static str {
         408 => "Request Timeout",
         429 => "Too Many Requests",
         431 => "Request Header Fields Too Large",
+        501 => "Not Implemented",
         502 => "Bad Gateway",
         503 => "Service Unavailable",
         504 => "Gateway Timeout",
@@ -872,8 +952,8 @@ fn reason_phrase(status: u16) -> &'static str {
     }
 }
 
-/// Writes an error answer, then closes gracefully. Returns the bytes written.
-async fn answer_error(client: &mut TcpStream, refusal: &Refusal, with_body: bool) -> u64 {
+/// The plain-text body of an error answer.
+pub(crate) fn error_body(refusal: &Refusal) -> String {
     // Like Squid's error pages, a denial names its kind but not the rule: which
     // line of the policy matched is for the access log, not for clients.
     let detail = match refusal.result {
@@ -883,11 +963,16 @@ async fn answer_error(client: &mut TcpStream, refusal: &Refusal, with_body: bool
         }
         _ => refusal.reason.as_str(),
     };
-    let body = format!(
+    format!(
         "spliced: {} {}: {detail}\n",
         refusal.status,
         reason_phrase(refusal.status)
-    );
+    )
+}
+
+/// Writes an error answer, then closes gracefully. Returns the bytes written.
+async fn answer_error(client: &mut TcpStream, refusal: &Refusal, with_body: bool) -> u64 {
+    let body = error_body(refusal);
     let allow = if refusal.status == 405 {
         "Allow: CONNECT\r\n"
     } else {

@@ -114,6 +114,7 @@ impl HandoverRecord {
             dataplane: Some(PlaneKind::Packet),
             bytes_before_promotion: None,
             sni: self.sni.clone(),
+            mime_type: None,
             end: String::new(),
         }
     }

@@ -6,6 +6,8 @@
 //! * [`dataplane`] — the one interface that moves a tunnel's bytes, with the
 //!   sockmap (eBPF), splice(2) and copy implementations;
 //! * [`access_log`] — Squid-style and JSON access log records;
+//! * [`http_forward`] — plain `http://` requests in absolute form, forwarded
+//!   with hyper (no caching);
 //! * [`handover`] — tunnels handed from one process to the next (packet plane);
 //! * [`peek`] — the TLS name policy's ClientHello step (`ssl_bump`);
 //! * [`squid`] — a `squid.conf` subset reader and Squid's `http_access` semantics;
@@ -20,6 +22,7 @@ pub mod connect_request;
 pub mod control;
 pub mod dataplane;
 pub mod handover;
+pub mod http_forward;
 pub mod metrics;
 pub mod peek;
 pub mod policy;

@@ -76,7 +76,24 @@ pub enum Denial {
     /// The CONNECT port is not in `--connect-ports`.
     #[error("CONNECT to port {0} not allowed")]
     PortNotAllowed(u16),
+    /// A plain-HTTP request to a port outside Squid's stock `Safe_ports`.
+    #[error("port {0} not in Safe_ports")]
+    UnsafePort(u16),
 }
+
+/// Squid's stock `Safe_ports`: where its default configuration lets plain
+/// (non-CONNECT) requests go.
+pub const SAFE_PORTS: [(u16, u16); 9] = [
+    (80, 80),
+    (21, 21),
+    (443, 443),
+    (70, 70),
+    (210, 210),
+    (1025, 65535),
+    (280, 280),
+    (488, 488),
+    (591, 591),
+];
 
 /// The built-in policy of part 1.
 #[derive(Clone, Debug)]
@@ -86,6 +103,22 @@ pub struct BuiltinPolicy {
 }
 
 impl BuiltinPolicy {
+    /// Decides whether `client` may send a plain-HTTP request to `port`: as
+    /// Squid's stock configuration, localnet clients to `Safe_ports` (and 777).
+    pub fn check_plain(&self, client: IpAddr, port: u16) -> Result<(), Denial> {
+        if !is_localnet(client) {
+            return Err(Denial::ClientNotLocal);
+        }
+        let safe = port == 777
+            || SAFE_PORTS
+                .iter()
+                .any(|&(low, high)| (low..=high).contains(&port));
+        if !safe {
+            return Err(Denial::UnsafePort(port));
+        }
+        Ok(())
+    }
+
     /// Decides whether `client` may open a tunnel to `port`.
     pub fn check(&self, client: IpAddr, port: u16) -> Result<(), Denial> {
         if !is_localnet(client) {
@@ -136,6 +169,27 @@ mod tests {
         for bad in ["", "0", "70000", "5-3", "a", "1,,2", "-5"] {
             assert!(bad.parse::<PortSet>().is_err(), "{bad:?} parsed");
         }
+    }
+
+    #[test]
+    fn plain_requests_go_to_safe_ports() {
+        let policy = BuiltinPolicy {
+            connect_ports: "443".parse().unwrap(),
+        };
+        let local = "10.0.0.1".parse().unwrap();
+        for port in [80, 21, 443, 777, 1025, 8080, 65535] {
+            assert_eq!(policy.check_plain(local, port), Ok(()), "{port}");
+        }
+        for port in [25, 22, 1024, 6] {
+            assert_eq!(
+                policy.check_plain(local, port),
+                Err(Denial::UnsafePort(port))
+            );
+        }
+        assert_eq!(
+            policy.check_plain("8.8.8.8".parse().unwrap(), 80),
+            Err(Denial::ClientNotLocal)
+        );
     }
 
     #[test]

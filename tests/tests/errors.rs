@@ -491,7 +491,9 @@ fn other_methods_get_405_with_allow_connect() {
     let mut bench = Bench::start(Format::Squid, &[], &[]);
     let sentinel = sentinel(&bench.host);
     let guarded = sentinel.local_addr().unwrap().to_string();
-    let absolute = format!("http://{guarded}/");
+    // An absolute `http://` URI is forwarded (tests/plain_http.rs); other
+    // schemes are not.
+    let absolute = format!("ftp://{guarded}/");
     let cases: Vec<(String, &str, &str)> = vec![
         (
             "GET / HTTP/1.1\r\nHost: a.invalid\r\n\r\n".into(),

@@ -111,8 +111,11 @@ fn spellings_of_loopback_and_denied_names_do_not_get_through() {
     assert!(wrong.is_empty(), "{wrong:#?}\n{}", site.proxy.stderr());
 }
 
+/// Plain-HTTP requests (forwarded since issue 14) are judged like CONNECT:
+/// `to_localhost` denies `http://127.0.0.1:443/` whatever the method, and
+/// nothing reaches the upstream.
 #[test]
-fn only_connect_reaches_an_upstream() {
+fn plain_requests_are_judged_like_connect() {
     let site = site();
     for method in ["GET", "POST", "PUT", "OPTIONS", "connect", "TRACE"] {
         let proxy = site.proxy.addr;
@@ -121,7 +124,7 @@ fn only_connect_reaches_an_upstream() {
         let answer = site
             .ns
             .enter(move || raw_request(proxy, request.as_bytes()));
-        assert_eq!(status_of(&answer), 405, "{method}: {answer}");
+        assert_eq!(status_of(&answer), 403, "{method}: {answer}");
     }
     // None of them opened a connection: every record has no upstream.
     let records = site.proxy.wait_json_records(6);

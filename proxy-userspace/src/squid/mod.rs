@@ -61,8 +61,9 @@
 //! and file housekeeping (`coredump_dir`, `pid_filename`, `cache_effective_user`,
 //! `workers`, `cache_log`, `logfile_rotate`, …), ICP/HTCP/SNMP, peer selection
 //! without peers (`always_direct`, `never_direct`, `hierarchy_stoplist`), header
-//! rewriting (`forwarded_for`, `via`, `request_header_access`, … — a tunnel
-//! forwards no request headers), `http_reply_access` (a tunnel has no HTTP reply
+//! rewriting (`request_header_access`, `reply_header_add`, … — plain HTTP
+//! rewrites only hop-by-hop fields, `Via` and `X-Forwarded-For`, the last two
+//! per `via` and `forwarded_for`, which are parsed), `http_reply_access` (a tunnel has no HTTP reply
 //! to check), error page look (`visible_hostname`, `error_directory`,
 //! `deny_info`, …) and DNS cache tuning (`dns_v4_first`, `hosts_file`, …).
 //! The full list, with the reason each is ignored, is in `parse.rs`.
@@ -301,6 +302,8 @@ pub struct SquidConfig {
     rules: Vec<AccessRule>,
     /// `ssl_bump`, `on_unsupported_protocol`, `sni_must_match_connect`.
     tls: ssl_bump::TlsPolicy,
+    /// `via` and `forwarded_for`: what plain-HTTP forwarding writes.
+    pub headers: crate::http_forward::HeaderPolicy,
 }
 
 /// Reads the configuration file at `path`, following its `include`s.

@@ -18,7 +18,8 @@ const WHY_SQUID_LOGS: &str = "Squid's own logs; spliced logs diagnostics to stan
 const WHY_CACHING: &str = "spliced tunnels and never caches";
 const WHY_ICP: &str = "spliced speaks no ICP, HTCP or SNMP";
 const WHY_PEERS: &str = "spliced has no cache peers and always connects directly";
-const WHY_HEADERS: &str = "a tunnel forwards no HTTP headers to add, remove or rewrite";
+const WHY_HEADERS: &str =
+    "spliced rewrites no HTTP header fields beyond hop-by-hop ones, via and forwarded_for";
 const WHY_REPLY: &str = "a tunnel has no HTTP reply to check";
 const WHY_ERROR_PAGES: &str = "spliced's error answers are fixed plain text";
 const WHY_DNS: &str = "spliced resolves with the system resolver and caches no answers";
@@ -103,8 +104,6 @@ const IGNORED: &[(&str, &str)] = &[
     ("prefer_direct", WHY_PEERS),
     ("nonhierarchical_direct", WHY_PEERS),
     ("hierarchy_stoplist", WHY_PEERS),
-    ("forwarded_for", WHY_HEADERS),
-    ("via", WHY_HEADERS),
     ("request_header_access", WHY_HEADERS),
     ("reply_header_access", WHY_HEADERS),
     ("request_header_replace", WHY_HEADERS),
@@ -325,6 +324,7 @@ impl Parser {
                 acls,
                 rules: Vec::new(),
                 tls: Default::default(),
+                headers: Default::default(),
             },
             warnings,
             acl_names,
@@ -358,6 +358,26 @@ impl Parser {
                 Ok(())
             }
             "access_log" => self.access_log(line, args),
+            // Plain-HTTP forwarding (`http_forward`).
+            "via" => {
+                self.config.headers.via = match args {
+                    [value] if value.text() == "on" => true,
+                    [value] if value.text() == "off" => false,
+                    _ => return Err(loc.diag("expected on or off", &line.text)),
+                };
+                Ok(())
+            }
+            "forwarded_for" => {
+                let [value] = args else {
+                    return Err(loc.diag("expected on, off, delete or transparent", &line.text));
+                };
+                self.config.headers.forwarded_for = value.text().parse().map_err(
+                    |err: crate::http_forward::headers::BadForwardedFor| {
+                        loc.diag(err.to_string(), value.text())
+                    },
+                )?;
+                Ok(())
+            }
             "connect_timeout" | "read_timeout" | "client_lifetime" | "request_timeout"
             | "shutdown_lifetime" | "dns_timeout" => {
                 let value =

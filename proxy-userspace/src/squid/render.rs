@@ -103,6 +103,16 @@ impl SquidConfig {
         if let Some(max) = self.client_ip_max_connections {
             line(format!("client_ip_max_connections {max}"));
         }
+        // Plain-HTTP header directives, when not Squid's defaults.
+        if !self.headers.via {
+            line("via off".into());
+        }
+        if self.headers.forwarded_for != crate::http_forward::ForwardedFor::On {
+            line(format!(
+                "forwarded_for {}",
+                self.headers.forwarded_for.as_str()
+            ));
+        }
         if !self.dns_nameservers.is_empty() {
             let mut text = String::from("dns_nameservers");
             for server in &self.dns_nameservers {

@@ -1186,7 +1186,7 @@ fn ignored_directives_warn_once_each() {
                 maximum_object_size 4 MB\nminimum_object_size 0 KB\nmaximum_object_size_in_memory 512 KB\n\
                 refresh_pattern . 0 20% 4320\ncache deny all\nvisible_hostname proxy\ncache_effective_user proxy\n\
                 cache_effective_group proxy\npid_filename /run/squid.pid\ncache_log /var/log/squid/cache.log\n\
-                cache_store_log none\nlogfile_rotate 0\ndns_v4_first on\nforwarded_for delete\nvia off\n\
+                cache_store_log none\nlogfile_rotate 0\ndns_v4_first on\nrequest_header_access Foo deny all\nreply_header_add X-A b\n\
                 httpd_suppress_version_string on\nhosts_file /etc/hosts\ncache_mgr root\nerror_directory /x\n\
                 icp_port 0\nhtcp_port 0\nsnmp_port 0\nalways_direct allow all\nnever_direct deny all\n\
                 hierarchy_stoplist cgi-bin ?\nmemory_pools off\nworkers 2\npinger_enable off\n\
@@ -1784,10 +1784,12 @@ fn diagnostics_format() {
         err.to_string(),
         "test.conf:2: unknown directive: 'bogus 1 2'"
     );
-    let warning = &parse_str("via off\n", "squid.conf").unwrap().warnings[0];
+    let warning = &parse_str("reply_header_add X-A b\n", "squid.conf")
+        .unwrap()
+        .warnings[0];
     assert_eq!(
         warning.to_string(),
-        "squid.conf:1: directive has no effect in spliced (a tunnel forwards no HTTP headers to add, remove or rewrite); ignored: 'via off'"
+        "squid.conf:1: directive has no effect in spliced (spliced rewrites no HTTP header fields beyond hop-by-hop ones, via and forwarded_for); ignored: 'reply_header_add X-A b'"
     );
 }
 
@@ -1870,4 +1872,29 @@ fn dstdomain_overlaps_warn_and_long_lists_match_fast() {
         "{:?}",
         started.elapsed()
     );
+}
+
+#[test]
+fn via_and_forwarded_for_are_parsed() {
+    use crate::http_forward::{ForwardedFor, HeaderPolicy};
+    let loaded = parse_str("http_access allow all\n", "squid.conf").unwrap();
+    assert_eq!(loaded.config.headers, HeaderPolicy::default());
+    let loaded = parse_str(
+        "via off\nforwarded_for transparent\nhttp_access allow all\n",
+        "squid.conf",
+    )
+    .unwrap();
+    assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+    assert!(!loaded.config.headers.via);
+    assert_eq!(
+        loaded.config.headers.forwarded_for,
+        ForwardedFor::Transparent
+    );
+    let rendered = loaded.config.render_effective();
+    let lines: Vec<&str> = rendered.lines().collect();
+    assert!(lines.contains(&"via off"), "{rendered}");
+    assert!(lines.contains(&"forwarded_for transparent"), "{rendered}");
+    for bad in ["via maybe\n", "forwarded_for yes\n", "forwarded_for\n"] {
+        assert!(parse_str(bad, "squid.conf").is_err(), "{bad}");
+    }
 }

@@ -1,0 +1,488 @@
+//! Plain-HTTP forwarding: a client that uses spliced as `HTTP_PROXY` sends
+//! `GET http://host/path HTTP/1.1`; the connection is then served by hyper's
+//! HTTP/1 server (keep-alive, HTTP/1.0 and 1.1 clients) from its first byte
+//! (the head the control plane already read is replayed through [`Rewind`]).
+//!
+//! Every request on the connection is judged by the policy CONNECT uses
+//! (`control::Judge`), sent upstream in origin form on a pooled connection
+//! ([`Pool`]) with its hop-by-hop fields removed and `Via` /
+//! `X-Forwarded-For` written ([`headers`]), and its answer streamed back and
+//! logged as `TCP_MISS` ([`body`]). Nothing is cached. `https://` in absolute
+//! form is answered 501: spliced never originates TLS.
+
+pub mod body;
+pub mod headers;
+pub mod pool;
+pub mod rewind;
+pub mod target;
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant, SystemTime},
+};
+
+use bytes::Bytes;
+use hyper::{
+    body::Incoming,
+    header::{self, HeaderName, HeaderValue},
+    server::conn::http1,
+    service::service_fn,
+    HeaderMap, Request, Response, StatusCode, Version,
+};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+
+pub use self::{
+    body::{CountingBody, LoggedBody},
+    headers::{ForwardedFor, HeaderPolicy},
+    pool::Pool,
+    rewind::Rewind,
+    target::{is_absolute, AbsoluteTarget, TargetError},
+};
+use crate::{
+    access_log::AccessRecord,
+    connect_request::RequestHead,
+    control::{error_body, reason_phrase, Active, ControlPlane, Judge, Refusal},
+    settings::Policy,
+};
+
+/// How long a connection being closed (shutdown, `client_lifetime`) may take
+/// to finish the answer in flight.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// One client connection.
+struct Connection {
+    control: Arc<ControlPlane>,
+    active: Arc<Active>,
+    /// The client's and proxy's addresses, as each record logs them.
+    base: AccessRecord,
+}
+
+/// Serves the client connection whose first request head is `head` (already
+/// read from `client`) until the client closes, the proxy drains (SIGTERM: the
+/// answer in flight is finished, an idle connection closed at once) or shuts
+/// down, or `client_lifetime` is over. `base` is the connection's record so far
+/// (addresses); each request gets its own record.
+pub(crate) async fn serve(
+    control: Arc<ControlPlane>,
+    active: Arc<Active>,
+    client: TcpStream,
+    head: RequestHead,
+    base: AccessRecord,
+) {
+    let _ = client.set_nodelay(true);
+    let mut prefix = head.raw;
+    prefix.extend_from_slice(&head.pipelined);
+    let request_timeout = active.settings.request_timeout;
+    let lifetime = active.settings.client_lifetime;
+    let mut closing = control.closing();
+    let mut draining = control.draining();
+    let connection = Arc::new(Connection {
+        control,
+        active,
+        base,
+    });
+    let service = service_fn(move |request| {
+        let connection = connection.clone();
+        async move { Ok::<_, Infallible>(connection.forward(request).await) }
+    });
+    let served = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(request_timeout)
+        .keep_alive(true)
+        .serve_connection(TokioIo::new(Rewind::new(prefix, client)), service)
+        .with_upgrades();
+    tokio::pin!(served);
+    let drain = tokio::select! {
+        result = served.as_mut() => {
+            if let Err(err) = result {
+                log::debug!("plain-HTTP client connection: {err}");
+            }
+            return;
+        }
+        _ = draining.wait_for(|draining| *draining) => true,
+        _ = closing.wait_for(|closing| *closing) => false,
+        () = tokio::time::sleep(lifetime) => false,
+    };
+    // Idle now: closed at once; answering: closed after the answer.
+    served.as_mut().graceful_shutdown();
+    if drain {
+        // SIGTERM: the answer in flight may take until shutdown_lifetime.
+        tokio::select! {
+            _ = served.as_mut() => return,
+            _ = closing.wait_for(|closing| *closing) => {}
+        }
+    }
+    let _ = tokio::time::timeout(CLOSE_GRACE, served).await;
+}
+
+impl Connection {
+    /// The header directives in force.
+    fn header_policy(&self) -> HeaderPolicy {
+        match &self.active.settings.policy {
+            Policy::Squid(squid) => squid.headers,
+            Policy::Builtin(_) => HeaderPolicy::default(),
+        }
+    }
+
+    /// Forwards one request and answers it (an error answer if it could not
+    /// be forwarded). The record is written when the answer's body ends.
+    async fn forward(self: Arc<Self>, request: Request<Incoming>) -> Response<LoggedBody> {
+        let started = Instant::now();
+        let record = AccessRecord {
+            ts: SystemTime::now(),
+            method: request.method().as_str().to_owned(),
+            target: request.uri().to_string(),
+            status: 0,
+            result: "NONE_NONE",
+            hierarchy: "HIER_NONE",
+            upstream: None,
+            user: None,
+            end: String::new(),
+            mime_type: None,
+            ..self.base.clone()
+        };
+        let from_client = Arc::new(AtomicU64::new(0));
+        let mut unanswered = Unanswered {
+            record: Some(record),
+            control: self.control.clone(),
+            started,
+        };
+        let exchanged = {
+            let record = unanswered.record.as_mut().expect("taken only below");
+            self.exchange(request, record, &from_client).await
+        };
+        let mut record = unanswered.record.take().expect("taken only here");
+        let pending = |record, head_len| body::Pending {
+            record,
+            head_len,
+            from_client: from_client.clone(),
+            started,
+            control: self.control.clone(),
+            idle: self.active.settings.read_timeout,
+        };
+        match exchanged {
+            Ok(response) => {
+                let (mut parts, incoming) = response.into_parts();
+                let switching = parts.status == StatusCode::SWITCHING_PROTOCOLS;
+                headers::prepare_response(
+                    &mut parts.headers,
+                    parts.version,
+                    self.header_policy().via,
+                    switching,
+                );
+                parts.version = Version::HTTP_11;
+                record.status = parts.status.as_u16();
+                record.result = "TCP_MISS";
+                record.mime_type = parts
+                    .headers
+                    .get(header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.split(';').next())
+                    .map(|v| v.trim().to_owned())
+                    .filter(|v| !v.is_empty());
+                self.control.metrics().request_answered(record.status);
+                let head_len = head_length(parts.status, &parts.headers);
+                Response::from_parts(
+                    parts,
+                    LoggedBody::upstream(incoming, pending(record, head_len)),
+                )
+            }
+            Err(refusal) => {
+                record.result = refusal.result;
+                record.status = refusal.status;
+                record.end.clone_from(&refusal.reason);
+                record.mime_type = Some("text/plain".into());
+                if let Some(rule) = &refusal.rule {
+                    self.control.metrics().acl_denied(rule);
+                }
+                self.control.metrics().request_answered(refusal.status);
+                let body = Bytes::from(error_body(&refusal));
+                let mut fields = HeaderMap::new();
+                fields.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+                fields.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+                // Like CONNECT's error answers: the connection ends after it.
+                fields.insert(header::CONNECTION, HeaderValue::from_static("close"));
+                for line in refusal.headers.split("\r\n") {
+                    let Some((name, value)) = line.split_once(':') else {
+                        continue;
+                    };
+                    if let (Ok(name), Ok(value)) = (
+                        HeaderName::from_bytes(name.trim().as_bytes()),
+                        HeaderValue::from_str(value.trim()),
+                    ) {
+                        fields.append(name, value);
+                    }
+                }
+                let status = StatusCode::from_u16(refusal.status)
+                    .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+                let head_len = head_length(status, &fields);
+                let mut answer = Response::new(LoggedBody::fixed(body, pending(record, head_len)));
+                *answer.status_mut() = status;
+                *answer.headers_mut() = fields;
+                answer
+            }
+        }
+    }
+
+    /// Judges `request`, connects (or reuses a connection) and sends it
+    /// upstream; returns the origin's answer.
+    async fn exchange(
+        &self,
+        mut request: Request<Incoming>,
+        record: &mut AccessRecord,
+        from_client: &Arc<AtomicU64>,
+    ) -> Result<Response<Incoming>, Refusal> {
+        let settings = &self.active.settings;
+        let target = target::parse(request.uri()).map_err(|err| match err {
+            TargetError::Https => Refusal::new(501, err.to_string()),
+            _ => Refusal::new(400, err.to_string()),
+        })?;
+        record.target.clone_from(&target.url);
+        let method = request.method().as_str().to_owned();
+        let credentials = request
+            .headers()
+            .get(header::PROXY_AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let client = (self.base.client.ip(), self.base.local);
+        let judge = Judge::for_request(
+            settings,
+            client,
+            &method,
+            &target.target,
+            credentials.as_deref(),
+        )
+        .await;
+        record.user.clone_from(&judge.user);
+        judge.decide(None)?;
+
+        let client_upgrade = headers::is_websocket_upgrade(request.headers())
+            .then(|| hyper::upgrade::on(&mut request));
+        let (mut parts, incoming) = request.into_parts();
+        headers::prepare_request(
+            &mut parts.headers,
+            parts.version,
+            &target.authority,
+            self.base.client.ip(),
+            self.header_policy(),
+        );
+        parts.uri = target
+            .origin_form
+            .parse()
+            .map_err(|err| Refusal::new(400, format!("bad request target: {err}")))?;
+        parts.version = Version::HTTP_11;
+        let mut outgoing = Request::from_parts(
+            parts,
+            CountingBody::new(incoming, from_client.clone(), settings.read_timeout),
+        );
+
+        let key = target.target.to_string();
+        let pool = self.control.http_pool();
+        let allowed = |addr: SocketAddr| {
+            !self.control.is_own(addr)
+                && (!judge.needs_destination() || judge.decide(Some(addr.ip())).is_ok())
+        };
+        let mut pooled = pool.take(&key, allowed);
+        loop {
+            let reused = pooled.is_some();
+            let (addr, mut sender) = match pooled.take() {
+                Some(conn) => conn,
+                None => {
+                    let (stream, addr) = self
+                        .control
+                        .connect_upstream(settings, &judge, &target.target)
+                        .await?;
+                    let _ = stream.set_nodelay(true);
+                    let sender = pool::handshake(stream)
+                        .await
+                        .map_err(|err| Refusal::new(502, format!("upstream handshake: {err}")))?;
+                    (addr, sender)
+                }
+            };
+            record.upstream = Some(addr);
+            record.hierarchy = "HIER_DIRECT";
+            if sender.ready().await.is_err() {
+                if reused {
+                    continue;
+                }
+                return Err(Refusal::new(502, "upstream connection closed"));
+            }
+            let sent = without_progress(
+                settings.read_timeout,
+                from_client,
+                sender.try_send_request(outgoing),
+            )
+            .await;
+            match sent {
+                Err(_) => {
+                    return Err(Refusal::new(
+                        504,
+                        format!(
+                            "no answer from upstream for {:?} (read_timeout)",
+                            settings.read_timeout
+                        ),
+                    ))
+                }
+                Ok(Ok(mut response)) => {
+                    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                        if let Some(client_upgrade) = client_upgrade {
+                            relay_upgraded(
+                                &self.control,
+                                settings.client_lifetime,
+                                client_upgrade,
+                                hyper::upgrade::on(&mut response),
+                            );
+                        }
+                    } else {
+                        pool.put_when_ready(key, addr, sender);
+                    }
+                    return Ok(response);
+                }
+                Ok(Err(mut err)) => match err.take_message() {
+                    // A reused connection the origin had closed: the request was
+                    // not sent, so it goes on a new connection.
+                    Some(unsent) if reused => outgoing = unsent,
+                    _ => return Err(Refusal::new(502, format!("upstream: {}", err.error()))),
+                },
+            }
+        }
+    }
+}
+
+/// `sending`, or `Err` once `idle` passed with neither an answer nor a
+/// request body byte going upstream (a long upload is not a stalled origin).
+async fn without_progress<T>(
+    idle: Duration,
+    from_client: &AtomicU64,
+    sending: impl std::future::Future<Output = T>,
+) -> Result<T, ()> {
+    tokio::pin!(sending);
+    let mut seen = from_client.load(Ordering::Relaxed);
+    loop {
+        match tokio::time::timeout(idle, &mut sending).await {
+            Ok(done) => return Ok(done),
+            Err(_) => {
+                let now = from_client.load(Ordering::Relaxed);
+                if now == seen {
+                    return Err(());
+                }
+                seen = now;
+            }
+        }
+    }
+}
+
+/// A request's record while it has no answer yet: written (end
+/// `client_closed_before_answer`) if hyper drops the request because the
+/// client went away.
+struct Unanswered {
+    record: Option<AccessRecord>,
+    control: Arc<ControlPlane>,
+    started: Instant,
+}
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if let Some(mut record) = self.record.take() {
+            record.status = 0;
+            record.ts = SystemTime::now();
+            record.duration_ms = self.started.elapsed().as_millis() as u64;
+            record.end = "client_closed_before_answer".into();
+            self.control.active().access_log.write(&record);
+        }
+    }
+}
+
+/// After a `101 Switching Protocols`, relays bytes between the client's and
+/// the origin's upgraded connections (in user space, with
+/// `tokio::io::copy_bidirectional`; the data planes are not used) until either
+/// closes, `lifetime` is over, or the proxy shuts down.
+fn relay_upgraded(
+    control: &ControlPlane,
+    lifetime: Duration,
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+) {
+    let mut closing = control.closing();
+    tokio::spawn(async move {
+        let (client, upstream) = match tokio::try_join!(client, upstream) {
+            Ok(pair) => pair,
+            Err(err) => {
+                log::debug!("upgrade failed: {err}");
+                return;
+            }
+        };
+        let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+        tokio::select! {
+            relayed = tokio::io::copy_bidirectional(&mut client, &mut upstream) => match relayed {
+                Ok((up, down)) => log::debug!("upgraded connection closed after {up} + {down} bytes"),
+                Err(err) => log::debug!("upgraded connection: {err}"),
+            },
+            _ = closing.wait_for(|closing| *closing) => log::debug!("upgraded connection ended by shutdown"),
+            () = tokio::time::sleep(lifetime) => log::debug!("upgraded connection ended by client_lifetime"),
+        }
+    });
+}
+
+/// The size of a response head as hyper writes it: status line, fields, the
+/// `date` field hyper adds when there is none, and the empty line.
+fn head_length(status: StatusCode, fields: &hyper::HeaderMap) -> u64 {
+    let status_line = format!(
+        "HTTP/1.1 {} {}\r\n",
+        status.as_str(),
+        status
+            .canonical_reason()
+            .unwrap_or_else(|| reason_phrase(status.as_u16()))
+    );
+    let fields_len: usize = fields
+        .iter()
+        .map(|(name, value)| name.as_str().len() + 2 + value.len() + 2)
+        .sum();
+    let date = if fields.contains_key(header::DATE) {
+        0
+    } else {
+        "date: Thu, 01 Jan 1970 00:00:00 GMT\r\n".len()
+    };
+    (status_line.len() + fields_len + date + 2) as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn head_length_counts_what_hyper_writes() {
+        let mut fields = HeaderMap::new();
+        fields.insert(header::CONTENT_LENGTH, HeaderValue::from(5usize));
+        // "HTTP/1.1 200 OK\r\n" + "content-length: 5\r\n" + date line + "\r\n"
+        assert_eq!(head_length(StatusCode::OK, &fields), 17 + 19 + 37 + 2);
+        fields.insert(header::DATE, HeaderValue::from_static("x"));
+        assert_eq!(head_length(StatusCode::OK, &fields), 17 + 19 + 9 + 2);
+    }
+
+    #[tokio::test]
+    async fn only_a_wait_without_progress_times_out() {
+        let idle = Duration::from_millis(50);
+        let still = AtomicU64::new(0);
+        assert!(without_progress(idle, &still, std::future::pending::<()>())
+            .await
+            .is_err());
+        let moving = Arc::new(AtomicU64::new(0));
+        let ticks = moving.clone();
+        let ticker = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                ticks.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        let slow_answer = tokio::time::sleep(Duration::from_millis(200));
+        assert!(without_progress(idle, &moving, slow_answer).await.is_ok());
+        ticker.abort();
+    }
+}

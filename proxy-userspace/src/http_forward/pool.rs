@@ -1,0 +1,116 @@
+//! Idle upstream HTTP/1.1 connections kept for reuse, per destination
+//! (`host:port` as the client named it): at most [`MAX_IDLE_PER_HOST`] each
+//! and [`MAX_IDLE`] in all, none older than [`IDLE_TIMEOUT`]. A connection is offered again only to a
+//! request whose policy allows the address it is connected to, so `dst` ACLs
+//! and the forwarding-loop check judge every request, reused or not.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use super::body::CountingBody;
+
+/// Idle connections kept per destination.
+pub const MAX_IDLE_PER_HOST: usize = 8;
+/// An idle connection older than this is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Idle connections kept in all.
+pub const MAX_IDLE: usize = 1024;
+
+/// The sending half of an upstream connection.
+pub type Sender = SendRequest<CountingBody>;
+
+struct Idle {
+    addr: SocketAddr,
+    sender: Sender,
+    since: Instant,
+}
+
+/// Idle upstream connections, shared by every client connection.
+#[derive(Default)]
+pub struct Pool {
+    idle: Mutex<HashMap<String, Vec<Idle>>>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool").finish_non_exhaustive()
+    }
+}
+
+impl Pool {
+    /// An idle connection to `key` whose address `allowed` accepts, newest first.
+    pub fn take(
+        &self,
+        key: &str,
+        allowed: impl Fn(SocketAddr) -> bool,
+    ) -> Option<(SocketAddr, Sender)> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        sweep(&mut idle);
+        let list = idle.get_mut(key)?;
+        let index = list.iter().rposition(|c| allowed(c.addr))?;
+        let conn = list.remove(index);
+        if list.is_empty() {
+            idle.remove(key);
+        }
+        Some((conn.addr, conn.sender))
+    }
+
+    /// Keeps `sender` for reuse once its response has been read in full (it is
+    /// dropped, closing the connection, if the connection ends instead).
+    pub fn put_when_ready(self: &Arc<Self>, key: String, addr: SocketAddr, mut sender: Sender) {
+        let pool = self.clone();
+        tokio::spawn(async move {
+            if sender.ready().await.is_err() {
+                return;
+            }
+            {
+                let mut idle = pool.idle.lock().unwrap_or_else(|p| p.into_inner());
+                sweep(&mut idle);
+                if idle.values().map(Vec::len).sum::<usize>() >= MAX_IDLE {
+                    return;
+                }
+                let list = idle.entry(key).or_default();
+                if list.len() >= MAX_IDLE_PER_HOST {
+                    list.remove(0);
+                }
+                list.push(Idle {
+                    addr,
+                    sender,
+                    since: Instant::now(),
+                });
+            }
+            // Closes this connection (and any other expired one) once it has
+            // been idle too long, even if no request comes to sweep it.
+            tokio::time::sleep(IDLE_TIMEOUT).await;
+            sweep(&mut pool.idle.lock().unwrap_or_else(|p| p.into_inner()));
+        });
+    }
+}
+
+/// Drops expired and closed connections.
+fn sweep(idle: &mut HashMap<String, Vec<Idle>>) {
+    idle.retain(|_, list| {
+        list.retain(|c| c.since.elapsed() < IDLE_TIMEOUT && !c.sender.is_closed());
+        !list.is_empty()
+    });
+}
+
+/// Starts HTTP/1.1 on a new upstream connection; the connection runs on its
+/// own task until the sender is dropped or the peer closes.
+pub async fn handshake(stream: TcpStream) -> hyper::Result<Sender> {
+    let (sender, connection) = http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(async move {
+        if let Err(err) = connection.with_upgrades().await {
+            log::debug!("upstream HTTP connection: {err}");
+        }
+    });
+    Ok(sender)
+}
