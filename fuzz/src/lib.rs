@@ -40,6 +40,7 @@ pub const TARGETS: &[(&str, Run)] = &[
     ("logformat", logformat),
     ("port_set", port_set),
     ("client_hello", client_hello),
+    ("absolute_uri", absolute_uri),
 ];
 
 /// `connect_request::parse_head` on raw client bytes; then `parse_target` on
@@ -623,4 +624,32 @@ pub fn client_hello(data: &[u8]) {
             "prefix failed with {early:?}, the whole input gave {full:?}"
         ),
     }
+}
+
+/// `http_forward::target::parse_text` on any text: a target that parses
+/// sends an origin-form target starting with `/`, logs an `http://` URL, and
+/// that URL parses to the same destination, Host and origin form.
+pub fn absolute_uri(data: &[u8]) {
+    use spliced::http_forward::target::parse_text;
+
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Ok(parsed) = parse_text(text) else {
+        return;
+    };
+    assert!(parsed.origin_form.starts_with('/'), "{text:?} → {parsed:?}");
+    assert!(parsed.url.starts_with("http://"), "{text:?} → {parsed:?}");
+    assert_ne!(parsed.target.port, 0, "{text:?} → {parsed:?}");
+    let again = parse_text(&parsed.url).unwrap_or_else(|err| {
+        panic!(
+            "{text:?} logs {:?}, which does not parse: {err}",
+            parsed.url
+        )
+    });
+    assert_eq!(
+        (&again.target, &again.authority, &again.origin_form),
+        (&parsed.target, &parsed.authority, &parsed.origin_form),
+        "{text:?}"
+    );
 }

@@ -46,6 +46,11 @@ pub fn is_absolute(target: &str) -> bool {
     lower.starts_with("http://") || lower.starts_with("https://")
 }
 
+/// Parses a request target as text (what the fuzz target feeds).
+pub fn parse_text(text: &str) -> Result<AbsoluteTarget, TargetError> {
+    parse(&text.parse::<Uri>().map_err(|_| TargetError::NotAbsolute)?)
+}
+
 /// Parses the target of a proxied request.
 pub fn parse(uri: &Uri) -> Result<AbsoluteTarget, TargetError> {
     let scheme = uri.scheme_str().ok_or(TargetError::NotAbsolute)?;
