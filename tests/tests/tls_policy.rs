@@ -20,8 +20,8 @@ use std::{
 use spliced_tests::{
     daemon::Spliced,
     dns::{DnsStub, Reply},
-    expect_connect_ok,
     netns::Netns,
+    open_tunnel,
     tls::{self, TlsOrigin},
     wait_until,
 };
@@ -193,14 +193,8 @@ impl Setup {
     fn tunnel(&self, target: &str) -> TcpStream {
         let target = target.to_owned();
         self.ns.enter(move || {
-            let mut stream = TcpStream::connect(PROXY).unwrap();
+            let stream = open_tunnel(PROXY.parse().unwrap(), &target);
             stream.set_nodelay(true).unwrap();
-            write!(
-                stream,
-                "CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n"
-            )
-            .unwrap();
-            expect_connect_ok(&mut stream);
             stream
         })
     }

@@ -74,13 +74,7 @@ impl Registration {
             translate::key(addrs.client_peer, addrs.client_local),
             translate::key(addrs.upstream_peer, addrs.upstream_local),
         ];
-        let events = shared.kernel.subscribe(flow_id);
-        let registration = Self {
-            shared: shared.clone(),
-            keys,
-            flow_id,
-            handed_over: false,
-        };
+        let (registration, events) = Self::adopt(shared, keys, flow_id);
         if let Some(tunnels) = &shared.tunnels {
             tunnels.insert(flow_id, &HandoverValue::new(keys[0], handover))?;
         }
@@ -96,8 +90,9 @@ impl Registration {
         Ok((registration, events))
     }
 
-    /// The registration of a flow a previous process left in the maps
-    /// (`keys`: the client connection's entry first).
+    /// The registration of a flow whose entries are (or are about to be) in
+    /// the maps, e.g. left by a previous process (`keys`: the client
+    /// connection's entry first).
     pub fn adopt(
         shared: &Arc<Shared>,
         keys: [PacketKey; 2],
