@@ -415,9 +415,15 @@ impl ControlPlane {
                     shutdown: self.closing.subscribe(),
                     progress: progress.clone(),
                     draining: self.draining.subscribe(),
-                    handover: HandoverRecord::of(&record, opened.pipelined)
-                        .to_bytes()
-                        .into(),
+                    // Serialized only for a plane that may hand the tunnel
+                    // to the next process: the others never read it.
+                    handover: if self.dataplane.hands_over() {
+                        HandoverRecord::of(&record, opened.pipelined)
+                            .to_bytes()
+                            .into()
+                    } else {
+                        Arc::from([])
+                    },
                 };
                 let (plane_kind, plane) = self.dataplane.pick(&tunnel);
                 self.metrics.request_answered(200);

@@ -104,6 +104,10 @@ impl DataPlane for AutoDataPlane {
         self.local.stats().or(self.network.stats())
     }
 
+    fn hands_over(&self) -> bool {
+        self.local.hands_over() || self.network.hands_over()
+    }
+
     fn adopted(&self) -> Vec<AdoptedTunnel> {
         let mut adopted = self.local.adopted();
         adopted.extend(self.network.adopted());

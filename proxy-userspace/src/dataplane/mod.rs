@@ -287,7 +287,8 @@ pub struct Tunnel {
     /// `--packet-state-dir`) does so then, and reports [`TunnelEnd::HandedOver`].
     pub draining: tokio::sync::watch::Receiver<bool>,
     /// What the next process needs to log the tunnel if it is handed over:
-    /// an opaque record from the control plane (see [`AdoptedTunnel`]).
+    /// an opaque record from the control plane (see [`AdoptedTunnel`]);
+    /// empty unless the plane [`DataPlane::hands_over`].
     pub handover: Arc<[u8]>,
 }
 
@@ -577,6 +578,13 @@ pub trait DataPlane: Send + Sync {
     /// Tunnels a previous process handed over, taken once after start-up.
     fn adopted(&self) -> Vec<AdoptedTunnel> {
         Vec::new()
+    }
+
+    /// Whether tunnels may be handed to the next process, so that
+    /// [`Tunnel::handover`] must carry the control plane's record (else it
+    /// may be empty).
+    fn hands_over(&self) -> bool {
+        false
     }
 }
 

@@ -124,6 +124,10 @@ impl DataPlane for PacketDataPlane {
         Box::pin(tunnel::run_tunnel(self.shared.clone(), tunnel))
     }
 
+    fn hands_over(&self) -> bool {
+        self.shared.tunnels.is_some()
+    }
+
     fn adopted(&self) -> Vec<AdoptedTunnel> {
         std::mem::take(&mut *self.adopted.lock().unwrap_or_else(|p| p.into_inner()))
     }
