@@ -8,6 +8,8 @@
 //!   residency) per GiB at a fixed rate.
 //! - Connection setup: tunnels per second and CONNECT→200 latency with many
 //!   concurrent clients.
+//! - Plain HTTP: keep-alive `GET http://…` requests per second and latency
+//!   through spliced, Squid and tinyproxy, for a 1 KiB and a 1 MiB body.
 //! - Scale: spliced's RSS and the kernel's memory with thousands of idle
 //!   tunnels open (promoted ones on the packet plane), and the throughput of
 //!   one busy tunnel among them.
@@ -21,6 +23,8 @@
 mod child;
 mod contenders;
 mod cpu;
+mod http_rate;
+mod http_report;
 mod iperf;
 mod kmem;
 mod netns;
@@ -42,6 +46,7 @@ use anyhow::{bail, Context as _, Result};
 use self::{
     child::{check_interrupt, Ports, TempDir},
     contenders::{Contender, Launch, Proxy},
+    http_rate::{HttpCase, HttpResult, Origin},
     iperf::{Ends, Kind, PromotionCheck, Sample},
     netns::Topology,
     setup_rate::{EchoServer, SetupResult},
@@ -151,6 +156,8 @@ pub struct Settings {
     pub secs: u32,
     pub setup_secs: f64,
     pub setup_clients: usize,
+    /// Keep-alive clients of the plain-HTTP cases.
+    pub http_clients: usize,
     pub scale_tunnels: usize,
     /// Transfers per promotion-stall case.
     pub stall_tunnels: usize,
@@ -262,6 +269,7 @@ fn stall_matrix(quick: bool) -> Vec<StallCase> {
 struct Plan {
     cases: Vec<Case>,
     setup: Vec<Contender>,
+    http: Vec<HttpCase>,
     scale: Vec<Contender>,
     stall: Vec<StallCase>,
 }
@@ -299,6 +307,10 @@ fn plan(quick: bool, filters: &[String]) -> Plan {
         setup: Contender::ALL
             .into_iter()
             .filter(|&c| c != Contender::Auto && keep(&setup_id(c)))
+            .collect(),
+        http: HttpCase::all()
+            .into_iter()
+            .filter(|case| keep(&case.id()))
             .collect(),
         scale: Contender::PLANES
             .into_iter()
@@ -431,6 +443,7 @@ pub struct Results {
     pub settings: Settings,
     pub tput: Vec<TputResult>,
     pub setup: Vec<(Contender, Result<SetupResult, String>)>,
+    pub http: Vec<(HttpCase, Result<HttpResult, String>)>,
     pub scale: Vec<(Contender, Result<ScaleResult, String>)>,
     pub stall: Vec<(StallCase, Result<StallResult, String>)>,
 }
@@ -477,6 +490,7 @@ pub fn run(args: BenchArgs, build: impl FnOnce() -> Result<PathBuf>) -> Result<(
         secs: args.secs.unwrap_or(if args.quick { 3 } else { 5 }),
         setup_secs: if args.quick { 1.0 } else { 3.0 },
         setup_clients: 64,
+        http_clients: 16,
         scale_tunnels: if args.quick { 2_000 } else { 10_000 },
         stall_tunnels: if args.quick { 20 } else { 100 },
         rate: RATE,
@@ -489,6 +503,9 @@ pub fn run(args: BenchArgs, build: impl FnOnce() -> Result<PathBuf>) -> Result<(
         for contender in &plan.setup {
             println!("{}", setup_id(*contender));
         }
+        for case in &plan.http {
+            println!("{}", case.id());
+        }
         for contender in &plan.scale {
             println!("{}", scale_id(*contender));
         }
@@ -499,6 +516,7 @@ pub fn run(args: BenchArgs, build: impl FnOnce() -> Result<PathBuf>) -> Result<(
     }
     if plan.cases.is_empty()
         && plan.setup.is_empty()
+        && plan.http.is_empty()
         && plan.scale.is_empty()
         && plan.stall.is_empty()
     {
@@ -532,7 +550,7 @@ pub fn run(args: BenchArgs, build: impl FnOnce() -> Result<PathBuf>) -> Result<(
     let meta = report::Meta::collect(&settings);
     eprintln!(
         "bench: {} on {} × {}, kernel {}; {} iperf3 cases × {} run(s) of {} s, {} setup, {} \
-         scale, {} stall",
+         plain HTTP, {} scale, {} stall",
         if settings.quick { "quick" } else { "full" },
         meta.nproc,
         meta.cpu_model,
@@ -541,6 +559,7 @@ pub fn run(args: BenchArgs, build: impl FnOnce() -> Result<PathBuf>) -> Result<(
         settings.runs,
         settings.secs,
         plan.setup.len(),
+        plan.http.len(),
         plan.scale.len(),
         plan.stall.len()
     );
@@ -562,6 +581,7 @@ pub fn run(args: BenchArgs, build: impl FnOnce() -> Result<PathBuf>) -> Result<(
             })
             .collect(),
         setup: Vec::new(),
+        http: Vec::new(),
         scale: Vec::new(),
         stall: Vec::new(),
     };
@@ -569,6 +589,7 @@ pub fn run(args: BenchArgs, build: impl FnOnce() -> Result<PathBuf>) -> Result<(
         done: 0,
         total: plan.cases.len() * settings.runs as usize
             + plan.setup.len()
+            + plan.http.len()
             + plan.scale.len()
             + plan.stall.len(),
         started,
@@ -576,10 +597,10 @@ pub fn run(args: BenchArgs, build: impl FnOnce() -> Result<PathBuf>) -> Result<(
     let mut ports = Ports::default();
     let outcome = (|| -> Result<()> {
         for env in Env::ALL {
-            let setup = if env == Env::Unpinned {
-                plan.setup.as_slice()
+            let (setup, http) = if env == Env::Unpinned {
+                (plan.setup.as_slice(), plan.http.as_slice())
             } else {
-                &[]
+                (&[][..], &[][..])
             };
             let stall: Vec<StallCase> = plan
                 .stall
@@ -588,7 +609,7 @@ pub fn run(args: BenchArgs, build: impl FnOnce() -> Result<PathBuf>) -> Result<(
                 .filter(|case| case.env == env)
                 .collect();
             let has_cases = results.tput.iter().any(|r| r.case.env == env);
-            if !has_cases && setup.is_empty() && stall.is_empty() {
+            if !has_cases && setup.is_empty() && http.is_empty() && stall.is_empty() {
                 continue;
             }
             if env == Env::Netns && !root {
@@ -610,8 +631,11 @@ pub fn run(args: BenchArgs, build: impl FnOnce() -> Result<PathBuf>) -> Result<(
                 &settings,
                 &mut ports,
                 &mut results,
-                setup,
-                &stall,
+                Extras {
+                    setup,
+                    http,
+                    stall: &stall,
+                },
                 &mut progress,
             )?;
         }
@@ -703,9 +727,16 @@ fn copy_dir(from: &Path, to: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The cases of an environment besides its iperf3 ones.
+struct Extras<'a> {
+    setup: &'a [Contender],
+    http: &'a [HttpCase],
+    stall: &'a [StallCase],
+}
+
 /// Runs every throughput case of `env` (and, on loopback, the connection
-/// setup cases), then its promotion-stall cases, with all its proxies up at
-/// once.
+/// setup and plain-HTTP cases), then its promotion-stall cases, with all its
+/// proxies up at once.
 #[allow(clippy::too_many_arguments)]
 fn run_env(
     env: Env,
@@ -714,10 +745,10 @@ fn run_env(
     settings: &Settings,
     ports: &mut Ports,
     results: &mut Results,
-    setup: &[Contender],
-    stall: &[StallCase],
+    extras: Extras<'_>,
     progress: &mut Progress,
 ) -> Result<()> {
+    let Extras { setup, http, stall } = extras;
     let topology = if env == Env::Netns {
         eprintln!("bench: creating network namespaces");
         Some(Topology::new().context("creating the network namespaces")?)
@@ -744,6 +775,11 @@ fn run_env(
     } else {
         Some(EchoServer::start(ports.take()?, settings.setup_clients)?)
     };
+    let origin = if http.is_empty() {
+        None
+    } else {
+        Some(Origin::start(ports.take()?)?)
+    };
     let stall_server = if stall.is_empty() {
         None
     } else {
@@ -762,6 +798,7 @@ fn run_env(
     };
     let mut allowed = vec![iperf_port];
     allowed.extend(echo.as_ref().map(|e| e.addr.port()));
+    allowed.extend(origin.as_ref().map(|o| o.addr.port()));
     allowed.extend(
         stall_server
             .as_ref()
@@ -775,6 +812,7 @@ fn run_env(
         .filter(|&c| c != Contender::Direct)
         .filter(|&c| {
             setup.contains(&c)
+                || http.iter().any(|case| case.contender == c)
                 || stall.iter().any(|case| case.contender == c)
                 || results
                     .tput
@@ -934,6 +972,46 @@ fn run_env(
             results.setup.push((contender, result));
         }
     }
+    if let Some(origin) = &origin {
+        for &case in http {
+            progress.start(&format!(
+                "plain HTTP {} {} ({} clients, {:.0} s)",
+                case.contender.id(),
+                http_rate::size_id(case.body),
+                settings.http_clients,
+                settings.setup_secs
+            ));
+            let proxy = match proxies.get(&case.contender) {
+                None => Ok(None),
+                Some(Ok(proxy)) => Ok(Some(proxy.addr)),
+                Some(Err(reason)) => Err(format!("failed to start: {reason}")),
+            };
+            let result = proxy.map(|proxy| {
+                http_rate::measure(
+                    proxy,
+                    origin,
+                    case.body,
+                    settings.http_clients,
+                    Duration::from_secs_f64(settings.setup_secs),
+                )
+            });
+            check_interrupt()?;
+            progress.finish(&match &result {
+                Ok(r) => format!(
+                    "{:.0} requests/s, p50 {:.2} ms, p99 {:.2} ms, {} client / {} origin \
+                     connections, {} errors",
+                    r.per_sec,
+                    r.p50_ms,
+                    r.p99_ms,
+                    r.client_connections,
+                    r.origin_connections,
+                    r.errors
+                ),
+                Err(err) => err.clone(),
+            });
+            results.http.push((case, result));
+        }
+    }
     if let Some(server) = &stall_server {
         for &case in stall {
             progress.start(&format!(
@@ -984,6 +1062,7 @@ fn run_env(
         }
     }
     drop(echo);
+    drop(origin);
     drop(topology);
     Ok(())
 }
@@ -1215,7 +1294,17 @@ mod tests {
         assert_eq!(sockmap.scale, [Contender::Sockmap]);
         let cpu = plan(true, &["cpu/".to_owned()]);
         assert!(cpu.cases.iter().all(|c| c.kind.rate.is_some()));
-        assert!(cpu.setup.is_empty() && cpu.scale.is_empty());
+        assert!(cpu.setup.is_empty() && cpu.scale.is_empty() && cpu.http.is_empty());
+        let http = plan(true, &["http/".to_owned()]);
+        assert!(http.cases.is_empty() && http.setup.is_empty() && http.stall.is_empty());
+        assert_eq!(http.http.len(), 8);
+        assert_eq!(
+            plan(false, &["http/loopback/squid/1m".to_owned()]).http,
+            [HttpCase {
+                contender: Contender::Squid,
+                body: 1 << 20
+            }]
+        );
     }
 
     #[test]

@@ -7,7 +7,10 @@
 use std::{
     collections::HashMap,
     net::SocketAddr,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex, Weak,
+    },
     time::{Duration, Instant},
 };
 
@@ -17,12 +20,17 @@ use tokio::net::TcpStream;
 
 use super::body::CountingBody;
 
-/// Idle connections kept per destination.
-pub const MAX_IDLE_PER_HOST: usize = 8;
+/// Idle connections kept per destination: a busy destination (a package
+/// mirror behind a build farm) has as many requests in flight as clients, and
+/// each connection dropped here is a new handshake for the next request.
+pub const MAX_IDLE_PER_HOST: usize = 256;
 /// An idle connection older than this is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Idle connections kept in all.
 pub const MAX_IDLE: usize = 1024;
+/// How often idle connections are checked for expiry: one may outlive
+/// [`IDLE_TIMEOUT`] by this much.
+const SWEEP_EVERY: Duration = Duration::from_secs(5);
 
 /// The sending half of an upstream connection.
 pub type Sender = SendRequest<CountingBody>;
@@ -37,6 +45,8 @@ struct Idle {
 #[derive(Default)]
 pub struct Pool {
     idle: Mutex<HashMap<String, Vec<Idle>>>,
+    /// Whether the sweeper task runs (started with the first idle connection).
+    sweeping: AtomicBool,
 }
 
 impl std::fmt::Debug for Pool {
@@ -71,27 +81,37 @@ impl Pool {
             if sender.ready().await.is_err() {
                 return;
             }
-            {
-                let mut idle = pool.idle.lock().unwrap_or_else(|p| p.into_inner());
-                sweep(&mut idle);
-                if idle.values().map(Vec::len).sum::<usize>() >= MAX_IDLE {
-                    return;
-                }
-                let list = idle.entry(key).or_default();
-                if list.len() >= MAX_IDLE_PER_HOST {
-                    list.remove(0);
-                }
-                list.push(Idle {
-                    addr,
-                    sender,
-                    since: Instant::now(),
-                });
+            let mut idle = pool.idle.lock().unwrap_or_else(|p| p.into_inner());
+            sweep(&mut idle);
+            if idle.values().map(Vec::len).sum::<usize>() >= MAX_IDLE {
+                return;
             }
-            // Closes this connection (and any other expired one) once it has
-            // been idle too long, even if no request comes to sweep it.
-            tokio::time::sleep(IDLE_TIMEOUT).await;
-            sweep(&mut pool.idle.lock().unwrap_or_else(|p| p.into_inner()));
+            let list = idle.entry(key).or_default();
+            if list.len() >= MAX_IDLE_PER_HOST {
+                list.remove(0);
+            }
+            list.push(Idle {
+                addr,
+                sender,
+                since: Instant::now(),
+            });
         });
+        if !self.sweeping.swap(true, Ordering::Relaxed) {
+            tokio::spawn(sweep_while_alive(Arc::downgrade(self)));
+        }
+    }
+}
+
+/// Closes expired connections even when no request comes to sweep them:
+/// one task per pool (a timer per idle connection would be one per request
+/// served), ending with the pool.
+async fn sweep_while_alive(pool: Weak<Pool>) {
+    loop {
+        tokio::time::sleep(SWEEP_EVERY).await;
+        let Some(pool) = pool.upgrade() else {
+            return;
+        };
+        sweep(&mut pool.idle.lock().unwrap_or_else(|p| p.into_inner()));
     }
 }
 

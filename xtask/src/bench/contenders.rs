@@ -435,8 +435,8 @@ pub fn proxychains(proxy: SocketAddr) -> String {
     )
 }
 
-/// A minimal Squid 5 configuration: CONNECT to our ports from our clients,
-/// no cache, no access log, everything else in `dir`. Squid runs as root and
+/// A minimal Squid 5 configuration: CONNECT and plain requests to our ports
+/// from our clients, no cache, no access log, everything else in `dir`. Squid runs as root and
 /// drops to the Debian `proxy` user, so `dir` is made world-writable.
 fn squid_conf(dir: &Path, launch: &Launch<'_>) -> Result<PathBuf> {
     set_mode(dir, 0o777)?;
@@ -451,7 +451,7 @@ fn squid_conf(dir: &Path, launch: &Launch<'_>) -> Result<PathBuf> {
         "http_port {listen}\n\
          acl bench_clients src {clients}\n\
          acl bench_ports port {ports}\n\
-         http_access allow CONNECT bench_clients bench_ports\n\
+         http_access allow bench_clients bench_ports\n\
          http_access deny all\n\
          cache deny all\n\
          access_log none\n\

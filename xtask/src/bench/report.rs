@@ -113,7 +113,7 @@ fn opt<T: Into<Value>>(value: Option<T>) -> Value {
     value.map_or(Value::Null, Into::into)
 }
 
-fn finite(value: f64) -> Value {
+pub(super) fn finite(value: f64) -> Value {
     if value.is_finite() {
         json!(value)
     } else {
@@ -327,6 +327,7 @@ pub fn to_json(results: &Results) -> Value {
         "throughput": tput,
         "cpu_packet_against_splice": packet_cpu,
         "setup": setup,
+        "http": super::http_report::to_json(&results.http),
         "scale": scale,
         "stall": stall,
     })
@@ -506,7 +507,7 @@ fn contenders_in(results: &[&TputResult]) -> Vec<Contender> {
         .collect()
 }
 
-fn short(text: &str, max: usize) -> String {
+pub(super) fn short(text: &str, max: usize) -> String {
     let text = text.replace('\n', " ");
     if text.chars().count() <= max {
         text
@@ -928,6 +929,7 @@ pub fn tables(results: &Results) -> Vec<Table> {
             note: None,
         });
     }
+    tables.extend(super::http_report::table(&results.http, settings));
     tables.extend(kmem_table(results));
     tables.extend(stall_table(results));
     tables.extend(auto_check(results));
@@ -1500,6 +1502,20 @@ pub fn markdown(results: &Results, tables: &[Table]) -> String {
     );
     let _ = writeln!(
         md,
+        "- **Plain HTTP**: {} client threads, each with one keep-alive connection (reopened \
+         only when the proxy closes it), sending `GET http://127.0.0.1:PORT/SIZE HTTP/1.1` one \
+         after another to an origin inside the benchmark (HTTP/1.1, `Content-Length`, a thread \
+         per connection, keeps connections open) for a 1 KiB and a 1 MiB body; the latency runs \
+         from the request written to the body's last byte read, and every body byte is checked \
+         against the origin's pattern. The table counts the connections the clients opened \
+         and the ones the origin accepted (a proxy that keeps upstream connections alive opens \
+         about one per client). spliced serves plain HTTP in its control plane (hyper, its \
+         own upstream pool), on no data plane; Squid runs with `cache deny all` (nothing \
+         cached, like spliced); tinyproxy with its defaults.",
+        s.http_clients
+    );
+    let _ = writeln!(
+        md,
         "- **Scale**: 32 threads open {} tunnels (fewer if the hard RLIMIT_NOFILE caps them) \
          through one spliced to a server inside the benchmark (a forked child) that accepts and \
          holds every connection; the proxy's VmRSS is read before and with them all open \
@@ -1576,6 +1592,7 @@ fn notes(results: &Results) -> Vec<String> {
             Ok(_) => {}
         }
     }
+    notes.extend(super::http_report::notes(&results.http));
     for (c, r) in &results.scale {
         match r {
             Err(err) => notes.push(format!("scale {}: {err}", c.id())),
@@ -1797,6 +1814,7 @@ pub fn svg(results: &Results) -> String {
 mod tests {
     use super::*;
     use crate::bench::{
+        http_rate::{HttpCase, HttpResult},
         iperf::PromotionCheck,
         setup_rate::SetupResult,
         stall::{StallCase, StallResult},
@@ -1880,6 +1898,7 @@ mod tests {
             secs: 5,
             setup_secs: 3.0,
             setup_clients: 64,
+            http_clients: 16,
             scale_tunnels: 10_000,
             stall_tunnels: 100,
             rate: "5G",
@@ -1984,6 +2003,41 @@ mod tests {
                 ),
                 (Contender::Squid, Err("failed to start: no".into())),
             ],
+            http: [
+                (Contender::Splice, 3000.0),
+                (Contender::Squid, 1500.0),
+                (Contender::Tinyproxy, 2000.0),
+            ]
+            .into_iter()
+            .map(|(contender, per_sec)| {
+                (
+                    HttpCase {
+                        contender,
+                        body: 1024,
+                    },
+                    Ok(HttpResult {
+                        clients: 16,
+                        body: 1024,
+                        secs: 3.0,
+                        requests: (per_sec * 3.0) as u64,
+                        per_sec,
+                        p50_ms: 0.5,
+                        p99_ms: 2.0,
+                        client_connections: 16,
+                        origin_connections: 16,
+                        errors: 0,
+                        first_error: None,
+                    }),
+                )
+            })
+            .chain([(
+                HttpCase {
+                    contender: Contender::Tinyproxy,
+                    body: 1 << 20,
+                },
+                Err("failed to start: gone".into()),
+            )])
+            .collect(),
             scale: vec![
                 (
                     Contender::Splice,
@@ -2084,7 +2138,7 @@ mod tests {
         let results = results();
         let tables = tables(&results);
         let titles: Vec<&str> = tables.iter().map(|t| t.title.as_str()).collect();
-        assert_eq!(tables.len(), 7, "{titles:#?}");
+        assert_eq!(tables.len(), 8, "{titles:#?}");
         for table in &tables {
             for row in &table.rows {
                 assert_eq!(row.len(), table.header.len(), "{}: {row:?}", table.title);
@@ -2133,7 +2187,21 @@ mod tests {
         assert_eq!(stall.rows[0][7], "1");
         assert_eq!(stall.rows[0][8], "-2");
         assert!(stall.rows[1][3].starts_with("skipped"));
+        let http = tables
+            .iter()
+            .find(|t| t.title.starts_with("Plain HTTP"))
+            .unwrap();
+        assert_eq!(http.rows[0][..4], ["spliced", "1k", "3000", "3"]);
+        let note = http.note.as_deref().unwrap();
+        assert!(
+            note.contains("1k: 2.00× Squid, 1.50× tinyproxy (goal: ahead of both, met)"),
+            "{note}"
+        );
         let md = markdown(&results, &tables);
+        assert!(
+            md.contains("http/loopback/tinyproxy/1m: failed to start: gone"),
+            "{md}"
+        );
         assert!(md.contains("RLIMIT_NOFILE of 20000"), "{md}");
         assert!(
             md.contains("stall/loopback-unpinned/packet/fwd: 1 of 3 tunnels were not promoted"),
@@ -2157,6 +2225,8 @@ mod tests {
         );
         assert_eq!(json["throughput"][6]["runs"][0]["promotion"]["promoted"], 1);
         assert!(json["setup"][0]["p99_ms"].is_null());
+        assert_eq!(json["http"][1]["per_sec"], 1500.0);
+        assert_eq!(json["http"][3]["error"], "failed to start: gone");
         assert_eq!(
             json["scale"][1]["kernel_memory"]["per_tunnel"]["tcp_mem_bytes"],
             25.0 * kmem::page_size() as f64 / 100.0
