@@ -402,29 +402,15 @@ impl ControlPlane {
                 return;
             }
             Ok(Opened::Tunnel(opened)) => {
-                let progress = Progress::new(self.metrics.clone());
-                let tunnel = Tunnel {
-                    client,
-                    upstream: opened.upstream,
-                    client_bytes_consumed: opened.client_bytes_consumed,
-                    client_queue_clean: opened.client_queue_clean,
-                    limits: TunnelLimits {
-                        idle: settings.read_timeout,
-                        lifetime: settings.client_lifetime.saturating_sub(started.elapsed()),
-                    },
-                    shutdown: self.closing.subscribe(),
-                    progress: progress.clone(),
-                    draining: self.draining.subscribe(),
-                    // Serialized only for a plane that may hand the tunnel
-                    // to the next process: the others never read it.
-                    handover: if self.dataplane.hands_over() {
-                        HandoverRecord::of(&record, opened.pipelined)
-                            .to_bytes()
-                            .into()
-                    } else {
-                        Arc::from([])
-                    },
-                };
+                let tunnel = self.tunnel(
+                    (client, opened.upstream),
+                    [opened.client_bytes_consumed, 0],
+                    opened.client_queue_clean,
+                    settings,
+                    started,
+                    || HandoverRecord::of(&record, opened.pipelined),
+                );
+                let progress = tunnel.progress.clone();
                 let (plane_kind, plane) = self.dataplane.pick(&tunnel);
                 self.metrics.request_answered(200);
                 self.metrics
@@ -488,6 +474,46 @@ impl ControlPlane {
         record.duration_ms = started.elapsed().as_millis() as u64;
         // The log in force when the transaction ends: a reload reopens it.
         self.active().access_log.write(&record);
+    }
+
+    /// A tunnel over `client` and `upstream` (of which user space has read
+    /// `consumed` bytes, client's first) for the data plane, under
+    /// `settings`' limits counted from `started`; `handover` is built only
+    /// for a plane that may hand the tunnel to the next process (the others
+    /// never read it).
+    pub(crate) fn tunnel(
+        &self,
+        (client, upstream): (TcpStream, TcpStream),
+        [client_bytes_consumed, upstream_bytes_consumed]: [u64; 2],
+        client_queue_clean: bool,
+        settings: &Settings,
+        started: Instant,
+        handover: impl FnOnce() -> HandoverRecord,
+    ) -> Tunnel {
+        Tunnel {
+            client,
+            upstream,
+            client_bytes_consumed,
+            upstream_bytes_consumed,
+            client_queue_clean,
+            limits: TunnelLimits {
+                idle: settings.read_timeout,
+                lifetime: settings.client_lifetime.saturating_sub(started.elapsed()),
+            },
+            shutdown: self.closing.subscribe(),
+            progress: Progress::new(self.metrics.clone()),
+            draining: self.draining.subscribe(),
+            handover: if self.dataplane.hands_over() {
+                handover().to_bytes().into()
+            } else {
+                Arc::from([])
+            },
+        }
+    }
+
+    /// The data plane tunnels run on.
+    pub(crate) fn dataplane(&self) -> &dyn DataPlane {
+        &*self.dataplane
     }
 
     /// Runs `tunnel` on the data plane; with `access_log_periodic`, writes a
@@ -889,12 +915,12 @@ struct OpenedTunnel {
 }
 
 /// What [`forward_queued_bytes`] did.
-struct QueuedBytes {
+pub(crate) struct QueuedBytes {
     /// Bytes read from the client and written upstream.
-    bytes: u64,
+    pub(crate) bytes: u64,
     /// Whether the client's receive queue was seen empty, i.e. no segment is left
     /// half-read.
-    clean: bool,
+    pub(crate) clean: bool,
 }
 
 /// Forwards what the client has already sent beyond the part of the stream the
@@ -905,7 +931,7 @@ struct QueuedBytes {
 /// is handed whole skbs (tcp_read_skb() does not skip what recvmsg() already
 /// copied out), so a half-read skb would be sent upstream twice. A read that
 /// returns less than the buffer, or would block, proves the queue was empty.
-async fn forward_queued_bytes(
+pub(crate) async fn forward_queued_bytes(
     client: &TcpStream,
     upstream: &mut TcpStream,
 ) -> io::Result<QueuedBytes> {

@@ -927,17 +927,22 @@ fn websocket_origin() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
     (addr, heads)
 }
 
-#[test]
-fn websocket_upgrade_is_relayed() {
-    let (origin, heads) = websocket_origin();
-    let proxy = start_proxy(&[]);
+/// Sends a WebSocket upgrade for `/chat` through `proxy` (with `early`
+/// pipelined behind the head, in the same write), checks the `101`, and
+/// returns the stream and a reader positioned after the `101`'s head.
+fn upgrade_through(
+    proxy: &Proxy,
+    origin: SocketAddr,
+    early: &[u8],
+) -> (TcpStream, BufReader<TcpStream>) {
     let mut stream = TcpStream::connect(proxy.addr).unwrap();
     stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-    write!(
-        stream,
+    let mut request = format!(
         "GET http://{origin}/chat HTTP/1.1\r\nHost: {origin}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
     )
-    .unwrap();
+    .into_bytes();
+    request.extend_from_slice(early);
+    stream.write_all(&request).unwrap();
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut head = String::new();
     loop {
@@ -952,6 +957,14 @@ fn websocket_upgrade_is_relayed() {
     let lower = head.to_ascii_lowercase();
     assert!(lower.contains("upgrade: websocket"), "{head}");
     assert!(lower.contains("connection: upgrade"), "{head}");
+    (stream, reader)
+}
+
+#[test]
+fn websocket_upgrade_is_relayed() {
+    let (origin, heads) = websocket_origin();
+    let proxy = start_proxy(&[]);
+    let (mut stream, mut reader) = upgrade_through(&proxy, origin, b"");
     let seen = heads.lock().unwrap()[0].to_ascii_lowercase();
     assert!(seen.starts_with("get /chat http/1.1"), "{seen}");
     assert!(seen.contains("upgrade: websocket"), "{seen}");
@@ -962,8 +975,66 @@ fn websocket_upgrade_is_relayed() {
         reader.read_exact(&mut echo).unwrap();
         assert_eq!(echo, message.to_ascii_uppercase().as_bytes());
     }
+    // The exchange is logged when its tunnel ends.
+    stream.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    reader.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty(), "{rest:?}");
     let line = proxy.wait_access_lines(1).remove(0);
     assert!(line.contains(" TCP_MISS/101 "), "{line}");
+}
+
+/// After the `101` the exchange is a tunnel on the data plane, with the bytes
+/// the client pipelined behind its head going first; its one record names
+/// the plane and counts every byte.
+#[test]
+fn a_websocket_runs_on_each_data_plane_byte_exact() {
+    const LEN: usize = 1 << 20;
+    let (origin, _) = websocket_origin();
+    for plane in ["copy", "splice", "sockmap", "packet"] {
+        let mut args = vec!["--dataplane", plane, "--log-format", "json"];
+        if plane == "packet" {
+            args.extend(["--promote-after", "0"]);
+        }
+        let proxy = Proxy::start(&args);
+        let (stream, mut reader) = upgrade_through(&proxy, origin, b"early|");
+        let mut early = [0u8; 6];
+        reader.read_exact(&mut early).unwrap();
+        assert_eq!(&early, b"EARLY|", "{plane}");
+        let sent: Vec<u8> = (0..LEN).map(|i| b'a' + (i % 26) as u8).collect();
+        let writer = {
+            let mut stream = stream.try_clone().unwrap();
+            let sent = sent.clone();
+            std::thread::spawn(move || {
+                for chunk in sent.chunks(64 << 10) {
+                    stream.write_all(chunk).unwrap();
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            })
+        };
+        let mut echoed = vec![0u8; LEN];
+        reader.read_exact(&mut echoed).unwrap();
+        writer.join().unwrap();
+        assert!(echoed == sent.to_ascii_uppercase(), "{plane}: bytes differ");
+        stream.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut rest = Vec::new();
+        reader
+            .read_to_end(&mut rest)
+            .unwrap_or_else(|err| panic!("{plane}: no close after the client's: {err}"));
+        assert!(rest.is_empty(), "{plane}: {rest:?}");
+        let record = proxy.wait_json_records(1).remove(0);
+        assert_eq!(record["status"], 101, "{record}");
+        assert_eq!(record["dataplane"], plane, "{plane}: {record}");
+        assert_eq!(record["bytes_from_client"], 6 + LEN as u64, "{record}");
+        let to_client = record["bytes_to_client"].as_u64().unwrap();
+        assert!(
+            (6 + LEN as u64 + 100..6 + LEN as u64 + 400).contains(&to_client),
+            "the 101's head and every echoed byte: {record}"
+        );
+        if plane == "packet" {
+            assert!(record["bytes_before_promotion"].is_object(), "{record}");
+        }
+    }
 }
 
 #[test]

@@ -177,6 +177,19 @@ impl LoggedBody {
         Self::with(Source::Upstream(body), pending)
     }
 
+    /// The body of a `101` whose exchange goes on as a tunnel: logged by
+    /// the tunnel when it ends, not here.
+    pub fn unlogged(body: Incoming, idle: Duration) -> Self {
+        Self {
+            source: Source::Upstream(body),
+            timer: IdleTimer::new(idle),
+            sent: 0,
+            finished: false,
+            failed: None,
+            pending: None,
+        }
+    }
+
     /// A body made here.
     pub fn fixed(body: Bytes, pending: Pending) -> Self {
         Self::with(Source::Fixed((!body.is_empty()).then_some(body)), pending)

@@ -15,13 +15,14 @@ pub mod headers;
 pub mod pool;
 pub mod rewind;
 pub mod target;
+mod upgrade;
 
 use std::{
     convert::Infallible,
     net::SocketAddr,
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc,
+        Arc, Mutex,
     },
     time::{Duration, Instant, SystemTime},
 };
@@ -61,6 +62,12 @@ struct Connection {
     active: Arc<Active>,
     /// The client's and proxy's addresses, as each record logs them.
     base: AccessRecord,
+    /// Bytes of the client's socket the control plane read before hyper
+    /// served the connection.
+    consumed_before: u64,
+    /// Upgraded exchanges running as tunnels: the connection lasts (and is
+    /// counted, for `client_ip_max_connections` and the drain) until they end.
+    upgrades: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 /// Serves the client connection whose first request head is `head` (already
@@ -80,13 +87,42 @@ pub(crate) async fn serve(
     prefix.extend_from_slice(&head.pipelined);
     let request_timeout = active.settings.request_timeout;
     let lifetime = active.settings.client_lifetime;
-    let mut closing = control.closing();
-    let mut draining = control.draining();
     let connection = Arc::new(Connection {
         control,
         active,
         base,
+        consumed_before: prefix.len() as u64,
+        upgrades: Mutex::default(),
     });
+    serve_requests(
+        connection.clone(),
+        client,
+        prefix,
+        request_timeout,
+        lifetime,
+    )
+    .await;
+    let upgrades = std::mem::take(
+        &mut *connection
+            .upgrades
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()),
+    );
+    for upgrade in upgrades {
+        let _ = upgrade.await;
+    }
+}
+
+/// Serves requests on the connection with hyper until it ends.
+async fn serve_requests(
+    connection: Arc<Connection>,
+    client: TcpStream,
+    prefix: Vec<u8>,
+    request_timeout: Duration,
+    lifetime: Duration,
+) {
+    let mut closing = connection.control.closing();
+    let mut draining = connection.control.draining();
     let service = service_fn(move |request| {
         let connection = connection.clone();
         async move { Ok::<_, Infallible>(connection.forward(request).await) }
@@ -167,7 +203,7 @@ impl Connection {
             idle: self.active.settings.read_timeout,
         };
         match exchanged {
-            Ok(response) => {
+            Ok((response, upgrade)) => {
                 let (mut parts, incoming) = response.into_parts();
                 let switching = parts.status == StatusCode::SWITCHING_PROTOCOLS;
                 headers::prepare_response(
@@ -188,10 +224,30 @@ impl Connection {
                     .filter(|v| !v.is_empty());
                 self.control.metrics().request_answered(record.status);
                 let head_len = head_length(parts.status, &parts.headers);
-                Response::from_parts(
-                    parts,
-                    LoggedBody::upstream(incoming, pending(record, head_len)),
-                )
+                let body = match upgrade {
+                    Some(upgrade) if switching => {
+                        let exchange = upgrade::Exchange {
+                            record,
+                            head_len,
+                            from_client: from_client.clone(),
+                            started,
+                            consumed_before: self.consumed_before,
+                        };
+                        let task = tokio::spawn(upgrade::run(
+                            self.control.clone(),
+                            self.active.clone(),
+                            upgrade,
+                            exchange,
+                        ));
+                        self.upgrades
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push(task);
+                        LoggedBody::unlogged(incoming, self.active.settings.read_timeout)
+                    }
+                    _ => LoggedBody::upstream(incoming, pending(record, head_len)),
+                };
+                Response::from_parts(parts, body)
             }
             Err(refusal) => {
                 record.result = refusal.result;
@@ -237,7 +293,7 @@ impl Connection {
         mut request: Request<Incoming>,
         record: &mut AccessRecord,
         from_client: &Arc<AtomicU64>,
-    ) -> Result<Response<Incoming>, Refusal> {
+    ) -> Result<(Response<Incoming>, Option<upgrade::Upgrade>), Refusal> {
         let settings = &self.active.settings;
         let target = target::parse(request.uri()).map_err(|err| match err {
             TargetError::Https => Refusal::new(501, err.to_string()),
@@ -330,19 +386,16 @@ impl Connection {
                     ))
                 }
                 Ok(Ok(mut response)) => {
+                    let mut upgrade = None;
                     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-                        if let Some(client_upgrade) = client_upgrade {
-                            relay_upgraded(
-                                &self.control,
-                                settings.client_lifetime,
-                                client_upgrade,
-                                hyper::upgrade::on(&mut response),
-                            );
-                        }
+                        upgrade = client_upgrade.map(|client| upgrade::Upgrade {
+                            client,
+                            upstream: hyper::upgrade::on(&mut response),
+                        });
                     } else {
                         pool.put_when_ready(key, addr, sender);
                     }
-                    return Ok(response);
+                    return Ok((response, upgrade));
                 }
                 Ok(Err(mut err)) => match err.take_message() {
                     // A reused connection the origin had closed: the request was
@@ -397,37 +450,6 @@ impl Drop for Unanswered {
             self.control.active().access_log.write(&record);
         }
     }
-}
-
-/// After a `101 Switching Protocols`, relays bytes between the client's and
-/// the origin's upgraded connections (in user space, with
-/// `tokio::io::copy_bidirectional`; the data planes are not used) until either
-/// closes, `lifetime` is over, or the proxy shuts down.
-fn relay_upgraded(
-    control: &ControlPlane,
-    lifetime: Duration,
-    client: hyper::upgrade::OnUpgrade,
-    upstream: hyper::upgrade::OnUpgrade,
-) {
-    let mut closing = control.closing();
-    tokio::spawn(async move {
-        let (client, upstream) = match tokio::try_join!(client, upstream) {
-            Ok(pair) => pair,
-            Err(err) => {
-                log::debug!("upgrade failed: {err}");
-                return;
-            }
-        };
-        let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
-        tokio::select! {
-            relayed = tokio::io::copy_bidirectional(&mut client, &mut upstream) => match relayed {
-                Ok((up, down)) => log::debug!("upgraded connection closed after {up} + {down} bytes"),
-                Err(err) => log::debug!("upgraded connection: {err}"),
-            },
-            _ = closing.wait_for(|closing| *closing) => log::debug!("upgraded connection ended by shutdown"),
-            () = tokio::time::sleep(lifetime) => log::debug!("upgraded connection ended by client_lifetime"),
-        }
-    });
 }
 
 /// The size of a response head as hyper writes it: status line, fields, the

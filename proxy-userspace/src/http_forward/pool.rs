@@ -126,7 +126,10 @@ fn sweep(idle: &mut HashMap<String, Vec<Idle>>) {
 /// Starts HTTP/1.1 on a new upstream connection; the connection runs on its
 /// own task until the sender is dropped or the peer closes.
 pub async fn handshake(stream: TcpStream) -> hyper::Result<Sender> {
-    let (sender, connection) = http1::handshake(TokioIo::new(stream)).await?;
+    // Rewind (with nothing to replay) counts what hyper reads, which an
+    // upgraded connection's data plane needs.
+    let io = TokioIo::new(super::Rewind::new(bytes::Bytes::new(), stream));
+    let (sender, connection) = http1::handshake(io).await?;
     tokio::spawn(async move {
         if let Err(err) = connection.with_upgrades().await {
             log::debug!("upstream HTTP connection: {err}");

@@ -17,6 +17,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 pub struct Rewind<T> {
     prefix: Bytes,
     inner: T,
+    /// Bytes read from `inner` so far: with the prefix, what user space has
+    /// consumed of the socket when an upgraded connection becomes a tunnel.
+    read_from_inner: u64,
 }
 
 impl<T> Rewind<T> {
@@ -25,12 +28,14 @@ impl<T> Rewind<T> {
         Self {
             prefix: prefix.into(),
             inner,
+            read_from_inner: 0,
         }
     }
 
-    /// The stream and the part of the prefix not read yet.
-    pub fn into_parts(self) -> (T, Bytes) {
-        (self.inner, self.prefix)
+    /// The stream, the part of the prefix not read yet, and how many bytes
+    /// were read from the stream.
+    pub fn into_parts(self) -> (T, Bytes, u64) {
+        (self.inner, self.prefix, self.read_from_inner)
     }
 }
 
@@ -46,7 +51,10 @@ impl<T: AsyncRead + Unpin> AsyncRead for Rewind<T> {
             self.prefix.advance(n);
             return Poll::Ready(Ok(()));
         }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        self.read_from_inner += (buf.filled().len() - before) as u64;
+        polled
     }
 }
 
@@ -96,5 +104,7 @@ mod tests {
         let mut rest = Vec::new();
         rewind.read_to_end(&mut rest).await.unwrap();
         assert_eq!(rest, b"lo world");
+        let (_, prefix, read) = rewind.into_parts();
+        assert_eq!((prefix.len(), read), (0, 6));
     }
 }
