@@ -25,7 +25,7 @@ use spliced_tests::{raw_request, status_of, wait_until, Proxy, IO_TIMEOUT};
 
 const MIB: u64 = 1 << 20;
 /// The large bodies: at least 100 MiB each way.
-const LARGE: u64 = 100 * MIB;
+const LARGE: u64 = 256 * MIB;
 
 // ---------------------------------------------------------------------------
 // The origin.
