@@ -62,8 +62,10 @@ impl Netns {
     /// (`net.ipv4.tcp_congestion_control`), so a test never depends on the
     /// host's. A namespace may only pick from the host's
     /// `tcp_allowed_congestion_control` (reno and the host's default are always
-    /// there); the test fails, saying so, if `name` is not.
+    /// there): `name` is added to it first (see [`allow_congestion_control`]);
+    /// the test fails, saying so, if it cannot be.
     pub fn set_default_congestion(&self, name: &str) {
+        allow_congestion_control(name);
         let sysctl = format!("net.ipv4.tcp_congestion_control={name}");
         let output = self
             .command("sysctl")
@@ -294,5 +296,25 @@ impl Topology {
 impl Default for Topology {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// Makes `name` one a namespace may choose: only the initial namespace may
+/// make a restricted algorithm its default (net/ipv4/tcp_cong.c,
+/// `tcp_set_default_congestion_control`), and what is not in the host's
+/// `tcp_allowed_congestion_control` is restricted — a stock host allows only
+/// its own default (and reno). Widening the list changes no default and no
+/// socket of the host; the algorithm's module is loaded first if it is one.
+fn allow_congestion_control(name: &str) {
+    const ALLOWED: &str = "/proc/sys/net/ipv4/tcp_allowed_congestion_control";
+    let allowed = fs::read_to_string(ALLOWED).unwrap_or_default();
+    if allowed.split_whitespace().any(|a| a == name) {
+        return;
+    }
+    // Built in, or already loaded, is fine: modprobe's failure is not ours.
+    let _ = Command::new("modprobe").arg(format!("tcp_{name}")).output();
+    let widened = format!("{} {name}", allowed.trim());
+    if let Err(err) = fs::write(ALLOWED, &widened) {
+        panic!("allowing congestion control {name} ({ALLOWED} ← {widened:?}): {err}");
     }
 }

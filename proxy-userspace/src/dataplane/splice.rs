@@ -1,12 +1,14 @@
 //! splice(2) data plane: each direction moves bytes socket → pipe → socket
 //! inside the kernel; user space only waits for readiness.
 //!
-//! A direction holds a pipe only while bytes are in flight: it makes one when
-//! its source turns readable and closes it, empty, when the source has nothing
-//! more for now. An idle tunnel costs its two sockets' descriptors and no pipes
-//! (a pipe per direction for good made 6 descriptors per tunnel and ran out of
-//! them at ~3,300 tunnels). No pool: pooled pipes would keep descriptors after
-//! the load has gone.
+//! A direction holds a pipe only while bytes are in flight: it takes one when
+//! its source turns readable and gives it back, empty, when the source has
+//! nothing more for now. An idle tunnel costs its two sockets' descriptors and
+//! no pipes (a pipe per direction for good made 6 descriptors per tunnel and
+//! ran out of them at ~3,300 tunnels). Empty pipes given back are kept for the
+//! next burst, at most [`PIPE_POOL`] of them: a short tunnel takes three
+//! bursts (its request, its answer, its EOF), and making each pipe (`pipe2`,
+//! `F_SETPIPE_SZ`, two `close`s) was 12 of its ~41 system calls.
 
 use std::{
     io,
@@ -22,6 +24,11 @@ use super::{
 
 /// Pipe capacity requested with F_SETPIPE_SZ (the default is 64 KiB).
 pub(super) const PIPE_BYTES: libc::c_int = 1 << 20;
+/// Empty pipes kept for reuse (two descriptors each), process-wide.
+pub(super) const PIPE_POOL: usize = 64;
+
+/// Empty pipes waiting for a burst.
+static IDLE_PIPES: std::sync::Mutex<Vec<Pipe>> = std::sync::Mutex::new(Vec::new());
 
 /// splice(2) data plane.
 #[derive(Debug, Default)]
@@ -76,7 +83,22 @@ pub(super) struct Pipe {
 }
 
 impl Pipe {
-    pub(super) fn new() -> io::Result<Self> {
+    /// An empty pipe: a pooled one, else a new one.
+    pub(super) fn take() -> io::Result<Self> {
+        let pooled = IDLE_PIPES.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        pooled.map_or_else(Self::new, Ok)
+    }
+
+    /// Keeps this pipe for the next burst; the caller has spliced out every
+    /// byte it spliced in. Closed instead when the pool is full.
+    pub(super) fn give_back(self) {
+        let mut idle = IDLE_PIPES.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < PIPE_POOL {
+            idle.push(self);
+        }
+    }
+
+    fn new() -> io::Result<Self> {
         let mut fds = [0 as RawFd; 2];
         // SAFETY: pipe2 writes two fds into the array, which is valid for the call.
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
@@ -129,7 +151,7 @@ pub(super) async fn splice_one_way(
         src.readable()
             .await
             .map_err(|e| pump::error_on(src_side, e))?;
-        let pipe = match Pipe::new() {
+        let pipe = match Pipe::take() {
             Ok(pipe) => pipe,
             Err(err) => {
                 log::debug!("splice: no pipe ({err}); copying this direction instead");
@@ -146,6 +168,7 @@ pub(super) async fn splice_one_way(
                 Err(err) => return Err(pump::error_on(src_side, err)),
             };
             if in_pipe == 0 {
+                pipe.give_back();
                 return pump::shutdown_write(dst).map_err(|e| pump::error_on(src_side.peer(), e));
             }
             let mut left = in_pipe;
@@ -165,6 +188,8 @@ pub(super) async fn splice_one_way(
                 }
             }
         }
-        drop(pipe);
+        // Every byte spliced in went out (an error returned above, and the
+        // pipe, possibly holding bytes, was closed).
+        pipe.give_back();
     }
 }

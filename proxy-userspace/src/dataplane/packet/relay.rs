@@ -122,7 +122,7 @@ pub async fn relay_one_way(
             continue;
         }
         busy.store(true, Ordering::Relaxed);
-        let pipe = match Pipe::new() {
+        let pipe = match Pipe::take() {
             Ok(pipe) => pipe,
             Err(err) => {
                 log::debug!("packet: no pipe ({err}); copying this direction instead");
@@ -141,6 +141,7 @@ pub async fn relay_one_way(
                 Err(err) => return Err(pump::error_on(src_side, err)),
             };
             if in_pipe == 0 {
+                pipe.give_back();
                 return pump::shutdown_write(dst).map_err(|e| pump::error_on(src_side.peer(), e));
             }
             let mut left = in_pipe;
@@ -161,6 +162,7 @@ pub async fn relay_one_way(
                 }
             }
         }
-        drop(pipe);
+        // Empty: every byte spliced in went out (errors returned above).
+        pipe.give_back();
     }
 }
