@@ -126,6 +126,7 @@
 mod access;
 mod acl;
 mod auth;
+mod auth_children;
 mod logformat;
 mod parse;
 mod reader;
@@ -143,7 +144,8 @@ use std::{
 };
 
 pub use access::{Decision, LocalTime, RequestFacts, Weekday};
-pub use auth::BasicAuth;
+pub use auth::{BasicAuth, Credentials, Verifier};
+pub use auth_children::{HelperChildren, DEFAULT_CHILDREN};
 pub use logformat::{LogFields, LogFormat};
 pub use ssl_bump::{BumpAction, SniCheck, Step1, Step2};
 

@@ -1512,8 +1512,8 @@ fn real_world_files_load_with_warnings_only() {
     assert_eq!(
         warned,
         [
-            (4, "auth_param"),
-            (6, "auth_param"),
+            // children's helper-process options; credentialsttl now applies.
+            (4, "startup=5"),
             (26, "cache_mem"),
             (27, "cache_dir"),
             (28, "visible_hostname"),
