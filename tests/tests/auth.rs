@@ -173,7 +173,7 @@ fn a_password_flood_waits_in_a_bounded_queue_while_tunnels_keep_opening() {
                     round += 1;
                     // Mostly wrong passwords for a cached user, some right
                     // ones for a user not cached yet.
-                    let credentials = if (i + round as usize) % 4 == 0 {
+                    let credentials = if (i + round as usize).is_multiple_of(4) {
                         "bob:bob-pass".to_owned()
                     } else {
                         format!("alice:wrong-{i}-{round}")

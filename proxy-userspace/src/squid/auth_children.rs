@@ -5,8 +5,10 @@
 //!
 //! `N` bounds how many hashes are verified at once (never more than the
 //! machine's CPUs: bcrypt is pure CPU), `queue-size` how many checks may wait
-//! for one (Squid's default: twice `N`); a check beyond that is answered 503,
-//! as Squid's `on-persistent-overload=ERR` does. `startup`, `idle` and
+//! for one (Squid's default: twice `N`); a check beyond that is answered 503.
+//! (Squid's `on-persistent-overload=ERR` fails the login instead: a 407, on
+//! which clients ask for another password; 503 tells them to retry.) The only
+//! `on-persistent-overload` accepted is `ERR`. `startup`, `idle` and
 //! `concurrency` describe helper processes and have no effect.
 
 use std::fmt;
