@@ -268,6 +268,34 @@ mod tests {
         assert!(authenticator.cache().is_empty());
     }
 
+    #[test]
+    fn a_reload_resizes_the_pool_and_keeps_the_cache_of_an_unchanged_file() {
+        let authenticator = Authenticator::new(Arc::new(Metrics::new()));
+        assert_eq!(
+            authenticator.pool.load().queue_limit,
+            40,
+            "Squid's default 2 × 20"
+        );
+        let text = "alice:{SHA}87u9ZqY9S/F0eUBXjsPQEDUw4h0=\n";
+        authenticator.configure(Some(&with_children("1 queue-size=3", text)));
+        let pool = authenticator.pool.load_full();
+        assert_eq!((pool.workers, pool.queue_limit), (1, 3));
+        let tag = authenticator.cache().tag("alice", "h", "pw");
+        authenticator
+            .cache()
+            .insert("alice".into(), tag, Instant::now());
+        // The same settings keep the pool; the same file keeps the cache.
+        authenticator.configure(Some(&with_children("1 queue-size=3", text)));
+        assert!(Arc::ptr_eq(&pool, &authenticator.pool.load_full()));
+        assert_eq!(authenticator.cache().len(), 1);
+        authenticator.configure(Some(&with_children("1 queue-size=0", text)));
+        assert_eq!(authenticator.pool.load().queue_limit, 0);
+        assert_eq!(authenticator.cache().len(), 1);
+        // No authentication any more: nothing cached survives.
+        authenticator.configure(None);
+        assert!(authenticator.cache().is_empty());
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_full_queue_refuses() {
         let metrics = Arc::new(Metrics::new());
