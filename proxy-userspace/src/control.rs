@@ -28,6 +28,7 @@ use tokio::{
 
 use crate::{
     access_log::{AccessLog, AccessRecord, BytesBeforePromotion},
+    auth_check::Authenticator,
     config::{TestHook, TestHooks},
     connect_request::{self, HeadError, Host, RequestHead, Target},
     dataplane::{DataPlane, Picked, Progress, Tunnel, TunnelEnd, TunnelLimits, TunnelOutcome},
@@ -38,7 +39,7 @@ use crate::{
     policy::Denial,
     settings::{Policy, Settings},
     sockopt,
-    squid::{Decision, LocalTime, RequestFacts, SquidConfig, Step1},
+    squid::{BasicAuth, Decision, LocalTime, RequestFacts, SquidConfig, Step1},
     upstream,
 };
 
@@ -80,6 +81,9 @@ pub struct ControlPlane {
     fd_reserve: tokio::sync::Mutex<Vec<std::fs::File>>,
     /// Idle upstream connections of plain-HTTP forwarding.
     http_pool: Arc<http_forward::Pool>,
+    /// Basic credentials: their cache and the hash verifiers (kept across
+    /// reloads).
+    authenticator: Authenticator,
 }
 
 /// An error answer to a request.
@@ -170,6 +174,8 @@ impl ControlPlane {
         hooks: TestHooks,
         metrics: Arc<Metrics>,
     ) -> Self {
+        let authenticator = Authenticator::new(metrics.clone());
+        authenticator.configure(basic_auth(&active.settings));
         Self {
             active: ArcSwap::from_pointee(active),
             dataplane,
@@ -187,7 +193,13 @@ impl ControlPlane {
                     .collect(),
             ),
             http_pool: Arc::default(),
+            authenticator,
         }
+    }
+
+    /// The credentials cache and hash verifiers.
+    pub(crate) fn authenticator(&self) -> &Authenticator {
+        &self.authenticator
     }
 
     /// Idle upstream connections of plain-HTTP forwarding.
@@ -268,6 +280,7 @@ impl ControlPlane {
 
     /// Puts new settings in force for connections accepted from now on.
     pub fn replace(&self, active: Active) {
+        self.authenticator.configure(basic_auth(&active.settings));
         self.active.store(Arc::new(active));
     }
 
@@ -584,7 +597,7 @@ impl ControlPlane {
             .map_err(|err| Refusal::new(400, format!("bad CONNECT target: {err}")))?;
         record.target = target.to_string();
 
-        let judge = Judge::new(settings, record, &head, &target).await;
+        let judge = Judge::new(settings, &self.authenticator, record, &head, &target).await?;
         record.user.clone_from(&judge.user);
         judge.decide(None)?;
         let (mut upstream, upstream_addr) =
@@ -745,6 +758,14 @@ impl ControlPlane {
     }
 }
 
+/// The `auth_param basic` settings in force, if any.
+fn basic_auth(settings: &Settings) -> Option<&BasicAuth> {
+    match &settings.policy {
+        Policy::Squid(squid) => squid.auth.as_ref(),
+        Policy::Builtin(_) => None,
+    }
+}
+
 /// Applies the policy in force to one request.
 pub(crate) struct Judge<'a> {
     policy: &'a Policy,
@@ -760,12 +781,14 @@ pub(crate) struct Judge<'a> {
 impl<'a> Judge<'a> {
     async fn new(
         settings: &'a Settings,
+        authenticator: &Authenticator,
         record: &AccessRecord,
         head: &'a RequestHead,
         target: &Target,
-    ) -> Self {
+    ) -> Result<Self, Refusal> {
         Self::for_request(
             settings,
+            authenticator,
             (record.client.ip(), record.local),
             &head.method,
             target,
@@ -776,38 +799,50 @@ impl<'a> Judge<'a> {
 
     /// The judge of a request for `method` to `target` from `client` (its
     /// address and the proxy address it reached), with its
-    /// `Proxy-Authorization` value.
+    /// `Proxy-Authorization` value; 503 when the credentials had to be
+    /// verified and every verifier is busy with a full queue.
     pub(crate) async fn for_request(
         settings: &'a Settings,
+        authenticator: &Authenticator,
         (client, local): (IpAddr, Option<SocketAddr>),
         method: &'a str,
         target: &Target,
         proxy_authorization: Option<&str>,
-    ) -> Self {
+    ) -> Result<Self, Refusal> {
         let host = match &target.host {
             Host::Name(name) => name.clone(),
             Host::Ip(ip) => ip.to_string(),
         };
-        let user = match (&settings.policy, proxy_authorization) {
-            (Policy::Squid(squid), Some(credentials)) if squid.auth.is_some() => {
-                let (squid, credentials) = (squid.clone(), credentials.trim().to_owned());
-                // A bcrypt check costs milliseconds of CPU: keep it off the executor.
-                tokio::task::spawn_blocking(move || squid.verify_basic(&credentials))
-                    .await
-                    .ok()
-                    .flatten()
-            }
-            _ => None,
-        };
-        Self {
+        let mut judge = Self {
             policy: &settings.policy,
             client,
             local,
             method,
             host,
             port: target.port,
-            user,
+            user: None,
+        };
+        if let (Policy::Squid(squid), Some(credentials)) = (&settings.policy, proxy_authorization) {
+            if let Some(auth) = squid.auth.as_ref().filter(|_| judge.wants_user(squid)) {
+                judge.user = authenticator
+                    .check(auth, credentials)
+                    .await
+                    .map_err(|err| Refusal::new(503, err.to_string()))?;
+            }
         }
+        Ok(judge)
+    }
+
+    /// Whether the rules may look at the user: Squid checks credentials only
+    /// when a `proxy_auth` ACL is reached. When no `dst` ACL or TLS name
+    /// policy can make a later decision take another path, a decision
+    /// without a user that does not ask for one stands (a request another
+    /// rule allows or denies first costs no hashing).
+    fn wants_user(&self, squid: &SquidConfig) -> bool {
+        squid.uses_authentication()
+            && (squid.needs_destination()
+                || squid.peeks()
+                || squid.decide(&self.facts(None, 0)) == Decision::AuthRequired)
     }
 
     /// Whether a `dst`-like ACL makes the answer depend on the address.

@@ -10,6 +10,8 @@
 //!   with hyper (no caching);
 //! * [`handover`] — tunnels handed from one process to the next (packet plane);
 //! * [`peek`] — the TLS name policy's ClientHello step (`ssl_bump`);
+//! * [`auth_check`] — Basic credentials checked through a cache and a bounded
+//!   pool of hash verifiers (`credentialsttl`, `children`);
 //! * [`squid`] — a `squid.conf` subset reader and Squid's `http_access` semantics;
 //! * [`tls_peek`] — the SNI of a tunnel's TLS ClientHello, read without decrypting;
 //! * [`admin`] and [`metrics`] — the `--admin` HTTP listener (health, readiness,
@@ -17,6 +19,7 @@
 
 pub mod access_log;
 pub mod admin;
+pub mod auth_check;
 pub mod config;
 pub mod connect_request;
 pub mod control;

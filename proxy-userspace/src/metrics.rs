@@ -29,6 +29,7 @@ use prometheus_client::{
 };
 
 use crate::{
+    auth_check::metrics::AuthMetrics,
     dataplane::{ByteSink, DataPlane, Direction, PlaneKind, TunnelOutcome},
     upstream::UpstreamError,
 };
@@ -95,6 +96,7 @@ pub struct Metrics {
     dns_duration: Histogram,
     config_reloads: Family<ResultLabels, Counter>,
     build_info: Family<BuildLabels, Gauge>,
+    auth: AuthMetrics,
     /// The data plane whose kernel counters `/metrics` shows.
     plane: Arc<OnceLock<Arc<dyn DataPlane>>>,
 }
@@ -194,6 +196,7 @@ impl Metrics {
             "Always 1: the version and the data plane in use",
             build_info.clone(),
         );
+        let auth = AuthMetrics::register(&mut registry);
         let plane = Arc::default();
         registry.register_collector(Box::new(KernelCounters {
             plane: Arc::clone(&plane),
@@ -211,8 +214,14 @@ impl Metrics {
             dns_duration,
             config_reloads,
             build_info,
+            auth,
             plane,
         }
+    }
+
+    /// The `spliced_auth_…` metrics.
+    pub fn auth(&self) -> &AuthMetrics {
+        &self.auth
     }
 
     /// The data plane is chosen (`auto`, or the one plane): sets `build_info`,

@@ -1226,8 +1226,10 @@ fn proxy_auth_with_apr1_and_bcrypt_passwords() {
         to("127.0.0.1:443", Tunnel(LOOPBACK4)).with_credentials("carol:hunter2", "carol"),
         // casesensitive is off: the name is looked up (and logged) lower-cased.
         to("127.0.0.1:443", Tunnel(LOOPBACK4)).with_credentials("ALICE:secret", "alice"),
+        // Denied before a proxy_auth ACL is reached: as in Squid, the
+        // credentials are not checked (no hashing), so no user is logged.
         to("127.0.0.1:8443", Denied("http_access deny !SSL_ports"))
-            .with_credentials("alice:secret", "alice"),
+            .with_credentials("alice:secret", "-"),
     ];
     // Squid's line shows the user in %[un; JSON also says which rule decided.
     check_policy(&site, &conf, 2, Format::Squid, &cases);
@@ -1389,7 +1391,13 @@ fn wiki_auth_config_asks_for_credentials() {
             case(LOCAL4, "127.0.0.1:443", ask),
             as_alice("127.0.0.1:443", Tunnel(LOOPBACK4)),
             case(Client::local6(3129), "127.0.0.1:443", ask),
-            as_alice("www.facebook.com:443", Denied("http_access deny blocked")),
+            // Denied before any proxy_auth ACL: not authenticated, as in Squid.
+            case(
+                LOCAL4,
+                "www.facebook.com:443",
+                Denied("http_access deny blocked"),
+            )
+            .with_credentials("alice:wonderland", "-"),
             // carol is no admin, and 127.0.0.1 is not in localnet.
             case(LOCAL4, "127.0.0.1:443", Denied("http_access deny all"))
                 .with_credentials("carol:test", "carol"),

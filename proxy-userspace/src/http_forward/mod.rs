@@ -309,12 +309,13 @@ impl Connection {
         let client = (self.base.client.ip(), self.base.local);
         let judge = Judge::for_request(
             settings,
+            self.control.authenticator(),
             client,
             &method,
             &target.target,
             credentials.as_deref(),
         )
-        .await;
+        .await?;
         record.user.clone_from(&judge.user);
         judge.decide(None)?;
 

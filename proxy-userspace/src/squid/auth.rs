@@ -6,6 +6,13 @@
 //! (`$apr1$`), MD5-crypt (`$1$`) and `{SHA}` (base64 SHA-1). Traditional DES
 //! crypt(3) and SHA-crypt (`$5$`, `$6$`) hashes are errors naming the line. The
 //! file is read once, when the configuration loads.
+//!
+//! A check is split in three so that the control plane can cache and pool it
+//! (`crate::auth_check`): [`BasicAuth::credentials`] decodes the header,
+//! [`BasicAuth::verifier`] finds the user's hash, [`Verifier::verify`] does
+//! the (possibly expensive) hashing. MD5-crypt stays hand-written: no
+//! maintained crate verifies `$apr1$` (pwhash does `$1$` only, htpasswd-verify
+//! depends on the unmaintained rust-crypto and panics on a malformed bcrypt hash).
 
 use std::{
     collections::HashMap,
@@ -20,7 +27,9 @@ use md5::{Digest as _, Md5};
 use sha1::Sha1;
 use subtle::ConstantTimeEq as _;
 
-use super::{reader::Loc, Diagnostic};
+use sha2::Sha256;
+
+use super::{auth_children::HelperChildren, reader::Loc, Diagnostic};
 
 /// Squid's default `auth_param basic realm`.
 pub(super) const DEFAULT_REALM: &str = "Squid proxy-caching web server";
@@ -39,13 +48,18 @@ pub struct BasicAuth {
     /// `auth_param basic casesensitive` (default off: the user name a client
     /// sends is lower-cased before the lookup, as Squid does).
     pub case_sensitive: bool,
-    /// `auth_param basic children`, as written; no effect (no helpers run).
-    pub children: Option<String>,
-    /// `auth_param basic credentialsttl`; no effect (every request is checked).
+    /// `auth_param basic children`: how many hashes are verified at once and
+    /// how many checks may wait (no helper processes run).
+    pub children: Option<HelperChildren>,
+    /// `auth_param basic credentialsttl`: how long verified credentials are
+    /// trusted without hashing again (Squid's default: 2 hours).
     pub credentials_ttl: Option<Duration>,
     /// `auth_param basic utf8`; no effect (credentials must be UTF-8).
     pub utf8: Option<bool>,
     users: HashMap<String, Entry>,
+    /// SHA-256 of the password file's text: a reload with another digest
+    /// empties the credentials cache.
+    file_digest: [u8; 32],
 }
 
 impl fmt::Debug for BasicAuth {
@@ -63,7 +77,48 @@ impl fmt::Debug for BasicAuth {
 #[derive(Clone)]
 struct Entry {
     hash: PasswordHash,
+    /// The hash as written: a cached success is bound to it.
+    text: Arc<str>,
     loc: Loc,
+}
+
+/// The user name and password of a `Basic` `Proxy-Authorization` value.
+pub struct Credentials {
+    /// The user name, lower-cased unless `casesensitive on`.
+    pub user: String,
+    /// The password, as sent.
+    pub password: String,
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credentials")
+            .field("user", &self.user)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a password is checked against: the user's hash, or for a user the
+/// file does not list, another user's hash whose answer is ignored (the
+/// check then takes as long as a real one).
+#[derive(Clone)]
+pub struct Verifier {
+    hash: Option<PasswordHash>,
+    text: Option<Arc<str>>,
+}
+
+impl Verifier {
+    /// The user's hash as written in the file; `None` for an unknown user.
+    pub fn hash_text(&self) -> Option<&str> {
+        self.text.as_deref()
+    }
+
+    /// Whether `password` matches; always false for an unknown user. A
+    /// bcrypt hash costs milliseconds of CPU: call it off the async executor.
+    pub fn verify(&self, password: &[u8]) -> bool {
+        let matched = self.hash.as_ref().is_some_and(|hash| hash.verify(password));
+        matched && self.text.is_some()
+    }
 }
 
 #[derive(Clone)]
@@ -92,7 +147,7 @@ impl BasicAuth {
         let text = fs::read_to_string(&password_file)
             .map_err(|err| loc.diag(format!("cannot read the password file: {err}"), &shown))?;
         let users = parse_users(&text, Arc::from(shown), warnings)?;
-        Ok(Self::with_users(program, password_file, users))
+        Ok(Self::with_users(program, password_file, users, &text))
     }
 
     /// Parses the text of a password file, as `auth_param basic program
@@ -102,11 +157,21 @@ impl BasicAuth {
     pub fn parse_htpasswd(text: &str, file: &str) -> Result<(Self, Vec<Diagnostic>), Diagnostic> {
         let mut warnings = Vec::new();
         let users = parse_users(text, Arc::from(file), &mut warnings)?;
-        let auth = Self::with_users(PathBuf::from("basic_ncsa_auth"), PathBuf::from(file), users);
+        let auth = Self::with_users(
+            PathBuf::from("basic_ncsa_auth"),
+            PathBuf::from(file),
+            users,
+            text,
+        );
         Ok((auth, warnings))
     }
 
-    fn with_users(program: PathBuf, password_file: PathBuf, users: HashMap<String, Entry>) -> Self {
+    fn with_users(
+        program: PathBuf,
+        password_file: PathBuf,
+        users: HashMap<String, Entry>,
+        text: &str,
+    ) -> Self {
         Self {
             program,
             password_file,
@@ -116,7 +181,13 @@ impl BasicAuth {
             credentials_ttl: None,
             utf8: None,
             users,
+            file_digest: Sha256::digest(text.as_bytes()).into(),
         }
+    }
+
+    /// SHA-256 of the password file's text.
+    pub fn file_digest(&self) -> [u8; 32] {
+        self.file_digest
     }
 
     /// The number of users in the password file.
@@ -152,6 +223,15 @@ impl BasicAuth {
     /// returns the user name (lower-cased unless `casesensitive on`) when the
     /// password matches.
     pub fn verify_basic(&self, header_value: &str) -> Option<String> {
+        let Credentials { user, password } = self.credentials(header_value)?;
+        self.verifier(&user)
+            .verify(password.as_bytes())
+            .then_some(user)
+    }
+
+    /// Decodes a `Proxy-Authorization` value, `Basic BASE64(user:password)`;
+    /// `None` when it is not one.
+    pub fn credentials(&self, header_value: &str) -> Option<Credentials> {
         let (scheme, credentials) = header_value.trim().split_once(char::is_whitespace)?;
         if !scheme.eq_ignore_ascii_case("basic") {
             return None;
@@ -164,15 +244,26 @@ impl BasicAuth {
         } else {
             user.to_ascii_lowercase()
         };
-        let Some(entry) = self.users.get(&user) else {
+        Some(Credentials {
+            user,
+            password: password.to_owned(),
+        })
+    }
+
+    /// The hash `user`'s password is checked against.
+    pub fn verifier(&self, user: &str) -> Verifier {
+        match self.users.get(user) {
+            Some(entry) => Verifier {
+                hash: Some(entry.hash.clone()),
+                text: Some(entry.text.clone()),
+            },
             // Spend the time of a real check, so that timing does not tell
             // which user names exist.
-            if let Some(any) = self.users.values().next() {
-                let _ = any.hash.verify(password.as_bytes());
-            }
-            return None;
-        };
-        entry.hash.verify(password.as_bytes()).then_some(user)
+            None => Verifier {
+                hash: self.users.values().next().map(|any| any.hash.clone()),
+                text: None,
+            },
+        }
     }
 }
 
@@ -200,12 +291,13 @@ fn parse_users(
         if user.is_empty() {
             return Err(loc.diag("empty user name", line_prefix(line)));
         }
-        let hash = parse_hash(hash).map_err(|message| loc.diag(message, user))?;
+        let parsed = parse_hash(hash).map_err(|message| loc.diag(message, user))?;
         if users
             .insert(
                 user.to_owned(),
                 Entry {
-                    hash,
+                    hash: parsed,
+                    text: Arc::from(hash),
                     loc: loc.clone(),
                 },
             )

@@ -53,7 +53,9 @@
 //! * `dns_nameservers IP…`, repeatable.
 //! * `auth_param basic program|realm|children|credentialsttl|casesensitive|utf8`
 //!   (see [`BasicAuth`]): only `basic_ncsa_auth`, whose password file is read
-//!   here instead of running the helper.
+//!   here instead of running the helper; `children` sizes the pool that
+//!   verifies hashes and `credentialsttl` the cache in front of it
+//!   (`crate::auth_check`).
 //!
 //! Accepted with one warning each, because they have no meaning for a proxy that
 //! neither caches nor rewrites HTTP messages: the caching directives (`cache_dir`,
@@ -126,6 +128,7 @@
 mod access;
 mod acl;
 mod auth;
+mod auth_children;
 mod logformat;
 mod parse;
 mod reader;
@@ -143,7 +146,8 @@ use std::{
 };
 
 pub use access::{Decision, LocalTime, RequestFacts, Weekday};
-pub use auth::BasicAuth;
+pub use auth::{BasicAuth, Credentials, Verifier};
+pub use auth_children::HelperChildren;
 pub use logformat::{LogFields, LogFormat};
 pub use ssl_bump::{BumpAction, SniCheck, Step1, Step2};
 

@@ -7,6 +7,7 @@ use super::{
     access::{AccessRule, AclRef},
     acl::{self, Acl, AclKind, TypeInfo},
     auth::{self, BasicAuth},
+    auth_children::HelperChildren,
     reader::{read_value_file, resolve, rest_after, tokenize, Loc, Reader, SourceLine, Token},
     ssl_bump::{BumpAction, SniCheck, TlsRule},
     AccessLogTarget, ConfigError, Diagnostic, HttpPort, LoadedConfig, LogFormat, SquidConfig,
@@ -287,7 +288,7 @@ pub(super) fn parse(reader: Reader) -> Result<LoadedConfig, ConfigError> {
 struct AuthSettings {
     realm: Option<String>,
     case_sensitive: Option<bool>,
-    children: Option<String>,
+    children: Option<HelperChildren>,
     credentials_ttl: Option<Duration>,
     utf8: Option<bool>,
     /// The first `auth_param` line, for diagnostics.
@@ -875,14 +876,16 @@ impl Parser {
                 settings.realm = Some(realm.to_owned());
             }
             "children" => {
-                if words[3].parse::<u32>().is_err() {
-                    return Err(loc.diag("expected a number of helper processes", words[3]));
+                let children = HelperChildren::parse(&words[3..])
+                    .map_err(|(message, word)| loc.diag(message, word))?;
+                if !children.ignored.is_empty() {
+                    self.warnings.push(loc.diag(
+                        "no effect: no helper processes run (children N sizes the pool \
+                         that verifies password hashes)",
+                        children.ignored.join(" "),
+                    ));
                 }
-                settings.children = Some(value.to_owned());
-                self.warnings.push(loc.diag(
-                    "no effect: passwords are checked in-process, without helpers",
-                    &line.text,
-                ));
+                settings.children = Some(children);
             }
             "credentialsttl" => {
                 let tokens: Vec<Token> = words[3..]
@@ -891,10 +894,6 @@ impl Parser {
                     .collect();
                 settings.credentials_ttl =
                     Some(parse_time_value(&tokens).map_err(|message| loc.diag(message, value))?);
-                self.warnings.push(loc.diag(
-                    "no effect: credentials are checked on every request",
-                    &line.text,
-                ));
             }
             "casesensitive" => settings.case_sensitive = Some(on_off(value)?),
             "utf8" => {

@@ -1106,6 +1106,24 @@ fn malformed_configs_name_file_and_line() {
             "nonsense",
         ),
         (
+            "\nauth_param basic children 0",
+            2,
+            "expected a number of helpers above 0",
+            "0",
+        ),
+        (
+            "auth_param basic children 5 queue-size=lots",
+            1,
+            "expected a number",
+            "queue-size=lots",
+        ),
+        (
+            "auth_param basic children 5 on-persistent-overload=die",
+            1,
+            "only on-persistent-overload=ERR",
+            "on-persistent-overload=die",
+        ),
+        (
             "\nacl a proxy_auth REQUIRED",
             2,
             "need 'auth_param basic program",
@@ -1512,8 +1530,8 @@ fn real_world_files_load_with_warnings_only() {
     assert_eq!(
         warned,
         [
-            (4, "auth_param"),
-            (6, "auth_param"),
+            // children's helper-process options; credentialsttl now applies.
+            (4, "startup=5"),
             (26, "cache_mem"),
             (27, "cache_dir"),
             (28, "visible_hostname"),

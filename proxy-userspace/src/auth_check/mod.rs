@@ -1,0 +1,331 @@
+//! Basic authentication at a bounded cost: a cache of verified credentials
+//! (`credentialsttl`, see [`cache`]) in front of a small pool that verifies
+//! password hashes (`children`).
+//!
+//! A bcrypt check costs milliseconds of CPU, and anyone can send a
+//! `Proxy-Authorization` header. So a check first looks in the cache (a hit
+//! costs one HMAC); a miss waits for one of the pool's verifiers, which hash
+//! on tokio's blocking threads, at most [`HelperChildren::workers`] at once.
+//! At most [`HelperChildren::queue_limit`] checks wait; one more is refused
+//! with [`AuthError::Overloaded`] (503) instead of queueing. Requests without
+//! credentials and cache hits never wait for the pool.
+//!
+//! The [`Authenticator`] lives as long as the process: a reload resizes the
+//! pool (checks running on the old one finish there) and empties the cache
+//! when the password file changed.
+
+pub mod cache;
+pub mod metrics;
+
+use std::{
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex, PoisonError,
+    },
+    time::Instant,
+};
+
+use arc_swap::ArcSwap;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::{
+    metrics::Metrics,
+    squid::{BasicAuth, Credentials, HelperChildren},
+};
+use cache::{CredentialCache, DEFAULT_TTL};
+
+/// Why credentials could not be checked.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// Every verifier is busy and the wait queue is full.
+    #[error("authentication overloaded: {waiting} checks already wait for {workers} verifiers")]
+    Overloaded {
+        /// Checks waiting when this one was refused.
+        waiting: usize,
+        /// Hashes verified at once.
+        workers: usize,
+    },
+}
+
+/// The verifiers and their wait queue, sized by `children`.
+struct Pool {
+    permits: Arc<Semaphore>,
+    workers: usize,
+    queue_limit: usize,
+    waiting: AtomicUsize,
+}
+
+impl Pool {
+    fn new(children: &HelperChildren) -> Self {
+        let workers = children.workers();
+        Self {
+            permits: Arc::new(Semaphore::new(workers)),
+            workers,
+            queue_limit: children.queue_limit(),
+            waiting: AtomicUsize::new(0),
+        }
+    }
+}
+
+/// A place in the wait queue, given back when dropped (also when the client
+/// goes away while waiting).
+struct Queued<'a> {
+    pool: &'a Pool,
+    metrics: &'a Metrics,
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        self.pool.waiting.fetch_sub(1, Ordering::AcqRel);
+        self.metrics.auth().queue_changed(-1);
+    }
+}
+
+/// A verifier held for one hash.
+struct Busy {
+    _permit: OwnedSemaphorePermit,
+    metrics: Arc<Metrics>,
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.metrics.auth().busy_changed(-1);
+    }
+}
+
+/// The credentials cache and the verification pool of one process.
+pub struct Authenticator {
+    cache: Mutex<CredentialCache>,
+    pool: ArcSwap<Pool>,
+    metrics: Arc<Metrics>,
+}
+
+impl Authenticator {
+    /// An empty cache and a pool of Squid's default size.
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self {
+            cache: Mutex::new(CredentialCache::new()),
+            pool: ArcSwap::from_pointee(Pool::new(&HelperChildren::default())),
+            metrics,
+        }
+    }
+
+    /// Takes the `auth_param basic` settings of a (re)loaded configuration
+    /// (`None`: no authentication).
+    pub fn configure(&self, auth: Option<&BasicAuth>) {
+        let children = auth
+            .and_then(|auth| auth.children.clone())
+            .unwrap_or_default();
+        let current = self.pool.load();
+        if (current.workers, current.queue_limit) != (children.workers(), children.queue_limit()) {
+            self.pool.store(Arc::new(Pool::new(&children)));
+        }
+        let ttl = auth
+            .and_then(|auth| auth.credentials_ttl)
+            .unwrap_or(DEFAULT_TTL);
+        let mut cache = self.cache();
+        if cache.configure(ttl, auth.map(BasicAuth::file_digest)) {
+            log::info!("the password file changed: cached credentials forgotten");
+        }
+        self.metrics.auth().cached(cache.len());
+    }
+
+    /// Checks a `Proxy-Authorization` value against `auth`: the user name
+    /// when the credentials are valid, `None` when they are not, an error
+    /// when the pool is overloaded.
+    pub async fn check(
+        &self,
+        auth: &BasicAuth,
+        header_value: &str,
+    ) -> Result<Option<String>, AuthError> {
+        let Some(Credentials { user, password }) = auth.credentials(header_value) else {
+            self.metrics.auth().checked("rejected");
+            return Ok(None);
+        };
+        let verifier = auth.verifier(&user);
+        let tag = verifier
+            .hash_text()
+            .map(|hash| self.cache().tag(&user, hash, &password));
+        if let Some(tag) = &tag {
+            if self.cache().hit(&user, tag, Instant::now()) {
+                self.metrics.auth().checked("cache_hit");
+                return Ok(Some(user));
+            }
+        }
+        let busy = self.acquire().await.inspect_err(|_| {
+            self.metrics.auth().checked("overloaded");
+        })?;
+        // The password moves into the verifying thread and ends there.
+        let valid = tokio::task::spawn_blocking(move || {
+            let _busy = busy;
+            verifier.verify(password.as_bytes())
+        })
+        .await
+        .unwrap_or(false);
+        if !valid {
+            self.metrics.auth().checked("rejected");
+            return Ok(None);
+        }
+        self.metrics.auth().checked("verified");
+        if let Some(tag) = tag {
+            let mut cache = self.cache();
+            cache.insert(user.clone(), tag, Instant::now());
+            self.metrics.auth().cached(cache.len());
+        }
+        Ok(Some(user))
+    }
+
+    /// A verifier: at once if one is free, after a wait in the bounded
+    /// queue otherwise.
+    async fn acquire(&self) -> Result<Busy, AuthError> {
+        let pool = self.pool.load_full();
+        let busy = |permit| {
+            self.metrics.auth().busy_changed(1);
+            Busy {
+                _permit: permit,
+                metrics: self.metrics.clone(),
+            }
+        };
+        if let Ok(permit) = pool.permits.clone().try_acquire_owned() {
+            self.metrics.auth().waited(std::time::Duration::ZERO);
+            return Ok(busy(permit));
+        }
+        let joined = pool
+            .waiting
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |waiting| {
+                (waiting < pool.queue_limit).then_some(waiting + 1)
+            });
+        if let Err(waiting) = joined {
+            return Err(AuthError::Overloaded {
+                waiting,
+                workers: pool.workers,
+            });
+        }
+        self.metrics.auth().queue_changed(1);
+        let queued = Queued {
+            pool: &pool,
+            metrics: &self.metrics,
+        };
+        let started = Instant::now();
+        let permit = pool
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the pool's semaphore is never closed");
+        drop(queued);
+        self.metrics.auth().waited(started.elapsed());
+        Ok(busy(permit))
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, CredentialCache> {
+        // The cache holds no invariant a panicking holder could break.
+        self.cache.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::{engine::general_purpose::STANDARD, Engine as _};
+
+    fn basic(credentials: &str) -> String {
+        format!("Basic {}", STANDARD.encode(credentials))
+    }
+
+    fn with_children(children: &str, text: &str) -> BasicAuth {
+        let (mut auth, _) = BasicAuth::parse_htpasswd(text, "passwd").unwrap();
+        let words: Vec<&str> = children.split_whitespace().collect();
+        auth.children = Some(HelperChildren::parse(&words).unwrap());
+        auth
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cache_hits_and_wrong_passwords() {
+        let metrics = Arc::new(Metrics::new());
+        let authenticator = Authenticator::new(metrics.clone());
+        let hash = bcrypt::hash("right", 4).unwrap();
+        let auth = with_children("1", &format!("alice:{hash}\n"));
+        authenticator.configure(Some(&auth));
+        for (credentials, user) in [
+            ("alice:right", Some("alice")),
+            ("alice:right", Some("alice")),
+            ("alice:wrong", None),
+            ("nobody:right", None),
+        ] {
+            let checked = authenticator.check(&auth, &basic(credentials)).await;
+            assert_eq!(checked.unwrap().as_deref(), user, "{credentials}");
+        }
+        assert_eq!(authenticator.check(&auth, "Basic !!").await.unwrap(), None);
+        let text = metrics.encode();
+        for (result, count) in [("cache_hit", 1), ("verified", 1), ("rejected", 3)] {
+            let series = format!("spliced_auth_checks_total{{result=\"{result}\"}} {count}\n");
+            assert!(text.contains(&series), "{series}\n{text}");
+        }
+        // A changed file forgets the success.
+        let other = with_children("1", &format!("alice:{hash}\nbob:{hash}\n"));
+        authenticator.configure(Some(&other));
+        assert!(authenticator.cache().is_empty());
+    }
+
+    #[test]
+    fn a_reload_resizes_the_pool_and_keeps_the_cache_of_an_unchanged_file() {
+        let authenticator = Authenticator::new(Arc::new(Metrics::new()));
+        assert_eq!(
+            authenticator.pool.load().queue_limit,
+            40,
+            "Squid's default 2 × 20"
+        );
+        let text = "alice:{SHA}87u9ZqY9S/F0eUBXjsPQEDUw4h0=\n";
+        authenticator.configure(Some(&with_children("1 queue-size=3", text)));
+        let pool = authenticator.pool.load_full();
+        assert_eq!((pool.workers, pool.queue_limit), (1, 3));
+        let tag = authenticator.cache().tag("alice", "h", "pw");
+        authenticator
+            .cache()
+            .insert("alice".into(), tag, Instant::now());
+        // The same settings keep the pool; the same file keeps the cache.
+        authenticator.configure(Some(&with_children("1 queue-size=3", text)));
+        assert!(Arc::ptr_eq(&pool, &authenticator.pool.load_full()));
+        assert_eq!(authenticator.cache().len(), 1);
+        authenticator.configure(Some(&with_children("1 queue-size=0", text)));
+        assert_eq!(authenticator.pool.load().queue_limit, 0);
+        assert_eq!(authenticator.cache().len(), 1);
+        // No authentication any more: nothing cached survives.
+        authenticator.configure(None);
+        assert!(authenticator.cache().is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_queue_refuses() {
+        let metrics = Arc::new(Metrics::new());
+        let authenticator = Arc::new(Authenticator::new(metrics.clone()));
+        authenticator.configure(Some(&with_children(
+            "1 queue-size=1",
+            "alice:{SHA}87u9ZqY9S/F0eUBXjsPQEDUw4h0=\n",
+        )));
+        // Hold the only verifier, then fill the queue.
+        let held = authenticator.acquire().await.unwrap();
+        let waiter = {
+            let authenticator = authenticator.clone();
+            tokio::spawn(async move { authenticator.acquire().await.map(drop) })
+        };
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        while authenticator.pool.load().waiting.load(Ordering::Acquire) == 0 {
+            assert!(Instant::now() < deadline, "the waiter never queued");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        let refused = authenticator.acquire().await.map(drop);
+        assert!(matches!(
+            refused,
+            Err(AuthError::Overloaded {
+                waiting: 1,
+                workers: 1
+            })
+        ));
+        drop(held);
+        waiter.await.unwrap().unwrap();
+        assert_eq!(authenticator.pool.load().waiting.load(Ordering::Acquire), 0);
+        assert!(metrics.encode().contains("spliced_auth_queue_depth 0\n"));
+    }
+}
