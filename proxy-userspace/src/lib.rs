@@ -9,6 +9,7 @@
 //! * [`http_forward`] — plain `http://` requests in absolute form, forwarded
 //!   with hyper (no caching);
 //! * [`handover`] — tunnels handed from one process to the next (packet plane);
+//! * [`proxy_protocol`] — the PROXY protocol header of `require-proxy-header` ports;
 //! * [`peek`] — the TLS name policy's ClientHello step (`ssl_bump`);
 //! * [`squid`] — a `squid.conf` subset reader and Squid's `http_access` semantics;
 //! * [`tls_peek`] — the SNI of a tunnel's TLS ClientHello, read without decrypting;
@@ -26,6 +27,7 @@ pub mod http_forward;
 pub mod metrics;
 pub mod peek;
 pub mod policy;
+pub mod proxy_protocol;
 pub mod settings;
 pub mod sockopt;
 pub mod squid;
