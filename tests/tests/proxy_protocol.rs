@@ -354,6 +354,26 @@ fn the_squid_log_shows_the_header_client() {
     let fields: Vec<&str> = lines[0].split_whitespace().collect();
     assert_eq!(fields[2], "192.0.2.20", "{}", lines[0]);
     assert_eq!(fields[3], "TCP_TUNNEL/200", "{}", lines[0]);
+    // A refusal: the TCP peer is the client, no status was sent.
+    expect_closed(
+        site.connect(),
+        &[site.connect_head().as_bytes()],
+        Duration::from_secs(10),
+    );
+    let lines = site.proxy.wait_access_lines(2);
+    let fields: Vec<&str> = lines[1].split_whitespace().collect();
+    assert_eq!(
+        fields[2..7],
+        [
+            "127.0.0.1",
+            "NONE_NONE/000",
+            "0",
+            "NONE",
+            "error:proxy-protocol"
+        ],
+        "{}",
+        lines[1]
+    );
 }
 
 #[test]
@@ -389,6 +409,20 @@ fn client_ip_max_connections_counts_the_header_client() {
     ));
 }
 
+/// A connection the proxy must refuse.
+struct Case {
+    /// What it is, for failure messages.
+    what: &'static str,
+    /// The TCP peer's address.
+    from: IpAddr,
+    /// What it sends, one write each.
+    bytes: Vec<Vec<u8>>,
+    /// The refusal metric's label.
+    reason: &'static str,
+    /// Part of the record's `end`.
+    detail: &'static str,
+}
+
 #[test]
 fn refusals_close_log_and_count_without_going_upstream() {
     let site = Site::start(
@@ -408,60 +442,67 @@ fn refusals_close_log_and_count_without_going_upstream() {
     let too_long_v1 = [b"PROXY TCP4 ".as_slice(), &[b'1'; 120], b"\r\n"].concat();
     let within = Duration::from_secs(10);
 
-    // (what, peer, bytes sent, reason, detail in the record's `end`)
-    let cases: Vec<(&str, IpAddr, Vec<Vec<u8>>, &str, &str)> = vec![
-        (
-            "forged header from a peer proxy_protocol_access does not allow",
-            "127.0.0.2".parse().unwrap(),
-            vec![[v1(src, lb), head.clone()].concat()],
-            "not_allowed",
-            "not accepted from 127.0.0.2",
-        ),
-        (
-            "missing header (a plain CONNECT)",
-            "127.0.0.1".parse().unwrap(),
-            vec![head.clone()],
-            "missing",
-            "no PROXY protocol header",
-        ),
-        (
-            "bad v2 signature",
-            "127.0.0.1".parse().unwrap(),
-            vec![[bad_signature, head.clone()].concat()],
-            "missing",
-            "no PROXY protocol header",
-        ),
-        (
-            "v2 length too short for its addresses",
-            "127.0.0.1".parse().unwrap(),
-            vec![short_length],
-            "malformed",
-            "malformed PROXY v2",
-        ),
-        (
-            "v1 garbage",
-            "127.0.0.1".parse().unwrap(),
-            vec![b"PROXY TCP4 not an address\r\n".to_vec(), head.clone()],
-            "malformed",
-            "malformed PROXY v1",
-        ),
-        (
-            "v1 line too long",
-            "127.0.0.1".parse().unwrap(),
-            vec![too_long_v1],
-            "too_long",
-            "too long",
-        ),
-        (
-            "v2 length past the cap",
-            "127.0.0.1".parse().unwrap(),
-            vec![huge],
-            "too_long",
-            "too long",
-        ),
+    let lo: IpAddr = "127.0.0.1".parse().unwrap();
+    let cases = [
+        Case {
+            what: "forged header from a peer proxy_protocol_access does not allow",
+            from: "127.0.0.2".parse().unwrap(),
+            bytes: vec![[v1(src, lb), head.clone()].concat()],
+            reason: "not_allowed",
+            detail: "not accepted from 127.0.0.2",
+        },
+        Case {
+            what: "missing header (a plain CONNECT)",
+            from: lo,
+            bytes: vec![head.clone()],
+            reason: "missing",
+            detail: "no PROXY protocol header",
+        },
+        Case {
+            what: "bad v2 signature",
+            from: lo,
+            bytes: vec![[bad_signature, head.clone()].concat()],
+            reason: "missing",
+            detail: "no PROXY protocol header",
+        },
+        Case {
+            what: "v2 length too short for its addresses",
+            from: lo,
+            bytes: vec![short_length],
+            reason: "malformed",
+            detail: "malformed PROXY v2",
+        },
+        Case {
+            what: "v1 garbage",
+            from: lo,
+            bytes: vec![b"PROXY TCP4 not an address\r\n".to_vec(), head.clone()],
+            reason: "malformed",
+            detail: "malformed PROXY v1",
+        },
+        Case {
+            what: "v1 line too long",
+            from: lo,
+            bytes: vec![too_long_v1],
+            reason: "too_long",
+            detail: "too long",
+        },
+        Case {
+            what: "v2 length past the cap",
+            from: lo,
+            bytes: vec![huge],
+            reason: "too_long",
+            detail: "too long",
+        },
     ];
     let mut count = 0;
-    for (what, from, bytes, reason, detail) in cases {
+    for Case {
+        what,
+        from,
+        bytes,
+        reason,
+        detail,
+    } in cases
+    {
         let before = site.refusals(reason);
         let stream = connect_from(from, lb).expect("connect");
         let chunks: Vec<&[u8]> = bytes.iter().map(Vec::as_slice).collect();
