@@ -704,3 +704,45 @@ fn tunnel_behind_a_header_runs_on_splice() {
 fn tunnel_behind_a_header_runs_on_sockmap() {
     tunnel_runs_on("sockmap");
 }
+
+/// Sends SIGHUP and waits for the `count`th "configuration reloaded".
+fn reload(site: &Site, count: usize) {
+    // SAFETY: kill(2) with the pid of our own child and a valid signal.
+    unsafe { libc::kill(site.proxy.pid() as i32, libc::SIGHUP) };
+    assert!(
+        site.proxy.logged_times("configuration reloaded", count),
+        "{}",
+        site.proxy.stderr()
+    );
+}
+
+#[test]
+fn a_reload_turns_require_proxy_header_off_and_on() {
+    let site = Site::start("", &["--log-format", "json", "--dataplane", "splice"]);
+    let conf = site._conf.path().join("squid.conf");
+    let text = std::fs::read_to_string(&conf).unwrap();
+    let head = site.connect_head().into_bytes();
+
+    // Off: a plain CONNECT on the same port opens a tunnel, from 127.0.0.1.
+    std::fs::write(&conf, text.replace(" require-proxy-header", "")).unwrap();
+    reload(&site, 1);
+    drop(tunnel_through(&site, std::slice::from_ref(&head), b""));
+    let record = site.record(1);
+    assert_eq!(record["status"], 200, "{record}");
+    assert_eq!(client_of(&record).ip(), IpAddr::from([127, 0, 0, 1]));
+
+    // On again: the same request is refused, a header is needed.
+    std::fs::write(&conf, &text).unwrap();
+    reload(&site, 2);
+    expect_closed(site.connect(), &[&head], Duration::from_secs(10));
+    let record = site.record(2);
+    assert_eq!(record["target"], "error:proxy-protocol", "{record}");
+    let src = addr("192.0.2.80:8000");
+    drop(tunnel_through(
+        &site,
+        &[[v1(src, site.lb_port), head].concat()],
+        b"",
+    ));
+    assert_eq!(client_of(&site.record(3)), src);
+    assert_eq!(site.refusals("missing"), 1);
+}
