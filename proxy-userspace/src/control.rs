@@ -413,7 +413,7 @@ impl ControlPlane {
         let (proxy_header_len, read) = if settings.proxy_header_listen.contains(&listen) {
             let accepted = tokio::select! {
                 accepted = proxy_protocol::accept(settings, &mut client, peer, record.local) => accepted,
-                _ = closing.wait_for(|closing| *closing) => Err(ProxyHeaderError::ClosedEarly(0)),
+                _ = closing.wait_for(|closing| *closing) => Err(ProxyHeaderError::Shutdown),
             };
             match accepted {
                 Ok((header, read)) => {

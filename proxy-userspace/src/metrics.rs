@@ -173,7 +173,7 @@ impl Metrics {
         let proxy_protocol_refusals = Family::<ReasonLabels, Counter>::default();
         registry.register(
             "proxy_protocol_refusals",
-            "Connections to a require-proxy-header port closed before any request, by reason: not_allowed (proxy_protocol_access), missing, malformed, too_long, timeout, closed_early, io",
+            "Connections to a require-proxy-header port closed before any request, by reason: not_allowed (proxy_protocol_access), missing, malformed, too_long, timeout, closed_early, io, shutdown",
             proxy_protocol_refusals.clone(),
         );
         for reason in crate::proxy_protocol::ProxyHeaderError::REASONS {

@@ -88,6 +88,9 @@ pub enum ProxyHeaderError {
     /// Reading failed.
     #[error("reading the PROXY header: {0}")]
     Io(#[from] std::io::Error),
+    /// The proxy shut down while the header was awaited.
+    #[error("proxy shut down before the PROXY header was complete")]
+    Shutdown,
 }
 
 impl ProxyHeaderError {
@@ -101,11 +104,12 @@ impl ProxyHeaderError {
             Self::Timeout(_) => "timeout",
             Self::ClosedEarly(_) => "closed_early",
             Self::Io(_) => "io",
+            Self::Shutdown => "shutdown",
         }
     }
 
     /// Every `reason`, so each series exists from the start.
-    pub const REASONS: [&'static str; 7] = [
+    pub const REASONS: [&'static str; 8] = [
         "not_allowed",
         "missing",
         "malformed",
@@ -113,6 +117,7 @@ impl ProxyHeaderError {
         "timeout",
         "closed_early",
         "io",
+        "shutdown",
     ];
 }
 
