@@ -354,6 +354,32 @@ mod tests {
     }
 
     #[test]
+    fn mutations_do_not_panic_and_never_overrun() {
+        let mut v6 = vec![0x20; 36];
+        v6.extend([0x02, 0, 1, b'x']);
+        let headers = [
+            b"PROXY TCP4 192.0.2.7 10.0.0.1 40000 3128\r\nCONNECT".to_vec(),
+            b"PROXY TCP6 2001:db8::7 2001:db8::1 1 2\r\n".to_vec(),
+            v2(1, 0x11, &[192, 0, 2, 7, 10, 0, 0, 1, 0, 1, 0, 2]),
+            v2(1, 0x21, &v6),
+            v2(1, 0x31, &[0; 216]),
+        ];
+        for bytes in headers {
+            for i in 0..bytes.len() {
+                for value in [0, 1, b'\r', b'\n', b' ', 0x11, 0x21, 0x7f, 0xff] {
+                    let mut mutated = bytes.clone();
+                    mutated[i] = value;
+                    for input in [&mutated[..], &mutated[..i]] {
+                        if let Ok(Parsed::Header(header)) = parse(input) {
+                            assert!(header.len <= input.len());
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
     fn refusals() {
         let reason = |buf: &[u8]| parse(buf).unwrap_err().reason();
         assert_eq!(reason(b"CONNECT a:443 HTTP/1.1\r\n"), "missing");
