@@ -182,16 +182,34 @@ pub async fn read_head(
     client: &mut TcpStream,
     deadline: Duration,
 ) -> Result<RequestHead, HeadError> {
-    match tokio::time::timeout(deadline, read_head_inner(client)).await {
+    read_head_after(client, deadline, Vec::new()).await
+}
+
+/// [`read_head`] when the first bytes of the head were read already (behind
+/// a PROXY protocol header): `read` is parsed before anything else is read.
+pub async fn read_head_after(
+    client: &mut TcpStream,
+    deadline: Duration,
+    read: Vec<u8>,
+) -> Result<RequestHead, HeadError> {
+    match tokio::time::timeout(deadline, read_head_inner(client, read)).await {
         Ok(result) => result,
         Err(_) => Err(HeadError::Timeout(deadline)),
     }
 }
 
-async fn read_head_inner(client: &mut TcpStream) -> Result<RequestHead, HeadError> {
+async fn read_head_inner(
+    client: &mut TcpStream,
+    mut buf: Vec<u8>,
+) -> Result<RequestHead, HeadError> {
+    if !buf.is_empty() {
+        if let Some(head) = parse_head(&buf)? {
+            return Ok(head);
+        }
+    }
     // Grown only as bytes arrive and never zeroed first: a client that sends a
     // byte a second costs a few KiB while it waits, not a 16 KiB buffer.
-    let mut buf = Vec::with_capacity(1024);
+    buf.reserve(1024);
     loop {
         if buf.len() >= MAX_HEAD_BYTES {
             return Err(HeadError::TooLarge);

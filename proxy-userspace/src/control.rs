@@ -37,6 +37,7 @@ use crate::{
     metrics::Metrics,
     peek,
     policy::Denial,
+    proxy_protocol::{self, ProxyHeaderError},
     settings::{Policy, Settings},
     sockopt,
     squid::{BasicAuth, Decision, LocalTime, RequestFacts, SquidConfig, Step1},
@@ -51,7 +52,7 @@ const FD_RESERVE: usize = 4;
 const LISTEN_BACKLOG: i32 = 4096;
 /// After an error answer, how long to keep reading what the client still sends, so
 /// that closing does not reset the connection and destroy the answer in flight.
-const LINGER_AFTER_ERROR: Duration = Duration::from_secs(1);
+pub(crate) const LINGER_AFTER_ERROR: Duration = Duration::from_secs(1);
 
 /// Settings in force and the access log they opened.
 pub struct Active {
@@ -143,7 +144,26 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 /// Counts a connection as open until dropped.
 pub(crate) struct ConnectionGuard<'a> {
     control: &'a ControlPlane,
-    client: IpAddr,
+    /// The client it counts for in `per_client`, once known (behind a PROXY
+    /// header, only once the header is read).
+    client: Option<IpAddr>,
+}
+
+impl ConnectionGuard<'_> {
+    /// Counts the connection for `client`; says whether it is within `limit`
+    /// connections from that address.
+    fn count_client(&mut self, client: IpAddr, limit: Option<u32>) -> bool {
+        debug_assert!(self.client.is_none());
+        let mut per_client = self
+            .control
+            .per_client
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let count = per_client.entry(client).or_insert(0);
+        *count += 1;
+        self.client = Some(client);
+        limit.is_none_or(|limit| *count <= limit)
+    }
 }
 
 impl Drop for ConnectionGuard<'_> {
@@ -153,10 +173,12 @@ impl Drop for ConnectionGuard<'_> {
             .per_client
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        if let Some(count) = per_client.get_mut(&self.client) {
-            *count -= 1;
-            if *count == 0 {
-                per_client.remove(&self.client);
+        if let Some(client) = self.client {
+            if let Some(count) = per_client.get_mut(&client) {
+                *count -= 1;
+                if *count == 0 {
+                    per_client.remove(&client);
+                }
             }
         }
         drop(per_client);
@@ -300,12 +322,13 @@ impl ControlPlane {
         }
     }
 
-    /// Accepts clients on `listener` until the task is aborted.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+    /// Accepts clients on `listener`, the configured address `listen`, until
+    /// the task is aborted.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, listen: SocketAddr) {
         loop {
             match listener.accept().await {
                 Ok((client, peer)) => {
-                    tokio::spawn(self.clone().handle(client, peer));
+                    tokio::spawn(self.clone().handle(client, peer, listen));
                 }
                 Err(err) if matches!(err.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
                     self.refuse_for_lack_of_descriptors(&listener).await;
@@ -358,25 +381,26 @@ impl ControlPlane {
     /// Counts a connection from `client` as open until the guard is dropped;
     /// says whether it is within `limit` connections from that address.
     pub(crate) fn admit(&self, client: IpAddr, limit: Option<u32>) -> (ConnectionGuard<'_>, bool) {
-        self.open_connections.fetch_add(1, Ordering::AcqRel);
-        let mut per_client = self.per_client.lock().unwrap_or_else(|p| p.into_inner());
-        let count = per_client.entry(client).or_insert(0);
-        *count += 1;
-        let within = limit.is_none_or(|limit| *count <= limit);
-        (
-            ConnectionGuard {
-                control: self,
-                client,
-            },
-            within,
-        )
+        let mut guard = self.open_connection();
+        let within = guard.count_client(client, limit);
+        (guard, within)
     }
 
-    async fn handle(self: Arc<Self>, mut client: TcpStream, peer: SocketAddr) {
+    /// Counts a connection as open until the guard is dropped, before its
+    /// client is known.
+    fn open_connection(&self) -> ConnectionGuard<'_> {
+        self.open_connections.fetch_add(1, Ordering::AcqRel);
+        ConnectionGuard {
+            control: self,
+            client: None,
+        }
+    }
+
+    async fn handle(self: Arc<Self>, mut client: TcpStream, peer: SocketAddr, listen: SocketAddr) {
         let started = Instant::now();
         let active = self.active();
         let settings = &active.settings;
-        let (_guard, within_limit) = self.admit(peer.ip(), settings.client_ip_max_connections);
+        let mut guard = self.open_connection();
         let mut record = AccessRecord {
             ts: SystemTime::now(),
             duration_ms: 0,
@@ -398,11 +422,39 @@ impl ControlPlane {
             end: String::new(),
         };
         let mut closing = self.closing.subscribe();
+        // Behind a load balancer's PROXY header, the header names the client.
+        let (proxy_header_len, read) = if settings.proxy_header_listen.contains(&listen) {
+            let accepted = tokio::select! {
+                accepted = proxy_protocol::accept(settings, &mut client, peer, record.local) => accepted,
+                _ = closing.wait_for(|closing| *closing) => Err(ProxyHeaderError::Shutdown),
+            };
+            match accepted {
+                Ok((header, read)) => {
+                    self.metrics.proxy_protocol_accepted(header.version);
+                    record.client = header.source.unwrap_or(peer);
+                    (header.len as u64, read)
+                }
+                Err(err) => {
+                    self.metrics.proxy_protocol_refused(err.reason());
+                    record.target = "error:proxy-protocol".into();
+                    record.end = err.to_string();
+                    proxy_protocol::close(&mut client, LINGER_AFTER_ERROR).await;
+                    record.ts = SystemTime::now();
+                    record.duration_ms = started.elapsed().as_millis() as u64;
+                    self.active().access_log.write(&record);
+                    return;
+                }
+            }
+        } else {
+            (0, Vec::new())
+        };
+        let within_limit =
+            guard.count_client(record.client.ip(), settings.client_ip_max_connections);
         let opened = if !within_limit {
             Err(Refusal::denied(429, "client_ip_max_connections reached"))
         } else {
             tokio::select! {
-                opened = self.open_tunnel(settings, &mut client, &mut record) => opened,
+                opened = self.open_tunnel(settings, &mut client, &mut record, read) => opened,
                 _ = closing.wait_for(|closing| *closing) => Err(Refusal::new(0, "proxy shut down")),
             }
         };
@@ -411,13 +463,20 @@ impl ControlPlane {
                 // Plain HTTP: every request on the connection is forwarded and
                 // logged on its own (`http_forward`).
                 let base = record.clone();
-                http_forward::serve(self.clone(), active.clone(), client, head, base).await;
+                http_forward::serve(
+                    self.clone(),
+                    active.clone(),
+                    (client, proxy_header_len),
+                    head,
+                    base,
+                )
+                .await;
                 return;
             }
             Ok(Opened::Tunnel(opened)) => {
                 let tunnel = self.tunnel(
                     (client, opened.upstream),
-                    [opened.client_bytes_consumed, 0],
+                    [proxy_header_len + opened.client_bytes_consumed, 0],
                     opened.client_queue_clean,
                     settings,
                     started,
@@ -573,8 +632,9 @@ impl ControlPlane {
         settings: &Settings,
         client: &mut TcpStream,
         record: &mut AccessRecord,
+        read: Vec<u8>,
     ) -> Result<Opened, Refusal> {
-        let head = connect_request::read_head(client, settings.request_timeout)
+        let head = connect_request::read_head_after(client, settings.request_timeout, read)
             .await
             .map_err(|err| match err {
                 HeadError::Timeout(_) => Refusal::new(408, err.to_string()),

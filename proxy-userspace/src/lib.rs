@@ -9,6 +9,7 @@
 //! * [`http_forward`] — plain `http://` requests in absolute form, forwarded
 //!   with hyper (no caching);
 //! * [`handover`] — tunnels handed from one process to the next (packet plane);
+//! * [`proxy_protocol`] — the PROXY protocol header of `require-proxy-header` ports;
 //! * [`peek`] — the TLS name policy's ClientHello step (`ssl_bump`);
 //! * [`auth_check`] — Basic credentials checked through a cache and a bounded
 //!   pool of hash verifiers (`credentialsttl`, `children`);
@@ -29,6 +30,7 @@ pub mod http_forward;
 pub mod metrics;
 pub mod peek;
 pub mod policy;
+pub mod proxy_protocol;
 pub mod settings;
 pub mod sockopt;
 pub mod squid;

@@ -168,7 +168,7 @@ impl Listeners {
         log::info!("listening on {bound}");
         control.add_own_addr(bound);
         self.running
-            .insert(addr, tokio::spawn(control.clone().serve(listener)));
+            .insert(addr, tokio::spawn(control.clone().serve(listener, addr)));
         self.bound.insert(addr, bound);
     }
 

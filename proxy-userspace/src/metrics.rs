@@ -75,6 +75,11 @@ struct ResultLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VersionLabels {
+    version: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: &'static str,
     dataplane: &'static str,
@@ -92,6 +97,8 @@ pub struct Metrics {
     connect_duration: Histogram,
     acl_denials: Family<RuleLabels, Counter>,
     tls_refusals: Family<ReasonLabels, Counter>,
+    proxy_protocol_refusals: Family<ReasonLabels, Counter>,
+    proxy_protocol_headers: Family<VersionLabels, Counter>,
     upstream_connect_errors: Family<KindLabels, Counter>,
     dns_duration: Histogram,
     config_reloads: Family<ResultLabels, Counter>,
@@ -165,6 +172,21 @@ impl Metrics {
             "Tunnels closed by the TLS name policy after peeking at their first bytes, by reason: terminate (an ssl_bump rule), sni_mismatch (sni_must_match_connect), not_tls, timeout, too_large, malformed, closed_early, io",
             tls_refusals.clone(),
         );
+        let proxy_protocol_refusals = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "proxy_protocol_refusals",
+            "Connections to a require-proxy-header port closed before any request, by reason: not_allowed (proxy_protocol_access), missing, malformed, too_long, timeout, closed_early, io, shutdown",
+            proxy_protocol_refusals.clone(),
+        );
+        for reason in crate::proxy_protocol::ProxyHeaderError::REASONS {
+            let _ = proxy_protocol_refusals.get_or_create(&ReasonLabels { reason });
+        }
+        let proxy_protocol_headers = Family::<VersionLabels, Counter>::default();
+        registry.register(
+            "proxy_protocol_headers",
+            "PROXY protocol headers accepted, by version (v1, v2)",
+            proxy_protocol_headers.clone(),
+        );
         let upstream_connect_errors = Family::<KindLabels, Counter>::default();
         registry.register(
             "upstream_connect_errors",
@@ -210,6 +232,8 @@ impl Metrics {
             connect_duration,
             acl_denials,
             tls_refusals,
+            proxy_protocol_refusals,
+            proxy_protocol_headers,
             upstream_connect_errors,
             dns_duration,
             config_reloads,
@@ -298,6 +322,20 @@ impl Metrics {
     pub fn tls_refused(&self, reason: &'static str) {
         self.tls_refusals
             .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    /// A connection on a `require-proxy-header` port was closed for `reason`.
+    pub fn proxy_protocol_refused(&self, reason: &'static str) {
+        self.proxy_protocol_refusals
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    /// A PROXY header of `version` was accepted.
+    pub fn proxy_protocol_accepted(&self, version: &'static str) {
+        self.proxy_protocol_headers
+            .get_or_create(&VersionLabels { version })
             .inc();
     }
 

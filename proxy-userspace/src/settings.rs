@@ -33,6 +33,9 @@ pub struct AccessLogSpec {
 pub struct Settings {
     /// Addresses to listen on.
     pub listen: Vec<SocketAddr>,
+    /// The addresses of `listen` whose `http_port` has `require-proxy-header`
+    /// (none when `--listen` replaces the file's ports).
+    pub proxy_header_listen: Vec<SocketAddr>,
     /// Whether `listen` is the built-in default (an unavailable `[::]` is then
     /// only a warning).
     pub listen_is_default: bool,
@@ -120,6 +123,26 @@ impl Settings {
                     .collect()
             })
             .unwrap_or_default();
+        let proxy_header_listen: Vec<SocketAddr> = file
+            .as_ref()
+            .map(|f| {
+                f.http_ports
+                    .iter()
+                    .filter(|port| port.require_proxy_header)
+                    .flat_map(squid::HttpPort::listen_addrs)
+                    .collect()
+            })
+            .unwrap_or_default();
+        if !cli.listen.is_empty() && !proxy_header_listen.is_empty() {
+            warnings.push(
+                "http_port require-proxy-header is ignored: --listen replaces the file's http_port lines".into(),
+            );
+        }
+        let proxy_header_listen = if cli.listen.is_empty() {
+            proxy_header_listen
+        } else {
+            Vec::new()
+        };
         let (listen, listen_is_default) = if !cli.listen.is_empty() {
             (cli.listen.clone(), false)
         } else if !file_listen.is_empty() {
@@ -178,6 +201,7 @@ impl Settings {
 
         let settings = Settings {
             listen,
+            proxy_header_listen,
             listen_is_default,
             policy,
             access_logs,

@@ -74,6 +74,17 @@ impl Proxy {
         })
     }
 
+    /// Starts spliced listening on its squid.conf's `http_port`s only (no
+    /// `--listen`): `args` must name the file with `-f`. [`Proxy::addr`] is
+    /// the first port it reports.
+    pub fn start_on_config_ports(args: &[&str]) -> Self {
+        Self::spawn_with(args, false, |full_args| {
+            let mut command = Command::new(spliced_bin());
+            command.args(full_args);
+            command
+        })
+    }
+
     /// Starts spliced inside `ns`.
     pub fn start_in(ns: &Netns, args: &[&str]) -> Self {
         let mut proxy = Self::spawn(args, |full_args| {
@@ -100,10 +111,15 @@ impl Proxy {
     /// Starts spliced with `args`, plus `--listen 127.0.0.1:0` and a temporary
     /// `--access-log` unless given, using `build` to make the command.
     fn spawn(args: &[&str], build: impl FnOnce(&[String]) -> Command) -> Self {
+        Self::spawn_with(args, true, build)
+    }
+
+    /// [`Proxy::spawn`], adding `--listen` only if `listen` is set.
+    fn spawn_with(args: &[&str], listen: bool, build: impl FnOnce(&[String]) -> Command) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let access_log = dir.path().join("access.log");
         let mut full_args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
-        if !args.contains(&"--listen") {
+        if listen && !args.contains(&"--listen") {
             full_args.extend(["--listen".into(), "127.0.0.1:0".into()]);
         }
         if !args.contains(&"--access-log") {

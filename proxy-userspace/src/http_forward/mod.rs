@@ -74,11 +74,12 @@ struct Connection {
 /// read from `client`) until the client closes, the proxy drains (SIGTERM: the
 /// answer in flight is finished, an idle connection closed at once) or shuts
 /// down, or `client_lifetime` is over. `base` is the connection's record so far
-/// (addresses); each request gets its own record.
+/// (addresses); each request gets its own record. `read_before_head` is
+/// what was read from `client` before the head (a PROXY protocol header).
 pub(crate) async fn serve(
     control: Arc<ControlPlane>,
     active: Arc<Active>,
-    client: TcpStream,
+    (client, read_before_head): (TcpStream, u64),
     head: RequestHead,
     base: AccessRecord,
 ) {
@@ -91,7 +92,7 @@ pub(crate) async fn serve(
         control,
         active,
         base,
-        consumed_before: prefix.len() as u64,
+        consumed_before: read_before_head + prefix.len() as u64,
         upgrades: Mutex::default(),
     });
     serve_requests(

@@ -32,6 +32,9 @@
 //!   `generate-host-certificates`, …) are accepted with a warning (peeking
 //!   needs no certificate); every other Squid option (`intercept`, `tproxy`,
 //!   `accel`, `tcpkeepalive`, …) is an error.
+//! * `http_port … require-proxy-header` and `proxy_protocol_access
+//!   allow|deny ACL…` (`src`, `localip`, `localport`, `time` ACLs, judged on
+//!   the TCP peer; no line refuses every peer): see `proxy_protocol.rs`.
 //! * `ssl_bump peek|splice|terminate ACL…`, `on_unsupported_protocol
 //!   tunnel|respond ACL…` and spliced's `sni_must_match_connect
 //!   exact|same_dstdomain|off`: the TLS name policy (see `ssl_bump.rs`).
@@ -131,6 +134,7 @@ mod auth;
 mod auth_children;
 mod logformat;
 mod parse;
+mod proxy_protocol;
 mod reader;
 mod render;
 mod ssl_bump;
@@ -215,6 +219,9 @@ pub struct HttpPort {
     pub port: u16,
     /// The `name=` option, if given.
     pub name: Option<String>,
+    /// `require-proxy-header`: every connection starts with a PROXY protocol
+    /// header from a peer `proxy_protocol_access` allows.
+    pub require_proxy_header: bool,
 }
 
 impl HttpPort {
@@ -240,6 +247,9 @@ impl fmt::Display for HttpPort {
         }
         if let Some(name) = &self.name {
             write!(f, " name={name}")?;
+        }
+        if self.require_proxy_header {
+            f.write_str(" require-proxy-header")?;
         }
         Ok(())
     }
@@ -308,6 +318,8 @@ pub struct SquidConfig {
     tls: ssl_bump::TlsPolicy,
     /// `via` and `forwarded_for`: what plain-HTTP forwarding writes.
     pub headers: crate::http_forward::HeaderPolicy,
+    /// `proxy_protocol_access` lines, in order.
+    proxy_protocol: Vec<proxy_protocol::ProxyProtocolRule>,
 }
 
 /// Reads the configuration file at `path`, following its `include`s.

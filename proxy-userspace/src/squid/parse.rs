@@ -8,6 +8,7 @@ use super::{
     acl::{self, Acl, AclKind, TypeInfo},
     auth::{self, BasicAuth},
     auth_children::HelperChildren,
+    proxy_protocol::{self, ProxyProtocolRule},
     reader::{read_value_file, resolve, rest_after, tokenize, Loc, Reader, SourceLine, Token},
     ssl_bump::{BumpAction, SniCheck, TlsRule},
     AccessLogTarget, ConfigError, Diagnostic, HttpPort, LoadedConfig, LogFormat, SquidConfig,
@@ -326,6 +327,7 @@ impl Parser {
                 rules: Vec::new(),
                 tls: Default::default(),
                 headers: Default::default(),
+                proxy_protocol: Vec::new(),
             },
             warnings,
             acl_names,
@@ -349,6 +351,7 @@ impl Parser {
             "http_port" => self.http_port(line, args),
             "acl" => self.acl(line, args),
             "http_access" => self.http_access(line, args),
+            "proxy_protocol_access" => self.proxy_protocol_access(line, args),
             "ssl_bump" | "on_unsupported_protocol" => self.tls_rule(line, args, directive),
             "sni_must_match_connect" => {
                 let [value] = args else {
@@ -474,10 +477,13 @@ impl Parser {
             _ => return Err(loc.diag("expected a port number 1-65535", text)),
         };
         let mut name = None;
+        let mut require_proxy_header = false;
         for option in options {
             let option = option.text();
             if let Some(value) = option.strip_prefix("name=") {
                 name = Some(value.to_owned());
+            } else if option == "require-proxy-header" {
+                require_proxy_header = true;
             } else if option == "ssl-bump"
                 || PORT_CERT_OPTIONS
                     .iter()
@@ -494,12 +500,17 @@ impl Parser {
                 ));
             } else {
                 return Err(loc.diag(
-                    "http_port option not supported (only name=NAME, and ssl-bump with its certificate options, are accepted)",
+                    "http_port option not supported (only name=NAME, require-proxy-header, and ssl-bump with its certificate options, are accepted)",
                     option,
                 ));
             }
         }
-        self.config.http_ports.push(HttpPort { addr, port, name });
+        self.config.http_ports.push(HttpPort {
+            addr,
+            port,
+            name,
+            require_proxy_header,
+        });
         Ok(())
     }
 
@@ -632,6 +643,48 @@ impl Parser {
             ));
         }
         self.config.rules.push(AccessRule {
+            allow,
+            acls,
+            loc: loc.clone(),
+        });
+        Ok(())
+    }
+
+    /// `proxy_protocol_access allow|deny ACL…`: connection-level ACLs only.
+    fn proxy_protocol_access(
+        &mut self,
+        line: &SourceLine,
+        args: &[Token],
+    ) -> Result<(), Diagnostic> {
+        let loc = &line.loc;
+        let Some((action, names)) = args.split_first() else {
+            return Err(loc.diag(
+                "expected: proxy_protocol_access allow|deny ACL…",
+                &line.text,
+            ));
+        };
+        let allow = match action.text() {
+            "allow" => true,
+            "deny" => false,
+            other => return Err(loc.diag("expected allow or deny", other)),
+        };
+        let acls = self.acl_refs(line, names, "proxy_protocol_access")?;
+        if acls.is_empty() {
+            return Err(loc.diag(
+                "proxy_protocol_access needs at least one ACL (use 'all' to match every peer)",
+                &line.text,
+            ));
+        }
+        if let Some(acl) = acls
+            .iter()
+            .find(|acl| !proxy_protocol::usable(&self.config.acls[acl.index].kind))
+        {
+            return Err(loc.diag(
+                "proxy_protocol_access sees the TCP connection only: use src, localip, localport or time ACLs",
+                &acl.name,
+            ));
+        }
+        self.config.proxy_protocol.push(ProxyProtocolRule {
             allow,
             acls,
             loc: loc.clone(),

@@ -160,6 +160,9 @@ impl SquidConfig {
         for rule in &self.rules {
             line(rule.to_string());
         }
+        for rule in self.proxy_protocol_rules() {
+            line(rule);
+        }
         for rule in &self.tls.bump {
             line(rule.to_string());
         }

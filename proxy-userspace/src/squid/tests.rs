@@ -170,7 +170,8 @@ fn istio_file_verbatim() {
         vec![HttpPort {
             addr: None,
             port: 3128,
-            name: None
+            name: None,
+            require_proxy_header: false,
         }]
     );
     assert_eq!(config.http_ports[0].listen_addrs().len(), 2);
