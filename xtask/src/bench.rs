@@ -29,6 +29,7 @@ mod iperf;
 mod kmem;
 mod netns;
 mod report;
+mod resolver;
 mod scale;
 mod setup_rate;
 mod stall;
@@ -45,11 +46,11 @@ use anyhow::{bail, Context as _, Result};
 
 use self::{
     child::{check_interrupt, Ports, TempDir},
-    contenders::{Contender, Launch, Proxy},
+    contenders::{Contender, Launch, Policy, Proxy},
     http_rate::{HttpCase, HttpResult, Origin},
     iperf::{Ends, Kind, PromotionCheck, Sample},
     netns::Topology,
-    setup_rate::{EchoServer, SetupResult},
+    setup_rate::{EchoServer, SetupCase, SetupResult, Variant},
     stall::{StallCase, StallResult, StallServer},
 };
 
@@ -268,14 +269,30 @@ fn stall_matrix(quick: bool) -> Vec<StallCase> {
 /// The selected work.
 struct Plan {
     cases: Vec<Case>,
-    setup: Vec<Contender>,
+    setup: Vec<SetupCase>,
     http: Vec<HttpCase>,
     scale: Vec<Contender>,
     stall: Vec<StallCase>,
 }
 
-fn setup_id(contender: Contender) -> String {
-    format!("setup/loopback/{}", contender.id())
+/// Every connection-setup case: each contender asking for an address, then
+/// spliced's default plane and Squid asking for a name and with credentials.
+fn setup_cases() -> Vec<SetupCase> {
+    let by_address = Contender::ALL
+        .into_iter()
+        .filter(|&c| c != Contender::Auto)
+        .map(|contender| SetupCase {
+            contender,
+            variant: Variant::Ip,
+        });
+    let others = [Variant::Name, Variant::BasicAuth]
+        .into_iter()
+        .flat_map(|variant| {
+            [Contender::Packet, Contender::Squid]
+                .into_iter()
+                .map(move |contender| SetupCase { contender, variant })
+        });
+    by_address.chain(others).collect()
 }
 
 fn scale_id(contender: Contender) -> String {
@@ -304,9 +321,9 @@ fn plan(quick: bool, filters: &[String]) -> Plan {
     }
     Plan {
         cases,
-        setup: Contender::ALL
+        setup: setup_cases()
             .into_iter()
-            .filter(|&c| c != Contender::Auto && keep(&setup_id(c)))
+            .filter(|case| keep(&case.id()))
             .collect(),
         http: HttpCase::all()
             .into_iter()
@@ -442,7 +459,7 @@ pub struct Results {
     pub meta: report::Meta,
     pub settings: Settings,
     pub tput: Vec<TputResult>,
-    pub setup: Vec<(Contender, Result<SetupResult, String>)>,
+    pub setup: Vec<(SetupCase, Result<SetupResult, String>)>,
     pub http: Vec<(HttpCase, Result<HttpResult, String>)>,
     pub scale: Vec<(Contender, Result<ScaleResult, String>)>,
     pub stall: Vec<(StallCase, Result<StallResult, String>)>,
@@ -500,8 +517,8 @@ pub fn run(args: BenchArgs, build: impl FnOnce() -> Result<PathBuf>) -> Result<(
         for case in &plan.cases {
             println!("{}", case.id());
         }
-        for contender in &plan.setup {
-            println!("{}", setup_id(*contender));
+        for case in &plan.setup {
+            println!("{}", case.id());
         }
         for case in &plan.http {
             println!("{}", case.id());
@@ -729,7 +746,7 @@ fn copy_dir(from: &Path, to: &Path) -> Result<()> {
 
 /// The cases of an environment besides its iperf3 ones.
 struct Extras<'a> {
-    setup: &'a [Contender],
+    setup: &'a [SetupCase],
     http: &'a [HttpCase],
     stall: &'a [StallCase],
 }
@@ -811,7 +828,9 @@ fn run_env(
         .into_iter()
         .filter(|&c| c != Contender::Direct)
         .filter(|&c| {
-            setup.contains(&c)
+            setup
+                .iter()
+                .any(|case| case.contender == c && case.variant == Variant::Ip)
                 || http.iter().any(|case| case.contender == c)
                 || stall.iter().any(|case| case.contender == c)
                 || results
@@ -836,6 +855,7 @@ fn run_env(
             clients,
             connect_ports: &allowed,
             tag: env.id(),
+            policy: &Policy::default(),
         };
         let started = contenders::start(contender, &launch);
         if let Err(reason) = &started {
@@ -935,14 +955,53 @@ fn run_env(
     }
 
     if let Some(echo) = &echo {
-        for &contender in setup {
+        // The name cases' resolver and the Basic cases' password file.
+        let resolver = setup
+            .iter()
+            .any(|case| case.variant == Variant::Name)
+            .then(|| resolver::Resolver::start(tmp));
+        let passwords = tmp.join("bench.htpasswd");
+        std::fs::write(
+            &passwords,
+            format!(
+                "{}:{}\n",
+                setup_rate::BENCH_USER,
+                setup_rate::BENCH_PASSWORD_HASH
+            ),
+        )?;
+        for &case in setup {
+            let contender = case.contender;
             progress.start(&format!(
-                "setup {} ({} clients, {:.0} s)",
-                contender.id(),
+                "{} ({} clients, {:.0} s)",
+                case.id(),
                 settings.setup_clients,
                 settings.setup_secs
             ));
-            let proxy = match proxies.get(&contender) {
+            // A case asking for a name or credentials has a proxy of its own.
+            let policy = Policy {
+                dns: (case.variant == Variant::Name).then_some(IpAddr::V4(resolver::RESOLVER_IP)),
+                basic_auth: (case.variant == Variant::BasicAuth).then(|| passwords.clone()),
+            };
+            let own = match (case.variant, &resolver) {
+                (Variant::Ip, _) => None,
+                (Variant::Name, Some(Err(err))) => Some(Err(err.clone())),
+                _ => {
+                    let tag = format!("{}-{}", env.id(), case.variant.id());
+                    let launch = Launch {
+                        spliced,
+                        dir: tmp,
+                        netns: None,
+                        cpu: proxy_cpu,
+                        listen: SocketAddr::from((proxy_ip, ports.take()?)),
+                        clients,
+                        connect_ports: &allowed,
+                        tag: &tag,
+                        policy: &policy,
+                    };
+                    Some(contenders::start(contender, &launch))
+                }
+            };
+            let proxy = match own.as_ref().or(proxies.get(&contender)) {
                 None => Ok(None),
                 Some(Ok(proxy)) => Ok(Some(proxy.addr)),
                 Some(Err(reason)) => Err(format!("failed to start: {reason}")),
@@ -959,8 +1018,12 @@ fn run_env(
                     settings.setup_clients,
                     Duration::from_secs_f64(settings.setup_secs),
                     payload,
+                    case.variant,
                 )
             });
+            if let Some(Ok(proxy)) = own {
+                proxy.stop();
+            }
             check_interrupt()?;
             progress.finish(&match &result {
                 Ok(r) => format!(
@@ -969,7 +1032,7 @@ fn run_env(
                 ),
                 Err(err) => err.clone(),
             });
-            results.setup.push((contender, result));
+            results.setup.push((case, result));
         }
     }
     if let Some(origin) = &origin {
@@ -1162,6 +1225,7 @@ fn run_scale(
             clients: "127.0.0.1/32",
             connect_ports: &[iperf_port, hold_addr.port()],
             tag: "scale",
+            policy: &Policy::default(),
         };
         let result = match contenders::start(plane, &launch) {
             Err(reason) => Err(format!("failed to start: {reason}")),
@@ -1290,7 +1354,10 @@ mod tests {
             .cases
             .iter()
             .all(|c| c.contender == Contender::Sockmap));
-        assert_eq!(sockmap.setup, [Contender::Sockmap]);
+        let contenders = |plan: &Plan| -> Vec<Contender> {
+            plan.setup.iter().map(|case| case.contender).collect()
+        };
+        assert_eq!(contenders(&sockmap), [Contender::Sockmap]);
         assert_eq!(sockmap.scale, [Contender::Sockmap]);
         let cpu = plan(true, &["cpu/".to_owned()]);
         assert!(cpu.cases.iter().all(|c| c.kind.rate.is_some()));
@@ -1326,7 +1393,16 @@ mod tests {
                 case.id()
             );
         }
-        assert_eq!(packet.setup, [Contender::Packet, Contender::PacketEager]);
+        let setup: Vec<String> = packet.setup.iter().map(SetupCase::id).collect();
+        assert_eq!(
+            setup,
+            [
+                "setup/loopback/packet",
+                "setup/loopback/packet-0",
+                "setup/loopback/packet/name",
+                "setup/loopback/packet/basic-auth"
+            ]
+        );
         assert_eq!(packet.scale, [Contender::Packet, Contender::PacketEager]);
         assert!(packet
             .stall

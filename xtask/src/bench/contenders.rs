@@ -174,6 +174,53 @@ pub struct Launch<'a> {
     pub connect_ports: &'a [u16],
     /// Label for file names: environment id.
     pub tag: &'a str,
+    /// What the proxy's policy adds to the plain one (both Squid and spliced
+    /// then read the same squid.conf lines).
+    pub policy: &'a Policy,
+}
+
+/// Policy beyond "our clients to our ports".
+#[derive(Clone, Debug, Default)]
+pub struct Policy {
+    /// `dns_nameservers`: the resolver names are asked of.
+    pub dns: Option<std::net::IpAddr>,
+    /// Basic authentication against this htpasswd file (Squid's
+    /// `basic_ncsa_auth` helper; spliced reads the file itself), required of
+    /// every request.
+    pub basic_auth: Option<PathBuf>,
+}
+
+impl Policy {
+    fn is_plain(&self) -> bool {
+        self.dns.is_none() && self.basic_auth.is_none()
+    }
+
+    /// The squid.conf lines both proxies read: the resolver, the
+    /// authentication scheme, and the access rules.
+    fn lines(&self, launch: &Launch<'_>) -> String {
+        let ports: Vec<String> = launch.connect_ports.iter().map(u16::to_string).collect();
+        let mut text = format!(
+            "acl bench_clients src {}\nacl bench_ports port {}\n",
+            launch.clients,
+            ports.join(" ")
+        );
+        if let Some(ip) = self.dns {
+            let _ = writeln!(text, "dns_nameservers {ip}");
+        }
+        let mut allow = "http_access allow bench_clients bench_ports".to_owned();
+        if let Some(file) = &self.basic_auth {
+            let _ = writeln!(
+                text,
+                "auth_param basic program /usr/lib/squid/basic_ncsa_auth {}\n\
+                 auth_param basic credentialsttl 2 hours\n\
+                 acl bench_users proxy_auth REQUIRED",
+                file.display()
+            );
+            allow += " bench_users";
+        }
+        let _ = writeln!(text, "{allow}\nhttp_access deny all");
+        text
+    }
 }
 
 /// A running proxy, stopped when dropped.
@@ -276,6 +323,17 @@ pub fn start(contender: Contender, launch: &Launch<'_>) -> Result<Proxy, String>
         Contender::SplicePeek => {
             let conf = peek_conf(&dir, launch).map_err(|err| format!("{err:#}"))?;
             (spliced_peek_command(launch, &conf), None)
+        }
+        Contender::Sockmap
+        | Contender::Splice
+        | Contender::Copy
+        | Contender::Packet
+        | Contender::PacketEager
+        | Contender::Auto
+            if !launch.policy.is_plain() =>
+        {
+            let conf = policy_conf(&dir, launch).map_err(|err| format!("{err:#}"))?;
+            (spliced_conf_command(contender, launch, &conf), None)
         }
         Contender::Sockmap
         | Contender::Splice
@@ -403,14 +461,36 @@ fn peek_conf(dir: &Path, launch: &Launch<'_>) -> Result<PathBuf> {
 }
 
 fn spliced_peek_command(launch: &Launch<'_>, conf: &Path) -> std::process::Command {
+    spliced_conf_command(Contender::Splice, launch, conf)
+}
+
+/// A spliced contender's squid.conf when its [`Policy`] is not the plain one.
+fn policy_conf(dir: &Path, launch: &Launch<'_>) -> Result<PathBuf> {
+    let text = format!(
+        "http_port {}\n{}",
+        launch.listen,
+        launch.policy.lines(launch)
+    );
+    let path = dir.join("squid.conf");
+    fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
+}
+
+/// spliced with `contender`'s data plane and the squid.conf `conf`.
+fn spliced_conf_command(
+    contender: Contender,
+    launch: &Launch<'_>,
+    conf: &Path,
+) -> std::process::Command {
     let spliced = launch.spliced.to_string_lossy();
     let conf = conf.to_string_lossy();
+    let plane = contender.plane().expect("a spliced contender");
     let argv = [
         &*spliced,
         "-f",
         &conf,
         "--dataplane",
-        "splice",
+        plane,
         "--access-log",
         "/dev/null",
     ];
@@ -440,19 +520,10 @@ pub fn proxychains(proxy: SocketAddr) -> String {
 /// drops to the Debian `proxy` user, so `dir` is made world-writable.
 fn squid_conf(dir: &Path, launch: &Launch<'_>) -> Result<PathBuf> {
     set_mode(dir, 0o777)?;
-    let ports = launch
-        .connect_ports
-        .iter()
-        .map(u16::to_string)
-        .collect::<Vec<_>>()
-        .join(" ");
     let d = dir.display();
     let text = format!(
         "http_port {listen}\n\
-         acl bench_clients src {clients}\n\
-         acl bench_ports port {ports}\n\
-         http_access allow bench_clients bench_ports\n\
-         http_access deny all\n\
+         {policy}\
          cache deny all\n\
          access_log none\n\
          cache_log {d}/cache.log\n\
@@ -463,7 +534,7 @@ fn squid_conf(dir: &Path, launch: &Launch<'_>) -> Result<PathBuf> {
          pinger_enable off\n\
          shutdown_lifetime 0 seconds\n",
         listen = launch.listen,
-        clients = launch.clients,
+        policy = launch.policy.lines(launch),
     );
     let path = dir.join("squid.conf");
     fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;

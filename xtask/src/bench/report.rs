@@ -9,7 +9,7 @@ use super::{
     child::run_bounded,
     contenders::{Contender, DEFAULT_PROMOTE_AFTER},
     cpu, kmem,
-    setup_rate::SetupResult,
+    setup_rate::{SetupCase, SetupResult, Variant},
     stall::{StallResult, GOAL_P99_MS, WINDOW_AFTER, WINDOW_BEFORE},
     Env, Results, ScaleResult, Settings, TputResult,
 };
@@ -181,12 +181,14 @@ pub fn to_json(results: &Results) -> Value {
         .iter()
         .map(|(c, r)| match r {
             Ok(r) => json!({
-                "contender": c.id(),
+                "id": c.id(),
+                "contender": c.contender.id(),
+                "variant": c.variant.id(),
                 "clients": r.clients,
                 "secs": r.secs,
                 "tunnels": r.tunnels,
                 "per_sec": r.per_sec,
-                "latency": if *c == Contender::Direct { "connect" } else { "connect_to_200" },
+                "latency": if c.contender == Contender::Direct { "connect" } else { "connect_to_200" },
                 "p50_ms": finite(r.p50_ms),
                 "p99_ms": finite(r.p99_ms),
                 "tunnel_p50_ms": finite(r.tunnel_p50_ms),
@@ -194,7 +196,12 @@ pub fn to_json(results: &Results) -> Value {
                 "errors": r.errors,
                 "first_error": r.first_error,
             }),
-            Err(err) => json!({ "contender": c.id(), "error": err }),
+            Err(err) => json!({
+                "id": c.id(),
+                "contender": c.contender.id(),
+                "variant": c.variant.id(),
+                "error": err,
+            }),
         })
         .collect();
     let scale: Vec<Value> = results
@@ -481,16 +488,53 @@ impl Table {
     }
 }
 
+type SetupResults = [(SetupCase, Result<SetupResult, String>)];
+
+/// A setup case's tunnels/s, if it ran without errors.
+fn setup_rate(setup: &SetupResults, contender: Contender, variant: Variant) -> Option<f64> {
+    setup.iter().find_map(|(c, r)| {
+        (c.contender == contender && c.variant == variant)
+            .then(|| r.as_ref().ok().filter(|r| r.errors == 0).map(|r| r.per_sec))
+            .flatten()
+    })
+}
+
+/// spliced's default plane against Squid: by address (goal 2×), asking for
+/// a name and with Basic credentials (goal: ahead).
+fn setup_goal_note(setup: &SetupResults) -> Option<String> {
+    let mut parts = Vec::new();
+    for (variant, goal, what) in [
+        (Variant::Ip, 2.0, "by address"),
+        (Variant::Name, 1.0, "name target, resolver cache warm"),
+        (Variant::BasicAuth, 1.0, "Basic auth, credentials cached"),
+    ] {
+        let (Some(spliced), Some(squid)) = (
+            setup_rate(setup, Contender::Packet, variant),
+            setup_rate(setup, Contender::Squid, variant),
+        ) else {
+            continue;
+        };
+        let ratio = spliced / squid;
+        let verdict = match (goal > 1.0, ratio >= goal, ratio > goal) {
+            (true, true, _) => format!("goal ≥ {goal:.0}×, met"),
+            (true, false, _) => format!("goal ≥ {goal:.0}×, not met"),
+            (false, _, true) => "goal: ahead, met".to_owned(),
+            (false, _, false) => "goal: ahead, not met".to_owned(),
+        };
+        parts.push(format!("{what} {ratio:.2}× ({verdict})"));
+    }
+    (!parts.is_empty()).then(|| {
+        format!(
+            "spliced packet (the default plane) against Squid in tunnels/s: {}.",
+            parts.join("; ")
+        )
+    })
+}
+
 /// What a TLS name rule costs: `ssl_bump peek`'s tunnels/s against plain
 /// splice's, when both ran.
-fn peek_cost_note(setup: &[(Contender, Result<SetupResult, String>)]) -> Option<String> {
-    let rate = |wanted| {
-        setup.iter().find_map(|(c, r)| {
-            (*c == wanted)
-                .then(|| r.as_ref().ok().map(|r| r.per_sec))
-                .flatten()
-        })
-    };
+fn peek_cost_note(setup: &SetupResults) -> Option<String> {
+    let rate = |wanted| setup_rate(setup, wanted, Variant::Ip);
     let (splice, peek) = (rate(Contender::Splice)?, rate(Contender::SplicePeek)?);
     let cost = (1.0 - peek / splice) * 100.0;
     Some(format!(
@@ -847,7 +891,7 @@ pub fn tables(results: &Results) -> Vec<Table> {
             .setup
             .iter()
             .map(|(c, r)| {
-                let mut row = vec![c.label().to_owned()];
+                let mut row = vec![c.label()];
                 match r {
                     Ok(r) => {
                         row.push(format!("{:.0}", r.per_sec));
@@ -886,7 +930,10 @@ pub fn tables(results: &Results) -> Vec<Table> {
             .map(str::to_owned)
             .to_vec(),
             rows: body,
-            note: peek_cost_note(&results.setup),
+            note: join_notes([
+                setup_goal_note(&results.setup),
+                peek_cost_note(&results.setup),
+            ]),
         });
     }
 
@@ -1582,9 +1629,9 @@ fn notes(results: &Results) -> Vec<String> {
     }
     for (c, r) in &results.setup {
         match r {
-            Err(err) => notes.push(format!("setup {}: {err}", c.id())),
+            Err(err) => notes.push(format!("{}: {err}", c.id())),
             Ok(r) if r.errors > 0 => notes.push(format!(
-                "setup {}: {} errors, first: {}",
+                "{}: {} errors, first: {}",
                 c.id(),
                 r.errors,
                 r.first_error.as_deref().unwrap_or("?")
@@ -1987,7 +2034,10 @@ mod tests {
             tput,
             setup: vec![
                 (
-                    Contender::Direct,
+                    SetupCase {
+                        contender: Contender::Direct,
+                        variant: Variant::Ip,
+                    },
                     Ok(SetupResult {
                         clients: 64,
                         secs: 3.0,
@@ -2001,8 +2051,42 @@ mod tests {
                         first_error: Some("refused".into()),
                     }),
                 ),
-                (Contender::Squid, Err("failed to start: no".into())),
-            ],
+                (
+                    SetupCase {
+                        contender: Contender::Squid,
+                        variant: Variant::Ip,
+                    },
+                    Err("failed to start: no".into()),
+                ),
+            ]
+            .into_iter()
+            .chain(
+                [
+                    (Contender::Packet, Variant::Ip, 5000.0),
+                    (Contender::Squid, Variant::Name, 2000.0),
+                    (Contender::Packet, Variant::Name, 4500.0),
+                    (Contender::Squid, Variant::BasicAuth, 2500.0),
+                    (Contender::Packet, Variant::BasicAuth, 2400.0),
+                ]
+                .map(|(contender, variant, per_sec)| {
+                    (
+                        SetupCase { contender, variant },
+                        Ok(SetupResult {
+                            clients: 64,
+                            secs: 3.0,
+                            tunnels: 100,
+                            per_sec,
+                            p50_ms: 1.0,
+                            p99_ms: 2.0,
+                            tunnel_p50_ms: 2.0,
+                            tunnel_p99_ms: 3.0,
+                            errors: 0,
+                            first_error: None,
+                        }),
+                    )
+                }),
+            )
+            .collect(),
             http: [
                 (Contender::Splice, 3000.0),
                 (Contender::Squid, 1500.0),
@@ -2187,6 +2271,20 @@ mod tests {
         assert_eq!(stall.rows[0][7], "1");
         assert_eq!(stall.rows[0][8], "-2");
         assert!(stall.rows[1][3].starts_with("skipped"));
+        let setup = tables
+            .iter()
+            .find(|t| t.title.starts_with("Connection setup"))
+            .unwrap();
+        assert_eq!(setup.rows[4][0], "spliced packet, name target");
+        let note = setup.note.as_deref().unwrap();
+        assert!(
+            note.contains(
+                "name target, resolver cache warm 2.25× (goal: ahead, met); Basic auth, \
+                 credentials cached 0.96× (goal: ahead, not met)."
+            ),
+            "{note}"
+        );
+        assert!(!note.contains("by address"), "Squid failed: {note}");
         let http = tables
             .iter()
             .find(|t| t.title.starts_with("Plain HTTP"))

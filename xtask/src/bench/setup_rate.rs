@@ -19,6 +19,72 @@ use anyhow::{Context as _, Result};
 
 use super::child::interrupted;
 
+/// What the setup clients' CONNECT names, and what the proxy must do first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Variant {
+    /// `CONNECT 127.0.0.1:PORT`, no credentials.
+    Ip,
+    /// `CONNECT echo.bench.test:PORT`: the proxy resolves the name (through
+    /// `dns_nameservers`; warm after the first tunnel).
+    Name,
+    /// `CONNECT 127.0.0.1:PORT` with `Proxy-Authorization: Basic`, which
+    /// every request must carry (credentials cached after the first).
+    BasicAuth,
+}
+
+impl Variant {
+    /// Its part of a case id (none for [`Variant::Ip`]).
+    pub fn id(self) -> &'static str {
+        match self {
+            Self::Ip => "ip",
+            Self::Name => "name",
+            Self::BasicAuth => "basic-auth",
+        }
+    }
+
+    /// How the table names it.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Ip => "",
+            Self::Name => ", name target",
+            Self::BasicAuth => ", Basic auth",
+        }
+    }
+}
+
+/// One connection-setup case: a contender and what its clients ask for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SetupCase {
+    pub contender: super::contenders::Contender,
+    pub variant: Variant,
+}
+
+impl SetupCase {
+    /// `setup/loopback/squid`, `setup/loopback/packet/name`.
+    pub fn id(&self) -> String {
+        match self.variant {
+            Variant::Ip => format!("setup/loopback/{}", self.contender.id()),
+            other => format!("setup/loopback/{}/{}", self.contender.id(), other.id()),
+        }
+    }
+
+    /// The row's name in the setup table.
+    pub fn label(&self) -> String {
+        format!("{}{}", self.contender.label(), self.variant.label())
+    }
+}
+
+/// The name [`Variant::Name`] asks for (the bench's resolver answers
+/// 127.0.0.1), also the SNI of the peek cases.
+pub const BENCH_NAME: &str = super::contenders::PEEK_SNI;
+/// The user of [`Variant::BasicAuth`]: `bench`, password `secret`.
+pub const BENCH_USER: &str = "bench";
+/// `base64("bench:secret")`.
+const BENCH_CREDENTIALS: &str = "YmVuY2g6c2VjcmV0";
+/// `openssl passwd -apr1 -salt abcdefgh secret`: a hash both Squid's
+/// `basic_ncsa_auth` and spliced verify.
+pub const BENCH_PASSWORD_HASH: &str = "$apr1$abcdefgh$h9FWgUz3n9YxylKLlR5SQ/";
+
 /// Every socket operation of the benchmark's own clients and servers gives
 /// up after this long.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -169,6 +235,7 @@ pub fn measure(
     clients: usize,
     duration: Duration,
     payload: &'static [u8],
+    variant: Variant,
 ) -> SetupResult {
     let start = Instant::now();
     let deadline = start + duration;
@@ -179,7 +246,7 @@ pub fn measure(
                 let mut errors = 0u64;
                 let mut first_error = None;
                 while Instant::now() < deadline && !interrupted() {
-                    match one_tunnel(proxy, echo, payload) {
+                    match one_tunnel(proxy, echo, payload, variant) {
                         Ok(latency) => latencies.push(latency),
                         Err(err) => {
                             errors += 1;
@@ -234,13 +301,14 @@ fn one_tunnel(
     proxy: Option<SocketAddr>,
     echo: SocketAddr,
     payload: &[u8],
+    variant: Variant,
 ) -> std::io::Result<(f64, f64)> {
     let started = Instant::now();
     let mut stream = TcpStream::connect_timeout(&proxy.unwrap_or(echo), IO_TIMEOUT)?;
     stream.set_read_timeout(Some(IO_TIMEOUT))?;
     stream.set_write_timeout(Some(IO_TIMEOUT))?;
     stream.set_nodelay(true)?;
-    if proxy.is_some() && !connect_through(&mut stream, echo)?.is_empty() {
+    if proxy.is_some() && !connect_as(&mut stream, echo, variant)?.is_empty() {
         return Err(std::io::Error::other("bytes before the echo request"));
     }
     let latency = started.elapsed().as_secs_f64() * 1e3;
@@ -262,8 +330,26 @@ fn one_tunnel(
 /// unless it is a 200. Returns what the target sent after the head, if it
 /// came in the same reads.
 pub fn connect_through(stream: &mut TcpStream, target: SocketAddr) -> std::io::Result<Vec<u8>> {
+    connect_as(stream, target, Variant::Ip)
+}
+
+/// [`connect_through`] as `variant` asks: to the target's address or to
+/// [`BENCH_NAME`] on its port, with or without credentials.
+fn connect_as(
+    stream: &mut TcpStream,
+    target: SocketAddr,
+    variant: Variant,
+) -> std::io::Result<Vec<u8>> {
     const END: &[u8] = b"\r\n\r\n";
-    let request = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n");
+    let authority = match variant {
+        Variant::Name => format!("{BENCH_NAME}:{}", target.port()),
+        Variant::Ip | Variant::BasicAuth => target.to_string(),
+    };
+    let credentials = match variant {
+        Variant::BasicAuth => format!("Proxy-Authorization: Basic {BENCH_CREDENTIALS}\r\n"),
+        Variant::Ip | Variant::Name => String::new(),
+    };
+    let request = format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n{credentials}\r\n");
     stream.write_all(request.as_bytes())?;
     let mut head = Vec::with_capacity(128);
     let mut byte = [0u8; 256];
