@@ -46,10 +46,19 @@ pub struct HandoverRecord {
     /// See [`AccessRecord::sni`].
     #[serde(default)]
     pub sni: Option<String>,
+    /// See [`AccessRecord::peer`].
+    #[serde(default)]
+    pub peer: Option<String>,
 }
 
 /// Hierarchy codes as the access record spells them.
-const HIERARCHY_CODES: [&str; 2] = ["HIER_DIRECT", "HIER_NONE"];
+const HIERARCHY_CODES: [&str; 5] = [
+    "HIER_DIRECT",
+    "HIER_NONE",
+    "FIRSTUP_PARENT",
+    "ANY_OLD_PARENT",
+    "DEFAULT_PARENT",
+];
 
 impl HandoverRecord {
     /// The record of a tunnel about to be handed to the data plane.
@@ -64,6 +73,7 @@ impl HandoverRecord {
             user: record.user.clone(),
             pipelined,
             sni: record.sni.clone(),
+            peer: record.peer.clone(),
         }
     }
 
@@ -85,6 +95,7 @@ impl HandoverRecord {
             user: None,
             pipelined: 0,
             sni: None,
+            peer: None,
         })
     }
 
@@ -114,6 +125,7 @@ impl HandoverRecord {
             dataplane: Some(PlaneKind::Packet),
             bytes_before_promotion: None,
             sni: self.sni.clone(),
+            peer: self.peer.clone(),
             mime_type: None,
             end: String::new(),
         }

@@ -271,6 +271,10 @@ pub struct Tunnel {
     /// Bytes user space has read from the client socket (request head and
     /// pipelined bytes): the kernel-side accounting starts after them.
     pub client_bytes_consumed: u64,
+    /// Bytes user space has read from the upstream socket (a parent proxy's
+    /// answer to its CONNECT, and what followed it): the kernel-side
+    /// accounting starts after them. 0 for a direct upstream.
+    pub upstream_bytes_consumed: u64,
     /// Whether the client socket's receive queue holds no segment that user space
     /// has read only part of (the sockmap plane cannot take over such a socket).
     pub client_queue_clean: bool,

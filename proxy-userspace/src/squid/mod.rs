@@ -60,7 +60,7 @@
 //! `cache_mem`, `refresh_pattern`, `cache`, `maximum_object_size`, …), process
 //! and file housekeeping (`coredump_dir`, `pid_filename`, `cache_effective_user`,
 //! `workers`, `cache_log`, `logfile_rotate`, …), ICP/HTCP/SNMP, peer selection
-//! without peers (`always_direct`, `never_direct`, `hierarchy_stoplist`), header
+//! (`hierarchy_stoplist`: nothing is cached, so no request is stopped), header
 //! rewriting (`request_header_access`, `reply_header_add`, … — plain HTTP
 //! rewrites only hop-by-hop fields, `Via` and `X-Forwarded-For`, the last two
 //! per `via` and `forwarded_for`, which are parsed), `http_reply_access` (a tunnel has no HTTP reply
@@ -68,8 +68,13 @@
 //! `deny_info`, …) and DNS cache tuning (`dns_v4_first`, `hosts_file`, …).
 //! The full list, with the reason each is ignored, is in `parse.rs`.
 //!
+//! * `cache_peer HOST parent PORT ICP-PORT [OPTION…]`, `cache_peer_access`,
+//!   `never_direct`, `always_direct`, `prefer_direct`,
+//!   `nonhierarchical_direct`: parent proxies and Squid's choice between them
+//!   and DIRECT (see `peers.rs`).
+//!
 //! Errors: unknown directives; directives whose loss would change what the proxy
-//! lets through or where it connects (`https_port`, `cache_peer`,
+//! lets through or where it connects (`https_port`, `cache_peer_domain`,
 //! `tcp_outgoing_address`, `follow_x_forwarded_for`, `delay_pools`,
 //! `url_rewrite_program`, ICAP/eCAP, `if` conditionals, …); bad values; ACL
 //! names used by `http_access` before they are defined.
@@ -128,6 +133,9 @@ mod acl;
 mod auth;
 mod logformat;
 mod parse;
+mod peers;
+#[cfg(test)]
+mod peers_tests;
 mod reader;
 mod render;
 mod ssl_bump;
@@ -145,6 +153,7 @@ use std::{
 pub use access::{Decision, LocalTime, RequestFacts, Weekday};
 pub use auth::BasicAuth;
 pub use logformat::{LogFields, LogFormat};
+pub use peers::{is_hierarchical, CachePeer, HierCode, Peers, Route};
 pub use ssl_bump::{BumpAction, SniCheck, Step1, Step2};
 
 use access::AccessRule;
@@ -304,6 +313,8 @@ pub struct SquidConfig {
     tls: ssl_bump::TlsPolicy,
     /// `via` and `forwarded_for`: what plain-HTTP forwarding writes.
     pub headers: crate::http_forward::HeaderPolicy,
+    /// `cache_peer` and the directives that choose between parents and DIRECT.
+    peers: Peers,
 }
 
 /// Reads the configuration file at `path`, following its `include`s.

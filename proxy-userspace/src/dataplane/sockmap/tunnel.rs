@@ -68,6 +68,7 @@ pub async fn run(shared: Arc<Shared>, tunnel: Tunnel) -> TunnelOutcome {
         client,
         upstream,
         client_bytes_consumed,
+        upstream_bytes_consumed,
         client_queue_clean,
         limits,
         shutdown,
@@ -79,6 +80,7 @@ pub async fn run(shared: Arc<Shared>, tunnel: Tunnel) -> TunnelOutcome {
         client,
         upstream,
         client_bytes_consumed,
+        upstream_bytes_consumed,
         client_queue_clean,
         limits,
         shutdown: shutdown.clone(),
@@ -108,7 +110,7 @@ pub async fn run(shared: Arc<Shared>, tunnel: Tunnel) -> TunnelOutcome {
         sockets: PerSide::new(&client, &upstream),
         cookies: sockets.cookies,
         written_before: sockets.written_before,
-        consumed: PerSide::new(client_bytes_consumed, 0),
+        consumed: PerSide::new(client_bytes_consumed, upstream_bytes_consumed),
     };
     let result = match pair.insert().await {
         Inserted::Spliced => Some(
