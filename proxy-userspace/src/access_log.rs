@@ -286,6 +286,30 @@ mod tests {
     }
 
     #[test]
+    fn parents_log_like_squid() {
+        let mut record = istio_example();
+        let names = LogFormat::parse("names", "%Sh/%<a:%<p %<A").unwrap();
+        assert_eq!(
+            RecordFormat::Format(names.clone()).line(&record),
+            "HIER_DIRECT/91.198.174.192:443 en.wikipedia.org"
+        );
+        record.hierarchy = "FIRSTUP_PARENT";
+        record.upstream = Some("10.0.0.5:3128".parse().unwrap());
+        record.peer = Some("corp".into());
+        assert!(RecordFormat::squid()
+            .line(&record)
+            .ends_with(" FIRSTUP_PARENT/10.0.0.5 -"));
+        assert_eq!(
+            RecordFormat::Format(names).line(&record),
+            "FIRSTUP_PARENT/10.0.0.5:3128 corp"
+        );
+        let json: serde_json::Value =
+            serde_json::from_str(&RecordFormat::Json.line(&record)).unwrap();
+        assert_eq!(json["peer"], "corp");
+        assert_eq!(json["hierarchy"], "FIRSTUP_PARENT");
+    }
+
+    #[test]
     fn json_has_the_documented_fields() {
         let json: serde_json::Value =
             serde_json::from_str(&RecordFormat::Json.line(&istio_example())).unwrap();

@@ -528,7 +528,7 @@ fn bytes_behind_the_parents_answer_and_its_errors() {
                  http_access allow all\n",
                 parent.port()
             ),
-            &["--dataplane", "copy"],
+            &["--dataplane", "copy", "--admin", "127.0.0.1:0"],
         );
         let mut stream = TcpStream::connect(proxy.addr).unwrap();
         stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
@@ -562,6 +562,16 @@ fn bytes_behind_the_parents_answer_and_its_errors() {
             // The head, the early bytes and the echoed ping.
             assert_eq!(record["bytes_to_client"], 39 + 11 + 4, "{record}");
         }
+        let admin = proxy.admin_addr().expect("admin listener");
+        let metrics = spliced_tests::proxy::http_get(admin, "/metrics").unwrap();
+        let result = if status == 200 {
+            "connected"
+        } else {
+            "refused"
+        };
+        let series =
+            format!("spliced_parent_connections_total{{peer=\"{name}\",result=\"{result}\"}} 1");
+        assert!(metrics.contains(&series), "no {series}:\n{metrics}");
     }
 }
 

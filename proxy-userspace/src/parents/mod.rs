@@ -208,6 +208,7 @@ pub(crate) async fn connect_parent(
 ) -> Result<(TcpStream, SocketAddr), Refusal> {
     let fail = |err: upstream::UpstreamError| {
         control.metrics().upstream_failed(&err);
+        control.metrics().parent_connection(&peer.name, "failed");
         control.parents().failed(peer);
         Refusal::new(err.status(), format!("parent {}: {err}", peer.name))
     };
@@ -225,6 +226,7 @@ pub(crate) async fn connect_parent(
     let timeout = peer.connect_timeout.unwrap_or(settings.connect_timeout);
     let connected = upstream::connect(&addrs, timeout).await.map_err(fail)?;
     control.parents().succeeded(peer);
+    control.metrics().parent_connection(&peer.name, "connected");
     Ok(connected)
 }
 
@@ -284,6 +286,9 @@ pub(crate) async fn open_tunnel(
                 handshake::HandshakeError::Closed | handshake::HandshakeError::Timeout(_)
             ) {
                 control.parents().failed(peer);
+                control.metrics().parent_connection(&peer.name, "failed");
+            } else if matches!(err, handshake::HandshakeError::Refused { .. }) {
+                control.metrics().parent_connection(&peer.name, "refused");
             }
             let mut refusal = Refusal::new(err.status(), format!("parent {}: {err}", peer.name));
             refusal.result = "TCP_TUNNEL";
