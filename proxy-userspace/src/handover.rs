@@ -196,11 +196,12 @@ mod tests {
             client: "10.0.0.2:40000".parse().unwrap(),
             local: Some("10.0.0.1:3128".parse().unwrap()),
             target: "example.com:443".into(),
-            hierarchy: "HIER_DIRECT".into(),
-            upstream: Some("203.0.113.5:443".parse().unwrap()),
+            hierarchy: "FIRSTUP_PARENT".into(),
+            upstream: Some("203.0.113.5:3128".parse().unwrap()),
             user: Some("alice".into()),
             pipelined: 517,
             sni: Some("example.com".into()),
+            peer: Some("corp".into()),
         };
         let adopted = |handover: Vec<u8>| AdoptedTunnel {
             handover,
@@ -215,6 +216,12 @@ mod tests {
         assert_eq!(
             HandoverRecord::of_adopted(&adopted(stored.to_bytes())),
             stored
+        );
+        // A parent's route survives the hand-over.
+        let record = stored.access_record();
+        assert_eq!(
+            (record.hierarchy, record.peer.as_deref()),
+            ("FIRSTUP_PARENT", Some("corp"))
         );
         let made = HandoverRecord::of_adopted(&adopted(Vec::new()));
         assert_eq!(made.target, "203.0.113.5:443");
