@@ -806,3 +806,70 @@ fn cache_peer_config_errors() {
         "{stderr}"
     );
 }
+
+/// A plain GET (hierarchical: parents first, then DIRECT under Squid's
+/// defaults) whose parent is down goes DIRECT; a parent dead after
+/// `connect-fail-limit=1` failures is probed again and used once it listens.
+#[test]
+fn plain_http_fails_over_and_a_dead_parent_comes_back() {
+    let site = Site::new();
+    let http = echo_origin();
+    let port = free_port();
+    let proxy = site.spliced(
+        "plain.conf",
+        &format!(
+            "cache_peer 127.0.0.1 parent {port} 0 no-query name=back connect-fail-limit=1\n\
+             http_access allow all\n"
+        ),
+        &[],
+    );
+    let answer = plain_get(proxy.addr, &format!("http://{http}/direct"));
+    assert_eq!(status_of(&answer), 200, "{answer}\n{}", proxy.stderr());
+    let record = &proxy.wait_json_records(1)[0];
+    assert_eq!(
+        route_of(record),
+        ("HIER_DIRECT".into(), http.to_string(), "-".into()),
+        "{record}"
+    );
+    assert!(
+        proxy.logged("parent back (127.0.0.1:"),
+        "{}",
+        proxy.stderr()
+    );
+
+    // Dead now: skipped, DIRECT at once. Then the parent starts listening:
+    // a probe (at most one per connect timeout, started by a request)
+    // finds it, and the next requests use it.
+    let parent = Proxy::start(&["--listen", &format!("127.0.0.1:{port}")]);
+    let mut through_parent = false;
+    for attempt in 0..60 {
+        let answer = plain_get(proxy.addr, &format!("http://{http}/attempt{attempt}"));
+        assert_eq!(status_of(&answer), 200, "{answer}\n{}", proxy.stderr());
+        let records = proxy.wait_json_records(attempt + 2);
+        if records[attempt + 1]["hierarchy"] == "FIRSTUP_PARENT" {
+            through_parent = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(
+        through_parent,
+        "the parent never came back:\n{}",
+        proxy.stderr()
+    );
+    assert!(
+        proxy.logged("parent back (127.0.0.1:"),
+        "{}",
+        proxy.stderr()
+    );
+    assert!(proxy.logged("is alive again"), "{}", proxy.stderr());
+    // The parent logged the GET (and the probe's empty connection).
+    assert!(
+        wait_until(START, || parent
+            .access_lines()
+            .iter()
+            .any(|line| line.contains(" GET http://"))),
+        "{:#?}",
+        parent.access_lines()
+    );
+}
