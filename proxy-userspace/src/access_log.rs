@@ -37,10 +37,16 @@ pub struct AccessRecord {
     pub status: u16,
     /// Squid result code (`%Ss`): `TCP_TUNNEL`, `TCP_DENIED`, `NONE_NONE`.
     pub result: &'static str,
-    /// Hierarchy code (`%Sh`): `HIER_DIRECT` when an upstream was connected.
+    /// Hierarchy code (`%Sh`): `HIER_DIRECT` when an origin was connected,
+    /// `FIRSTUP_PARENT`, `ANY_OLD_PARENT` or `DEFAULT_PARENT` for a parent.
     pub hierarchy: &'static str,
-    /// The upstream address connected to (`%<a`).
+    /// The upstream address connected to (`%<a`): the origin's, or the
+    /// parent proxy's.
     pub upstream: Option<SocketAddr>,
+    /// The parent proxy's `cache_peer` name (`%<A`), when the request went
+    /// through one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
     /// The authenticated user (`%un`).
     pub user: Option<String>,
     /// Bytes sent to the client, the response head included (`%<st`).
@@ -117,6 +123,22 @@ impl LogFields for AccessRecord {
     }
     fn hierarchy(&self) -> &str {
         self.hierarchy
+    }
+    fn upstream_name(&self) -> Option<&str> {
+        // Squid's `%<A`: the peer's name, else the origin's host.
+        self.peer.as_deref().or_else(|| {
+            self.upstream?;
+            let host = self
+                .target
+                .strip_prefix("http://")
+                .unwrap_or(&self.target)
+                .split('/')
+                .next()?;
+            Some(match host.rsplit_once(':') {
+                Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+                _ => host,
+            })
+        })
     }
     fn sni(&self) -> Option<&str> {
         self.sni.as_deref()
@@ -236,6 +258,7 @@ mod tests {
             bytes_before_promotion: None,
             sni: None,
             mime_type: None,
+            peer: None,
             end: "closed".into(),
         }
     }
@@ -260,6 +283,30 @@ mod tests {
             RecordFormat::squid().line(&record),
             "1544160065.248    228 172.30.109.89 TCP_DENIED/403 3970 CONNECT en.wikipedia.org:443 - HIER_NONE/- text/plain"
         );
+    }
+
+    #[test]
+    fn parents_log_like_squid() {
+        let mut record = istio_example();
+        let names = LogFormat::parse("names", "%Sh/%<a:%<p %<A").unwrap();
+        assert_eq!(
+            RecordFormat::Format(names.clone()).line(&record),
+            "HIER_DIRECT/91.198.174.192:443 en.wikipedia.org"
+        );
+        record.hierarchy = "FIRSTUP_PARENT";
+        record.upstream = Some("10.0.0.5:3128".parse().unwrap());
+        record.peer = Some("corp".into());
+        assert!(RecordFormat::squid()
+            .line(&record)
+            .ends_with(" FIRSTUP_PARENT/10.0.0.5 -"));
+        assert_eq!(
+            RecordFormat::Format(names).line(&record),
+            "FIRSTUP_PARENT/10.0.0.5:3128 corp"
+        );
+        let json: serde_json::Value =
+            serde_json::from_str(&RecordFormat::Json.line(&record)).unwrap();
+        assert_eq!(json["peer"], "corp");
+        assert_eq!(json["hierarchy"], "FIRSTUP_PARENT");
     }
 
     #[test]

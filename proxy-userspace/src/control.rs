@@ -35,7 +35,7 @@ use crate::{
     handover::HandoverRecord,
     http_forward,
     metrics::Metrics,
-    peek,
+    parents, peek,
     policy::Denial,
     proxy_protocol::{self, ProxyHeaderError},
     settings::{Policy, Settings},
@@ -85,6 +85,8 @@ pub struct ControlPlane {
     /// Basic credentials: their cache and the hash verifiers (kept across
     /// reloads).
     authenticator: Authenticator,
+    /// Liveness of the parent proxies (`cache_peer`), kept across reloads.
+    parents: Arc<parents::Health>,
 }
 
 /// An error answer to a request.
@@ -102,7 +104,7 @@ pub(crate) struct Refusal {
     pub(crate) rule: Option<String>,
     /// The `200` was sent before the refusal (the TLS name policy closes a
     /// tunnel after it): nothing more is answered.
-    answered: bool,
+    pub(crate) answered: bool,
 }
 
 impl Refusal {
@@ -216,12 +218,18 @@ impl ControlPlane {
             ),
             http_pool: Arc::default(),
             authenticator,
+            parents: Arc::default(),
         }
     }
 
     /// The credentials cache and hash verifiers.
     pub(crate) fn authenticator(&self) -> &Authenticator {
         &self.authenticator
+    }
+
+    /// Liveness of the parent proxies.
+    pub(crate) fn parents(&self) -> &Arc<parents::Health> {
+        &self.parents
     }
 
     /// Idle upstream connections of plain-HTTP forwarding.
@@ -419,6 +427,7 @@ impl ControlPlane {
             bytes_before_promotion: None,
             sni: None,
             mime_type: None,
+            peer: None,
             end: String::new(),
         };
         let mut closing = self.closing.subscribe();
@@ -476,7 +485,10 @@ impl ControlPlane {
             Ok(Opened::Tunnel(opened)) => {
                 let tunnel = self.tunnel(
                     (client, opened.upstream),
-                    [proxy_header_len + opened.client_bytes_consumed, 0],
+                    [
+                        proxy_header_len + opened.client_bytes_consumed,
+                        opened.upstream_bytes_consumed,
+                    ],
                     opened.client_queue_clean,
                     settings,
                     started,
@@ -512,7 +524,8 @@ impl ControlPlane {
                     );
                     return;
                 }
-                record.bytes_to_client = CONNECT_OK.len() as u64 + outcome.upstream_to_client;
+                record.bytes_to_client =
+                    CONNECT_OK.len() as u64 + opened.from_upstream + outcome.upstream_to_client;
                 record.bytes_from_client = opened.pipelined + outcome.client_to_upstream;
                 record.dataplane = Some(outcome.dataplane);
                 record.bytes_before_promotion = progress.bytes_before_promotion().map(
@@ -660,10 +673,14 @@ impl ControlPlane {
         let judge = Judge::new(settings, &self.authenticator, record, &head, &target).await?;
         record.user.clone_from(&judge.user);
         judge.decide(None)?;
-        let (mut upstream, upstream_addr) =
-            self.connect_upstream(settings, &judge, &target).await?;
-        record.upstream = Some(upstream_addr);
-        record.hierarchy = "HIER_DIRECT";
+        // Straight to the origin, or through a parent (`parents`).
+        let (mut upstream, from_parent) =
+            parents::open_tunnel(self, settings, &judge, &target, record).await?;
+        // `dst` is the origin's address; through a parent it is not known.
+        let origin_ip = record
+            .upstream
+            .filter(|_| record.peer.is_none())
+            .map(|a| a.ip());
         for socket in [&*client, &upstream] {
             let _ = socket.set_nodelay(true);
             if !settings.tcp_congestion.is_empty() {
@@ -676,7 +693,7 @@ impl ControlPlane {
         let write_upstream =
             |err: io::Error| Refusal::new(502, format!("writing pipelined bytes upstream: {err}"));
         if let Some(squid) = judge.tls_policy() {
-            let facts = judge.facts(Some(upstream_addr.ip()), 1);
+            let facts = judge.facts(origin_ip, 1);
             match squid.tls_step1(&facts) {
                 Step1::Splice => {}
                 Step1::Terminate(rule) => {
@@ -684,10 +701,17 @@ impl ControlPlane {
                     return Err(Refusal::denied(403, format!("terminated by {rule}")));
                 }
                 Step1::Peek => {
-                    return self
+                    let opened = self
                         .peek_then_open(settings, squid, &facts, client, upstream, &head, record)
-                        .await
-                        .map(Opened::Tunnel);
+                        .await?;
+                    return relay_from_parent(
+                        client,
+                        opened,
+                        (from_parent.head_len, &from_parent.early),
+                        record,
+                    )
+                    .await
+                    .map(Opened::Tunnel);
                 }
             }
         }
@@ -711,13 +735,52 @@ impl ControlPlane {
             return Err(Refusal::new(0, format!("client gone before 200: {err}")));
         }
         let pipelined = head.pipelined.len() as u64 + queued.bytes;
-        Ok(Opened::Tunnel(OpenedTunnel {
+        let opened = OpenedTunnel {
             upstream,
             pipelined,
             client_bytes_consumed: head.head_len as u64 + pipelined,
             client_queue_clean: queued.clean,
-        }))
+            from_upstream: 0,
+            upstream_bytes_consumed: 0,
+        };
+        relay_from_parent(
+            client,
+            opened,
+            (from_parent.head_len, &from_parent.early),
+            record,
+        )
+        .await
+        .map(Opened::Tunnel)
     }
+}
+
+/// After the `200`: what a parent sent behind its own `2xx` head goes to the
+/// client first, then whatever else its socket already holds, so that no
+/// data plane starts in the middle of a half-read segment (the same reason as
+/// [`forward_queued_bytes`] on the client side).
+async fn relay_from_parent(
+    client: &mut TcpStream,
+    mut opened: OpenedTunnel,
+    (parent_head_len, early): (u64, &[u8]),
+    record: &AccessRecord,
+) -> Result<OpenedTunnel, Refusal> {
+    if record.peer.is_none() {
+        return Ok(opened);
+    }
+    let refuse = |err: io::Error| Refusal {
+        answered: true,
+        ..Refusal::new(0, format!("relaying the parent's first bytes: {err}"))
+    };
+    client.write_all(early).await.map_err(refuse)?;
+    let queued = forward_queued_bytes(&opened.upstream, client)
+        .await
+        .map_err(refuse)?;
+    opened.from_upstream = early.len() as u64 + queued.bytes;
+    opened.upstream_bytes_consumed = parent_head_len + opened.from_upstream;
+    // Like a half-read client segment, a half-read upstream one keeps the
+    // tunnel off the sockmap plane.
+    opened.client_queue_clean &= queued.clean;
+    Ok(opened)
 }
 
 impl ControlPlane {
@@ -814,6 +877,8 @@ impl ControlPlane {
             pipelined,
             client_bytes_consumed: head.head_len as u64 + pipelined,
             client_queue_clean: queued.clean,
+            from_upstream: 0,
+            upstream_bytes_consumed: 0,
         })
     }
 }
@@ -912,7 +977,7 @@ impl<'a> Judge<'a> {
 
     /// What the squid.conf rules look at, at SslBump `step` (0 for
     /// `http_access`).
-    fn facts(&self, dst: Option<IpAddr>, step: u8) -> RequestFacts<'_> {
+    pub(crate) fn facts(&self, dst: Option<IpAddr>, step: u8) -> RequestFacts<'_> {
         RequestFacts {
             client: self.client,
             local_ip: self.local.map(|l| l.ip()),
@@ -939,6 +1004,16 @@ impl<'a> Judge<'a> {
     /// Decides with `dst` the address about to be connected to (`None` before
     /// resolution: `dst` ACLs then do not match, as in Squid).
     pub(crate) fn decide(&self, dst: Option<IpAddr>) -> Result<(), Refusal> {
+        self.decide_as(dst, dst.is_some())
+    }
+
+    /// Decides with `dst` as the last word: a denial without a destination
+    /// (a name that did not resolve) is final too.
+    pub(crate) fn decide_final(&self, dst: Option<IpAddr>) -> Result<(), Refusal> {
+        self.decide_as(dst, true)
+    }
+
+    fn decide_as(&self, dst: Option<IpAddr>, last_word: bool) -> Result<(), Refusal> {
         match self.policy {
             Policy::Builtin(builtin) => if self.method == "CONNECT" {
                 builtin.check(self.client, self.port)
@@ -963,7 +1038,7 @@ impl<'a> Judge<'a> {
                     // Before resolution a denial that a destination could lift is
                     // not final; after it, it is.
                     Decision::Deny { ref file, line, .. }
-                        if dst.is_some() || !squid.needs_destination() =>
+                        if last_word || !squid.needs_destination() =>
                     {
                         let rule = if line == 0 {
                             "implicit".to_owned()
@@ -1007,6 +1082,11 @@ struct OpenedTunnel {
     client_bytes_consumed: u64,
     /// Whether the client socket's receive queue holds no half-read segment.
     client_queue_clean: bool,
+    /// Bytes a parent proxy sent behind its answer, already written to the client.
+    from_upstream: u64,
+    /// All bytes read from the upstream socket (a parent's answer head and
+    /// what followed it).
+    upstream_bytes_consumed: u64,
 }
 
 /// What [`forward_queued_bytes`] did.

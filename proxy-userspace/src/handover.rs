@@ -46,10 +46,19 @@ pub struct HandoverRecord {
     /// See [`AccessRecord::sni`].
     #[serde(default)]
     pub sni: Option<String>,
+    /// See [`AccessRecord::peer`].
+    #[serde(default)]
+    pub peer: Option<String>,
 }
 
 /// Hierarchy codes as the access record spells them.
-const HIERARCHY_CODES: [&str; 2] = ["HIER_DIRECT", "HIER_NONE"];
+const HIERARCHY_CODES: [&str; 5] = [
+    "HIER_DIRECT",
+    "HIER_NONE",
+    "FIRSTUP_PARENT",
+    "ANY_OLD_PARENT",
+    "DEFAULT_PARENT",
+];
 
 impl HandoverRecord {
     /// The record of a tunnel about to be handed to the data plane.
@@ -64,6 +73,7 @@ impl HandoverRecord {
             user: record.user.clone(),
             pipelined,
             sni: record.sni.clone(),
+            peer: record.peer.clone(),
         }
     }
 
@@ -85,6 +95,7 @@ impl HandoverRecord {
             user: None,
             pipelined: 0,
             sni: None,
+            peer: None,
         })
     }
 
@@ -114,6 +125,7 @@ impl HandoverRecord {
             dataplane: Some(PlaneKind::Packet),
             bytes_before_promotion: None,
             sni: self.sni.clone(),
+            peer: self.peer.clone(),
             mime_type: None,
             end: String::new(),
         }
@@ -184,11 +196,12 @@ mod tests {
             client: "10.0.0.2:40000".parse().unwrap(),
             local: Some("10.0.0.1:3128".parse().unwrap()),
             target: "example.com:443".into(),
-            hierarchy: "HIER_DIRECT".into(),
-            upstream: Some("203.0.113.5:443".parse().unwrap()),
+            hierarchy: "FIRSTUP_PARENT".into(),
+            upstream: Some("203.0.113.5:3128".parse().unwrap()),
             user: Some("alice".into()),
             pipelined: 517,
             sni: Some("example.com".into()),
+            peer: Some("corp".into()),
         };
         let adopted = |handover: Vec<u8>| AdoptedTunnel {
             handover,
@@ -203,6 +216,12 @@ mod tests {
         assert_eq!(
             HandoverRecord::of_adopted(&adopted(stored.to_bytes())),
             stored
+        );
+        // A parent's route survives the hand-over.
+        let record = stored.access_record();
+        assert_eq!(
+            (record.hierarchy, record.peer.as_deref()),
+            ("FIRSTUP_PARENT", Some("corp"))
         );
         let made = HandoverRecord::of_adopted(&adopted(Vec::new()));
         assert_eq!(made.target, "203.0.113.5:443");

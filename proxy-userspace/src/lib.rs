@@ -8,6 +8,7 @@
 //! * [`access_log`] — Squid-style and JSON access log records;
 //! * [`http_forward`] — plain `http://` requests in absolute form, forwarded
 //!   with hyper (no caching);
+//! * [`parents`] — parent proxies (`cache_peer`): routes, liveness, their CONNECT;
 //! * [`handover`] — tunnels handed from one process to the next (packet plane);
 //! * [`proxy_protocol`] — the PROXY protocol header of `require-proxy-header` ports;
 //! * [`peek`] — the TLS name policy's ClientHello step (`ssl_bump`);
@@ -28,6 +29,7 @@ pub mod dataplane;
 pub mod handover;
 pub mod http_forward;
 pub mod metrics;
+pub mod parents;
 pub mod peek;
 pub mod policy;
 pub mod proxy_protocol;

@@ -64,6 +64,13 @@ struct RuleLabels {
     rule: String,
 }
 
+/// A parent proxy (its `cache_peer` name: the file bounds them) and an outcome.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ParentLabels {
+    peer: String,
+    result: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabels {
     kind: &'static str,
@@ -100,6 +107,7 @@ pub struct Metrics {
     proxy_protocol_refusals: Family<ReasonLabels, Counter>,
     proxy_protocol_headers: Family<VersionLabels, Counter>,
     upstream_connect_errors: Family<KindLabels, Counter>,
+    parent_connections: Family<ParentLabels, Counter>,
     dns_duration: Histogram,
     config_reloads: Family<ResultLabels, Counter>,
     build_info: Family<BuildLabels, Gauge>,
@@ -196,6 +204,12 @@ impl Metrics {
         for kind in UpstreamError::KINDS {
             let _ = upstream_connect_errors.get_or_create(&KindLabels { kind });
         }
+        let parent_connections = Family::<ParentLabels, Counter>::default();
+        registry.register(
+            "parent_connections",
+            "Connections to parent proxies (cache_peer), by peer and result: connected, failed (no connection, or no answer to CONNECT), refused (a CONNECT answered with another status than 2xx)",
+            parent_connections.clone(),
+        );
         let dns_duration = Histogram::new(exponential_buckets(0.0001, 2.0, 18));
         registry.register_with_unit(
             "dns_duration",
@@ -235,6 +249,7 @@ impl Metrics {
             proxy_protocol_refusals,
             proxy_protocol_headers,
             upstream_connect_errors,
+            parent_connections,
             dns_duration,
             config_reloads,
             build_info,
@@ -336,6 +351,17 @@ impl Metrics {
     pub fn proxy_protocol_accepted(&self, version: &'static str) {
         self.proxy_protocol_headers
             .get_or_create(&VersionLabels { version })
+            .inc();
+    }
+
+    /// A connection to the parent proxy `peer` ended as `result`
+    /// (`connected`, `failed`, `refused`).
+    pub fn parent_connection(&self, peer: &str, result: &'static str) {
+        self.parent_connections
+            .get_or_create(&ParentLabels {
+                peer: peer.to_owned(),
+                result,
+            })
             .inc();
     }
 

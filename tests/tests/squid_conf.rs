@@ -1520,11 +1520,11 @@ const MALFORMED: &[Malformed] = &[
         what: "directive spliced refuses",
         files: &[(
             "squid.conf",
-            "http_port 3128\ncache_peer parent.test parent 3128 0\n",
+            "http_port 3128\ntcp_outgoing_address 10.0.0.1\n",
         )],
         file: "squid.conf",
         line: 2,
-        text: "cache_peer parent.test parent 3128 0",
+        text: "tcp_outgoing_address 10.0.0.1",
     },
     Malformed {
         what: "access_log with an undefined logformat",

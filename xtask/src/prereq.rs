@@ -61,7 +61,7 @@ const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_LINKER_BUILD_PACKAGES: [&str; 2] = ["llvm-22-dev", "libpolly-22-dev"];
 
 /// Debian packages the tests use, with the commands they provide.
-const TEST_PACKAGES: [(&str, &str); 14] = [
+const TEST_PACKAGES: [(&str, &str); 15] = [
     ("curl", "curl"),
     ("openssl", "openssl"),
     ("iperf3", "iperf3"),
@@ -76,6 +76,10 @@ const TEST_PACKAGES: [(&str, &str); 14] = [
     ("python3-venv", "python3 -m venv"),
     ("shellcheck", "shellcheck"),
     ("nftables", "nft"),
+    (
+        "squid",
+        "squid (a real parent proxy in tests/tests/parents.rs)",
+    ),
 ];
 
 /// PyPI packages of the deployment tests (tests/tests/deploy.rs), pinned, in a

@@ -272,8 +272,9 @@ pub struct Tunnel {
     /// pipelined bytes): the kernel-side accounting starts after them.
     pub client_bytes_consumed: u64,
     /// Bytes user space has read from the upstream socket (the `101` of an
-    /// upgraded HTTP exchange, a parent proxy's answer to CONNECT): zero for
-    /// a direct CONNECT.
+    /// upgraded HTTP exchange; a parent proxy's answer to its CONNECT and what
+    /// followed it): the kernel-side accounting starts after them. 0 for a
+    /// direct CONNECT.
     pub upstream_bytes_consumed: u64,
     /// Whether the client socket's receive queue holds no segment that user space
     /// has read only part of (the sockmap plane cannot take over such a socket).

@@ -19,7 +19,6 @@ mod upgrade;
 
 use std::{
     convert::Infallible,
-    net::SocketAddr,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex,
@@ -49,7 +48,9 @@ use crate::{
     access_log::AccessRecord,
     connect_request::RequestHead,
     control::{error_body, reason_phrase, Active, ControlPlane, Judge, Refusal},
+    parents::{self, handshake},
     settings::Policy,
+    squid::{self, Route},
 };
 
 /// How long a connection being closed (shutdown, `client_lifetime`) may take
@@ -182,6 +183,7 @@ impl Connection {
             user: None,
             end: String::new(),
             mime_type: None,
+            peer: None,
             ..self.base.clone()
         };
         let from_client = Arc::new(AtomicU64::new(0));
@@ -319,6 +321,17 @@ impl Connection {
         .await?;
         record.user.clone_from(&judge.user);
         judge.decide(None)?;
+        // Straight to the origin, or through parents (`parents`).
+        let hierarchical = squid::is_hierarchical(
+            &method,
+            request.headers().contains_key(header::AUTHORIZATION),
+        );
+        let routes = parents::routes(&self.control, settings, &judge, hierarchical);
+        if routes.iter().any(|route| route.peer.is_some()) {
+            parents::check_destination(settings, &judge, &target.target).await?;
+        }
+        let mut routes = routes.iter();
+        let mut route = routes.next().ok_or_else(parents::no_route)?;
 
         let client_upgrade = headers::is_websocket_upgrade(request.headers())
             .then(|| hyper::upgrade::on(&mut request));
@@ -330,32 +343,57 @@ impl Connection {
             self.base.client.ip(),
             self.header_policy(),
         );
-        parts.uri = target
-            .origin_form
-            .parse()
-            .map_err(|err| Refusal::new(400, format!("bad request target: {err}")))?;
+        let bad_target = |err: hyper::http::uri::InvalidUri| {
+            Refusal::new(400, format!("bad request target: {err}"))
+        };
+        let origin_form: hyper::Uri = target.origin_form.parse().map_err(bad_target)?;
+        // A parent gets the request in absolute form.
+        let absolute_form: hyper::Uri = target.url.parse().map_err(bad_target)?;
+        parts.uri = origin_form.clone();
         parts.version = Version::HTTP_11;
         let mut outgoing = Request::from_parts(
             parts,
             CountingBody::new(incoming, from_client.clone(), settings.read_timeout),
         );
 
-        let key = target.target.to_string();
         let pool = self.control.http_pool();
-        let allowed = |addr: SocketAddr| {
-            !self.control.is_own(addr)
-                && (!judge.needs_destination() || judge.decide(Some(addr.ip())).is_ok())
+        let take = |route: &Route| {
+            let peer = parents::peer_of(settings, route);
+            // A parent's address is not the destination `dst` judges.
+            pool.take(&parents::pool_key(peer, &target.target), |addr| {
+                !self.control.is_own(addr)
+                    && (peer.is_some()
+                        || !judge.needs_destination()
+                        || judge.decide(Some(addr.ip())).is_ok())
+            })
         };
-        let mut pooled = pool.take(&key, allowed);
+        let mut pooled = take(route);
         loop {
             let reused = pooled.is_some();
+            let peer = parents::peer_of(settings, route);
             let (addr, mut sender) = match pooled.take() {
                 Some(conn) => conn,
                 None => {
-                    let (stream, addr) = self
-                        .control
-                        .connect_upstream(settings, &judge, &target.target)
-                        .await?;
+                    let connected = match peer {
+                        Some(peer) => parents::connect_parent(&self.control, settings, peer).await,
+                        None => {
+                            self.control
+                                .connect_upstream(settings, &judge, &target.target)
+                                .await
+                        }
+                    };
+                    let (stream, addr) = match connected {
+                        Ok(connected) => connected,
+                        // Squid's failover: the next route, unless denied.
+                        Err(refusal) => match routes.next() {
+                            Some(next) if refusal.result != "TCP_DENIED" => {
+                                route = next;
+                                pooled = take(route);
+                                continue;
+                            }
+                            _ => return Err(refusal),
+                        },
+                    };
                     let _ = stream.set_nodelay(true);
                     let sender = pool::handshake(stream)
                         .await
@@ -364,7 +402,21 @@ impl Connection {
                 }
             };
             record.upstream = Some(addr);
-            record.hierarchy = "HIER_DIRECT";
+            record.hierarchy = route.code.as_str();
+            record.peer = peer.map(|peer| peer.name.clone());
+            *outgoing.uri_mut() = if peer.is_some() {
+                absolute_form.clone()
+            } else {
+                origin_form.clone()
+            };
+            outgoing.headers_mut().remove(header::PROXY_AUTHORIZATION);
+            if let Some(login) = peer.and_then(|peer| peer.login.as_deref()) {
+                if let Ok(value) = HeaderValue::from_str(&handshake::basic_credentials(login)) {
+                    outgoing
+                        .headers_mut()
+                        .insert(header::PROXY_AUTHORIZATION, value);
+                }
+            }
             if sender.ready().await.is_err() {
                 if reused {
                     continue;
@@ -395,7 +447,7 @@ impl Connection {
                             upstream: hyper::upgrade::on(&mut response),
                         });
                     } else {
-                        pool.put_when_ready(key, addr, sender);
+                        pool.put_when_ready(parents::pool_key(peer, &target.target), addr, sender);
                     }
                     return Ok((response, upgrade));
                 }

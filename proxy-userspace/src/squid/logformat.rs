@@ -13,7 +13,8 @@
 //! Codes a tunnel has: `ts` (seconds since the epoch), `tu` (milliseconds of the
 //! second), `tl` (local time, `%d/%b/%Y:%H:%M:%S %z` by default), `tg` (the same
 //! in UTC), `tr` (duration in milliseconds), `>a`/`>p` (client address/port),
-//! `<a`/`<p` (upstream address/port), `la`/`lp` (local address/port), `Ss`
+//! `<a`/`<p` (upstream address/port: the origin's or the parent's), `<A`
+//! (the parent's `cache_peer` name, else the origin's host), `la`/`lp` (local address/port), `Ss`
 //! (result code), `>Hs` (status sent), `<st`/`>st` (bytes sent to/received from
 //! the client), `rm` (method), `ru` (URL, `host:port`), `rv` (protocol version,
 //! `1.1`), `un`/`ul` (user name), `ui` (ident, always `-`), `Sh` (hierarchy
@@ -60,6 +61,11 @@ pub trait LogFields {
     fn mime_type(&self) -> Option<&str>;
     /// A request header (`%{Name}>h`); none by default.
     fn request_header(&self, _name: &str) -> Option<&str> {
+        None
+    }
+    /// The parent proxy's name, else the origin's host (`%<A`); none by
+    /// default.
+    fn upstream_name(&self) -> Option<&str> {
         None
     }
     /// The SNI of the client's ClientHello, when a peek rule read it
@@ -123,6 +129,7 @@ enum Code {
     ClientAddr,
     ClientPort,
     UpstreamAddr,
+    UpstreamName,
     UpstreamPort,
     LocalAddr,
     LocalPort,
@@ -151,6 +158,7 @@ const CODES: &[(&str, Code)] = &[
     (">a", Code::ClientAddr),
     (">p", Code::ClientPort),
     ("<a", Code::UpstreamAddr),
+    ("<A", Code::UpstreamName),
     ("<p", Code::UpstreamPort),
     (">h", Code::RequestHeader),
     ("la", Code::LocalAddr),
@@ -407,6 +415,7 @@ impl Field {
             Code::ClientAddr => plain_ip(rec.client().ip()),
             Code::ClientPort => rec.client().port().to_string(),
             Code::UpstreamAddr => plain_ip(rec.upstream()?.ip()),
+            Code::UpstreamName => rec.upstream_name()?.to_owned(),
             Code::UpstreamPort => rec.upstream()?.port().to_string(),
             Code::LocalAddr => plain_ip(rec.local()?.ip()),
             Code::LocalPort => rec.local()?.port().to_string(),

@@ -65,7 +65,7 @@
 //! `cache_mem`, `refresh_pattern`, `cache`, `maximum_object_size`, …), process
 //! and file housekeeping (`coredump_dir`, `pid_filename`, `cache_effective_user`,
 //! `workers`, `cache_log`, `logfile_rotate`, …), ICP/HTCP/SNMP, peer selection
-//! without peers (`always_direct`, `never_direct`, `hierarchy_stoplist`), header
+//! (`hierarchy_stoplist`: nothing is cached, so no request is stopped), header
 //! rewriting (`request_header_access`, `reply_header_add`, … — plain HTTP
 //! rewrites only hop-by-hop fields, `Via` and `X-Forwarded-For`, the last two
 //! per `via` and `forwarded_for`, which are parsed), `http_reply_access` (a tunnel has no HTTP reply
@@ -73,8 +73,13 @@
 //! `deny_info`, …) and DNS cache tuning (`dns_v4_first`, `hosts_file`, …).
 //! The full list, with the reason each is ignored, is in `parse.rs`.
 //!
+//! * `cache_peer HOST parent PORT ICP-PORT [OPTION…]`, `cache_peer_access`,
+//!   `never_direct`, `always_direct`, `prefer_direct`,
+//!   `nonhierarchical_direct`: parent proxies and Squid's choice between them
+//!   and DIRECT (see `peers.rs`).
+//!
 //! Errors: unknown directives; directives whose loss would change what the proxy
-//! lets through or where it connects (`https_port`, `cache_peer`,
+//! lets through or where it connects (`https_port`, `cache_peer_domain`,
 //! `tcp_outgoing_address`, `follow_x_forwarded_for`, `delay_pools`,
 //! `url_rewrite_program`, ICAP/eCAP, `if` conditionals, …); bad values; ACL
 //! names used by `http_access` before they are defined.
@@ -134,6 +139,9 @@ mod auth;
 mod auth_children;
 mod logformat;
 mod parse;
+mod peers;
+#[cfg(test)]
+mod peers_tests;
 mod proxy_protocol;
 mod reader;
 mod render;
@@ -153,6 +161,7 @@ pub use access::{Decision, LocalTime, RequestFacts, Weekday};
 pub use auth::{BasicAuth, Credentials, Verifier};
 pub use auth_children::HelperChildren;
 pub use logformat::{LogFields, LogFormat};
+pub use peers::{is_hierarchical, CachePeer, HierCode, Peers, Route};
 pub use ssl_bump::{BumpAction, SniCheck, Step1, Step2};
 
 use access::AccessRule;
@@ -320,6 +329,8 @@ pub struct SquidConfig {
     pub headers: crate::http_forward::HeaderPolicy,
     /// `proxy_protocol_access` lines, in order.
     proxy_protocol: Vec<proxy_protocol::ProxyProtocolRule>,
+    /// `cache_peer` and the directives that choose between parents and DIRECT.
+    peers: Peers,
 }
 
 /// Reads the configuration file at `path`, following its `include`s.

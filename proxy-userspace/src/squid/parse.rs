@@ -8,6 +8,7 @@ use super::{
     acl::{self, Acl, AclKind, TypeInfo},
     auth::{self, BasicAuth},
     auth_children::HelperChildren,
+    peers::{self, RuleList},
     proxy_protocol::{self, ProxyProtocolRule},
     reader::{read_value_file, resolve, rest_after, tokenize, Loc, Reader, SourceLine, Token},
     ssl_bump::{BumpAction, SniCheck, TlsRule},
@@ -19,7 +20,7 @@ const WHY_PROCESS: &str = "process and file housekeeping that spliced does not n
 const WHY_SQUID_LOGS: &str = "Squid's own logs; spliced logs diagnostics to standard error";
 const WHY_CACHING: &str = "spliced tunnels and never caches";
 const WHY_ICP: &str = "spliced speaks no ICP, HTCP or SNMP";
-const WHY_PEERS: &str = "spliced has no cache peers and always connects directly";
+const WHY_PEERS: &str = "spliced caches nothing, so every request may go up the hierarchy";
 const WHY_HEADERS: &str =
     "spliced rewrites no HTTP header fields beyond hop-by-hop ones, via and forwarded_for";
 const WHY_REPLY: &str = "a tunnel has no HTTP reply to check";
@@ -101,10 +102,6 @@ const IGNORED: &[(&str, &str)] = &[
     ("udp_outgoing_address", WHY_ICP),
     ("icp_query_timeout", WHY_ICP),
     ("mcast_groups", WHY_ICP),
-    ("always_direct", WHY_PEERS),
-    ("never_direct", WHY_PEERS),
-    ("prefer_direct", WHY_PEERS),
-    ("nonhierarchical_direct", WHY_PEERS),
     ("hierarchy_stoplist", WHY_PEERS),
     ("request_header_access", WHY_HEADERS),
     ("reply_header_access", WHY_HEADERS),
@@ -173,16 +170,8 @@ const UNSUPPORTED: &[(&str, &str)] = &[
         "TLS towards clients is not supported; use http_port",
     ),
     (
-        "cache_peer",
-        "forwarding through another proxy is not supported",
-    ),
-    (
-        "cache_peer_access",
-        "forwarding through another proxy is not supported",
-    ),
-    (
         "cache_peer_domain",
-        "forwarding through another proxy is not supported",
+        "cache_peer_domain is not supported; use cache_peer_access with a dstdomain ACL",
     ),
     (
         "tcp_outgoing_address",
@@ -328,6 +317,7 @@ impl Parser {
                 tls: Default::default(),
                 headers: Default::default(),
                 proxy_protocol: Vec::new(),
+                peers: Default::default(),
             },
             warnings,
             acl_names,
@@ -362,6 +352,31 @@ impl Parser {
                 Ok(())
             }
             "access_log" => self.access_log(line, args),
+            // Parent proxies (`peers.rs`).
+            "cache_peer" => {
+                peers::cache_peer(&mut self.config.peers, line, args, &mut self.warnings)
+            }
+            "cache_peer_access" | "never_direct" | "always_direct" => {
+                let list = match directive {
+                    "cache_peer_access" => RuleList::PeerAccess,
+                    "never_direct" => RuleList::NeverDirect,
+                    _ => RuleList::AlwaysDirect,
+                };
+                let mut peers = std::mem::take(&mut self.config.peers);
+                let added = peers::rule(&mut peers, line, args, list, |names| {
+                    self.acl_refs(line, names, directive)
+                });
+                self.config.peers = peers;
+                added
+            }
+            "prefer_direct" => {
+                self.config.peers.prefer_direct = peers::on_off(line, args)?;
+                Ok(())
+            }
+            "nonhierarchical_direct" => {
+                self.config.peers.nonhierarchical_direct = peers::on_off(line, args)?;
+                Ok(())
+            }
             // Plain-HTTP forwarding (`http_forward`).
             "via" => {
                 self.config.headers.via = match args {
@@ -960,6 +975,7 @@ impl Parser {
     }
 
     fn finish(mut self) -> Result<LoadedConfig, Diagnostic> {
+        peers::finish(&self.config.peers, &mut self.warnings);
         for (path, format_name, loc) in std::mem::take(&mut self.access_logs) {
             let target = match path {
                 None => AccessLogTarget::None,

@@ -157,6 +157,7 @@ impl SquidConfig {
             }
             line(text);
         }
+        self.render_peers(&mut line);
         for rule in &self.rules {
             line(rule.to_string());
         }

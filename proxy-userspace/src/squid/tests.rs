@@ -1131,10 +1131,10 @@ fn malformed_configs_name_file_and_line() {
             "a",
         ),
         (
-            "cache_peer parent.example parent 3128 0",
+            "cache_peer parent.example sibling 3128 0",
             1,
-            "forwarding through another proxy",
-            "cache_peer parent.example parent 3128 0",
+            "type sibling not supported",
+            "sibling",
         ),
         ("ssl_bump bump all", 1, "needs decryption", "bump"),
         ("ssl_bump stare all", 1, "spliced never does", "stare"),
@@ -1207,7 +1207,7 @@ fn ignored_directives_warn_once_each() {
                 cache_effective_group proxy\npid_filename /run/squid.pid\ncache_log /var/log/squid/cache.log\n\
                 cache_store_log none\nlogfile_rotate 0\ndns_v4_first on\nrequest_header_access Foo deny all\nreply_header_add X-A b\n\
                 httpd_suppress_version_string on\nhosts_file /etc/hosts\ncache_mgr root\nerror_directory /x\n\
-                icp_port 0\nhtcp_port 0\nsnmp_port 0\nalways_direct allow all\nnever_direct deny all\n\
+                icp_port 0\nhtcp_port 0\nsnmp_port 0\n\
                 hierarchy_stoplist cgi-bin ?\nmemory_pools off\nworkers 2\npinger_enable off\n\
                 http_reply_access allow all\nexternal_acl_type x %SRC /bin/true\n\
                 http_access allow all\n";
