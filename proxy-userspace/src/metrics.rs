@@ -30,6 +30,7 @@ use prometheus_client::{
 
 use crate::{
     dataplane::{ByteSink, DataPlane, Direction, PlaneKind, TunnelOutcome},
+    dns::DnsMetrics,
     upstream::UpstreamError,
 };
 
@@ -93,6 +94,8 @@ pub struct Metrics {
     tls_refusals: Family<ReasonLabels, Counter>,
     upstream_connect_errors: Family<KindLabels, Counter>,
     dns_duration: Histogram,
+    /// The resolver's counters (`spliced_dns_…`).
+    pub dns: DnsMetrics,
     config_reloads: Family<ResultLabels, Counter>,
     build_info: Family<BuildLabels, Gauge>,
     /// The data plane whose kernel counters `/metrics` shows.
@@ -179,6 +182,7 @@ impl Metrics {
             Unit::Seconds,
             dns_duration.clone(),
         );
+        let dns = DnsMetrics::register(&mut registry);
         let config_reloads = Family::<ResultLabels, Counter>::default();
         registry.register(
             "config_reloads",
@@ -209,6 +213,7 @@ impl Metrics {
             tls_refusals,
             upstream_connect_errors,
             dns_duration,
+            dns,
             config_reloads,
             build_info,
             plane,
