@@ -104,7 +104,12 @@ impl DnsDirectives {
         for (name, value) in times {
             if let Some(value) = value {
                 let mut line = String::new();
-                let _ = write!(line, "{name} {} milliseconds", value.as_millis());
+                let millis = value.as_millis();
+                let _ = if millis % 1000 == 0 {
+                    write!(line, "{name} {} seconds", millis / 1000)
+                } else {
+                    write!(line, "{name} {millis} milliseconds")
+                };
                 lines.push(line);
             }
         }
