@@ -19,7 +19,7 @@ use spliced_tests::{
     dns::{Reply, A, AAAA},
     netns::{enter_named, Netns},
     proxy::http_get,
-    status_of, DnsStub, Proxy,
+    status_of, wait_until, DnsStub, Proxy,
 };
 
 /// Where the stub listens (all of 127/8 is the namespace's own); `dns_nameservers` names it.
@@ -136,17 +136,21 @@ impl Host {
         }
     }
 
-    /// Starts spliced in the namespace with `conf` after `http_access allow all`.
-    fn proxy(&self, conf: &str, args: &[&str]) -> Proxy {
-        let file = self.dir.path().join("squid.conf");
-        fs::write(
-            &file,
-            format!(
+    /// Writes the squid.conf: `conf` after `http_access allow all`, the stub
+    /// as `dns_nameservers` and the connect timeout.
+    fn proxy_conf(&self, conf: &str) -> PathBuf {
+        self.file(
+            "squid.conf",
+            &format!(
                 "http_access allow all\ndns_nameservers {DNS_SERVER}\n\
                  connect_timeout {CONNECT_TIMEOUT_SECS} seconds\n{conf}"
             ),
         )
-        .unwrap();
+    }
+
+    /// Starts spliced in the namespace with [`Host::proxy_conf`]`(conf)`.
+    fn proxy(&self, conf: &str, args: &[&str]) -> Proxy {
+        let file = self.proxy_conf(conf);
         let mut all = vec!["-f", file.to_str().unwrap(), "--admin", "127.0.0.1:0"];
         all.extend_from_slice(args);
         Proxy::start_in(&self.ns, &all)
@@ -393,4 +397,42 @@ fn a_dead_dns_server_fails_within_dns_timeout_while_ip_targets_open() {
         .filter(|line| line.contains("/503 ") && line.contains("silent"))
         .count();
     assert_eq!(timed_out, 4, "{lines:#?}");
+}
+
+#[test]
+fn a_reload_rebuilds_the_resolver_and_its_cache() {
+    let host = Host::new();
+    let hosts_file = host.file("hosts", "127.0.0.1 moved.test\n");
+    let proxy = host.proxy(&format!("hosts_file {}\n", hosts_file.display()), &[]);
+    let p4 = host.port4;
+    let long = format!("long.test:{p4}");
+    assert_eq!(connect(&host, &proxy, &format!("moved.test:{p4}")).0, 200);
+    assert_eq!(connect(&host, &proxy, &long).0, 200);
+    assert_eq!(connect(&host, &proxy, &long).0, 200);
+    assert_eq!(
+        host.stub.asked("long.test", A),
+        1,
+        "cached before the reload"
+    );
+
+    // The same file, without the hosts_file line.
+    host.proxy_conf("");
+    // SAFETY: kill(2) with the pid of our own child and a valid signal.
+    unsafe { libc::kill(proxy.pid() as i32, libc::SIGHUP) };
+    let reloaded = wait_until(Duration::from_secs(20), || {
+        proxy.logged("configuration reloaded")
+    });
+    assert!(reloaded, "{}", proxy.stderr());
+    assert_eq!(connect(&host, &proxy, &format!("moved.test:{p4}")).0, 503);
+    assert_eq!(
+        host.stub.asked("moved.test", A),
+        1,
+        "asked once hosts_file was gone"
+    );
+    assert_eq!(connect(&host, &proxy, &long).0, 200);
+    assert_eq!(
+        host.stub.asked("long.test", A),
+        2,
+        "the new resolver's cache is empty"
+    );
 }

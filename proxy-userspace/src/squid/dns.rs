@@ -105,7 +105,7 @@ impl DnsDirectives {
             if let Some(value) = value {
                 let mut line = String::new();
                 let millis = value.as_millis();
-                let _ = if millis % 1000 == 0 {
+                let _ = if millis.is_multiple_of(1000) {
                     write!(line, "{name} {} seconds", millis / 1000)
                 } else {
                     write!(line, "{name} {millis} milliseconds")
