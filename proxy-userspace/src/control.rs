@@ -785,8 +785,9 @@ async fn relay_from_parent(
 
 impl ControlPlane {
     /// Resolves `target`, keeps the addresses the policy allows (`dst` ACLs
-    /// judge each) that are not the proxy's own, and connects to the first
-    /// that answers.
+    /// judge each) that are not the proxy's own, and connects to them with
+    /// Happy Eyeballs. Every upstream connection (CONNECT, plain HTTP) comes
+    /// from here.
     pub(crate) async fn connect_upstream(
         &self,
         settings: &Settings,
@@ -798,7 +799,7 @@ impl ControlPlane {
             Refusal::new(err.status(), err.to_string())
         };
         let resolving = Instant::now();
-        let resolved = upstream::resolve(target, settings.dns_timeout).await;
+        let resolved = upstream::resolve(&settings.resolver, target, &self.metrics.dns).await;
         if matches!(target.host, Host::Name(_)) {
             self.metrics.dns_resolved(resolving.elapsed());
         }
@@ -827,9 +828,13 @@ impl ControlPlane {
                 "forwarding loop: the target is this proxy",
             ));
         }
-        upstream::connect(&addrs, settings.connect_timeout)
-            .await
-            .map_err(refuse_upstream)
+        upstream::connect(
+            &addrs,
+            settings.connect_timeout,
+            settings.happy_eyeballs_delay,
+        )
+        .await
+        .map_err(refuse_upstream)
     }
 }
 

@@ -5,6 +5,8 @@
 //!   policy, resolve and connect upstream, answer `200`, hand the pair over;
 //! * [`dataplane`] — the one interface that moves a tunnel's bytes, with the
 //!   sockmap (eBPF), splice(2) and copy implementations;
+//! * [`dns`] and [`happy_eyeballs`] — the configured resolver with its cache,
+//!   and RFC 8305 connection racing;
 //! * [`access_log`] — Squid-style and JSON access log records;
 //! * [`http_forward`] — plain `http://` requests in absolute form, forwarded
 //!   with hyper (no caching);
@@ -26,7 +28,9 @@ pub mod config;
 pub mod connect_request;
 pub mod control;
 pub mod dataplane;
+pub mod dns;
 pub mod handover;
+pub mod happy_eyeballs;
 pub mod http_forward;
 pub mod metrics;
 pub mod parents;

@@ -31,6 +31,7 @@ use prometheus_client::{
 use crate::{
     auth_check::metrics::AuthMetrics,
     dataplane::{ByteSink, DataPlane, Direction, PlaneKind, TunnelOutcome},
+    dns::DnsMetrics,
     upstream::UpstreamError,
 };
 
@@ -109,6 +110,8 @@ pub struct Metrics {
     upstream_connect_errors: Family<KindLabels, Counter>,
     parent_connections: Family<ParentLabels, Counter>,
     dns_duration: Histogram,
+    /// The resolver's counters (`spliced_dns_…`).
+    pub dns: DnsMetrics,
     config_reloads: Family<ResultLabels, Counter>,
     build_info: Family<BuildLabels, Gauge>,
     auth: AuthMetrics,
@@ -217,6 +220,7 @@ impl Metrics {
             Unit::Seconds,
             dns_duration.clone(),
         );
+        let dns = DnsMetrics::register(&mut registry);
         let config_reloads = Family::<ResultLabels, Counter>::default();
         registry.register(
             "config_reloads",
@@ -251,6 +255,7 @@ impl Metrics {
             upstream_connect_errors,
             parent_connections,
             dns_duration,
+            dns,
             config_reloads,
             build_info,
             auth,

@@ -6,6 +6,7 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 use crate::{
     access_log::{AccessLog, RecordFormat},
     config::{secs, Config, LogFormat},
+    dns::{self, DnsSettings, Resolver},
     policy::{BuiltinPolicy, PortSet},
     squid::{self, AccessLogTarget, SquidConfig},
 };
@@ -49,6 +50,11 @@ pub struct Settings {
     pub connect_timeout: Duration,
     /// One name resolution.
     pub dns_timeout: Duration,
+    /// The resolver built from the `dns_*` directives (rebuilt on reload).
+    pub resolver: Arc<Resolver>,
+    /// `happy_eyeballs_connect_timeout`: the delay before the next address is
+    /// tried while the previous attempt is pending.
+    pub happy_eyeballs_delay: Duration,
     /// A tunnel idle this long in both directions is closed.
     pub read_timeout: Duration,
     /// A tunnel is closed this long after it opened.
@@ -82,6 +88,9 @@ pub enum SettingsError {
         "--connect-ports applies to the built-in policy only; with -f write acl/http_access lines"
     )]
     ConnectPortsWithConfig,
+    /// The resolver could not be built.
+    #[error(transparent)]
+    Dns(#[from] dns::BuildError),
 }
 
 const DEFAULT_LISTEN: [&str; 2] = ["0.0.0.0:3128", "[::]:3128"];
@@ -97,13 +106,6 @@ impl Settings {
             ),
             None => (None, Vec::new()),
         };
-        if let Some(file) = &file {
-            if !file.dns_nameservers.is_empty() {
-                warnings.push(
-                    "dns_nameservers is ignored: spliced resolves with the system resolver (/etc/resolv.conf)".into(),
-                );
-            }
-        }
         let timeouts = file
             .as_ref()
             .map(|f| f.timeouts.clone())
@@ -199,6 +201,15 @@ impl Settings {
             }),
         };
 
+        let dns_timeout = pick(cli.dns_timeout, timeouts.dns, 5);
+        let (resolver, dns_warnings) =
+            Resolver::new(&DnsSettings::new(file.as_ref(), dns_timeout))?;
+        warnings.extend(dns_warnings);
+        let happy_eyeballs_delay = file
+            .as_ref()
+            .and_then(|f| f.dns.happy_eyeballs_delay)
+            .unwrap_or(Duration::from_millis(250));
+
         let settings = Settings {
             listen,
             proxy_header_listen,
@@ -207,7 +218,9 @@ impl Settings {
             access_logs,
             request_timeout: pick(cli.request_timeout, timeouts.request, 30),
             connect_timeout: pick(cli.connect_timeout, timeouts.connect, 10),
-            dns_timeout: pick(cli.dns_timeout, timeouts.dns, 5),
+            dns_timeout,
+            resolver: Arc::new(resolver),
+            happy_eyeballs_delay,
             read_timeout: pick(cli.read_timeout, timeouts.read, 900),
             client_lifetime: pick(cli.client_lifetime, timeouts.client_lifetime, 86_400),
             shutdown_lifetime: pick(cli.shutdown_lifetime, timeouts.shutdown_lifetime, 30),

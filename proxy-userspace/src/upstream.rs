@@ -1,10 +1,17 @@
-//! Resolving a CONNECT target and connecting to it.
+//! Resolving a CONNECT target and connecting to it: the one entry point is
+//! [`resolve`] (the configured [`Resolver`]) then [`connect`] (Happy Eyeballs);
+//! `ControlPlane::connect_upstream` puts the policy's `dst` check and the
+//! forwarding-loop check between the two.
 
 use std::{io, net::SocketAddr, time::Duration};
 
 use tokio::net::TcpStream;
 
-use crate::connect_request::{Host, Target};
+use crate::{
+    connect_request::{Host, Target},
+    dns::{DnsError, DnsMetrics, Resolver},
+    happy_eyeballs::{self, AttemptError},
+};
 
 /// Why no upstream connection was made; each maps to one HTTP status.
 #[derive(Debug, thiserror::Error)]
@@ -70,36 +77,39 @@ impl UpstreamError {
     }
 }
 
-/// Resolves `target` (all addresses, in the resolver's order).
-pub async fn resolve(target: &Target, timeout: Duration) -> Result<Vec<SocketAddr>, UpstreamError> {
+/// Resolves `target` with the configured resolver (all addresses; an IP
+/// literal is its own answer and never touches DNS).
+pub async fn resolve(
+    resolver: &Resolver,
+    target: &Target,
+    metrics: &DnsMetrics,
+) -> Result<Vec<SocketAddr>, UpstreamError> {
     let name = match &target.host {
         Host::Ip(ip) => return Ok(vec![SocketAddr::new(*ip, target.port)]),
         Host::Name(name) => name.as_str(),
     };
-    let lookup = tokio::net::lookup_host((name, target.port));
-    let addrs: Vec<SocketAddr> = match tokio::time::timeout(timeout, lookup).await {
-        Err(_) => return Err(UpstreamError::ResolveTimeout(timeout)),
-        Ok(Err(err)) => return Err(UpstreamError::Resolve(err.to_string())),
-        Ok(Ok(addrs)) => addrs.collect(),
-    };
-    if addrs.is_empty() {
-        return Err(UpstreamError::Resolve("no addresses".into()));
+    match resolver.lookup(name, metrics).await {
+        Ok(addrs) => Ok(addrs
+            .iter()
+            .map(|ip| SocketAddr::new(*ip, target.port))
+            .collect()),
+        Err(DnsError::Timeout) => Err(UpstreamError::ResolveTimeout(resolver.timeout())),
+        Err(err) => Err(UpstreamError::Resolve(err.to_string())),
     }
-    Ok(addrs)
 }
 
-/// Connects to the first address of `addrs` that accepts within `timeout`.
+/// Connects to one of `addrs` with Happy Eyeballs (`happy_eyeballs`): the
+/// first that accepts wins; each attempt has `timeout`, the next one starts
+/// after `delay` (`happy_eyeballs_connect_timeout`) or when one fails.
 pub async fn connect(
     addrs: &[SocketAddr],
     timeout: Duration,
+    delay: Duration,
 ) -> Result<(TcpStream, SocketAddr), UpstreamError> {
-    let mut last_error = None;
-    for &addr in addrs {
-        match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-            Ok(Ok(stream)) => return Ok((stream, addr)),
-            Ok(Err(source)) => last_error = Some(UpstreamError::Connect { addr, source }),
-            Err(_) => last_error = Some(UpstreamError::Timeout { addr, timeout }),
-        }
+    match happy_eyeballs::race(addrs, delay, timeout, TcpStream::connect).await {
+        Ok(won) => Ok(won),
+        Err(Some((addr, AttemptError::Io(source)))) => Err(UpstreamError::Connect { addr, source }),
+        Err(Some((addr, AttemptError::Timeout))) => Err(UpstreamError::Timeout { addr, timeout }),
+        Err(None) => Err(UpstreamError::Resolve("no addresses".into())),
     }
-    Err(last_error.unwrap_or_else(|| UpstreamError::Resolve("no addresses".into())))
 }

@@ -55,6 +55,10 @@ pub enum Reply {
     Addresses(Vec<IpAddr>),
     /// NXDOMAIN: the name does not exist.
     NxDomain,
+    /// SERVFAIL: the server failed.
+    ServFail,
+    /// [`Reply::Addresses`] with this TTL (seconds) instead of 0.
+    Ttl(u32, Vec<IpAddr>),
     /// No answer at all: the resolver waits until it gives up.
     Silence,
     /// The reply, sent only after the delay (other queries are served meanwhile).
@@ -91,8 +95,18 @@ impl DnsStub {
 
     /// Serves 127.0.0.1:53 (UDP) inside `ns`, answering each query as `script`
     /// says. Fails the test if the port cannot be bound.
-    pub fn start(ns: &Netns, mut script: impl FnMut(&Query) -> Reply + Send + 'static) -> Self {
-        let socket = ns.enter(|| UdpSocket::bind("127.0.0.1:53").expect("bind the DNS stub"));
+    pub fn start(ns: &Netns, script: impl FnMut(&Query) -> Reply + Send + 'static) -> Self {
+        Self::start_on(ns, IpAddr::from([127, 0, 0, 1]), script)
+    }
+
+    /// [`DnsStub::start`] on port 53 of `ip` (an address `ns` has, e.g. any
+    /// 127.x.y.z), for a proxy pointed there by `dns_nameservers`.
+    pub fn start_on(
+        ns: &Netns,
+        ip: IpAddr,
+        mut script: impl FnMut(&Query) -> Reply + Send + 'static,
+    ) -> Self {
+        let socket = ns.enter(move || UdpSocket::bind((ip, 53)).expect("bind the DNS stub"));
         socket
             .set_read_timeout(Some(Duration::from_millis(100)))
             .unwrap();
@@ -216,10 +230,15 @@ impl Question {
 
     /// The answer packet for `reply`, or `None` to stay silent.
     fn answer(&self, reply: &Reply) -> Option<Vec<u8>> {
+        let ttl = match reply {
+            Reply::Ttl(seconds, _) => *seconds,
+            _ => 0,
+        };
         let (rcode, records): (u8, Vec<Vec<u8>>) = match reply {
             Reply::Silence | Reply::After(..) => return None,
             Reply::NxDomain => (3, Vec::new()),
-            Reply::Addresses(addrs) => (
+            Reply::ServFail => (2, Vec::new()),
+            Reply::Addresses(addrs) | Reply::Ttl(_, addrs) => (
                 0,
                 addrs
                     .iter()
@@ -243,7 +262,8 @@ impl Question {
             packet.extend_from_slice(&[0xc0, 12]); // the question's name
             packet.extend_from_slice(&self.qtype.to_be_bytes());
             packet.extend_from_slice(&1u16.to_be_bytes()); // class IN
-            packet.extend_from_slice(&0u32.to_be_bytes()); // TTL 0: nothing may cache it
+                                                           // TTL 0 unless the script says: nothing may cache it.
+            packet.extend_from_slice(&ttl.to_be_bytes());
             packet.extend_from_slice(&(rdata.len() as u16).to_be_bytes());
             packet.extend_from_slice(&rdata);
         }

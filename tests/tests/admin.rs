@@ -754,11 +754,11 @@ fn upstream_connect_errors_are_counted_by_kind() {
     assert_eq!(ask(format!("127.0.0.1:{closed}")), 502);
     assert_eq!(ask(format!("127.0.0.1:{closed}")), 502);
     assert_eq!(ask(format!("127.0.0.1:{full}")), 504);
-    // Nothing listens where the resolver points: the lookup fails at once.
+    // A name that cannot exist: the resolver says NXDOMAIN without asking (RFC 6761).
     assert_eq!(ask("no-such-host.invalid:443".into()), 503);
-    // A resolver that never answers.
+    // A resolver that never answers (another name: failures are cached).
     let _silent = ns.enter(|| UdpSocket::bind("127.0.0.1:53").expect("bind DNS"));
-    assert_eq!(ask("no-such-host.invalid:443".into()), 503);
+    assert_eq!(ask("no-answer.test:443".into()), 503);
     admin.proxy.wait_access_lines(5);
     let admin_addr = admin.addr;
     let metrics = ns.enter(move || scrape(admin_addr));

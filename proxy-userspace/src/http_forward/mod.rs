@@ -328,7 +328,7 @@ impl Connection {
         );
         let routes = parents::routes(&self.control, settings, &judge, hierarchical);
         if routes.iter().any(|route| route.peer.is_some()) {
-            parents::check_destination(settings, &judge, &target.target).await?;
+            parents::check_destination(&self.control, settings, &judge, &target.target).await?;
         }
         let mut routes = routes.iter();
         let mut route = routes.next().ok_or_else(parents::no_route)?;

@@ -143,10 +143,13 @@ pub(crate) fn routes(
         let timeout = peer.connect_timeout.unwrap_or(settings.connect_timeout);
         if health.probe_due(peer, timeout.max(Duration::from_secs(1))) {
             let (peer, health) = (peer.clone(), health.clone());
-            let dns_timeout = settings.dns_timeout;
+            let (resolver, metrics) = (settings.resolver.clone(), control.metrics().clone());
+            let delay = settings.happy_eyeballs_delay;
             tokio::spawn(async move {
-                if let Ok(addrs) = upstream::resolve(&peer_target(&peer), dns_timeout).await {
-                    if upstream::connect(&addrs, timeout).await.is_ok() {
+                let resolved =
+                    upstream::resolve(&resolver, &peer_target(&peer), &metrics.dns).await;
+                if let Ok(addrs) = resolved {
+                    if upstream::connect(&addrs, timeout, delay).await.is_ok() {
                         health.succeeded(&peer);
                     }
                 }
@@ -179,6 +182,7 @@ pub(crate) fn peer_of<'a>(settings: &'a Settings, route: &Route) -> Option<&'a C
 /// if one of them is allowed, and is denied if the name does not resolve and
 /// the rules deny it without a destination.
 pub(crate) async fn check_destination(
+    control: &ControlPlane,
     settings: &Settings,
     judge: &Judge<'_>,
     target: &Target,
@@ -186,7 +190,8 @@ pub(crate) async fn check_destination(
     if !judge.needs_destination() {
         return Ok(());
     }
-    let Ok(addrs) = upstream::resolve(target, settings.dns_timeout).await else {
+    let Ok(addrs) = upstream::resolve(&settings.resolver, target, &control.metrics().dns).await
+    else {
         return judge.decide_final(None);
     };
     let mut last = Ok(());
@@ -212,9 +217,13 @@ pub(crate) async fn connect_parent(
         control.parents().failed(peer);
         Refusal::new(err.status(), format!("parent {}: {err}", peer.name))
     };
-    let mut addrs = upstream::resolve(&peer_target(peer), settings.dns_timeout)
-        .await
-        .map_err(fail)?;
+    let mut addrs = upstream::resolve(
+        &settings.resolver,
+        &peer_target(peer),
+        &control.metrics().dns,
+    )
+    .await
+    .map_err(fail)?;
     let before = addrs.len();
     addrs.retain(|addr| !control.is_own(*addr));
     if addrs.is_empty() && before > 0 {
@@ -224,7 +233,9 @@ pub(crate) async fn connect_parent(
         ));
     }
     let timeout = peer.connect_timeout.unwrap_or(settings.connect_timeout);
-    let connected = upstream::connect(&addrs, timeout).await.map_err(fail)?;
+    let connected = upstream::connect(&addrs, timeout, settings.happy_eyeballs_delay)
+        .await
+        .map_err(fail)?;
     control.parents().succeeded(peer);
     control.metrics().parent_connection(&peer.name, "connected");
     Ok(connected)
@@ -246,7 +257,7 @@ pub(crate) async fn open_tunnel(
         return Err(no_route());
     }
     if routes.iter().any(|route| route.peer.is_some()) {
-        check_destination(settings, judge, target).await?;
+        check_destination(control, settings, judge, target).await?;
     }
     let mut last = None;
     for route in &routes {

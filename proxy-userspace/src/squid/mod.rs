@@ -53,7 +53,9 @@
 //!   `1 minute`, `2 hours`, `1.5 days`, `500 milliseconds`; a bare number is
 //!   seconds).
 //! * `client_ip_max_connections N` (`-1` disables the limit, as in Squid).
-//! * `dns_nameservers IP…`, repeatable.
+//! * `dns_nameservers IP…`, repeatable; `hosts_file`, `positive_dns_ttl`,
+//!   `negative_dns_ttl`, `ipcache_size`, `happy_eyeballs_connect_timeout`
+//!   (see [`DnsDirectives`]).
 //! * `auth_param basic program|realm|children|credentialsttl|casesensitive|utf8`
 //!   (see [`BasicAuth`]): only `basic_ncsa_auth`, whose password file is read
 //!   here instead of running the helper; `children` sizes the pool that
@@ -137,6 +139,7 @@ mod access;
 mod acl;
 mod auth;
 mod auth_children;
+mod dns;
 mod logformat;
 mod parse;
 mod peers;
@@ -160,6 +163,7 @@ use std::{
 pub use access::{Decision, LocalTime, RequestFacts, Weekday};
 pub use auth::{BasicAuth, Credentials, Verifier};
 pub use auth_children::HelperChildren;
+pub use dns::{DnsDirectives, HostsFile};
 pub use logformat::{LogFields, LogFormat};
 pub use peers::{is_hierarchical, CachePeer, HierCode, Peers, Route};
 pub use ssl_bump::{BumpAction, SniCheck, Step1, Step2};
@@ -317,6 +321,9 @@ pub struct SquidConfig {
     pub client_ip_max_connections: Option<u32>,
     /// `dns_nameservers`: resolvers to use instead of the system's, in order.
     pub dns_nameservers: Vec<IpAddr>,
+    /// The resolver's other directives (`hosts_file`, DNS cache TTLs and size,
+    /// `happy_eyeballs_connect_timeout`).
+    pub dns: DnsDirectives,
     /// Basic authentication, when `auth_param basic program` is configured.
     pub auth: Option<BasicAuth>,
     /// Every ACL: the predefined ones first, then the file's, in order.

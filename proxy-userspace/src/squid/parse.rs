@@ -25,7 +25,7 @@ const WHY_HEADERS: &str =
     "spliced rewrites no HTTP header fields beyond hop-by-hop ones, via and forwarded_for";
 const WHY_REPLY: &str = "a tunnel has no HTTP reply to check";
 const WHY_ERROR_PAGES: &str = "spliced's error answers are fixed plain text";
-const WHY_DNS: &str = "spliced resolves with the system resolver and caches no answers";
+const WHY_DNS: &str = "spliced's resolver has no such setting";
 const WHY_PCONN: &str = "spliced keeps no idle HTTP connections";
 const WHY_LIMITS: &str = "spliced applies its own fixed limits";
 const WHY_AUTH_CACHE: &str = "spliced checks credentials on every request and caches no result";
@@ -125,10 +125,6 @@ const IGNORED: &[(&str, &str)] = &[
     ("httpd_suppress_version_string", WHY_ERROR_PAGES),
     ("cachemgr_passwd", WHY_NO_MGR),
     ("dns_v4_first", WHY_DNS),
-    ("hosts_file", WHY_DNS),
-    ("positive_dns_ttl", WHY_DNS),
-    ("negative_dns_ttl", WHY_DNS),
-    ("ipcache_size", WHY_DNS),
     ("ipcache_low", WHY_DNS),
     ("ipcache_high", WHY_DNS),
     ("fqdncache_size", WHY_DNS),
@@ -311,6 +307,7 @@ impl Parser {
                 timeouts: Timeouts::default(),
                 client_ip_max_connections: None,
                 dns_nameservers: Vec::new(),
+                dns: Default::default(),
                 auth: None,
                 acls,
                 rules: Vec::new(),
@@ -438,6 +435,11 @@ impl Parser {
                 }
                 Ok(())
             }
+            _ if super::dns::DIRECTIVES.contains(&directive) => self
+                .config
+                .dns
+                .apply(directive, args)
+                .map_err(|message| loc.diag(message, &line.text)),
             _ => {
                 if let Some((_, why)) = IGNORED.iter().find(|(name, _)| *name == directive) {
                     self.warnings.push(loc.diag(

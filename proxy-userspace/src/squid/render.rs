@@ -120,6 +120,9 @@ impl SquidConfig {
             }
             line(text);
         }
+        for text in self.dns.render() {
+            line(text);
+        }
         if let Some(auth) = &self.auth {
             line(format!(
                 "auth_param basic program {} {}",

@@ -1206,7 +1206,7 @@ fn ignored_directives_warn_once_each() {
                 refresh_pattern . 0 20% 4320\ncache deny all\nvisible_hostname proxy\ncache_effective_user proxy\n\
                 cache_effective_group proxy\npid_filename /run/squid.pid\ncache_log /var/log/squid/cache.log\n\
                 cache_store_log none\nlogfile_rotate 0\ndns_v4_first on\nrequest_header_access Foo deny all\nreply_header_add X-A b\n\
-                httpd_suppress_version_string on\nhosts_file /etc/hosts\ncache_mgr root\nerror_directory /x\n\
+                httpd_suppress_version_string on\nipcache_low 90\ncache_mgr root\nerror_directory /x\n\
                 icp_port 0\nhtcp_port 0\nsnmp_port 0\n\
                 hierarchy_stoplist cgi-bin ?\nmemory_pools off\nworkers 2\npinger_enable off\n\
                 http_reply_access allow all\nexternal_acl_type x %SRC /bin/true\n\
