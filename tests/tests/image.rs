@@ -356,3 +356,181 @@ fn data_plane_per_capability_set() {
     }
     eprintln!("capability matrix:\n{}", report.join("\n"));
 }
+
+/// Removes a `podman kube play` pod when dropped, whatever happened.
+struct PlayedPod(String);
+
+impl Drop for PlayedPod {
+    fn drop(&mut self) {
+        let _ = image::podman()
+            .args(["pod", "rm", "--force", "--time", "0", &self.0])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+/// `podman kube play` of the pod the DaemonSet renders, with what a kubelet
+/// would fill in: the downward API's pod IP as a value, the image, the
+/// RuntimeDefault seccomp profile as a Localhost one, the node's bpffs as the
+/// test's own, the ConfigMap given alongside.
+#[test]
+fn kube_play_runs_the_daemonset_pod() {
+    let image = image::image();
+    let topology = Topology::new();
+    let bpffs = Bpffs::mount();
+    let dir = tempfile::tempdir().unwrap();
+    let seccomp = image::runtime_default_seccomp(dir.path());
+    let profile = seccomp.file_name().unwrap().to_str().unwrap().to_owned();
+    let spec = DaemonSetContainer::render(Topology::PROXY_IP, bpffs.path());
+    report_unavailable(&spec);
+
+    let name = image::unique_name("kube");
+    let mut pod_spec = spec.pod_spec.clone();
+    for container in pod_spec["containers"].as_array_mut().unwrap() {
+        if container["name"] != "spliced" {
+            continue;
+        }
+        container["image"] = image.clone().into();
+        container["imagePullPolicy"] = "Never".into();
+        container["env"] = spec
+            .env
+            .iter()
+            .map(|(name, value)| serde_json::json!({ "name": name, "value": value }))
+            .collect();
+        container["securityContext"]["capabilities"]["add"] = spec.capabilities.clone().into();
+        // podman 4.3 does not expand `$(POD_IP)` in args (a kubelet does).
+        container["args"] = spec.args.clone().into();
+        // podman 4.3 refuses port mappings on the host network ("PortMappings
+        // can only be used with Bridge or slirp4netns networking"); there they
+        // only tell the scheduler, so they go, and the probes name the number.
+        let object = container.as_object_mut().unwrap();
+        object.remove("ports");
+        for probe in ["readinessProbe", "livenessProbe"] {
+            if let Some(get) = object.get_mut(probe).and_then(|p| p.get_mut("httpGet")) {
+                get["port"] = spec.admin_port.into();
+            }
+        }
+    }
+    for volume in pod_spec["volumes"].as_array_mut().unwrap() {
+        if volume["hostPath"]["path"] == "/sys/fs/bpf" {
+            volume["hostPath"]["path"] = bpffs.path().to_str().unwrap().into();
+        }
+    }
+    pod_spec["securityContext"]["seccompProfile"] =
+        serde_json::json!({ "type": "Localhost", "localhostProfile": profile });
+    let pod = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "annotations": {
+                "seccomp.security.alpha.kubernetes.io/pod": format!("localhost/{profile}"),
+            },
+        },
+        "spec": pod_spec,
+    });
+    let pod_file = dir.path().join("pod.json");
+    std::fs::write(&pod_file, serde_json::to_vec_pretty(&pod).unwrap()).unwrap();
+    let config_map = dir.path().join("configmap.json");
+    assert_eq!(spec.config_maps.len(), 1);
+    std::fs::write(&config_map, serde_json::to_vec(&spec.config_maps[0]).unwrap()).unwrap();
+    // kube play has no --ulimit: the same limits as podman run, from a
+    // containers.conf of the test's own.
+    let ulimits: Vec<String> = image::ulimits()
+        .chunks(2)
+        .map(|flag| format!("{:?}", flag[1]))
+        .collect();
+    let containers_conf = dir.path().join("containers.conf");
+    std::fs::write(
+        &containers_conf,
+        format!("[containers]\ndefault_ulimits = [{}]\n", ulimits.join(", ")),
+    )
+    .unwrap();
+
+    let _played = PlayedPod(name.clone());
+    let started = Instant::now();
+    let output = std::process::Command::new("nsenter")
+        .arg(format!("--net=/var/run/netns/{}", topology.proxy.name))
+        .arg("--")
+        .arg("podman")
+        .args(image::PODMAN_FLAGS)
+        .args(["kube", "play", "--configmap"])
+        .arg(&config_map)
+        .arg("--seccomp-profile-root")
+        .arg(dir.path())
+        .arg(&pod_file)
+        .env("CONTAINERS_CONF", &containers_conf)
+        .output()
+        .expect("podman kube play");
+    assert!(
+        output.status.success(),
+        "podman kube play: {}\n{}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let container = format!("{name}-spliced");
+    let logs = || {
+        let output = image::podman()
+            .args(["logs", &container])
+            .output()
+            .expect("podman logs");
+        (
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let ready = wait_until(START, || {
+        admin_get(&topology, spec.admin_port, "/readyz").as_deref() == Ok("ready\n")
+    });
+    assert!(ready, "the played pod is not ready:\n{}", logs().1);
+    eprintln!(
+        "kube play: ready {:.2} s after `podman kube play`",
+        started.elapsed().as_secs_f64()
+    );
+    let line = logs()
+        .1
+        .lines()
+        .find(|l| l.contains("data plane:"))
+        .map(str::to_owned)
+        .unwrap_or_default();
+    eprintln!("kube play: {line}");
+    assert!(line.contains(PACKET), "{line}\n{}", logs().1);
+
+    // The seed through it, and its Squid line in the container's log.
+    let origin = TlsOrigin::start_in(&topology.server, ORIGIN, "IP:10.77.2.2");
+    let body = origin.serve_random_file("body.bin", MIB);
+    let out = dir.path().join("out.bin");
+    let output = curl(
+        topology.client.command("curl"),
+        &proxy_addr().to_string(),
+        &origin.certificate(),
+        &format!("https://{}/body.bin", Topology::SERVER_IP),
+        &out,
+    );
+    assert!(
+        output.status.success(),
+        "curl: {}\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        logs().1
+    );
+    assert!(std::fs::read(&out).unwrap() == body);
+    let logged = wait_until(Duration::from_secs(20), || {
+        logs().0.contains(&format!(
+            " {} TCP_TUNNEL/200 ",
+            Topology::CLIENT_IP
+        ))
+    });
+    assert!(logged, "no Squid line in the pod's log:\n{}", logs().0);
+
+    // Stopped as the kubelet stops it: SIGTERM, then the grace period.
+    let stopping = Instant::now();
+    podman_ok(&["pod", "stop", "--time", "45", &name]);
+    let exit = podman_ok(&["inspect", "--format", "{{.State.ExitCode}}", &container]);
+    assert_eq!(String::from_utf8_lossy(&exit.stdout).trim(), "0", "{}", logs().1);
+    eprintln!(
+        "kube play: stopped in {:.2} s",
+        stopping.elapsed().as_secs_f64()
+    );
+}

@@ -115,11 +115,13 @@ const BENCH_PACKAGES: [(&str, &str); 6] = [
 
 /// Debian packages of `cargo xtask image` and of tests/tests/image.rs, with
 /// the commands they provide. runc: Debian's podman defaults to crun, which
-/// refuses hosts with hybrid cgroups.
-const IMAGE_PACKAGES: [(&str, &str); 3] = [
+/// refuses hosts with hybrid cgroups. catatonit: `podman kube play` builds
+/// its pod's infra image from it (no registry for a pause image).
+const IMAGE_PACKAGES: [(&str, &str); 4] = [
     ("podman", "podman"),
     ("runc", "runc"),
     ("mmdebstrap", "mmdebstrap"),
+    ("catatonit", "podman kube play's infra image"),
 ];
 
 /// A Debian package to install, and why.
