@@ -434,7 +434,11 @@ fn kube_play_runs_the_daemonset_pod() {
     std::fs::write(&pod_file, serde_json::to_vec_pretty(&pod).unwrap()).unwrap();
     let config_map = dir.path().join("configmap.json");
     assert_eq!(spec.config_maps.len(), 1);
-    std::fs::write(&config_map, serde_json::to_vec(&spec.config_maps[0]).unwrap()).unwrap();
+    std::fs::write(
+        &config_map,
+        serde_json::to_vec(&spec.config_maps[0]).unwrap(),
+    )
+    .unwrap();
     // kube play has no --ulimit: the same limits as podman run, from a
     // containers.conf of the test's own.
     let ulimits: Vec<String> = image::ulimits()
@@ -517,10 +521,9 @@ fn kube_play_runs_the_daemonset_pod() {
     );
     assert!(std::fs::read(&out).unwrap() == body);
     let logged = wait_until(Duration::from_secs(20), || {
-        logs().0.contains(&format!(
-            " {} TCP_TUNNEL/200 ",
-            Topology::CLIENT_IP
-        ))
+        logs()
+            .0
+            .contains(&format!(" {} TCP_TUNNEL/200 ", Topology::CLIENT_IP))
     });
     assert!(logged, "no Squid line in the pod's log:\n{}", logs().0);
 
@@ -528,7 +531,12 @@ fn kube_play_runs_the_daemonset_pod() {
     let stopping = Instant::now();
     podman_ok(&["pod", "stop", "--time", "45", &name]);
     let exit = podman_ok(&["inspect", "--format", "{{.State.ExitCode}}", &container]);
-    assert_eq!(String::from_utf8_lossy(&exit.stdout).trim(), "0", "{}", logs().1);
+    assert_eq!(
+        String::from_utf8_lossy(&exit.stdout).trim(),
+        "0",
+        "{}",
+        logs().1
+    );
     eprintln!(
         "kube play: stopped in {:.2} s",
         stopping.elapsed().as_secs_f64()
