@@ -341,6 +341,20 @@ impl DaemonSetContainer {
         seccomp: &Path,
         capabilities: Option<&[&str]>,
     ) -> RunningContainer {
+        self.run_as(
+            netns,
+            name,
+            RunAs {
+                capabilities,
+                seccomp: Some(seccomp),
+                privileged: false,
+            },
+        )
+    }
+
+    /// `podman run` of this container in `netns` (its host network) as
+    /// `name`, with the deviations from the manifest `how` asks for.
+    pub fn run_as(&self, netns: &Netns, name: &str, how: RunAs) -> RunningContainer {
         let mut command = Command::new("nsenter");
         command
             .arg(format!("--net=/var/run/netns/{}", netns.name))
@@ -348,16 +362,23 @@ impl DaemonSetContainer {
             .arg("podman")
             .args(PODMAN_FLAGS)
             .args(["run", "--rm", "--pull=never", "--name", name])
-            .args(["--network", "host", "--cap-drop", "ALL"])
+            .args(["--network", "host"])
             .arg(format!("--user={}", self.user))
-            .arg(format!("--security-opt=seccomp={}", seccomp.display()))
             .args(ulimits());
-        let capabilities: Vec<String> = match capabilities {
-            Some(caps) => caps.iter().map(|c| (*c).to_owned()).collect(),
-            None => self.capabilities.clone(),
-        };
-        if !capabilities.is_empty() {
-            command.arg(format!("--cap-add={}", capabilities.join(",")));
+        if let Some(seccomp) = how.seccomp {
+            command.arg(format!("--security-opt=seccomp={}", seccomp.display()));
+        }
+        if how.privileged {
+            command.arg("--privileged");
+        } else {
+            command.args(["--cap-drop", "ALL"]);
+            let capabilities: Vec<String> = match how.capabilities {
+                Some(caps) => caps.iter().map(|c| (*c).to_owned()).collect(),
+                None => self.capabilities.clone(),
+            };
+            if !capabilities.is_empty() {
+                command.arg(format!("--cap-add={}", capabilities.join(",")));
+            }
         }
         if self.no_new_privs {
             command.arg("--security-opt=no-new-privileges");
@@ -375,6 +396,17 @@ impl DaemonSetContainer {
         command.arg(image()).args(&self.args);
         RunningContainer::spawn(name, command)
     }
+}
+
+/// How a run deviates from the manifest.
+pub struct RunAs<'a> {
+    /// Capabilities instead of the manifest's (after `--cap-drop ALL`).
+    pub capabilities: Option<&'a [&'a str]>,
+    /// A seccomp profile; `None`: podman's default.
+    pub seccomp: Option<&'a Path>,
+    /// `--privileged` (as deploy/kubernetes/variants/privileged), instead of
+    /// the capabilities.
+    pub privileged: bool,
 }
 
 /// Kubernetes' `$(VAR)` expansion of an argument.

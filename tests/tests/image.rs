@@ -18,7 +18,7 @@ use std::{
 use sha2::{Digest as _, Sha256};
 use spliced_tests::{
     bpffs::Bpffs,
-    image::{self, podman_ok, DaemonSetContainer, RunningContainer},
+    image::{self, podman_ok, DaemonSetContainer, RunAs, RunningContainer},
     netns::Topology,
     open_tunnel,
     planes::closed_by_plane,
@@ -353,6 +353,39 @@ fn data_plane_per_capability_set() {
             "{label}: {exited:?}\n{}",
             pod.stderr()
         );
+    }
+    // The manifest's capabilities under podman 4.3's own seccomp profile,
+    // which allows bpf only with CAP_SYS_ADMIN: splice, and why.
+    let bpffs = Bpffs::mount();
+    let spec = DaemonSetContainer::render(Topology::PROXY_IP, bpffs.path());
+    for (label, how, expected) in [
+        (
+            "the manifest's, podman's default seccomp profile",
+            RunAs {
+                capabilities: None,
+                seccomp: None,
+                privileged: false,
+            },
+            SPLICE,
+        ),
+        (
+            "--privileged (variants/privileged)",
+            RunAs {
+                capabilities: None,
+                seccomp: None,
+                privileged: true,
+            },
+            PACKET,
+        ),
+    ] {
+        let mut pod = spec.run_as(&topology.proxy, &image::unique_name("caps"), how);
+        pod.wait_started(START);
+        let line = pod.data_plane_line();
+        assert!(line.contains(expected), "{label}: {line}");
+        report.push(format!(
+            "{label}: {}",
+            line.split("] ").nth(1).unwrap_or(&line)
+        ));
     }
     eprintln!("capability matrix:\n{}", report.join("\n"));
 }
