@@ -2,6 +2,10 @@
 #
 # spliced's container image:
 #   docker build -t REGISTRY/spliced:0.1.0 .
+# Without a registry, `cargo xtask image` builds this file's last stage with
+# podman from a Debian base made by mmdebstrap and the binary built by xtask
+# (README, "Container image"); keep that stage's FROM and single
+# COPY --from=build as they are, xtask substitutes them.
 #
 # Stage `build` builds what `cargo xtask build` builds, with the same
 # prerequisites as xtask/src/prereq.rs installs; tests/tests/deploy.rs checks

@@ -10,6 +10,7 @@ pub mod deploy;
 pub mod dns;
 pub mod echo;
 pub mod healthy;
+pub mod image;
 pub mod netem;
 pub mod netns;
 pub mod pattern;

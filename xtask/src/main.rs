@@ -8,6 +8,7 @@
 
 mod bench;
 mod fuzz;
+mod image;
 mod prereq;
 mod proc;
 
@@ -70,6 +71,9 @@ enum Task {
         #[arg(long, default_value_t = 10)]
         minutes: u64,
     },
+    /// Build the product binary, then the runtime image with podman from a
+    /// Debian base made by mmdebstrap (no registry needed): localhost/spliced.
+    Image,
 }
 
 /// Which group of prerequisites `setup --only` installs.
@@ -81,6 +85,8 @@ enum Scope {
     Test,
     /// What the benchmark needs on top of the build.
     Bench,
+    /// What the container image needs on top of the build.
+    Image,
 }
 
 fn main() -> ExitCode {
@@ -106,6 +112,7 @@ fn dispatch(task: Task) -> Result<()> {
         Task::Bench(args) => bench(args),
         Task::Fuzz(args) => fuzz::run(args),
         Task::Soak { minutes } => soak(minutes),
+        Task::Image => image().map(drop),
     }
 }
 
@@ -119,6 +126,7 @@ fn setup(only: Option<Scope>) -> Result<()> {
         Some(Scope::Build) => Needs::BUILD,
         Some(Scope::Test) => Needs::TEST,
         Some(Scope::Bench) => Needs::BENCH,
+        Some(Scope::Image) => Needs::IMAGE,
     };
     prereq::ensure(needs)
 }
@@ -149,11 +157,22 @@ fn bench(args: bench::BenchArgs) -> Result<()> {
     bench::run(args, || {
         prereq::ensure(Needs {
             build: true,
-            test: false,
             bench: true,
+            ..Needs::NONE
         })?;
         build_spliced()
     })
+}
+
+/// `cargo xtask image`: the product build, then its image.
+fn image() -> Result<image::Built> {
+    prereq::ensure(Needs {
+        build: true,
+        image: true,
+        ..Needs::NONE
+    })?;
+    let spliced = build_spliced()?;
+    image::build(&spliced)
 }
 
 /// `cargo xtask soak --minutes N`.
@@ -218,6 +237,8 @@ fn test(args: Vec<OsString>) -> Result<()> {
     let hooked = build_spliced_with_test_hooks()?;
     banner("cargo build --release -p proxy-userspace");
     let spliced = build_spliced()?;
+    banner("cargo xtask image");
+    let image = image::build(&spliced)?;
 
     banner("cargo test --workspace --release");
     run_checked(
@@ -227,7 +248,8 @@ fn test(args: Vec<OsString>) -> Result<()> {
             .args(["--release", "--no-fail-fast"])
             .args(args)
             .env("SPLICED_BIN", &hooked)
-            .env("SPLICED_RELEASE_BIN", &spliced),
+            .env("SPLICED_RELEASE_BIN", &spliced)
+            .env("SPLICED_IMAGE", &image.reference),
     )?;
 
     banner("all checks passed");

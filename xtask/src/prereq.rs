@@ -24,30 +24,42 @@ pub struct Needs {
     pub test: bool,
     /// Running `cargo xtask bench` (iperf3, proxychains4, Squid, tinyproxy).
     pub bench: bool,
+    /// Building and running the container image (`cargo xtask image`).
+    pub image: bool,
 }
 
 impl Needs {
-    pub const BUILD: Self = Self {
-        build: true,
+    /// Nothing; the base of the others.
+    pub const NONE: Self = Self {
+        build: false,
         test: false,
         bench: false,
+        image: false,
+    };
+    pub const BUILD: Self = Self {
+        build: true,
+        ..Self::NONE
     };
     pub const TEST: Self = Self {
-        build: false,
         test: true,
-        bench: false,
+        ..Self::NONE
     };
     /// The benchmark's tools (without the build prerequisites).
     pub const BENCH: Self = Self {
-        build: false,
-        test: false,
         bench: true,
+        ..Self::NONE
     };
-    /// What `cargo xtask test` needs: build and test.
+    /// The container tools (without the build prerequisites).
+    pub const IMAGE: Self = Self {
+        image: true,
+        ..Self::NONE
+    };
+    /// What `cargo xtask test` needs: build, test and image.
     pub const ALL: Self = Self {
         build: true,
         test: true,
         bench: false,
+        image: true,
     };
 }
 
@@ -105,6 +117,17 @@ const BENCH_PACKAGES: [(&str, &str); 6] = [
     ("util-linux", "taskset"),
 ];
 
+/// Debian packages of `cargo xtask image` and of tests/tests/image.rs, with
+/// the commands they provide. runc: Debian's podman defaults to crun, which
+/// refuses hosts with hybrid cgroups. catatonit: `podman kube play` builds
+/// its pod's infra image from it (no registry for a pause image).
+const IMAGE_PACKAGES: [(&str, &str); 4] = [
+    ("podman", "podman"),
+    ("runc", "runc"),
+    ("mmdebstrap", "mmdebstrap"),
+    ("catatonit", "podman kube play's infra image"),
+];
+
 /// A Debian package to install, and why.
 struct AptNeed {
     package: &'static str,
@@ -159,6 +182,7 @@ fn describe(needs: Needs) -> String {
         (needs.build, "build"),
         (needs.test, "test"),
         (needs.bench, "bench"),
+        (needs.image, "image"),
     ]
     .into_iter()
     .filter_map(|(wanted, name)| wanted.then_some(name))
@@ -205,6 +229,11 @@ fn survey(needs: Needs) -> Result<Plan> {
             if !wanted.iter().any(|(known, _)| *known == package) {
                 wanted.push((package, format!("the benchmark needs `{commands}`")));
             }
+        }
+    }
+    if needs.image {
+        for (package, commands) in IMAGE_PACKAGES {
+            wanted.push((package, format!("the container image needs `{commands}`")));
         }
     }
     let installed = installed_packages(wanted.iter().map(|(package, _)| *package))?;
