@@ -22,7 +22,7 @@ pub struct Needs {
     pub build: bool,
     /// Running `cargo xtask test` (fmt, clippy, integration tests).
     pub test: bool,
-    /// Running `cargo xtask bench` (iperf3, proxychains4, Squid, tinyproxy).
+    /// Running `cargo xtask bench` (iperf3, proxychains4, Squid, tinyproxy, dnsmasq).
     pub bench: bool,
     /// Building and running the container image (`cargo xtask image`).
     pub image: bool,
@@ -108,11 +108,12 @@ const PYTHON_TOOLS: [(&str, &str); 4] = [
 const PYTHON_TOOLS_STAMP: &str = "spliced-requirements.txt";
 
 /// Debian packages the benchmark (`cargo xtask bench`) uses, with the commands they provide.
-const BENCH_PACKAGES: [(&str, &str); 6] = [
+const BENCH_PACKAGES: [(&str, &str); 7] = [
     ("iperf3", "iperf3"),
     ("proxychains4", "proxychains4"),
     ("squid", "squid"),
     ("tinyproxy", "tinyproxy"),
+    ("dnsmasq-base", "dnsmasq"),
     ("iproute2", "ip"),
     ("util-linux", "taskset"),
 ];
