@@ -236,7 +236,16 @@ fn test(args: Vec<OsString>) -> Result<()> {
     banner("cargo build --release -p proxy-userspace --features test-hooks");
     let hooked = build_spliced_with_test_hooks()?;
     banner("cargo build --release -p proxy-userspace");
-    let spliced = build_spliced()?;
+    // `cargo test` below may build target/release/spliced again (its own
+    // profile, other bytes): the tests and the image take a copy that stays.
+    let spliced = {
+        let built = build_spliced()?;
+        let product = built.with_file_name("spliced-product");
+        std::fs::copy(&built, &product).map_err(|err| {
+            anyhow::anyhow!("copying the product build to {}: {err}", product.display())
+        })?;
+        product
+    };
     banner("cargo xtask image");
     let image = image::build(&spliced)?;
 

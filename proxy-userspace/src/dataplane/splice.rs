@@ -6,13 +6,19 @@
 //! nothing more for now. An idle tunnel costs its two sockets' descriptors and
 //! no pipes (a pipe per direction for good made 6 descriptors per tunnel and
 //! ran out of them at ~3,300 tunnels). Empty pipes given back are kept for the
-//! next burst, at most [`PIPE_POOL`] of them: a short tunnel takes three
-//! bursts (its request, its answer, its EOF), and making each pipe (`pipe2`,
-//! `F_SETPIPE_SZ`, two `close`s) was 12 of its ~41 system calls.
+//! next burst, at most [`PIPE_POOL`] of them and for at most [`PIPE_IDLE`]: a
+//! short tunnel takes three bursts (its request, its answer, its EOF), and
+//! making each pipe (`pipe2`, `F_SETPIPE_SZ`, two `close`s) was 12 of its ~41
+//! system calls; once the load has gone, so have the pooled descriptors.
 
 use std::{
     io,
     os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Mutex,
+    },
+    time::{Duration, Instant},
 };
 
 use tokio::{io::Interest, net::TcpStream};
@@ -26,9 +32,13 @@ use super::{
 pub(super) const PIPE_BYTES: libc::c_int = 1 << 20;
 /// Empty pipes kept for reuse (two descriptors each), process-wide.
 pub(super) const PIPE_POOL: usize = 64;
+/// How long a pooled pipe may wait for a burst before it is closed.
+pub(super) const PIPE_IDLE: Duration = Duration::from_secs(1);
 
-/// Empty pipes waiting for a burst.
-static IDLE_PIPES: std::sync::Mutex<Vec<Pipe>> = std::sync::Mutex::new(Vec::new());
+/// Empty pipes waiting for a burst, each with when it was given back.
+static IDLE_PIPES: Mutex<Vec<(Pipe, Instant)>> = Mutex::new(Vec::new());
+/// Whether the task that closes pipes idle for [`PIPE_IDLE`] runs.
+static SWEEPING: AtomicBool = AtomicBool::new(false);
 
 /// splice(2) data plane.
 #[derive(Debug, Default)]
@@ -86,15 +96,21 @@ impl Pipe {
     /// An empty pipe: a pooled one, else a new one.
     pub(super) fn take() -> io::Result<Self> {
         let pooled = IDLE_PIPES.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        pooled.map_or_else(Self::new, Ok)
+        pooled.map_or_else(Self::new, |(pipe, _)| Ok(pipe))
     }
 
     /// Keeps this pipe for the next burst; the caller has spliced out every
     /// byte it spliced in. Closed instead when the pool is full.
     pub(super) fn give_back(self) {
-        let mut idle = IDLE_PIPES.lock().unwrap_or_else(|p| p.into_inner());
-        if idle.len() < PIPE_POOL {
-            idle.push(self);
+        {
+            let mut idle = IDLE_PIPES.lock().unwrap_or_else(|p| p.into_inner());
+            if idle.len() >= PIPE_POOL {
+                return;
+            }
+            idle.push((self, Instant::now()));
+        }
+        if !SWEEPING.swap(true, Ordering::Relaxed) {
+            tokio::spawn(close_idle_pipes());
         }
     }
 
@@ -115,6 +131,22 @@ impl Pipe {
         // SAFETY: F_SETPIPE_SZ takes an int argument and touches no memory of ours.
         unsafe { libc::fcntl(pipe.write.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_BYTES) };
         Ok(pipe)
+    }
+}
+
+/// Closes pooled pipes that waited [`PIPE_IDLE`] for a burst; ends (to be
+/// started again by the next [`Pipe::give_back`]) when none is left.
+async fn close_idle_pipes() {
+    loop {
+        tokio::time::sleep(PIPE_IDLE / 2).await;
+        let mut idle = IDLE_PIPES.lock().unwrap_or_else(|p| p.into_inner());
+        // Given back in order: the oldest are first.
+        let expired = idle.partition_point(|(_, since)| since.elapsed() >= PIPE_IDLE);
+        idle.drain(..expired);
+        if idle.is_empty() {
+            SWEEPING.store(false, Ordering::Relaxed);
+            return;
+        }
     }
 }
 
