@@ -80,6 +80,17 @@ pub struct BytesBeforePromotion {
     pub upstream_to_client: u64,
 }
 
+impl From<[u64; 2]> for BytesBeforePromotion {
+    /// From `Progress::bytes_before_promotion`'s `[client → upstream,
+    /// upstream → client]`.
+    fn from([client_to_upstream, upstream_to_client]: [u64; 2]) -> Self {
+        Self {
+            client_to_upstream,
+            upstream_to_client,
+        }
+    }
+}
+
 fn serialize_time<S: serde::Serializer>(ts: &SystemTime, serializer: S) -> Result<S::Ok, S::Error> {
     serializer.serialize_str(&humantime::format_rfc3339_millis(*ts).to_string())
 }

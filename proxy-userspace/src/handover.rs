@@ -168,15 +168,9 @@ pub async fn follow_adopted(control: Arc<ControlPlane>, adopted: AdoptedTunnel) 
     }
     record.bytes_to_client += outcome.upstream_to_client;
     record.bytes_from_client += outcome.client_to_upstream;
-    record.bytes_before_promotion =
-        progress
-            .bytes_before_promotion()
-            .map(
-                |[client_to_upstream, upstream_to_client]| BytesBeforePromotion {
-                    client_to_upstream,
-                    upstream_to_client,
-                },
-            );
+    record.bytes_before_promotion = progress
+        .bytes_before_promotion()
+        .map(BytesBeforePromotion::from);
     record.end = outcome.end.as_str().into();
     record.ts = SystemTime::now();
     record.duration_ms = SystemTime::now()

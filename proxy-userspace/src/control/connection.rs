@@ -99,25 +99,13 @@ impl ControlPlane {
                     started,
                     || HandoverRecord::of(&record, opened.pipelined),
                 );
-                let progress = tunnel.progress.clone();
-                let (plane_kind, plane) = self.dataplane.pick(&tunnel);
                 self.metrics.request_answered(200);
-                self.metrics
-                    .tunnel_opened(plane_kind, started.elapsed(), opened.pipelined);
                 record.status = 200;
                 record.result = "TCP_TUNNEL";
-                let outcome = self
-                    .run_tunnel(
-                        (plane_kind, plane),
-                        tunnel,
-                        settings,
-                        &record,
-                        opened.pipelined,
-                        started,
-                    )
+                let ran = self
+                    .run_on_plane(tunnel, started, opened.pipelined, Some((settings, &record)))
                     .await;
-                progress.finish(&outcome);
-                self.metrics.tunnel_closed(plane_kind, &outcome);
+                let outcome = ran.outcome;
                 if outcome.end == TunnelEnd::HandedOver {
                     // The next process writes the record when the tunnel ends.
                     log::info!(
@@ -133,12 +121,7 @@ impl ControlPlane {
                     CONNECT_OK.len() as u64 + opened.from_upstream + outcome.upstream_to_client;
                 record.bytes_from_client = opened.pipelined + outcome.client_to_upstream;
                 record.dataplane = Some(outcome.dataplane);
-                record.bytes_before_promotion = progress.bytes_before_promotion().map(
-                    |[client_to_upstream, upstream_to_client]| BytesBeforePromotion {
-                        client_to_upstream,
-                        upstream_to_client,
-                    },
-                );
+                record.bytes_before_promotion = ran.before_promotion;
                 record.end = outcome.end.as_str().into();
             }
             Err(refusal) => {
@@ -201,14 +184,48 @@ impl ControlPlane {
         }
     }
 
-    /// The data plane tunnels run on.
-    pub(crate) fn dataplane(&self) -> &dyn DataPlane {
-        &*self.dataplane
+    /// Runs `tunnel` on the plane the data plane picks for it, counted in the
+    /// metrics (opened after `pipelined` bytes, `started` ago; closed); with
+    /// `periodic` (the settings and the record so far of a CONNECT tunnel),
+    /// as [`Self::run_tunnel`] does.
+    pub(crate) async fn run_on_plane(
+        &self,
+        tunnel: Tunnel,
+        started: Instant,
+        pipelined: u64,
+        periodic: Option<(&Settings, &AccessRecord)>,
+    ) -> Ran {
+        let progress = tunnel.progress.clone();
+        let (plane_kind, plane) = self.dataplane.pick(&tunnel);
+        self.metrics
+            .tunnel_opened(plane_kind, started.elapsed(), pipelined);
+        let outcome = match periodic {
+            Some((settings, record)) => {
+                self.run_tunnel(
+                    (plane_kind, plane),
+                    tunnel,
+                    settings,
+                    record,
+                    pipelined,
+                    started,
+                )
+                .await
+            }
+            None => plane.run(tunnel).await,
+        };
+        progress.finish(&outcome);
+        self.metrics.tunnel_closed(plane_kind, &outcome);
+        Ran {
+            outcome,
+            before_promotion: progress
+                .bytes_before_promotion()
+                .map(BytesBeforePromotion::from),
+        }
     }
 
     /// Runs `tunnel` on the data plane; with `access_log_periodic`, writes a
     /// record of the bytes moved so far at every interval while it is open.
-    pub(super) async fn run_tunnel(
+    async fn run_tunnel(
         &self,
         (plane_kind, plane): Picked<'_>,
         tunnel: Tunnel,
@@ -244,4 +261,12 @@ impl ControlPlane {
             }
         }
     }
+}
+
+/// How a tunnel ended on its data plane, for its record.
+pub(crate) struct Ran {
+    /// What the plane moved and how the tunnel ended.
+    pub(crate) outcome: TunnelOutcome,
+    /// What the packet plane's pump moved before promotion, if promoted.
+    pub(crate) before_promotion: Option<BytesBeforePromotion>,
 }

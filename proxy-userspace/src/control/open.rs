@@ -100,14 +100,7 @@ impl ControlPlane {
             return Err(Refusal::new(0, format!("client gone before 200: {err}")));
         }
         let pipelined = head.pipelined.len() as u64 + queued.bytes;
-        let opened = OpenedTunnel {
-            upstream,
-            pipelined,
-            client_bytes_consumed: head.head_len as u64 + pipelined,
-            client_queue_clean: queued.clean,
-            from_upstream: 0,
-            upstream_bytes_consumed: 0,
-        };
+        let opened = OpenedTunnel::new(upstream, &head, pipelined, queued.clean);
         relay_from_parent(
             client,
             opened,
@@ -242,14 +235,7 @@ impl ControlPlane {
             .await
             .map_err(write_upstream)?;
         let pipelined = read.len() as u64 + queued.bytes;
-        Ok(OpenedTunnel {
-            upstream,
-            pipelined,
-            client_bytes_consumed: head.head_len as u64 + pipelined,
-            client_queue_clean: queued.clean,
-            from_upstream: 0,
-            upstream_bytes_consumed: 0,
-        })
+        Ok(OpenedTunnel::new(upstream, head, pipelined, queued.clean))
     }
 }
 
@@ -276,6 +262,27 @@ pub(super) struct OpenedTunnel {
     /// All bytes read from the upstream socket (a parent's answer head and
     /// what followed it).
     pub(super) upstream_bytes_consumed: u64,
+}
+
+impl OpenedTunnel {
+    /// Connected and answered; `pipelined` bytes of the client's (behind
+    /// `head`) went upstream. A parent's bytes are added by
+    /// [`relay_from_parent`].
+    fn new(
+        upstream: TcpStream,
+        head: &RequestHead,
+        pipelined: u64,
+        client_queue_clean: bool,
+    ) -> Self {
+        Self {
+            upstream,
+            pipelined,
+            client_bytes_consumed: head.head_len as u64 + pipelined,
+            client_queue_clean,
+            from_upstream: 0,
+            upstream_bytes_consumed: 0,
+        }
+    }
 }
 
 /// What [`forward_queued_bytes`] did.

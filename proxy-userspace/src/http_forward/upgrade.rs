@@ -20,7 +20,7 @@ use tokio::{io::AsyncWriteExt as _, net::TcpStream};
 
 use super::Rewind;
 use crate::{
-    access_log::{AccessRecord, BytesBeforePromotion},
+    access_log::AccessRecord,
     control::{forward_queued_bytes, Active, ControlPlane},
     dataplane::TunnelEnd,
     handover::HandoverRecord,
@@ -147,14 +147,8 @@ pub(crate) async fn run(
         started,
         || HandoverRecord::of(&record, pipelined),
     );
-    let progress = tunnel.progress.clone();
-    let (plane_kind, plane) = control.dataplane().pick(&tunnel);
-    control
-        .metrics()
-        .tunnel_opened(plane_kind, started.elapsed(), pipelined);
-    let outcome = plane.run(tunnel).await;
-    progress.finish(&outcome);
-    control.metrics().tunnel_closed(plane_kind, &outcome);
+    let ran = control.run_on_plane(tunnel, started, pipelined, None).await;
+    let outcome = ran.outcome;
     if outcome.end == TunnelEnd::HandedOver {
         log::info!(
             "upgraded connection {} → {} handed over to the next process",
@@ -166,15 +160,7 @@ pub(crate) async fn run(
     record.bytes_to_client += outcome.upstream_to_client;
     record.bytes_from_client += outcome.client_to_upstream;
     record.dataplane = Some(outcome.dataplane);
-    record.bytes_before_promotion =
-        progress
-            .bytes_before_promotion()
-            .map(
-                |[client_to_upstream, upstream_to_client]| BytesBeforePromotion {
-                    client_to_upstream,
-                    upstream_to_client,
-                },
-            );
+    record.bytes_before_promotion = ran.before_promotion;
     log_end(&control, record, started, outcome.end.as_str().into());
 }
 
