@@ -63,9 +63,16 @@ impl Pool {
         allowed: impl Fn(SocketAddr) -> bool,
     ) -> Option<(SocketAddr, Sender)> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        sweep(&mut idle);
+        // Only this destination's list: the sweeper task keeps the others.
         let list = idle.get_mut(key)?;
-        let index = list.iter().rposition(|c| allowed(c.addr))?;
+        list.retain(Idle::usable);
+        let index = list.iter().rposition(|c| allowed(c.addr));
+        let Some(index) = index else {
+            if list.is_empty() {
+                idle.remove(key);
+            }
+            return None;
+        };
         let conn = list.remove(index);
         if list.is_empty() {
             idle.remove(key);
@@ -82,7 +89,9 @@ impl Pool {
                 return;
             }
             let mut idle = pool.idle.lock().unwrap_or_else(|p| p.into_inner());
-            sweep(&mut idle);
+            if let Some(list) = idle.get_mut(&key) {
+                list.retain(Idle::usable);
+            }
             if idle.values().map(Vec::len).sum::<usize>() >= MAX_IDLE {
                 return;
             }
@@ -115,10 +124,17 @@ async fn sweep_while_alive(pool: Weak<Pool>) {
     }
 }
 
+impl Idle {
+    /// Neither expired nor closed by the origin.
+    fn usable(&self) -> bool {
+        self.since.elapsed() < IDLE_TIMEOUT && !self.sender.is_closed()
+    }
+}
+
 /// Drops expired and closed connections.
 fn sweep(idle: &mut HashMap<String, Vec<Idle>>) {
     idle.retain(|_, list| {
-        list.retain(|c| c.since.elapsed() < IDLE_TIMEOUT && !c.sender.is_closed());
+        list.retain(Idle::usable);
         !list.is_empty()
     });
 }
