@@ -20,10 +20,10 @@ use crate::{netns::Netns, proxy::spliced_bin, wait_until};
 pub const LOG_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// The lines a child wrote to one of its pipes so far.
-type Lines = Arc<Mutex<Vec<String>>>;
+pub(crate) type Lines = Arc<Mutex<Vec<String>>>;
 
 /// Collects the lines of `pipe` on a thread of their own.
-fn collect_lines(pipe: impl Read + Send + 'static) -> Lines {
+pub(crate) fn collect_lines(pipe: impl Read + Send + 'static) -> Lines {
     let lines = Lines::default();
     let sink = lines.clone();
     std::thread::spawn(move || {

@@ -7,20 +7,19 @@
 //! `cargo xtask image` built), else `localhost/spliced:latest`.
 
 use std::{
-    io::{BufRead as _, BufReader, Read},
     net::Ipv4Addr,
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Output, Stdio},
-    sync::{
-        atomic::{AtomicU32, Ordering},
-        Arc, Mutex,
-    },
+    sync::atomic::{AtomicU32, Ordering},
     time::{Duration, Instant},
 };
 
 use serde_json::Value;
 
-use crate::{deploy, wait_until, Netns};
+use crate::{
+    daemon::{collect_lines, Lines},
+    deploy, wait_until, Netns,
+};
 
 /// podman's global flags, as `cargo xtask image` passes them (xtask/src/image.rs
 /// says why: crun refuses hybrid cgroups; no systemd needed).
@@ -240,23 +239,7 @@ impl DaemonSetContainer {
             .cloned()
             .collect();
 
-        let env: Vec<(String, String)> = container["env"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|var| {
-                let name = var["name"].as_str().unwrap().to_owned();
-                let value = match (
-                    var["value"].as_str(),
-                    var["valueFrom"]["fieldRef"]["fieldPath"].as_str(),
-                ) {
-                    (Some(value), _) => value.to_owned(),
-                    (None, Some("status.podIP" | "status.hostIP")) => pod_ip.to_string(),
-                    other => panic!("env {name} from {other:?} is not translated"),
-                };
-                (name, value)
-            })
-            .collect();
+        let env = deploy::container_env(&container, pod_ip);
 
         let config_dir = tempfile::tempdir().unwrap();
         let mut volumes = Vec::new();
@@ -427,20 +410,6 @@ pub fn unique_name(what: &str) -> String {
         std::process::id(),
         NEXT.fetch_add(1, Ordering::Relaxed)
     )
-}
-
-/// The lines a child wrote to one of its pipes so far.
-type Lines = Arc<Mutex<Vec<String>>>;
-
-fn collect_lines(pipe: impl Read + Send + 'static) -> Lines {
-    let lines = Lines::default();
-    let sink = lines.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-            sink.lock().unwrap().push(line);
-        }
-    });
-    lines
 }
 
 /// An attached `podman run`: the container's stdout and stderr are its pipes.

@@ -1402,23 +1402,7 @@ impl Container {
         let pod_spec = &workload["spec"]["template"]["spec"];
         let container = spliced_container(workload);
 
-        let mut env: Vec<(String, String)> = container["env"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|var| {
-                let name = var["name"].as_str().unwrap().to_owned();
-                let value = match (
-                    var["value"].as_str(),
-                    var["valueFrom"]["fieldRef"]["fieldPath"].as_str(),
-                ) {
-                    (Some(value), _) => value.to_owned(),
-                    (None, Some("status.podIP" | "status.hostIP")) => pod_ip.to_string(),
-                    other => panic!("{layout}: env {name} from {other:?} is not emulated"),
-                };
-                (name, value)
-            })
-            .collect();
+        let mut env = deploy::container_env(container, pod_ip);
 
         // Volumes: ConfigMaps become a directory here, emptyDirs a tmpfs
         // mounted on one; arguments are pointed there.

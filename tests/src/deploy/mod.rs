@@ -12,16 +12,20 @@
 //!   emptyDirs, exactly the capabilities the spec grants and no_new_privs.
 
 use std::{
-    io::{BufRead, BufReader, Read, Write},
+    io::Write,
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Output, Stdio},
-    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use serde_json::{json, Value};
 
-use crate::{netns::Netns, proxy::release_bin, wait_until};
+use crate::{
+    daemon::{collect_lines, Lines},
+    netns::Netns,
+    proxy::release_bin,
+    wait_until,
+};
 
 /// The Python helper, run by the tools' interpreter.
 const TOOLS_PY: &str = include_str!("tools.py");
@@ -207,20 +211,6 @@ pub fn dockerfile_instructions(text: &str) -> Vec<Instruction> {
             line: instruction["line"].as_u64().expect("line") as u32,
         })
         .collect()
-}
-
-/// The lines a child wrote to one of its pipes so far.
-type Lines = Arc<Mutex<Vec<String>>>;
-
-fn collect_lines(pipe: impl Read + Send + 'static) -> Lines {
-    let lines = Lines::default();
-    let sink = lines.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-            sink.lock().unwrap().push(line);
-        }
-    });
-    lines
 }
 
 /// The cgroup filesystem a container sees at /sys/fs/cgroup.
@@ -416,4 +406,26 @@ impl Drop for Pod {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The container's environment as the kubelet would set it: literal values,
+/// and the pod's (and host's) address from the downward API as `pod_ip`.
+pub fn container_env(container: &Value, pod_ip: std::net::Ipv4Addr) -> Vec<(String, String)> {
+    container["env"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|var| {
+            let name = var["name"].as_str().unwrap().to_owned();
+            let value = match (
+                var["value"].as_str(),
+                var["valueFrom"]["fieldRef"]["fieldPath"].as_str(),
+            ) {
+                (Some(value), _) => value.to_owned(),
+                (None, Some("status.podIP" | "status.hostIP")) => pod_ip.to_string(),
+                other => panic!("env {name} from {other:?} is not emulated"),
+            };
+            (name, value)
+        })
+        .collect()
 }
