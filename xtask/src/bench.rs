@@ -1001,11 +1001,18 @@ fn run_env(
                     Some(contenders::start(contender, &launch))
                 }
             };
-            let proxy = match own.as_ref().or(proxies.get(&contender)) {
+            let running = own.as_ref().or(proxies.get(&contender));
+            let pid = match running {
+                Some(Ok(proxy)) => Some(proxy.pid()),
+                _ => None,
+            };
+            let proxy = match running {
                 None => Ok(None),
                 Some(Ok(proxy)) => Ok(Some(proxy.addr)),
                 Some(Err(reason)) => Err(format!("failed to start: {reason}")),
             };
+            let cpu_before = pid.and_then(cpu::process_tree_cpu_secs);
+            let load_before = cpu::own_cpu_secs();
             let result = proxy.map(|proxy| {
                 let payload = if contender == Contender::SplicePeek {
                     setup_rate::client_hello()
@@ -1019,6 +1026,10 @@ fn run_env(
                     Duration::from_secs_f64(settings.setup_secs),
                     payload,
                     case.variant,
+                )
+                .with_cpu(
+                    [cpu_before, pid.and_then(cpu::process_tree_cpu_secs)],
+                    [load_before, cpu::own_cpu_secs()],
                 )
             });
             if let Some(Ok(proxy)) = own {

@@ -195,6 +195,8 @@ pub fn to_json(results: &Results) -> Value {
                 "tunnel_p99_ms": finite(r.tunnel_p99_ms),
                 "errors": r.errors,
                 "first_error": r.first_error,
+                "proxy_cpu_us_per_tunnel": r.proxy_cpu_per_tunnel_s.map(|s| s * 1e6),
+                "load_cpu_us_per_tunnel": r.load_cpu_per_tunnel_s.map(|s| s * 1e6),
             }),
             Err(err) => json!({
                 "id": c.id(),
@@ -529,6 +531,34 @@ fn setup_goal_note(setup: &SetupResults) -> Option<String> {
             parts.join("; ")
         )
     })
+}
+
+/// What a tunnel by address costs spliced's default plane, Squid and the
+/// load generator in CPU, and the ratio of tunnels/s those costs allow on
+/// `cpus` CPUs: Squid runs on one thread, so at most 1/its cost; spliced
+/// shares every CPU with the load generator, so at most cpus/(both costs).
+fn setup_cpu_note(setup: &SetupResults, cpus: u32) -> Option<String> {
+    let costs = |wanted| {
+        setup.iter().find_map(|(c, r)| {
+            let r = r.as_ref().ok()?;
+            (c.contender == wanted && c.variant == Variant::Ip)
+                .then_some((r.proxy_cpu_per_tunnel_s?, r.load_cpu_per_tunnel_s?))
+        })
+    };
+    let (spliced, load) = costs(Contender::Packet)?;
+    let (squid, _) = costs(Contender::Squid)?;
+    let us = |s: f64| s * 1e6;
+    let bound = f64::from(cpus) * squid / (spliced + load);
+    Some(format!(
+        "CPU per tunnel by address: spliced packet {:.0} µs, Squid {:.0} µs ({:.2}× spliced's), the benchmark's clients and echo server {:.0} µs. Squid runs on one thread, so at most 1/{:.0} µs tunnels/s; spliced shares the {cpus} CPUs with the clients, so at most {cpus}/({:.0} + {:.0} µs): the best ratio these costs allow here is {bound:.2}×.",
+        us(spliced),
+        us(squid),
+        squid / spliced,
+        us(load),
+        us(squid),
+        us(spliced),
+        us(load),
+    ))
 }
 
 /// What a TLS name rule costs: `ssl_bump peek`'s tunnels/s against plain
@@ -899,6 +929,10 @@ pub fn tables(results: &Results) -> Vec<Table> {
                         row.push(fmt_ms(r.p99_ms));
                         row.push(fmt_ms(r.tunnel_p50_ms));
                         row.push(fmt_ms(r.tunnel_p99_ms));
+                        row.push(
+                            r.proxy_cpu_per_tunnel_s
+                                .map_or_else(String::new, |s| format!("{:.0}", s * 1e6)),
+                        );
                         row.push(match &r.first_error {
                             Some(err) => format!("{} ({})", r.errors, short(err, 60)),
                             None => r.errors.to_string(),
@@ -906,7 +940,7 @@ pub fn tables(results: &Results) -> Vec<Table> {
                     }
                     Err(err) => {
                         row.push(short(err, 80));
-                        row.extend(std::iter::repeat_n(String::new(), 5));
+                        row.extend(std::iter::repeat_n(String::new(), 6));
                     }
                 }
                 row
@@ -925,6 +959,7 @@ pub fn tables(results: &Results) -> Vec<Table> {
                 "p99 ms",
                 "whole tunnel p50 ms",
                 "p99 ms",
+                "proxy CPU µs/tunnel",
                 "errors",
             ]
             .map(str::to_owned)
@@ -932,6 +967,7 @@ pub fn tables(results: &Results) -> Vec<Table> {
             rows: body,
             note: join_notes([
                 setup_goal_note(&results.setup),
+                setup_cpu_note(&results.setup, results.meta.nproc),
                 peek_cost_note(&results.setup),
             ]),
         });
@@ -2049,6 +2085,8 @@ mod tests {
                         tunnel_p99_ms: 0.5,
                         errors: 1,
                         first_error: Some("refused".into()),
+                        proxy_cpu_per_tunnel_s: None,
+                        load_cpu_per_tunnel_s: None,
                     }),
                 ),
                 (
@@ -2082,6 +2120,8 @@ mod tests {
                             tunnel_p99_ms: 3.0,
                             errors: 0,
                             first_error: None,
+                            proxy_cpu_per_tunnel_s: Some(150e-6),
+                            load_cpu_per_tunnel_s: Some(100e-6),
                         }),
                     )
                 }),

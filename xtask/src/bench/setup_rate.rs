@@ -223,6 +223,28 @@ pub struct SetupResult {
     pub tunnel_p99_ms: f64,
     pub errors: u64,
     pub first_error: Option<String>,
+    /// CPU-seconds the proxy's processes used per tunnel during the
+    /// measurement (see [`super::cpu::process_tree_cpu_secs`]).
+    pub proxy_cpu_per_tunnel_s: Option<f64>,
+    /// CPU-seconds the benchmark's own clients and echo server used per
+    /// tunnel: the load generator shares the machine's CPUs with the proxy.
+    pub load_cpu_per_tunnel_s: Option<f64>,
+}
+
+impl SetupResult {
+    /// Adds the CPU cost per tunnel of the proxy and of the load generator,
+    /// each from a reading before and after.
+    pub fn with_cpu(mut self, proxy: [Option<f64>; 2], load: [Option<f64>; 2]) -> Self {
+        let per_tunnel = |[before, after]: [Option<f64>; 2]| match (before, after) {
+            (Some(before), Some(after)) if self.tunnels > 0 => {
+                Some((after - before) / self.tunnels as f64)
+            }
+            _ => None,
+        };
+        self.proxy_cpu_per_tunnel_s = per_tunnel(proxy);
+        self.load_cpu_per_tunnel_s = per_tunnel(load);
+        self
+    }
 }
 
 /// Runs `clients` concurrent client threads for `duration`. Through `proxy`
@@ -287,6 +309,8 @@ pub fn measure(
         tunnel_p99_ms: percentile(&whole, 0.99),
         errors,
         first_error,
+        proxy_cpu_per_tunnel_s: None,
+        load_cpu_per_tunnel_s: None,
     }
 }
 
