@@ -182,17 +182,20 @@ pub async fn read_head(
     client: &mut TcpStream,
     deadline: Duration,
 ) -> Result<RequestHead, HeadError> {
-    read_head_after(client, deadline, Vec::new()).await
+    read_head_after(client, deadline, Duration::ZERO, Vec::new()).await
 }
 
 /// [`read_head`] when the first bytes of the head were read already (behind
-/// a PROXY protocol header): `read` is parsed before anything else is read.
+/// a PROXY protocol header, which took `spent` of the same `deadline`):
+/// `read` is parsed before anything else is read.
 pub async fn read_head_after(
     client: &mut TcpStream,
     deadline: Duration,
+    spent: Duration,
     read: Vec<u8>,
 ) -> Result<RequestHead, HeadError> {
-    match tokio::time::timeout(deadline, read_head_inner(client, read)).await {
+    let left = deadline.saturating_sub(spent);
+    match tokio::time::timeout(left, read_head_inner(client, read)).await {
         Ok(result) => result,
         Err(_) => Err(HeadError::Timeout(deadline)),
     }

@@ -555,6 +555,28 @@ fn refusals_close_log_and_count_without_going_upstream() {
     );
     assert_eq!(site.refusals("timeout"), before + 1);
 
+    // request_timeout covers the header and the request head together: a
+    // header sent 1.5 s late leaves 0.5 s for the head, not another 2 s.
+    let mut stream = site.connect();
+    stream.set_read_timeout(Some(within)).unwrap();
+    let started = Instant::now();
+    std::thread::sleep(Duration::from_millis(1500));
+    stream.write_all(&v1(src, lb)).unwrap();
+    stream.write_all(b"CONNECT 127.0.0.1").unwrap();
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    let took = started.elapsed();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        took >= Duration::from_millis(1900) && took < Duration::from_millis(3000),
+        "408 after {took:?}, request_timeout 2 s"
+    );
+    count += 1;
+    let record = site.record(count);
+    assert_eq!(record["status"], 408, "{record}");
+    assert_eq!(record["client"], "192.0.2.40:5000", "{record}");
+
     assert_eq!(
         site.echo.accepted(),
         0,

@@ -10,9 +10,11 @@ impl ControlPlane {
         settings: &Settings,
         client: &mut TcpStream,
         record: &mut AccessRecord,
-        read: Vec<u8>,
+        (started, read): (Instant, Vec<u8>),
     ) -> Result<Opened, Refusal> {
-        let head = connect_request::read_head_after(client, settings.request_timeout, read)
+        // `request_timeout` covers a PROXY header and the head together.
+        let spent = started.elapsed();
+        let head = connect_request::read_head_after(client, settings.request_timeout, spent, read)
             .await
             .map_err(|err| match err {
                 HeadError::Timeout(_) => Refusal::new(408, err.to_string()),
