@@ -466,6 +466,40 @@ fn failover_to_the_next_parent_and_to_direct() {
     let records = never.wait_json_records(2);
     assert_eq!(records[1]["hierarchy"], "HIER_NONE", "{}", records[1]);
 
+    // dst ACLs in always_direct judge the target's resolved addresses, as
+    // Squid's: a name (from hosts_file) on loopback goes direct although
+    // never_direct sends everything else to the (dead) parent.
+    let hosts = site.write("hosts", "127.0.0.1 inside.test\n");
+    let inside = site.spliced(
+        "inside.conf",
+        &format!(
+            "hosts_file {}\n\
+             acl loopback_dst dst 127.0.0.0/8\n\
+             cache_peer 127.0.0.1 parent {dead1} 0 no-query name=a\n\
+             always_direct allow loopback_dst\n\
+             never_direct allow all\n\
+             http_access allow all\n",
+            hosts.display()
+        ),
+        &[],
+    );
+    let by_name = format!("inside.test:{}", upstream.addr.port());
+    let stream = open_tunnel(inside.addr, &by_name);
+    let h = header(64 * 1024, 64 * 1024, 9, Mode::Concurrent);
+    assert_eq!(
+        exchange(stream, h, false).received,
+        Ok(h.down),
+        "{}",
+        inside.stderr()
+    );
+    assert_eq!(upstream.result().received, Ok(h.up));
+    let record = &inside.wait_json_records(1)[0];
+    assert_eq!(
+        route_of(record),
+        ("HIER_DIRECT".into(), target.clone(), "-".into()),
+        "{record}"
+    );
+
     // The default parent is the last resort, wherever it is listed; and
     // cache_peer_access can take it away.
     let conf = |access: &str| {

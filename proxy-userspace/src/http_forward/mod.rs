@@ -326,7 +326,14 @@ impl Connection {
             &method,
             request.headers().contains_key(header::AUTHORIZATION),
         );
-        let routes = parents::routes(&self.control, settings, &judge, hierarchical);
+        let routes = parents::routes(
+            &self.control,
+            settings,
+            &judge,
+            &target.target,
+            hierarchical,
+        )
+        .await;
         if routes.iter().any(|route| route.peer.is_some()) {
             parents::check_destination(&self.control, settings, &judge, &target.target).await?;
         }

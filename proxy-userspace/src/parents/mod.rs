@@ -123,11 +123,14 @@ fn with_peers(settings: &Settings) -> Option<&SquidConfig> {
     }
 }
 
-/// The routes for a request, in order; probes the dead parents that are due.
-pub(crate) fn routes(
+/// The routes for a request to `target`, in order; probes the dead parents
+/// that are due. Resolves the target first when a peer-selection rule has a
+/// `dst` ACL (a cache hit for the DIRECT connection after).
+pub(crate) async fn routes(
     control: &ControlPlane,
     settings: &Settings,
     judge: &Judge<'_>,
+    target: &Target,
     hierarchical: bool,
 ) -> Vec<Route> {
     let Some(squid) = with_peers(settings) else {
@@ -156,7 +159,20 @@ pub(crate) fn routes(
             });
         }
     }
-    squid.routes(&judge.facts(None, 0), hierarchical, |index| up[index])
+    let destinations = if squid.routes_need_destinations() {
+        upstream::resolve(&settings.resolver, target, &control.metrics().dns)
+            .await
+            .map(|addrs| addrs.iter().map(SocketAddr::ip).collect())
+            .unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    squid.routes(
+        &judge.facts(None, 0),
+        hierarchical,
+        |index| up[index],
+        &destinations,
+    )
 }
 
 /// Where a parent listens, as a target to resolve and connect to.
@@ -252,7 +268,7 @@ pub(crate) async fn open_tunnel(
     target: &Target,
     record: &mut AccessRecord,
 ) -> Result<(TcpStream, handshake::Opened), Refusal> {
-    let routes = routes(control, settings, judge, false);
+    let routes = routes(control, settings, judge, target, false).await;
     if routes.is_empty() {
         return Err(no_route());
     }

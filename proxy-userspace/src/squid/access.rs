@@ -235,6 +235,9 @@ pub(super) struct Prepared<'a> {
     facts: &'a RequestFacts<'a>,
     client: IpAddr,
     dst: Option<IpAddr>,
+    /// Every address the target resolved to, for peer selection: a `dst`
+    /// ACL matches if one of them is in it (Squid's `ACLDestinationIP`).
+    destinations: Vec<IpAddr>,
     local_ip: Option<IpAddr>,
     /// Lower case, no brackets, no trailing dot.
     host: String,
@@ -264,11 +267,20 @@ impl<'a> Prepared<'a> {
             server_name,
             client: canonical_ip(facts.client),
             dst: facts.dst.map(canonical_ip),
+            destinations: Vec::new(),
             local_ip: facts.local_ip.map(canonical_ip),
             host_is_ip: literal.is_some(),
             host,
             url,
         }
+    }
+}
+
+impl Prepared<'_> {
+    /// With every address the target resolved to (see `destinations`).
+    pub(super) fn with_destinations(mut self, destinations: &[IpAddr]) -> Self {
+        self.destinations = destinations.iter().copied().map(canonical_ip).collect();
+        self
     }
 }
 
@@ -293,7 +305,14 @@ fn evaluate(acl: &Acl, request: &Prepared<'_>) -> Verdict {
     match &acl.kind {
         AclKind::Src(ranges) => verdict(in_ranges(ranges, Some(request.client))),
         AclKind::Dst { ranges, no_lookup } => {
-            verdict((!*no_lookup || request.host_is_ip) && in_ranges(ranges, request.dst))
+            let addresses = request
+                .dst
+                .into_iter()
+                .chain(request.destinations.iter().copied());
+            verdict(
+                (!*no_lookup || request.host_is_ip)
+                    && addresses.into_iter().any(|ip| in_ranges(ranges, Some(ip))),
+            )
         }
         AclKind::LocalIp(ranges) => verdict(in_ranges(ranges, request.local_ip)),
         AclKind::DstDomain(set) => verdict(set.matches(&request.host)),
@@ -428,11 +447,13 @@ impl SquidConfig {
     /// asked once per candidate address, with [`RequestFacts::dst`] set. When
     /// false, the answer does not depend on `dst`.
     pub fn needs_destination(&self) -> bool {
-        self.rules.iter().any(|rule| {
-            rule.acls
-                .iter()
-                .any(|acl| matches!(self.acls[acl.index].kind, AclKind::Dst { .. }))
-        })
+        self.rules.iter().any(|rule| self.uses_dst(&rule.acls))
+    }
+
+    /// Whether one of `acls` is a `dst`-type ACL.
+    pub(super) fn uses_dst(&self, acls: &[AclRef]) -> bool {
+        acls.iter()
+            .any(|acl| matches!(self.acls[acl.index].kind, AclKind::Dst { .. }))
     }
 
     /// Whether any `http_access` line uses a `proxy_auth` ACL: only then are

@@ -231,15 +231,34 @@ impl SquidConfig {
         &self.peers
     }
 
+    /// Whether `cache_peer_access`, `never_direct` or `always_direct` use a
+    /// `dst`-type ACL: then [`SquidConfig::routes`] wants the target's
+    /// addresses (Squid resolves the name to evaluate them).
+    pub fn routes_need_destinations(&self) -> bool {
+        let peers = &self.peers;
+        peers
+            .access
+            .iter()
+            .flatten()
+            .chain(&peers.never_direct)
+            .chain(&peers.always_direct)
+            .any(|rule| self.uses_dst(&rule.acls))
+    }
+
     /// The routes to try for a request, in order (empty: nothing may be
     /// tried, Squid's `ERR_CANNOT_FORWARD`). `hierarchical`: whether Squid
     /// would send the request up the hierarchy (see the module doc); `up`:
-    /// whether a parent is alive (not past its `connect-fail-limit`).
+    /// whether a parent is alive (not past its `connect-fail-limit`);
+    /// `destinations`: the target's addresses when
+    /// [`SquidConfig::routes_need_destinations`] (a `dst` ACL matches if one
+    /// of them is in it; none, as for a name that does not resolve, matches
+    /// no `dst` ACL).
     pub fn routes(
         &self,
         facts: &RequestFacts<'_>,
         hierarchical: bool,
         up: impl Fn(usize) -> bool,
+        destinations: &[std::net::IpAddr],
     ) -> Vec<Route> {
         let peers = &self.peers;
         if peers.peers.is_empty() {
@@ -248,7 +267,7 @@ impl SquidConfig {
                 code: HierCode::Direct,
             }];
         }
-        let request = Prepared::new(facts);
+        let request = Prepared::new(facts).with_destinations(destinations);
         let direct = Route {
             peer: None,
             code: HierCode::Direct,

@@ -13,6 +13,17 @@ fn config(text: &str) -> SquidConfig {
 /// The routes of a request, as `CODE/NAME` (`HIER_DIRECT` alone for DIRECT),
 /// with the parents named in `down` dead.
 fn routes(config: &SquidConfig, method: &str, host: &str, down: &[&str]) -> Vec<String> {
+    routes_to(config, method, host, down, &[])
+}
+
+/// [`routes`] with the target's resolved addresses.
+fn routes_to(
+    config: &SquidConfig,
+    method: &str,
+    host: &str,
+    down: &[&str],
+    destinations: &[IpAddr],
+) -> Vec<String> {
     let facts = RequestFacts {
         client: "10.0.0.1".parse::<IpAddr>().unwrap(),
         local_ip: None,
@@ -29,9 +40,12 @@ fn routes(config: &SquidConfig, method: &str, host: &str, down: &[&str]) -> Vec<
     let peers = &config.peers().peers;
     let hierarchical = is_hierarchical(method, false);
     config
-        .routes(&facts, hierarchical, |i| {
-            !down.contains(&peers[i].name.as_str())
-        })
+        .routes(
+            &facts,
+            hierarchical,
+            |i| !down.contains(&peers[i].name.as_str()),
+            destinations,
+        )
         .iter()
         .map(|route| match route.peer {
             None => route.code.as_str().to_owned(),
@@ -102,4 +116,46 @@ fn without_peers_only_direct() {
     );
     let lines: Vec<usize> = loaded.warnings.iter().map(|w| w.line).collect();
     assert_eq!(lines, [1, 2], "{:#?}", loaded.warnings);
+}
+
+#[test]
+fn dst_acls_judge_the_resolved_addresses() {
+    let conf = config(&format!(
+        "{PEERS}acl internal dst 10.0.0.0/8
+acl lab dst 192.0.2.0/24
+         cache_peer_access a deny lab
+         always_direct allow internal
+never_direct allow all
+"
+    ));
+    assert!(conf.routes_need_destinations());
+    assert!(!config(PEERS).routes_need_destinations());
+    let ip = |text: &str| text.parse::<IpAddr>().unwrap();
+    // An internal address goes direct; a name that did not resolve (no
+    // addresses) matches no dst ACL, so it goes through the parents.
+    assert_eq!(
+        routes_to(&conf, "CONNECT", "intranet.test", &[], &[ip("10.1.2.3")]),
+        ["HIER_DIRECT"]
+    );
+    assert_eq!(
+        routes_to(&conf, "CONNECT", "gone.test", &[], &[]),
+        ["FIRSTUP_PARENT/a", "ANY_OLD_PARENT/c", "DEFAULT_PARENT/b"]
+    );
+    // One address of several in the ACL is enough (Squid's ACLDestinationIP),
+    // IPv4-mapped IPv6 included.
+    assert_eq!(
+        routes_to(
+            &conf,
+            "CONNECT",
+            "dual.test",
+            &[],
+            &[ip("2001:db8::1"), ip("::ffff:10.9.9.9")]
+        ),
+        ["HIER_DIRECT"]
+    );
+    // cache_peer_access: parent a is not for the lab network.
+    assert_eq!(
+        routes_to(&conf, "CONNECT", "lab.test", &[], &[ip("192.0.2.7")]),
+        ["FIRSTUP_PARENT/c", "DEFAULT_PARENT/b"]
+    );
 }
