@@ -466,6 +466,21 @@ fn failover_to_the_next_parent_and_to_direct() {
     let records = never.wait_json_records(2);
     assert_eq!(records[1]["hierarchy"], "HIER_NONE", "{}", records[1]);
 
+    // never_direct without any parent: no route, 503 (as Squid), nothing
+    // connected upstream.
+    let nowhere = site.spliced(
+        "nowhere.conf",
+        "never_direct allow all\nhttp_access allow all\n",
+        &[],
+    );
+    let answer = raw_request(nowhere.addr, connect.as_bytes());
+    assert_eq!(status_of(&answer), 503, "{answer}\n{}", nowhere.stderr());
+    assert!(
+        nowhere.logged("have no route and get 503"),
+        "{}",
+        nowhere.stderr()
+    );
+
     // dst ACLs in always_direct judge the target's resolved addresses, as
     // Squid's: a name (from hosts_file) on loopback goes direct although
     // never_direct sends everything else to the (dead) parent.

@@ -118,7 +118,7 @@ impl Health {
 /// The squid.conf in force when it has `cache_peer` lines.
 fn with_peers(settings: &Settings) -> Option<&SquidConfig> {
     match &settings.policy {
-        Policy::Squid(squid) if !squid.peers().peers.is_empty() => Some(squid),
+        Policy::Squid(squid) if squid.peers().select_routes() => Some(squid),
         _ => None,
     }
 }

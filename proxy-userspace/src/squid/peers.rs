@@ -178,6 +178,14 @@ pub struct Peers {
     pub nonhierarchical_direct: bool,
 }
 
+impl Peers {
+    /// Whether peer selection can give anything but DIRECT: there are
+    /// parents, or `never_direct` lines (which leave no route without them).
+    pub fn select_routes(&self) -> bool {
+        !self.peers.is_empty() || !self.never_direct.is_empty()
+    }
+}
+
 impl Default for Peers {
     fn default() -> Self {
         Self {
@@ -261,7 +269,7 @@ impl SquidConfig {
         destinations: &[std::net::IpAddr],
     ) -> Vec<Route> {
         let peers = &self.peers;
-        if peers.peers.is_empty() {
+        if !peers.select_routes() {
             return vec![Route {
                 peer: None,
                 code: HierCode::Direct,
@@ -561,15 +569,23 @@ pub(super) fn rule(
     Ok(())
 }
 
-/// At the end of the file: `never_direct` and `always_direct` lines without
-/// any `cache_peer` have no effect (every request goes DIRECT), one warning each.
+/// At the end of the file, without any `cache_peer`: a warning for each
+/// `never_direct` line (what it matches cannot be forwarded at all: 503, as
+/// in Squid) and each `always_direct` line (no effect: everything goes
+/// DIRECT anyway).
 pub(super) fn finish(peers: &Peers, warnings: &mut Vec<Diagnostic>) {
     if !peers.peers.is_empty() {
         return;
     }
-    for rule in peers.never_direct.iter().chain(&peers.always_direct) {
+    for rule in &peers.never_direct {
         warnings.push(rule.loc.diag(
-            "no effect without cache_peer lines (spliced then always connects directly); ignored",
+            "without cache_peer lines, the requests it matches have no route and get 503 (as in Squid)",
+            &rule.text,
+        ));
+    }
+    for rule in &peers.always_direct {
+        warnings.push(rule.loc.diag(
+            "no effect without cache_peer lines (every request goes DIRECT)",
             &rule.text,
         ));
     }

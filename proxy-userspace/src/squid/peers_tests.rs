@@ -108,25 +108,34 @@ fn never_always_and_peer_access() {
 }
 
 #[test]
-fn without_peers_only_direct() {
-    let loaded = parse_str("never_direct allow all\nalways_direct deny all\n", "p.conf").unwrap();
+fn without_peers_never_direct_leaves_no_route() {
+    // As Squid: what never_direct matches cannot be forwarded (503).
+    let text = "acl corp dstdomain .corp.test\nnever_direct allow !corp\nalways_direct deny all\n";
+    let loaded = parse_str(text, "p.conf").unwrap();
+    let none: [&str; 0] = [];
+    assert_eq!(routes(&loaded.config, "CONNECT", "x.test", &[]), none);
     assert_eq!(
-        routes(&loaded.config, "CONNECT", "x.test", &[]),
+        routes(&loaded.config, "CONNECT", "www.corp.test", &[]),
         ["HIER_DIRECT"]
     );
     let lines: Vec<usize> = loaded.warnings.iter().map(|w| w.line).collect();
-    assert_eq!(lines, [1, 2], "{:#?}", loaded.warnings);
+    assert_eq!(lines, [2, 3], "{:#?}", loaded.warnings);
+    assert!(
+        loaded.warnings[0].to_string().contains("503"),
+        "{}",
+        loaded.warnings[0]
+    );
+    // Neither line: DIRECT without looking at anything.
+    let plain = parse_str("http_access allow all\n", "p.conf").unwrap();
+    assert_eq!(routes(&plain.config, "GET", "x.test", &[]), ["HIER_DIRECT"]);
 }
 
 #[test]
 fn dst_acls_judge_the_resolved_addresses() {
     let conf = config(&format!(
-        "{PEERS}acl internal dst 10.0.0.0/8
-acl lab dst 192.0.2.0/24
-         cache_peer_access a deny lab
-         always_direct allow internal
-never_direct allow all
-"
+        "{PEERS}acl internal dst 10.0.0.0/8\nacl lab dst 192.0.2.0/24\n\
+         cache_peer_access a deny lab\n\
+         always_direct allow internal\nnever_direct allow all\n"
     ));
     assert!(conf.routes_need_destinations());
     assert!(!config(PEERS).routes_need_destinations());
