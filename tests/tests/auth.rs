@@ -2,8 +2,9 @@
 //! `credentialsttl`): floods of right and wrong passwords against real bcrypt
 //! hashes while tunnels keep opening, the verification pool's bound in the
 //! metrics and as 503s, cached credentials expiring and being forgotten when a
-//! reload changes the password file, and a wrong password never accepted
-//! after the right one was cached.
+//! reload changes the password file, a wrong password never accepted
+//! after the right one was cached, and a herd of the same credentials
+//! verified once.
 
 use std::{
     io::{Read as _, Write as _},
@@ -273,7 +274,7 @@ fn a_password_flood_waits_in_a_bounded_queue_while_tunnels_keep_opening() {
 
     // Hashing is serialized: the flood cannot have verified more than the
     // flood's duration allows (generous: a hash may be 3× faster than here).
-    let verified = checks(&proxy, "verified") + checks(&proxy, "rejected");
+    let verified = metric(&proxy, "spliced_auth_hashes_total") as u64;
     let bound = (flood_started.elapsed().as_secs_f64() / (one_hash.as_secs_f64() / 3.0)) as u64 + 3;
     assert!(
         verified <= bound,
@@ -316,6 +317,55 @@ fn a_password_flood_waits_in_a_bounded_queue_while_tunnels_keep_opening() {
     );
     assert!(metric(&proxy, "spliced_auth_queue_depth") == 0.0);
     assert!(metric(&proxy, "spliced_auth_verifying") == 0.0);
+}
+
+#[test]
+fn a_herd_of_the_same_credentials_is_hashed_once_and_never_refused() {
+    const COST: u32 = 12;
+    const HERD: usize = 32;
+    let dir = tempfile::tempdir().unwrap();
+    let echo = EchoProcess::start(env!("CARGO_BIN_EXE_echo_server"));
+    let passwd = dir.path().join("passwd");
+    std::fs::write(&passwd, bcrypt_line("alice", "alice-pass", COST)).unwrap();
+    // One verifier and one place in its queue, far fewer than the herd:
+    // without sharing the hash, most of the herd would get 503.
+    let conf = dir.path().join("squid.conf");
+    std::fs::write(
+        &conf,
+        conf_text(
+            &passwd,
+            1,
+            "auth_param basic children 1 queue-size=1
+",
+        ),
+    )
+    .unwrap();
+    let proxy = start(&conf);
+    let target = echo.addr.to_string();
+    let barrier = Arc::new(std::sync::Barrier::new(HERD));
+    let herd: Vec<_> = (0..HERD)
+        .map(|_| {
+            let (barrier, target, addr) = (barrier.clone(), target.clone(), proxy.addr);
+            thread::spawn(move || {
+                barrier.wait();
+                connect(addr, &target, Some("alice:alice-pass")).0
+            })
+        })
+        .collect();
+    let statuses: Vec<u16> = herd.into_iter().map(|t| t.join().unwrap()).collect();
+    assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
+    // One hash; the rest of the herd shared it, or came after it ended and
+    // found the success cached.
+    assert_eq!(metric(&proxy, "spliced_auth_hashes_total"), 1.0);
+    assert_eq!(checks(&proxy, "verified"), 1);
+    assert_eq!(checks(&proxy, "overloaded"), 0);
+    let coalesced = checks(&proxy, "coalesced");
+    eprintln!(
+        "herd of {HERD}: coalesced {coalesced}, cache_hit {}",
+        checks(&proxy, "cache_hit")
+    );
+    assert!(coalesced > 0, "no check of the herd overlapped the hash");
+    assert_eq!(coalesced + checks(&proxy, "cache_hit"), HERD as u64 - 1);
 }
 
 #[test]
@@ -412,10 +462,16 @@ fn credentials_are_not_hashed_when_no_rule_asks_for_them() {
     let proxy = start(&conf);
     let (status, _) = connect(proxy.addr, &echo.addr.to_string(), Some("alice:wrong"));
     assert_eq!(status, 200, "the open port needs no credentials");
-    let total: u64 = ["cache_hit", "verified", "rejected", "overloaded"]
-        .iter()
-        .map(|result| checks(&proxy, result))
-        .sum();
+    let total: u64 = [
+        "cache_hit",
+        "verified",
+        "coalesced",
+        "rejected",
+        "overloaded",
+    ]
+    .iter()
+    .map(|result| checks(&proxy, result))
+    .sum();
     assert_eq!(
         total, 0,
         "credentials were checked for a rule that needs none"

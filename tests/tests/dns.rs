@@ -5,7 +5,8 @@
 //! only, AAAA only, both with the IPv6 address black-holed (an nftables rule
 //! drops its SYNs: Happy Eyeballs must connect over IPv4 long before the
 //! connect timeout), NXDOMAIN, SERVFAIL, no records, or nothing at all; each
-//! outcome is checked in the answer, the access log and `/metrics`.
+//! outcome is checked in the answer, the access log and `/metrics`. A herd of
+//! tunnels to one name sends one query.
 
 use std::{
     fs,
@@ -434,5 +435,67 @@ fn a_reload_rebuilds_the_resolver_and_its_cache() {
         host.stub.asked("long.test", A),
         2,
         "the new resolver's cache is empty"
+    );
+}
+
+/// Sends `CONNECT target` from `herd` threads at once; their statuses.
+fn herd(host: &Host, proxy: &Proxy, target: &str, herd: usize) -> Vec<u16> {
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(herd));
+    let threads: Vec<_> = (0..herd)
+        .map(|_| {
+            let (ns, addr, target) = (host.ns.name.clone(), proxy.addr, target.to_owned());
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                enter_named(&ns, move || {
+                    let mut stream = TcpStream::connect(addr).unwrap();
+                    stream
+                        .set_read_timeout(Some(Duration::from_secs(60)))
+                        .unwrap();
+                    barrier.wait();
+                    write!(stream, "CONNECT {target} HTTP/1.1\r\n\r\n").unwrap();
+                    let mut answer = String::new();
+                    let _ = stream.read_to_string(&mut answer);
+                    status_of(&answer)
+                })
+            })
+        })
+        .collect();
+    threads.into_iter().map(|t| t.join().unwrap()).collect()
+}
+
+#[test]
+fn concurrent_lookups_of_one_name_send_one_query() {
+    const HERD: usize = 16;
+    let host = Host::new();
+    let proxy = host.proxy("dns_timeout 2 seconds\n", &[]);
+    let p4 = host.port4;
+    // A server that never answers: every lookup of the herd overlaps the
+    // first one's query, and all share its timeout.
+    let started = Instant::now();
+    let statuses = herd(&host, &proxy, &format!("silent-herd.test:{p4}"), HERD);
+    let took = started.elapsed();
+    assert!(statuses.iter().all(|&s| s == 503), "{statuses:?}");
+    assert!(took < Duration::from_secs(5), "the herd took {took:?}");
+    assert_eq!(metric(&host, &proxy, "spliced_dns_queries_total"), 1);
+    assert_eq!(
+        metric(&host, &proxy, "spliced_dns_shared_total"),
+        HERD as u64 - 1
+    );
+    assert_eq!(failures(&host, &proxy, "timeout"), HERD as u64);
+    // An answer with a long TTL: asked once, whether the herd shared the
+    // query or found the answer cached after it. (An answer without a TTL is
+    // not cached: a herd shares only the queries that overlap it.)
+    let statuses = herd(&host, &proxy, &format!("long.test:{p4}"), HERD);
+    assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
+    assert_eq!(
+        host.stub.asked("long.test", A),
+        1,
+        "{:?}",
+        host.stub.queries()
+    );
+    assert_eq!(metric(&host, &proxy, "spliced_dns_queries_total"), 2);
+    assert_eq!(
+        metric(&host, &proxy, "spliced_dns_lookups_total"),
+        2 * HERD as u64
     );
 }

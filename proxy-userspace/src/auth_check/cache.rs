@@ -31,7 +31,7 @@ pub const DEFAULT_TTL: Duration = Duration::from_secs(2 * 3600);
 
 /// A keyed digest of one user's credentials and the hash they were checked
 /// against.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Tag([u8; 32]);
 
 struct Cached {

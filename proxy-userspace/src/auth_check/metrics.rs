@@ -1,5 +1,6 @@
-//! The `spliced_auth_…` metrics: checks by result, the verification pool's
-//! queue and busy verifiers, the wait for a verifier, the cached users.
+//! The `spliced_auth_…` metrics: checks by result, the hashes verified, the
+//! verification pool's queue and busy verifiers, the wait for a verifier,
+//! the cached users.
 //! Registered by `metrics::Metrics::new`, fed by [`super::Authenticator`].
 
 use std::time::Duration;
@@ -16,7 +17,13 @@ use prometheus_client::{
 };
 
 /// The results a check is counted under.
-pub const RESULTS: [&str; 4] = ["cache_hit", "verified", "rejected", "overloaded"];
+pub const RESULTS: [&str; 5] = [
+    "cache_hit",
+    "verified",
+    "coalesced",
+    "rejected",
+    "overloaded",
+];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabels {
@@ -26,6 +33,7 @@ struct ResultLabels {
 /// The authentication metrics.
 pub struct AuthMetrics {
     checks: Family<ResultLabels, Counter>,
+    hashes: Counter,
     queue_depth: Gauge,
     busy: Gauge,
     wait: Histogram,
@@ -38,12 +46,20 @@ impl AuthMetrics {
         let checks = Family::<ResultLabels, Counter>::default();
         registry.register(
             "auth_checks",
-            "Proxy-Authorization checks, by result (cache_hit, verified, rejected, overloaded)",
+            "Proxy-Authorization checks, by result (cache_hit, verified, coalesced: valid \
+             on a concurrent check's hash, rejected, overloaded)",
             checks.clone(),
         );
         for result in RESULTS {
             let _ = checks.get_or_create(&ResultLabels { result });
         }
+        let hashes = Counter::default();
+        registry.register(
+            "auth_hashes",
+            "Password hashes verified (one per verification, shared by concurrent checks of \
+             the same credentials)",
+            hashes.clone(),
+        );
         let queue_depth = Gauge::default();
         registry.register(
             "auth_queue_depth",
@@ -71,6 +87,7 @@ impl AuthMetrics {
         );
         Self {
             checks,
+            hashes,
             queue_depth,
             busy,
             wait,
@@ -81,6 +98,11 @@ impl AuthMetrics {
     /// A check ended with `result`, one of [`RESULTS`].
     pub fn checked(&self, result: &'static str) {
         self.checks.get_or_create(&ResultLabels { result }).inc();
+    }
+
+    /// A password hash was verified.
+    pub fn hashed(&self) {
+        self.hashes.inc();
     }
 
     /// A check joined (+1) or left (-1) the wait queue.

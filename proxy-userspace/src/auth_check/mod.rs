@@ -8,19 +8,22 @@
 //! on tokio's blocking threads, at most [`HelperChildren::workers`] at once.
 //! At most [`HelperChildren::queue_limit`] checks wait; one more is refused
 //! with [`AuthError::Overloaded`] (503) instead of queueing. Requests without
-//! credentials and cache hits never wait for the pool.
+//! credentials and cache hits never wait for the pool, and concurrent checks
+//! of the same credentials share one verification (see [`flight`]): a herd
+//! of clients with one password costs one hash and one place in the queue.
 //!
 //! The [`Authenticator`] lives as long as the process: a reload resizes the
 //! pool (checks running on the old one finish there) and empties the cache
 //! when the password file changed.
 
 pub mod cache;
+mod flight;
 pub mod metrics;
 
 use std::{
     sync::{
         atomic::{AtomicUsize, Ordering},
-        Arc, Mutex, PoisonError,
+        Arc,
     },
     time::Instant,
 };
@@ -30,9 +33,10 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::{
     metrics::Metrics,
-    squid::{BasicAuth, Credentials, HelperChildren},
+    squid::{BasicAuth, Credentials, HelperChildren, Verifier},
 };
 use cache::{CredentialCache, DEFAULT_TTL};
+use flight::{Flight, Ledger, Role};
 
 /// Why credentials could not be checked.
 #[derive(Debug, thiserror::Error)]
@@ -95,7 +99,8 @@ impl Drop for Busy {
 
 /// The credentials cache and the verification pool of one process.
 pub struct Authenticator {
-    cache: Mutex<CredentialCache>,
+    /// The cache and the verifications in flight.
+    ledger: Arc<Ledger>,
     pool: ArcSwap<Pool>,
     metrics: Arc<Metrics>,
 }
@@ -104,7 +109,7 @@ impl Authenticator {
     /// An empty cache and a pool of Squid's default size.
     pub fn new(metrics: Arc<Metrics>) -> Self {
         Self {
-            cache: Mutex::new(CredentialCache::new()),
+            ledger: Arc::new(Ledger::new()),
             pool: ArcSwap::from_pointee(Pool::new(&HelperChildren::default())),
             metrics,
         }
@@ -143,22 +148,63 @@ impl Authenticator {
             return Ok(None);
         };
         let verifier = auth.verifier(&user);
-        let tag = verifier
+        // Unknown users have no hash line: nothing to cache or share.
+        let Some(tag) = verifier
             .hash_text()
-            .map(|hash| self.cache().tag(&user, hash, &password));
-        if let Some(tag) = &tag {
-            if self.cache().hit(&user, tag, Instant::now()) {
-                self.metrics.auth().checked("cache_hit");
-                return Ok(Some(user));
+            .map(|hash| self.cache().tag(&user, hash, &password))
+        else {
+            return self.verify(None, verifier, user, password).await;
+        };
+        loop {
+            match self.ledger.join(&user, tag, Instant::now()) {
+                Role::Cached => {
+                    self.metrics.auth().checked("cache_hit");
+                    return Ok(Some(user));
+                }
+                Role::Lead(flight) => {
+                    return self.verify(Some(flight), verifier, user, password).await;
+                }
+                Role::Follow(follower) => match follower.verdict().await {
+                    Some(true) => {
+                        self.metrics.auth().checked("coalesced");
+                        return Ok(Some(user));
+                    }
+                    Some(false) => {
+                        self.metrics.auth().checked("rejected");
+                        return Ok(None);
+                    }
+                    // The leader went away before verifying: check again
+                    // (the cache, another flight, or lead one).
+                    None => {}
+                },
             }
         }
+    }
+
+    /// Hashes `password` on a verifier of the pool; with `flight`, publishes
+    /// the verdict to the checks that wait for it (also when this check is
+    /// dropped once hashing started) and caches a success.
+    async fn verify(
+        &self,
+        flight: Option<Flight>,
+        verifier: Verifier,
+        user: String,
+        password: String,
+    ) -> Result<Option<String>, AuthError> {
+        // Refused: `flight` is dropped, its followers check again.
         let busy = self.acquire().await.inspect_err(|_| {
             self.metrics.auth().checked("overloaded");
         })?;
+        let metrics = self.metrics.clone();
         // The password moves into the verifying thread and ends there.
         let valid = tokio::task::spawn_blocking(move || {
-            let _busy = busy;
-            verifier.verify(password.as_bytes())
+            let valid = verifier.verify(password.as_bytes());
+            drop(busy);
+            metrics.auth().hashed();
+            if let Some(flight) = flight {
+                flight.finish(valid, &metrics);
+            }
+            valid
         })
         .await
         .unwrap_or(false);
@@ -167,11 +213,6 @@ impl Authenticator {
             return Ok(None);
         }
         self.metrics.auth().checked("verified");
-        if let Some(tag) = tag {
-            let mut cache = self.cache();
-            cache.insert(user.clone(), tag, Instant::now());
-            self.metrics.auth().cached(cache.len());
-        }
         Ok(Some(user))
     }
 
@@ -219,8 +260,7 @@ impl Authenticator {
     }
 
     fn cache(&self) -> std::sync::MutexGuard<'_, CredentialCache> {
-        // The cache holds no invariant a panicking holder could break.
-        self.cache.lock().unwrap_or_else(PoisonError::into_inner)
+        self.ledger.cache()
     }
 }
 
@@ -228,6 +268,7 @@ impl Authenticator {
 mod tests {
     use super::*;
     use base64::{engine::general_purpose::STANDARD, Engine as _};
+    use cache::Tag;
 
     fn basic(credentials: &str) -> String {
         format!("Basic {}", STANDARD.encode(credentials))
@@ -327,5 +368,205 @@ mod tests {
         waiter.await.unwrap().unwrap();
         assert_eq!(authenticator.pool.load().waiting.load(Ordering::Acquire), 0);
         assert!(metrics.encode().contains("spliced_auth_queue_depth 0\n"));
+    }
+
+    /// Waits (up to 10 s) until `done`.
+    async fn until(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < deadline, "never: {what}");
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+    }
+
+    fn assert_series(metrics: &Metrics, series: &[(&str, u64)]) {
+        let text = metrics.encode();
+        for (name, value) in series {
+            let line = format!("{name} {value}\n");
+            assert!(text.contains(&line), "{line}\n{text}");
+        }
+    }
+
+    /// An authenticator for alice (password "right", bcrypt at `cost`) with
+    /// `children`, and the tag of her right password.
+    fn alice(cost: u32, children: &str) -> (Arc<Metrics>, Arc<Authenticator>, Arc<BasicAuth>, Tag) {
+        let metrics = Arc::new(Metrics::new());
+        let authenticator = Arc::new(Authenticator::new(metrics.clone()));
+        let hash = bcrypt::hash("right", cost).unwrap();
+        let auth = Arc::new(with_children(children, &format!("alice:{hash}\n")));
+        authenticator.configure(Some(&auth));
+        let tag = authenticator.cache().tag("alice", &hash, "right");
+        (metrics, authenticator, auth, tag)
+    }
+
+    fn spawn_check(
+        authenticator: &Arc<Authenticator>,
+        auth: &Arc<BasicAuth>,
+        credentials: &str,
+    ) -> tokio::task::JoinHandle<Result<Option<String>, AuthError>> {
+        let (authenticator, auth) = (authenticator.clone(), auth.clone());
+        let header = basic(credentials);
+        tokio::spawn(async move { authenticator.check(&auth, &header).await })
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_herd_of_the_same_credentials_costs_one_hash_and_no_refusal() {
+        const HERD: usize = 16;
+        let (metrics, authenticator, auth, tag) = alice(4, "1 queue-size=1");
+        // With the only verifier busy, the herd's leader queues and the
+        // others follow it: none takes the queue's one place.
+        let held = authenticator.acquire().await.unwrap();
+        let herd: Vec<_> = (0..HERD)
+            .map(|_| spawn_check(&authenticator, &auth, "alice:right"))
+            .collect();
+        until("the herd follows one leader", || {
+            authenticator.ledger.followers(&tag) == Some(HERD - 1)
+        })
+        .await;
+        drop(held);
+        for check in herd {
+            assert_eq!(check.await.unwrap().unwrap().as_deref(), Some("alice"));
+        }
+        assert_series(
+            &metrics,
+            &[
+                ("spliced_auth_hashes_total", 1),
+                ("spliced_auth_checks_total{result=\"verified\"}", 1),
+                (
+                    "spliced_auth_checks_total{result=\"coalesced\"}",
+                    HERD as u64 - 1,
+                ),
+                ("spliced_auth_checks_total{result=\"overloaded\"}", 0),
+                ("spliced_auth_cached_users", 1),
+                ("spliced_auth_queue_depth", 0),
+            ],
+        );
+        assert_eq!(authenticator.ledger.followers(&tag), None);
+        // The success was cached once: the next check hashes nothing.
+        let again = authenticator.check(&auth, &basic("alice:right")).await;
+        assert_eq!(again.unwrap().as_deref(), Some("alice"));
+        assert_series(&metrics, &[("spliced_auth_hashes_total", 1)]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_right_and_a_wrong_password_are_not_merged() {
+        let (metrics, authenticator, auth, right) = alice(4, "1 queue-size=2");
+        let wrong = authenticator.cache().tag(
+            "alice",
+            auth.verifier("alice").hash_text().unwrap(),
+            "wrong",
+        );
+        let held = authenticator.acquire().await.unwrap();
+        let checks: Vec<_> = ["alice:right", "alice:wrong", "alice:right", "alice:wrong"]
+            .into_iter()
+            .map(|credentials| (credentials, spawn_check(&authenticator, &auth, credentials)))
+            .collect();
+        until("one flight per password, each followed once", || {
+            authenticator.ledger.followers(&right) == Some(1)
+                && authenticator.ledger.followers(&wrong) == Some(1)
+        })
+        .await;
+        drop(held);
+        for (credentials, check) in checks {
+            let expected = (credentials == "alice:right").then_some("alice");
+            let checked = check.await.unwrap().unwrap();
+            assert_eq!(checked.as_deref(), expected, "{credentials}");
+        }
+        assert_series(
+            &metrics,
+            &[
+                ("spliced_auth_hashes_total", 2),
+                ("spliced_auth_checks_total{result=\"verified\"}", 1),
+                ("spliced_auth_checks_total{result=\"coalesced\"}", 1),
+                ("spliced_auth_checks_total{result=\"rejected\"}", 2),
+            ],
+        );
+        // The failure was not cached: the wrong password is hashed again.
+        let again = authenticator.check(&auth, &basic("alice:wrong")).await;
+        assert_eq!(again.unwrap(), None);
+        assert_series(&metrics, &[("spliced_auth_hashes_total", 3)]);
+        assert_eq!(authenticator.cache().len(), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn followers_of_a_leader_dropped_while_queued_check_again() {
+        const FOLLOWERS: usize = 3;
+        let (metrics, authenticator, auth, tag) = alice(4, "1 queue-size=1");
+        let held = authenticator.acquire().await.unwrap();
+        let leader = spawn_check(&authenticator, &auth, "alice:right");
+        until("the leader queues", || {
+            authenticator.ledger.followers(&tag) == Some(0)
+        })
+        .await;
+        let followers: Vec<_> = (0..FOLLOWERS)
+            .map(|_| spawn_check(&authenticator, &auth, "alice:right"))
+            .collect();
+        until("the followers wait", || {
+            authenticator.ledger.followers(&tag) == Some(FOLLOWERS)
+        })
+        .await;
+        // The client of the leader goes away: its place in the queue is
+        // given back, and one follower leads a new flight in it.
+        leader.abort();
+        assert!(leader.await.unwrap_err().is_cancelled());
+        until("a follower leads", || {
+            authenticator.ledger.followers(&tag) == Some(FOLLOWERS - 1)
+        })
+        .await;
+        drop(held);
+        for check in followers {
+            assert_eq!(check.await.unwrap().unwrap().as_deref(), Some("alice"));
+        }
+        assert_series(
+            &metrics,
+            &[
+                ("spliced_auth_hashes_total", 1),
+                (
+                    "spliced_auth_checks_total{result=\"coalesced\"}",
+                    FOLLOWERS as u64 - 1,
+                ),
+                ("spliced_auth_checks_total{result=\"overloaded\"}", 0),
+                ("spliced_auth_queue_depth", 0),
+            ],
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn followers_of_a_leader_dropped_while_hashing_get_its_verdict() {
+        // A slow hash, so that the leader is dropped while it runs.
+        let (metrics, authenticator, auth, tag) = alice(12, "1 queue-size=1");
+        let held = authenticator.acquire().await.unwrap();
+        let leader = spawn_check(&authenticator, &auth, "alice:right");
+        until("the leader queues", || {
+            authenticator.ledger.followers(&tag) == Some(0)
+        })
+        .await;
+        let followers: Vec<_> = (0..2)
+            .map(|_| spawn_check(&authenticator, &auth, "alice:right"))
+            .collect();
+        until("the followers wait", || {
+            authenticator.ledger.followers(&tag) == Some(2)
+        })
+        .await;
+        drop(held);
+        // The poll that takes the verifier also starts the hash: once it is
+        // taken, the hash runs whatever becomes of the leader.
+        until("the leader hashes", || {
+            metrics.encode().contains("spliced_auth_verifying 1\n")
+        })
+        .await;
+        leader.abort();
+        assert!(leader.await.unwrap_err().is_cancelled(), "hashed too fast");
+        for check in followers {
+            assert_eq!(check.await.unwrap().unwrap().as_deref(), Some("alice"));
+        }
+        assert_series(
+            &metrics,
+            &[
+                ("spliced_auth_hashes_total", 1),
+                ("spliced_auth_checks_total{result=\"coalesced\"}", 2),
+                ("spliced_auth_cached_users", 1),
+            ],
+        );
     }
 }

@@ -36,7 +36,9 @@ impl Expiry<String, Entry> for EntryTtl {
     }
 }
 
-/// Answers and failures by name (lower case, no trailing dot).
+/// Answers and failures by name (lower case, no trailing dot); clones share
+/// the entries.
+#[derive(Clone)]
 pub struct Cache {
     entries: Moka<String, Entry>,
     positive_ttl: Duration,
@@ -56,7 +58,8 @@ impl Cache {
         }
     }
 
-    fn key(name: &str) -> String {
+    /// The key of `name`: lower case, no trailing dot.
+    pub(super) fn key(name: &str) -> String {
         name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase()
     }
 

@@ -18,6 +18,8 @@ struct KindLabels {
 pub struct DnsMetrics {
     lookups: Counter,
     cache_hits: Counter,
+    queries: Counter,
+    shared: Counter,
     failures: Family<KindLabels, Counter>,
 }
 
@@ -36,6 +38,16 @@ impl DnsMetrics {
             metrics.cache_hits.clone(),
         );
         registry.register(
+            "dns_queries",
+            "Names asked of the DNS servers (one query in flight per name)",
+            metrics.queries.clone(),
+        );
+        registry.register(
+            "dns_shared",
+            "Lookups answered by a query another lookup of the name had started",
+            metrics.shared.clone(),
+        );
+        registry.register(
             "dns_failures",
             "Lookups that gave no address, by kind: nxdomain, no_records, servfail, timeout, other",
             metrics.failures.clone(),
@@ -44,6 +56,17 @@ impl DnsMetrics {
             let _ = metrics.failures.get_or_create(&KindLabels { kind });
         }
         metrics
+    }
+
+    /// A query was sent (it runs to its end even if the lookup that started
+    /// it is dropped).
+    pub(super) fn queried(&self) {
+        self.queries.inc();
+    }
+
+    /// A lookup got the answer of a query another lookup had started.
+    pub(super) fn shared(&self) {
+        self.shared.inc();
     }
 
     /// One name is looked up; `cached` when the cache answered.

@@ -2,11 +2,13 @@
 //! `dns_nameservers` of squid.conf, else `/etc/resolv.conf` with its search
 //! rules), Squid's `hosts_file` consulted first, and a bounded cache of
 //! answers and failures (`positive_dns_ttl`, `negative_dns_ttl`,
-//! `ipcache_size`). Every lookup is bounded by `dns_timeout`; nothing here
+//! `ipcache_size`). Concurrent lookups of one name share one query (see
+//! [`flight`]). Every lookup is bounded by `dns_timeout`; nothing here
 //! blocks a tokio worker. Built from the configuration at start and on every
 //! reload (it lives in [`crate::settings::Settings`]).
 
 mod cache;
+mod flight;
 mod metrics;
 
 use std::{
@@ -31,6 +33,8 @@ use hickory_resolver::{
 
 pub use cache::{Answer, Cache};
 pub use metrics::DnsMetrics;
+
+use flight::{Flights, Source};
 
 use crate::squid::{HostsFile, SquidConfig};
 
@@ -150,6 +154,8 @@ pub struct Resolver {
     dns: TokioResolver,
     hosts: Hosts,
     cache: Cache,
+    /// The names being asked of DNS now.
+    flights: Flights,
     timeout: Duration,
 }
 
@@ -213,6 +219,7 @@ impl Resolver {
                 settings.positive_ttl,
                 settings.negative_ttl,
             ),
+            flights: Flights::default(),
             timeout: settings.timeout,
         };
         Ok((resolver, warnings))
@@ -224,17 +231,37 @@ impl Resolver {
     }
 
     /// The addresses of `name`: from `hosts_file`, the cache, or DNS (A and
-    /// AAAA asked together), within `dns_timeout`.
+    /// AAAA asked together, one query in flight per name), within
+    /// `dns_timeout`.
     pub async fn lookup(&self, name: &str, metrics: &DnsMetrics) -> Answer {
         if let Some(addrs) = self.static_host(name) {
             metrics.looked_up(false, None);
             return Ok(addrs);
         }
-        if let Some(answer) = self.cache.get(name) {
-            metrics.looked_up(true, answer.as_ref().err());
-            return answer;
+        let ask = || {
+            metrics.queried();
+            Self::ask(
+                self.dns.clone(),
+                self.cache.clone(),
+                name.to_owned(),
+                self.timeout,
+            )
+        };
+        let (answer, source) = self
+            .flights
+            .answer(Cache::key(name), || self.cache.get(name), ask)
+            .await;
+        if source == Source::Shared {
+            metrics.shared();
         }
-        let (answer, ttl) = match tokio::time::timeout(self.timeout, self.dns.lookup_ip(name)).await
+        metrics.looked_up(source == Source::Cached, answer.as_ref().err());
+        answer
+    }
+
+    /// Asks DNS for `name` within `timeout` and caches the answer; runs in
+    /// its own task, shared by the lookups of `name` meanwhile.
+    async fn ask(dns: TokioResolver, cache: Cache, name: String, timeout: Duration) -> Answer {
+        let (answer, ttl) = match tokio::time::timeout(timeout, dns.lookup_ip(name.as_str())).await
         {
             Err(_) => (Err(DnsError::Timeout), Duration::ZERO),
             Ok(Err(err)) => (Err(DnsError::from_net(&err)), Duration::ZERO),
@@ -250,8 +277,7 @@ impl Resolver {
                 }
             }
         };
-        self.cache.insert(name, answer.clone(), ttl);
-        metrics.looked_up(false, answer.as_ref().err());
+        cache.insert(&name, answer.clone(), ttl);
         answer
     }
 
