@@ -1580,7 +1580,12 @@ pub fn markdown(results: &Results, tables: &[Table]) -> String {
          peek-and-splice lines (`ssl_bump peek step1`, `ssl_bump splice` on an \
          `ssl::server_name`), and its clients send an 83-byte TLS ClientHello naming that \
          server instead of the 4 bytes: the proxy answers 200, reads and judges the ClientHello, \
-         then splices.",
+         then splices. *Proxy CPU µs/tunnel* is the user + system time of the proxy's \
+         processes (helpers included) over the case, from /proc/PID/stat, divided by the \
+         tunnels; on loopback a sender also pays for its segments' receive path, so it includes \
+         kernel TCP work the proxy causes. The benchmark's own clients and echo server are \
+         measured the same way (JSON `load_cpu_us_per_tunnel`), which gives the note's bound on \
+         the ratio to Squid.",
         s.setup_clients
     );
     let _ = writeln!(
