@@ -566,7 +566,9 @@ fn bytes_behind_the_parents_answer_and_its_errors() {
     let early =
         fake_parent(b"HTTP/1.1 200 Connection established\r\nX-Parent: fake\r\n\r\nHELLO-EARLY");
     let busy = fake_parent(
-        b"HTTP/1.1 503 Parent Busy\r\nContent-Length: 4\r\nConnection: close\r\n\r\nbusy",
+        b"HTTP/1.1 503 Parent Busy\r\nContent-Type: text/html\r\nX-Squid-Error: ERR_BUSY 0\r\n\
+          Keep-Alive: timeout=5\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n\
+          4\r\nbusy\r\n6\r\n, try \r\n5\r\nlater\r\n0\r\n\r\n",
     );
     for (name, parent, status) in [("early", early, 200), ("busy", busy, 503)] {
         let proxy = site.spliced(
@@ -595,12 +597,23 @@ fn bytes_behind_the_parents_answer_and_its_errors() {
             assert_eq!(&pong, b"ping");
             drop(stream);
         } else {
+            // The parent's answer, relayed as Squid does: its status line,
+            // its end-to-end fields, its body (framed by spliced).
             let mut answer = String::new();
             let _ = stream.read_to_string(&mut answer);
-            assert_eq!(status_of(&answer), 503, "{answer}");
+            assert_eq!(
+                answer,
+                "HTTP/1.1 503 Parent Busy\r\nContent-Type: text/html\r\n\
+                 X-Squid-Error: ERR_BUSY 0\r\nContent-Length: 15\r\nConnection: close\r\n\r\n\
+                 busy, try later"
+            );
+            let record = &proxy.wait_json_records(1)[0];
+            assert_eq!(record["bytes_to_client"], answer.len(), "{record}");
             assert!(
-                answer.contains("parent busy: parent answered 503 Parent Busy"),
-                "{answer}"
+                record["end"]
+                    .as_str()
+                    .is_some_and(|end| end.contains("parent answered 503 Parent Busy")),
+                "{record}"
             );
         }
         let record = &proxy.wait_json_records(1)[0];

@@ -117,6 +117,8 @@ pub(crate) struct Refusal {
     /// The `200` was sent before the refusal (the TLS name policy closes a
     /// tunnel after it): nothing more is answered.
     pub(crate) answered: bool,
+    /// A parent's own error answer, relayed instead of spliced's.
+    pub(crate) relayed: Option<Box<parents::handshake::RelayedAnswer>>,
 }
 
 impl Refusal {
@@ -129,6 +131,7 @@ impl Refusal {
             headers: String::new(),
             rule: None,
             answered: false,
+            relayed: None,
         }
     }
 

@@ -44,21 +44,40 @@ pub(super) async fn answer_error(
     refusal: &Refusal,
     with_body: bool,
 ) -> u64 {
-    let body = error_body(refusal);
-    let allow = if refusal.status == 405 {
-        "Allow: CONNECT\r\n"
-    } else {
-        ""
+    let answer = match &refusal.relayed {
+        Some(relayed) => {
+            let mut answer = format!(
+                "HTTP/1.1 {} {}\r\n{}Content-Length: {}\r\nConnection: close\r\n\r\n",
+                refusal.status,
+                relayed.reason,
+                relayed.headers,
+                relayed.body.len(),
+            )
+            .into_bytes();
+            if with_body {
+                answer.extend_from_slice(&relayed.body);
+            }
+            answer
+        }
+        None => {
+            let body = error_body(refusal);
+            let allow = if refusal.status == 405 {
+                "Allow: CONNECT\r\n"
+            } else {
+                ""
+            };
+            format!(
+                "HTTP/1.1 {} {}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{allow}{}Connection: close\r\n\r\n{}",
+                refusal.status,
+                reason_phrase(refusal.status),
+                body.len(),
+                refusal.headers,
+                if with_body { body.as_str() } else { "" },
+            )
+            .into_bytes()
+        }
     };
-    let answer = format!(
-        "HTTP/1.1 {} {}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{allow}{}Connection: close\r\n\r\n{}",
-        refusal.status,
-        reason_phrase(refusal.status),
-        body.len(),
-        refusal.headers,
-        if with_body { body.as_str() } else { "" },
-    );
-    if client.write_all(answer.as_bytes()).await.is_err() {
+    if client.write_all(&answer).await.is_err() {
         return 0;
     }
     let _ = client.shutdown().await;

@@ -318,6 +318,9 @@ pub(crate) async fn open_tunnel(
                 control.metrics().parent_connection(&peer.name, "refused");
             }
             let mut refusal = Refusal::new(err.status(), format!("parent {}: {err}", peer.name));
+            if let handshake::HandshakeError::Refused { answer, .. } = err {
+                refusal.relayed = Some(Box::new(answer));
+            }
             refusal.result = "TCP_TUNNEL";
             refusal
         });
