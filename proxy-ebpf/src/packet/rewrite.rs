@@ -260,7 +260,7 @@ pub(super) fn rewrite(
     Some(())
 }
 
-/// TRANSLATE with `WAKE`: the proxy socket's window update to its peer
+/// TRANSLATE, the socket in `PACKET_WAKE`: the proxy socket's window update to its peer
 /// carries, as TSval, at least the newest one translated toward that peer
 /// (the other entry's sender's newest, shifted). The peer may have taken a
 /// translated segment already; one with an older TSval than it has seen by
