@@ -289,6 +289,19 @@ impl Kernel {
         let _ = lock(&self.flows).remove(key);
     }
 
+    /// Removes the entry of `key` if it is flow `flow_id`'s (one lock held
+    /// from the look-up to the removal, so no [`Kernel::insert`] comes
+    /// between).
+    pub fn remove_own(&self, key: &PacketKey, flow_id: u64) {
+        let mut flows = lock(&self.flows);
+        if flows
+            .get(key, 0)
+            .is_ok_and(|entry| entry.flow_id == flow_id)
+        {
+            let _ = flows.remove(key);
+        }
+    }
+
     /// Entries in the map now.
     pub fn entries(&self) -> usize {
         lock(&self.flows).keys().count()

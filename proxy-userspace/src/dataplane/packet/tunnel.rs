@@ -134,7 +134,9 @@ impl Drop for Registration {
             return;
         }
         for key in &self.keys {
-            self.shared.kernel.remove(key);
+            // Only this tunnel's: a client that reused its port during the
+            // linger has a new tunnel, whose entry replaced this one's.
+            self.shared.kernel.remove_own(key, self.flow_id);
         }
         if let Some(tunnels) = &self.shared.tunnels {
             tunnels.remove(self.flow_id);
