@@ -671,11 +671,17 @@ fn echo_and_close(listener: std::net::TcpListener) {
     }
 }
 
-/// One short tunnel from `port`: connect, `CONNECT`, the `200`, `ping` at
-/// once, the echo and the upstream's close, then the client's close. Returns
-/// when the `200` came and when the close was read, from the start; `None`
-/// when the port is still taken (the previous connection's TIME_WAIT).
-fn racing_tunnel(proxy: SocketAddr, target: &str, port: u16) -> Option<(Duration, Duration)> {
+/// One short tunnel from `port`: connect, `CONNECT`, the `200`, `ping`
+/// after `hold`, the echo and the upstream's close, then the client's close.
+/// Returns when the `200` came and when the close was read, from the start;
+/// `None` when the port is still taken (the previous connection's
+/// TIME_WAIT).
+fn racing_tunnel(
+    proxy: SocketAddr,
+    target: &str,
+    port: u16,
+    hold: Duration,
+) -> Option<(Duration, Duration)> {
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     socket.set_reuse_address(true).unwrap();
     let local = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
@@ -698,6 +704,7 @@ fn racing_tunnel(proxy: SocketAddr, target: &str, port: u16) -> Option<(Duration
     .unwrap();
     spliced_tests::expect_connect_ok(&mut stream);
     let answered = started.elapsed();
+    std::thread::sleep(hold);
     stream.write_all(b"ping").unwrap();
     let mut echo = [0u8; 4];
     stream.read_exact(&mut echo).expect("the echo");
@@ -755,7 +762,7 @@ fn short_tunnels_racing_the_promotion_all_end() {
                     tries += 1;
                     assert!(tries < PER_THREAD * 20, "ports stayed taken");
                     let port = ports[tries % ports.len()];
-                    match racing_tunnel(proxy, &target, port) {
+                    match racing_tunnel(proxy, &target, port, Duration::ZERO) {
                         Some(times) => done.push((port, times)),
                         None => std::thread::sleep(Duration::from_millis(20)),
                     }
@@ -775,7 +782,44 @@ fn short_tunnels_racing_the_promotion_all_end() {
             proxy.stderr()
         );
     }
-    let records = proxy.wait_json_records(done.len());
+    // A tunnel on a port whose previous, promoted tunnel lingers, open
+    // across that linger's end: the old tunnel's entries go, not the new
+    // one's.
+    let port = 20_000 + THREADS * PORTS;
+    let records = (1..=5)
+        .find_map(|attempt| {
+            let (addr, to) = (proxy.addr, target.to_string());
+            // Translating before its first byte (`SETTLE`), so promoted.
+            ns.enter(move || racing_tunnel(addr, &to, port, SETTLE))
+                .expect("a fresh port");
+            let records = proxy.wait_json_records(done.len() + attempt);
+            let promoted = records.iter().any(|record| {
+                record["client"] == format!("127.0.0.1:{port}") && record["dataplane"] == "packet"
+            });
+            promoted.then_some(attempt)
+        })
+        .expect("a tunnel promoted in five");
+    let hold = Duration::from_millis(3500);
+    let (addr, to) = (proxy.addr, target.to_string());
+    let (answered, closed) = ns
+        .enter(move || {
+            // The port is free at once unless the client closed first
+            // (TIME_WAIT): then it is taken for a second.
+            (0..10).find_map(|_| {
+                let done = racing_tunnel(addr, &to, port, hold);
+                if done.is_none() {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                done
+            })
+        })
+        .expect("the port free again");
+    assert!(
+        answered < STALL && closed < hold + STALL,
+        "the tunnel across the linger's end: 200 after {answered:?}, closed after {closed:?}\n{}",
+        proxy.stderr()
+    );
+    let records = proxy.wait_json_records(done.len() + records + 1);
     let mut promoted = 0;
     for record in &records {
         assert_eq!(record["status"], 200, "{record}");
@@ -801,7 +845,7 @@ fn short_tunnels_racing_the_promotion_all_end() {
         "{stats:?}"
     );
     // The rest ended on the pump before their promotion got anywhere.
-    assert!(promoted + refused <= done.len() as u64, "{stats:?}");
+    assert!(promoted + refused <= records.len() as u64, "{stats:?}");
     let admin = proxy.admin_addr().expect("--admin");
     let name = ns.name.clone();
     let active = move || {
