@@ -787,16 +787,15 @@ fn short_tunnels_racing_the_promotion_all_end() {
     // one's.
     let port = 20_000 + THREADS * PORTS;
     let records = (1..=5)
-        .find_map(|attempt| {
+        .find(|&attempt| {
             let (addr, to) = (proxy.addr, target.to_string());
             // Translating before its first byte (`SETTLE`), so promoted.
             ns.enter(move || racing_tunnel(addr, &to, port, SETTLE))
                 .expect("a fresh port");
             let records = proxy.wait_json_records(done.len() + attempt);
-            let promoted = records.iter().any(|record| {
+            records.iter().any(|record| {
                 record["client"] == format!("127.0.0.1:{port}") && record["dataplane"] == "packet"
-            });
-            promoted.then_some(attempt)
+            })
         })
         .expect("a tunnel promoted in five");
     let hold = Duration::from_millis(3500);
