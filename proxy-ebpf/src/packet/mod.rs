@@ -374,22 +374,25 @@ pub fn packet_egress(ctx: TcContext) -> i32 {
     };
     let config = get!(entry, config);
     let translating = get!(entry, state) == packet_state::TRANSLATE;
+    // bpf_map_lookup_elem: is the connection's proxy socket sending its
+    // wake-up window update (see PACKET_WAKE)? Meanwhile every segment of
+    // the connection leaving here gets the raised TSval, translated ones
+    // too, so none arrives after the update with an older one.
+    // SAFETY: `socket_cookie` is plain data in the live map value (see
+    // `get!`), read where it lies.
+    if translating && unsafe { PACKET_WAKE.get(&*field!(entry, socket_cookie)) }.is_some() {
+        if wake_timestamp(&ctx, &segment, entry).is_some() {
+            count(packet_stat::WAKE_STAMPED);
+        }
+        return NEXT;
+    }
     if translating || config & packet_config::SILENT != 0 {
         // SAFETY: the context is the program's valid __sk_buff.
         // bpf_get_socket_cookie returns the cookie of the skb's socket (0 when
         // it has none). A segment translated at ingress and redirected here
         // carries the sending endpoint's socket or none (veth does not
         // orphan skbs); only one from the proxy's own socket is dropped.
-        let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
-        if cookie == get!(entry, socket_cookie) {
-            // bpf_map_lookup_elem: is this socket sending its wake-up window
-            // update (see PACKET_WAKE)?
-            if translating && unsafe { PACKET_WAKE.get(&cookie) }.is_some() {
-                if wake_timestamp(&ctx, &segment, entry).is_some() {
-                    count(packet_stat::WAKE_STAMPED);
-                }
-                return NEXT;
-            }
+        if unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) } == get!(entry, socket_cookie) {
             add(field!(entry, silenced), 1);
             count(packet_stat::SILENCED);
             return TC_ACT_SHOT;
