@@ -158,10 +158,8 @@ pub mod packet_config {
     /// neither answers (with its own, older TSval) a segment the first
     /// translated entry provoked.
     pub const SILENT: u32 = 2;
-    /// Lets the proxy socket's own segments out although the entry
-    /// translates: set only while the cut-over has the socket send one window
-    /// update, which wakes the peer its zero window stopped.
-    pub const WAKE: u32 = 4;
+    // 4 was `WAKE`, now the `PACKET_WAKE` map: user space must not replace
+    // a translating entry, whose fields the programs update in place.
 }
 
 /// Values of [`PacketEntry::forward`].
@@ -198,6 +196,11 @@ pub mod packet_flags {
     pub const HELD: u32 = 512;
     /// `proxy_ack` is valid.
     pub const PROXY_ACK_SEEN: u32 = 1024;
+    /// TRANSLATE: a SYN without ACK arrived, so the sender has a new
+    /// connection on this 4-tuple (its old one is gone, e.g. a client port
+    /// reused after the tunnel's end): from then on the entry passes the
+    /// key's segments untouched, to the socket that accepts the new one.
+    pub const REUSED: u32 = 2048;
 }
 
 /// What a [`PacketEvent`] reports.
@@ -208,6 +211,8 @@ pub enum PacketEventKind {
     FinAcked = 1,
     /// A RST was forwarded.
     Reset = 2,
+    /// A new connection took the entry's 4-tuple ([`packet_flags::REUSED`]).
+    Reused = 3,
 }
 
 /// One record of the `PACKET_EVENTS` ring buffer.
@@ -247,8 +252,12 @@ pub mod packet_stat {
     /// Wake-up window updates whose TSval was raised to the newest one
     /// translated toward the same peer.
     pub const WAKE_STAMPED: u32 = 9;
+    /// FINs dropped because the tunnel's other entry did not translate yet
+    /// (the cut installs one entry, then the other); their senders send them
+    /// again.
+    pub const FIN_DEFERRED: u32 = 10;
     /// Number of counters.
-    pub const COUNT: u32 = 10;
+    pub const COUNT: u32 = 11;
 }
 
 #[cfg(feature = "user")]

@@ -514,6 +514,10 @@ fn packet_metric(name: &str) -> (&'static str, MetricType) {
             "Cut-over window updates whose TSval was raised to the newest translated one",
             Counter,
         ),
+        "fin_deferred" => (
+            "FINs dropped while a cut had translated one direction only (sent again)",
+            Counter,
+        ),
         "silenced" => (
             "Segments of the proxy's silent (repair-mode) sockets dropped at egress",
             Counter,

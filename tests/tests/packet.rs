@@ -653,6 +653,219 @@ fn concurrent_tunnels_across_veth() {
     concurrent_tunnels(Net::Veth);
 }
 
+/// Accepts on `listener` (on threads of its own) until the test ends: reads
+/// 4 bytes, writes them back, closes.
+fn echo_and_close(listener: std::net::TcpListener) {
+    let listener = std::sync::Arc::new(listener);
+    for _ in 0..4 {
+        let listener = listener.clone();
+        std::thread::spawn(move || {
+            while let Ok((mut stream, _)) = listener.accept() {
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+                let mut buf = [0u8; 4];
+                if stream.read_exact(&mut buf).is_ok() {
+                    let _ = stream.write_all(&buf);
+                }
+            }
+        });
+    }
+}
+
+/// One short tunnel from `port`: connect, `CONNECT`, the `200`, `ping`
+/// after `hold`, the echo and the upstream's close, then the client's close.
+/// Returns when the `200` came and when the close was read, from the start;
+/// `None` when the port is still taken (the previous connection's
+/// TIME_WAIT).
+fn racing_tunnel(
+    proxy: SocketAddr,
+    target: &str,
+    port: u16,
+    hold: Duration,
+) -> Option<(Duration, Duration)> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_reuse_address(true).unwrap();
+    let local = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    socket.bind(&local.into()).ok()?;
+    let started = std::time::Instant::now();
+    match socket.connect(&proxy.into()) {
+        Ok(()) => {}
+        Err(err) if err.kind() == std::io::ErrorKind::AddrNotAvailable => return None,
+        Err(err) => panic!("connect from port {port}: {err}"),
+    }
+    let mut stream = TcpStream::from(socket);
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    stream.set_nodelay(true).unwrap();
+    write!(
+        stream,
+        "CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n"
+    )
+    .unwrap();
+    spliced_tests::expect_connect_ok(&mut stream);
+    let answered = started.elapsed();
+    std::thread::sleep(hold);
+    stream.write_all(b"ping").unwrap();
+    let mut echo = [0u8; 4];
+    stream.read_exact(&mut echo).expect("the echo");
+    assert_eq!(&echo, b"ping");
+    let mut rest = [0u8; 8];
+    assert_eq!(
+        stream.read(&mut rest).expect("the close"),
+        0,
+        "bytes after the echo"
+    );
+    drop(stream);
+    Some((answered, started.elapsed()))
+}
+
+/// Many short tunnels whose close races the promotion (`--promote-after 0`:
+/// the client sends at once, the upstream answers and closes, the client
+/// closes once it has read that), each client cycling through a few ports
+/// of its own, so a port's next SYN comes while the previous tunnel on it
+/// lingers. Every tunnel ends (no record says `shutdown`; none stays open;
+/// the entries go), counts exactly its bytes, and none stalls: a SYN that
+/// the lingering tunnel kept from the listener waited for a retransmission
+/// (1 s), and a tunnel whose end the programs did not see stayed open until
+/// shutdown. Tunnels refused because a FIN came before the cut run on the
+/// pump; no other refusal.
+#[test]
+fn short_tunnels_racing_the_promotion_all_end() {
+    const THREADS: u16 = 8;
+    const PER_THREAD: usize = 40;
+    const PORTS: u16 = 3;
+    const STALL: Duration = Duration::from_millis(900);
+    let ns = Netns::with_prefix(PREFIX);
+    let listener = ns.enter(|| std::net::TcpListener::bind("127.0.0.1:0").unwrap());
+    let target = listener.local_addr().unwrap();
+    echo_and_close(listener);
+    let mut args = packet_args(0, target.port(), "127.0.0.1:3128".parse().unwrap());
+    args.extend(["--admin", "127.0.0.1:0"].map(str::to_owned));
+    let proxy = Proxy::start_in(&ns, &args.iter().map(String::as_str).collect::<Vec<_>>());
+    let threads: Vec<_> = (0..THREADS)
+        .map(|thread| {
+            let (proxy, target, path) = (
+                proxy.addr,
+                target.to_string(),
+                format!("/var/run/netns/{}", ns.name),
+            );
+            std::thread::spawn(move || {
+                let file = std::fs::File::open(&path).expect("open netns");
+                // SAFETY: setns on this thread only, with a valid namespace fd.
+                let rc = unsafe {
+                    libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET)
+                };
+                assert_eq!(rc, 0, "setns");
+                let ports: Vec<u16> = (0..PORTS).map(|i| 20_000 + thread * PORTS + i).collect();
+                let (mut done, mut tries) = (Vec::new(), 0);
+                while done.len() < PER_THREAD {
+                    tries += 1;
+                    assert!(tries < PER_THREAD * 20, "ports stayed taken");
+                    let port = ports[tries % ports.len()];
+                    match racing_tunnel(proxy, &target, port, Duration::ZERO) {
+                        Some(times) => done.push((port, times)),
+                        None => std::thread::sleep(Duration::from_millis(20)),
+                    }
+                }
+                done
+            })
+        })
+        .collect();
+    let done: Vec<(u16, (Duration, Duration))> = threads
+        .into_iter()
+        .flat_map(|thread| thread.join().unwrap())
+        .collect();
+    for (port, (answered, closed)) in &done {
+        assert!(
+            *answered < STALL && *closed < STALL,
+            "the tunnel from port {port}: 200 after {answered:?}, closed after {closed:?}\n{}",
+            proxy.stderr()
+        );
+    }
+    // A tunnel on a port whose previous, promoted tunnel lingers, open
+    // across that linger's end: the old tunnel's entries go, not the new
+    // one's.
+    let port = 20_000 + THREADS * PORTS;
+    let records = (1..=5)
+        .find(|&attempt| {
+            let (addr, to) = (proxy.addr, target.to_string());
+            // Translating before its first byte (`SETTLE`), so promoted.
+            ns.enter(move || racing_tunnel(addr, &to, port, SETTLE))
+                .expect("a fresh port");
+            let records = proxy.wait_json_records(done.len() + attempt);
+            records.iter().any(|record| {
+                record["client"] == format!("127.0.0.1:{port}") && record["dataplane"] == "packet"
+            })
+        })
+        .expect("a tunnel promoted in five");
+    let hold = Duration::from_millis(3500);
+    let (addr, to) = (proxy.addr, target.to_string());
+    let (answered, closed) = ns
+        .enter(move || {
+            // The port is free at once unless the client closed first
+            // (TIME_WAIT): then it is taken for a second.
+            (0..10).find_map(|_| {
+                let done = racing_tunnel(addr, &to, port, hold);
+                if done.is_none() {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                done
+            })
+        })
+        .expect("the port free again");
+    assert!(
+        answered < STALL && closed < hold + STALL,
+        "the tunnel across the linger's end: 200 after {answered:?}, closed after {closed:?}\n{}",
+        proxy.stderr()
+    );
+    let records = proxy.wait_json_records(done.len() + records + 1);
+    let mut promoted = 0;
+    for record in &records {
+        assert_eq!(record["status"], 200, "{record}");
+        assert_eq!(record["end"], "closed", "{record}\n{}", proxy.stderr());
+        assert_eq!(record["bytes_from_client"], 4, "{record}");
+        assert_eq!(record["bytes_to_client"], 39 + 4, "{record}");
+        match record["dataplane"].as_str() {
+            Some("packet") => promoted += 1,
+            Some("splice") => {}
+            other => panic!("dataplane {other:?}: {record}"),
+        }
+    }
+    assert!(promoted > 0, "no tunnel was promoted\n{}", proxy.stderr());
+    let stats = proxy.stats();
+    assert_eq!(stats["packet_promoted"], promoted, "{stats:?}");
+    let refused: u64 = stats
+        .iter()
+        .filter(|(name, _)| name.starts_with("packet_not_promoted_"))
+        .map(|(_, count)| count)
+        .sum();
+    assert_eq!(
+        refused, stats["packet_not_promoted_not_established"],
+        "{stats:?}"
+    );
+    // The rest ended on the pump before their promotion got anywhere.
+    assert!(promoted + refused <= records.len() as u64, "{stats:?}");
+    let admin = proxy.admin_addr().expect("--admin");
+    let name = ns.name.clone();
+    let active = move || {
+        let metrics = spliced_tests::netns::enter_named(&name, move || {
+            spliced_tests::proxy::http_get(admin, "/metrics").unwrap()
+        });
+        metrics
+            .lines()
+            .filter(|line| line.starts_with("spliced_tunnels_active"))
+            .map(|line| line.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+            .sum::<u64>()
+    };
+    assert_eq!(active(), 0, "open tunnels after every record");
+    assert!(
+        spliced_tests::wait_until(Duration::from_secs(10), || proxy.stats()["packet_entries"]
+            == 0),
+        "entries left after the linger: {:?}",
+        proxy.stats()
+    );
+}
+
 /// A hold that cannot drain (the client reads nothing, so the proxy's data
 /// toward it is never acknowledged) is released at its deadline: the bytes
 /// the cut-over forwarded are dropped from the queue they were peeked from,

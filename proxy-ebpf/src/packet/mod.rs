@@ -64,6 +64,14 @@ static PACKET_FLOWS: HashMap<PacketKey, PacketEntry> =
 #[map]
 static PACKET_EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 
+/// The proxy sockets (by `SO_COOKIE`) whose segments egress lets out
+/// although their entry translates: each only while the cut-over has it send
+/// its one window update, which wakes the peer its zero window stopped. A map
+/// of its own because user space replaces `PACKET_FLOWS` values whole: a
+/// flag toggled there would undo what the programs wrote meanwhile.
+#[map]
+static PACKET_WAKE: HashMap<u64, u32> = HashMap::with_max_entries(1024, 0);
+
 /// Counters, indexed by `proxy_common::packet_stat`.
 #[map]
 static PACKET_STATS: Array<u64> = Array::with_max_entries(packet_stat::COUNT, 0);
@@ -337,7 +345,10 @@ fn advance(entry: *mut PacketEntry, end: u32) {
     }
 }
 
-#[inline(always)]
+/// A function of its own (a BPF-to-BPF call): inlined at each of its three
+/// callers, the events' copies overflowed the 512-byte stack of
+/// `packet_ingress`.
+#[inline(never)]
 fn report(entry: *mut PacketEntry, kind: PacketEventKind, flags: u32) {
     let event = PacketEvent {
         flow_id: get!(entry, flow_id),
@@ -363,7 +374,13 @@ pub fn packet_egress(ctx: TcContext) -> i32 {
     };
     let config = get!(entry, config);
     let translating = get!(entry, state) == packet_state::TRANSLATE;
-    if translating && config & packet_config::WAKE != 0 {
+    // bpf_map_lookup_elem: is the connection's proxy socket sending its
+    // wake-up window update (see PACKET_WAKE)? Meanwhile every segment of
+    // the connection leaving here gets the raised TSval, translated ones
+    // too, so none arrives after the update with an older one.
+    // SAFETY: `socket_cookie` is plain data in the live map value (see
+    // `get!`), read where it lies.
+    if translating && unsafe { PACKET_WAKE.get(&*field!(entry, socket_cookie)) }.is_some() {
         if wake_timestamp(&ctx, &segment, entry).is_some() {
             count(packet_stat::WAKE_STAMPED);
         }

@@ -54,10 +54,47 @@ pub(super) fn translate(
     scratch: &mut Scratch,
     options: Options,
 ) -> i32 {
-    if segment.syn {
-        // Not part of the translated connection (a new handshake reusing the
-        // tuple): leave it alone.
+    let flags = get!(entry, flags);
+    if flags & packet_flags::REUSED != 0 {
+        // The tuple is a new connection's (below): not the tunnel's.
         return NEXT;
+    }
+    if segment.syn {
+        // Not part of the translated connection: leave it alone. A SYN
+        // without ACK opens a new connection on the tuple (the sender's old
+        // one is gone: a client port reused after the tunnel's end); its
+        // later segments are the new connection's, so the entry stops
+        // translating, and user space ends the tunnel (or its linger) and
+        // frees the tuple.
+        if !segment.has_ack {
+            let before = fetch_or(field!(entry, flags), packet_flags::REUSED);
+            if before & packet_flags::REUSED == 0 {
+                report(
+                    entry,
+                    PacketEventKind::Reused,
+                    before | packet_flags::REUSED,
+                );
+            }
+        }
+        return NEXT;
+    }
+    if segment.fin && flags & packet_flags::FIN_SEEN == 0 {
+        // bpf_map_lookup_elem: the tunnel's other entry, where `account`
+        // notes the FIN. Until user space has installed its translation too
+        // (the cut installs one entry, then the other), that note would be
+        // lost under the value it installs: the FIN is dropped, and its
+        // sender sends it again.
+        // The key is read where it lies in the entry, not copied to the
+        // stack (the program's stack is nearly full).
+        // SAFETY: `peer_key` is plain data in the live map value (see `get!`).
+        let peer_key = unsafe { &*field!(entry, peer_key) };
+        let peer_translates = PACKET_FLOWS
+            .get_ptr_mut(peer_key)
+            .is_some_and(|peer| get!(peer, state) == packet_state::TRANSLATE);
+        if !peer_translates {
+            count(packet_stat::FIN_DEFERRED);
+            return TC_ACT_SHOT;
+        }
     }
     if load_header(ctx, segment, &mut scratch.new).is_none() {
         count(packet_stat::REWRITE_FAILED);
@@ -223,7 +260,7 @@ pub(super) fn rewrite(
     Some(())
 }
 
-/// TRANSLATE with `WAKE`: the proxy socket's window update to its peer
+/// TRANSLATE, the socket in `PACKET_WAKE`: the proxy socket's window update to its peer
 /// carries, as TSval, at least the newest one translated toward that peer
 /// (the other entry's sender's newest, shifted). The peer may have taken a
 /// translated segment already; one with an older TSval than it has seen by

@@ -80,7 +80,11 @@ pub fn adopt(shared: &Arc<Shared>) -> Vec<AdoptedTunnel> {
                     // Ended and logged by the previous process: only the
                     // linger is left.
                     lingering += 1;
-                    let linger = Box::new((registration, sockets));
+                    // The client's tuple is its to reuse (see
+                    // `tunnel::translated`).
+                    let (client, upstream) = sockets;
+                    drop(client);
+                    let linger = Box::new((registration, upstream));
                     tokio::spawn(async move {
                         tokio::time::sleep(super::tunnel::LINGER).await;
                         drop(linger);
@@ -121,7 +125,7 @@ pub fn adopt(shared: &Arc<Shared>) -> Vec<AdoptedTunnel> {
                                 upstream_local,
                                 upstream_peer,
                             },
-                            sockets: Box::new(sockets),
+                            sockets: [Box::new(sockets.0), Box::new(sockets.1)],
                         }))
                     }),
                 });

@@ -46,6 +46,9 @@ const PROGRAMS: [(&str, TcAttachType); 2] = [
 pub struct Kernel {
     flows: Mutex<BpfHashMap<MapData, PacketKey, PacketEntry>>,
     stats: Mutex<Array<MapData, u64>>,
+    /// `PACKET_WAKE`: proxy sockets whose segments egress lets out although
+    /// their entry translates.
+    wake: Mutex<BpfHashMap<MapData, u64, u32>>,
     waiters: Arc<Waiters>,
     /// `lo`'s interface index in this network namespace.
     pub loopback: u32,
@@ -143,6 +146,7 @@ impl Kernel {
         };
         let flows = BpfHashMap::try_from(take(&mut ebpf, "PACKET_FLOWS")?)?;
         let stats = Array::try_from(take(&mut ebpf, "PACKET_STATS")?)?;
+        let wake = BpfHashMap::try_from(take(&mut ebpf, "PACKET_WAKE")?)?;
         let events = RingBuf::try_from(take(&mut ebpf, "PACKET_EVENTS")?)?;
         let attached = interfaces(wanted, true)?;
         if attached.is_empty() {
@@ -171,6 +175,7 @@ impl Kernel {
         Ok(Self {
             flows: Mutex::new(flows),
             stats: Mutex::new(stats),
+            wake: Mutex::new(wake),
             waiters,
             loopback,
             attach_all: wanted.is_empty(),
@@ -266,9 +271,35 @@ impl Kernel {
             .context("updating PACKET_FLOWS")
     }
 
+    /// Lets the segments of the proxy socket `cookie` out at egress although
+    /// its entry translates (`on`), or not.
+    pub fn wake(&self, cookie: u64, on: bool) -> anyhow::Result<()> {
+        let mut wake = lock(&self.wake);
+        if on {
+            wake.insert(cookie, 1, 0).context("updating PACKET_WAKE")
+        } else {
+            // An error is a key already gone.
+            let _ = wake.remove(&cookie);
+            Ok(())
+        }
+    }
+
     /// Removes the entry of `key` (if any).
     pub fn remove(&self, key: &PacketKey) {
         let _ = lock(&self.flows).remove(key);
+    }
+
+    /// Removes the entry of `key` if it is flow `flow_id`'s (one lock held
+    /// from the look-up to the removal, so no [`Kernel::insert`] comes
+    /// between).
+    pub fn remove_own(&self, key: &PacketKey, flow_id: u64) {
+        let mut flows = lock(&self.flows);
+        if flows
+            .get(key, 0)
+            .is_ok_and(|entry| entry.flow_id == flow_id)
+        {
+            let _ = flows.remove(key);
+        }
     }
 
     /// Entries in the map now.

@@ -150,6 +150,7 @@ impl DataPlane for PacketDataPlane {
                 held: stat(packet_stat::HELD),
                 held_as_duplicate: stat(packet_stat::HELD_AS_DUPLICATE),
                 wake_stamped: stat(packet_stat::WAKE_STAMPED),
+                fin_deferred: stat(packet_stat::FIN_DEFERRED),
                 silenced: stat(packet_stat::SILENCED),
                 rewrite_failed: stat(packet_stat::REWRITE_FAILED),
                 redirect_failed: stat(packet_stat::REDIRECT_FAILED),
@@ -188,6 +189,9 @@ pub struct PacketStats {
     /// Wake-up window updates of a cut-over whose TSval the program raised
     /// to the newest one translated toward the same peer.
     pub wake_stamped: u64,
+    /// FINs dropped while the cut had installed one entry of the tunnel and
+    /// not yet the other (their senders send them again).
+    pub fin_deferred: u64,
     /// Segments of the proxy's own silent sockets dropped at egress.
     pub silenced: u64,
     /// Segments a rewrite helper failed on (dropped).
@@ -211,7 +215,7 @@ impl PacketStats {
 
     /// Every counter but the per-reason ones, with the name the SIGUSR1 line
     /// and the metrics use.
-    pub fn fields(&self) -> [(&'static str, u64); 14] {
+    pub fn fields(&self) -> [(&'static str, u64); 15] {
         [
             ("promoted", self.promoted),
             ("adopted", self.adopted),
@@ -222,6 +226,7 @@ impl PacketStats {
             ("held", self.held),
             ("held_as_duplicate", self.held_as_duplicate),
             ("wake_stamped", self.wake_stamped),
+            ("fin_deferred", self.fin_deferred),
             ("silenced", self.silenced),
             ("rewrite_failed", self.rewrite_failed),
             ("redirect_failed", self.redirect_failed),

@@ -232,12 +232,6 @@ pub fn silent(current: &PacketEntry, on: bool) -> PacketEntry {
     with_config(current, packet_config::SILENT, on)
 }
 
-/// `current` with its proxy socket's segments let out at egress although it
-/// translates (`on`: the cut-over's window update), or not.
-pub fn waking(current: &PacketEntry, on: bool) -> PacketEntry {
-    with_config(current, packet_config::WAKE, on)
-}
-
 /// `current` with the `packet_config` bit `bit` set (`on`) or clear.
 fn with_config(current: &PacketEntry, bit: u32, on: bool) -> PacketEntry {
     let config = if on {
@@ -288,6 +282,9 @@ pub struct EntryEnd {
     pub peer_fin_acked: bool,
     /// A RST from this entry's sender was forwarded.
     pub reset: bool,
+    /// This entry's sender opened a new connection on the 4-tuple
+    /// ([`packet_flags::REUSED`]).
+    pub reused: bool,
 }
 
 /// Reads [`EntryEnd`] from an entry's flags.
@@ -295,6 +292,7 @@ pub fn entry_end(entry: &PacketEntry) -> EntryEnd {
     EntryEnd {
         peer_fin_acked: entry.flags & packet_flags::PEER_FIN_ACKED != 0,
         reset: entry.flags & packet_flags::RST_SEEN != 0,
+        reused: entry.flags & packet_flags::REUSED != 0,
     }
 }
 

@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use proxy_common::{PacketEntry, PacketEvent, PacketKey};
+use proxy_common::{packet_flags, PacketEntry, PacketEvent, PacketKey};
 use tokio::{net::TcpStream, sync::mpsc};
 
 use super::{
@@ -134,7 +134,9 @@ impl Drop for Registration {
             return;
         }
         for key in &self.keys {
-            self.shared.kernel.remove(key);
+            // Only this tunnel's: a client that reused its port during the
+            // linger has a new tunnel, whose entry replaced this one's.
+            self.shared.kernel.remove_own(key, self.flow_id);
         }
         if let Some(tunnels) = &self.shared.tunnels {
             tunnels.remove(self.flow_id);
@@ -328,7 +330,7 @@ pub async fn run_tunnel(shared: Arc<Shared>, tunnel: Tunnel) -> TunnelOutcome {
         progress,
         before,
         addrs,
-        sockets: Box::new((client, upstream)),
+        sockets: [Box::new(client), Box::new(upstream)],
     })
     .await
 }
@@ -345,9 +347,10 @@ pub struct Translated {
     /// Bytes the socket plane moved before promotion.
     pub before: [u64; 2],
     pub addrs: Addrs,
-    /// The proxy's two sockets, in repair mode: they hold the 4-tuples until
-    /// the entries are gone.
-    pub sockets: Box<dyn Send>,
+    /// The proxy's two sockets (client's, upstream's), in repair mode: they
+    /// hold the 4-tuples until the entries are gone, the client's only until
+    /// the flow ends (then its 4-tuple is the client's to reuse).
+    pub sockets: [Box<dyn Send>; 2],
 }
 
 /// Follows a translated tunnel to its end, then lingers (or resets both
@@ -376,9 +379,14 @@ pub async fn translated(tunnel: Translated) -> TunnelOutcome {
         before,
     )
     .await;
-    let after = registration
-        .entries()
-        .map_or([0, 0], |[a, b]| [a.bytes, b.bytes]);
+    let last = registration.entries();
+    let after = last.map_or([0, 0], |[a, b]| [a.bytes, b.bytes]);
+    // A new connection on either tuple (see `flow_end`).
+    let reused = last.is_some_and(|entries| {
+        entries
+            .iter()
+            .any(|entry| entry.flags & packet_flags::REUSED != 0)
+    });
     let outcome = TunnelOutcome {
         client_to_upstream: before[0] + after[0],
         upstream_to_client: before[1] + after[1],
@@ -393,20 +401,30 @@ pub async fn translated(tunnel: Translated) -> TunnelOutcome {
             registration.handed_over = true;
             std::mem::forget(sockets);
         }
-        TunnelEnd::Closed | TunnelEnd::ClientError | TunnelEnd::UpstreamError => {
+        TunnelEnd::Closed | TunnelEnd::ClientError | TunnelEnd::UpstreamError
+            if !reused || end == TunnelEnd::Closed =>
+        {
             // Logged now: the next process must not log it again if this one
             // stops during the linger.
             if let Some(tunnels) = &shared.tunnels {
                 tunnels.remove(registration.flow_id);
             }
+            // The client's 4-tuple is free at once: the client may reuse its
+            // port now (its entry translates late segments of the old
+            // connection and passes a new one's SYN, which the listener
+            // gets, and what follows it). Nothing else could take that tuple,
+            // whose local end is the listening port.
+            let [client, upstream] = sockets;
+            drop(client);
             // The endpoints may still retransmit a FIN or send a last ACK:
-            // keep translating a while; the sockets stay in repair mode until
-            // then.
+            // keep translating a while; the upstream socket stays in repair
+            // mode until then, so no new connection of this host takes its
+            // port.
             shared.lingering.fetch_add(1, Ordering::Relaxed);
             tokio::spawn(async move {
                 tokio::time::sleep(LINGER).await;
                 drop(registration);
-                drop(sockets);
+                drop(upstream);
                 registration_gone(&shared);
             });
         }
@@ -415,12 +433,17 @@ pub async fn translated(tunnel: Translated) -> TunnelOutcome {
             // reset.rs), sent once the translation is gone so nothing it
             // forwards can overtake it; with the entries and the repair-mode
             // sockets gone, a segment either endpoint sends later gets one
-            // from this host too.
-            let last = registration.entries();
+            // from this host too. An endpoint that opened a new connection
+            // on its tuple gets none: the old connection is gone there.
             drop(registration);
             drop(sockets);
             if let Some([client_in, upstream_in]) = last {
-                reset_endpoints(&addrs, &client_in, &upstream_in);
+                reset_endpoints(
+                    &addrs,
+                    &client_in,
+                    &upstream_in,
+                    [client_in.flags, upstream_in.flags].map(|f| f & packet_flags::REUSED == 0),
+                );
             }
         }
     }
@@ -430,7 +453,13 @@ pub async fn translated(tunnel: Translated) -> TunnelOutcome {
 /// Sends each endpoint of an ended translated flow a RST it accepts: the
 /// client's from the proxy's listening address, the upstream's from the
 /// proxy's upstream socket's address, at what each was sent last.
-fn reset_endpoints(addrs: &Addrs, client_in: &PacketEntry, upstream_in: &PacketEntry) {
+/// `wanted`: whether each (client, upstream) gets one.
+fn reset_endpoints(
+    addrs: &Addrs,
+    client_in: &PacketEntry,
+    upstream_in: &PacketEntry,
+    wanted: [bool; 2],
+) {
     for (from, to, seq) in [
         (
             addrs.client_local,
@@ -442,7 +471,11 @@ fn reset_endpoints(addrs: &Addrs, client_in: &PacketEntry, upstream_in: &PacketE
             addrs.upstream_peer,
             reset::reset_seq(client_in),
         ),
-    ] {
+    ]
+    .into_iter()
+    .zip(wanted)
+    .filter_map(|(reset, wanted)| wanted.then_some(reset))
+    {
         if let Err(err) = reset::send(from, to, seq) {
             // Without CAP_NET_RAW the endpoint learns of the end from this
             // host's own RST, the next time it sends.
@@ -465,12 +498,16 @@ fn registration_gone(shared: &Shared) {
 /// other. The RST and the last acknowledgement can reach user space in the
 /// same read of the entries; checked first, the RST made a complete tunnel
 /// look broken.
+///
+/// An endpoint that opens a new connection on its 4-tuple (a SYN) has
+/// dropped the old one, whether or not its close was seen: the tunnel ends
+/// as that side's error unless it had closed in order.
 pub(super) fn flow_end(client: EntryEnd, upstream: EntryEnd) -> Option<TunnelEnd> {
     if client.peer_fin_acked && upstream.peer_fin_acked {
         Some(TunnelEnd::Closed)
-    } else if client.reset {
+    } else if client.reset || client.reused {
         Some(TunnelEnd::ClientError)
-    } else if upstream.reset {
+    } else if upstream.reset || upstream.reused {
         Some(TunnelEnd::UpstreamError)
     } else {
         None
@@ -538,7 +575,24 @@ mod tests {
         EntryEnd {
             peer_fin_acked,
             reset,
+            reused: false,
         }
+    }
+
+    #[test]
+    fn a_new_connection_on_a_tuple_ends_the_tunnel() {
+        let (open, acked) = (end(false, false), end(true, false));
+        let reused = |end: EntryEnd| EntryEnd {
+            reused: true,
+            ..end
+        };
+        assert_eq!(flow_end(reused(open), open), Some(TunnelEnd::ClientError));
+        assert_eq!(
+            flow_end(acked, reused(open)),
+            Some(TunnelEnd::UpstreamError)
+        );
+        // Closed in order first (the port reused during the linger).
+        assert_eq!(flow_end(reused(acked), acked), Some(TunnelEnd::Closed));
     }
 
     #[test]

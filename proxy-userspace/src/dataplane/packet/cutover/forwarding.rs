@@ -143,12 +143,10 @@ impl Promotion<'_> {
         result.map_err(Into::into)
     }
 
-    /// Lets `conn`'s proxy socket's segments out at egress, or not.
+    /// Lets `conn`'s proxy socket's segments out at egress, or not
+    /// (`PACKET_WAKE`: its entry translates already and is not replaced).
     pub(super) fn set_wake(&self, conn: &Conn<'_>, on: bool) -> anyhow::Result<()> {
-        let entry = self
-            .kernel
-            .get(&conn.key)
-            .ok_or_else(|| anyhow::anyhow!("the tunnel's entries are gone"))?;
-        self.kernel.insert(&conn.key, translate::waking(&entry, on))
+        let cookie = crate::sockopt::cookie(conn.socket.as_fd())?;
+        self.kernel.wake(cookie, on)
     }
 }
