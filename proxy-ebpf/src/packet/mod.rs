@@ -378,9 +378,10 @@ pub fn packet_egress(ctx: TcContext) -> i32 {
     // wake-up window update (see PACKET_WAKE)? Meanwhile every segment of
     // the connection leaving here gets the raised TSval, translated ones
     // too, so none arrives after the update with an older one.
-    // SAFETY: `socket_cookie` is plain data in the live map value (see
-    // `get!`), read where it lies.
-    if translating && unsafe { PACKET_WAKE.get(&*field!(entry, socket_cookie)) }.is_some() {
+    let cookie = get!(entry, socket_cookie);
+    // SAFETY: the value is only tested for presence, never read; user space
+    // inserts and removes the keys.
+    if translating && unsafe { PACKET_WAKE.get(cookie) }.is_some() {
         if wake_timestamp(&ctx, &segment, entry).is_some() {
             count(packet_stat::WAKE_STAMPED);
         }

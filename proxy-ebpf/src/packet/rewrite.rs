@@ -86,8 +86,9 @@ pub(super) fn translate(
         // sender sends it again.
         // The key is read where it lies in the entry, not copied to the
         // stack (the program's stack is nearly full).
+        let peer_key = field!(entry, peer_key);
         // SAFETY: `peer_key` is plain data in the live map value (see `get!`).
-        let peer_key = unsafe { &*field!(entry, peer_key) };
+        let peer_key = unsafe { &*peer_key };
         let peer_translates = PACKET_FLOWS
             .get_ptr_mut(peer_key)
             .is_some_and(|peer| get!(peer, state) == packet_state::TRANSLATE);
