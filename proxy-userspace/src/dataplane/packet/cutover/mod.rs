@@ -76,6 +76,9 @@ pub const HOLD_LIMIT: Duration = Duration::from_secs(10);
 pub const STOP_DEADLINE: Duration = Duration::from_millis(300);
 /// How long to wait for the segments a window probe provokes.
 const SIGHTING_WAIT: Duration = Duration::from_millis(200);
+/// How many more window probes a socket whose connection was not sighted
+/// gets, [`PROBE_AGAIN`] apart.
+const SIGHTING_PROBES_AGAIN: u32 = 2;
 /// Poll interval while waiting for sightings or a drain.
 const POLL: Duration = Duration::from_millis(1);
 /// How long a drain waits for an ACK before it asks for one (a window probe).
@@ -271,10 +274,42 @@ impl Promotion<'_> {
         )
         .map_err(NotPromoted)?;
         let mut entries = self.entries()?;
-        let deadline = Instant::now() + SIGHTING_WAIT;
-        while !entries.iter().all(sighted) && Instant::now() < deadline {
-            tokio::time::sleep(POLL).await;
+        let mut deadline = Instant::now() + SIGHTING_WAIT;
+        let mut probes_left = SIGHTING_PROBES_AGAIN;
+        loop {
+            while !entries.iter().all(sighted) && Instant::now() < deadline {
+                tokio::time::sleep(POLL).await;
+                entries = self.entries()?;
+            }
+            if entries.iter().all(sighted) || probes_left == 0 {
+                break;
+            }
+            // A lost probe or a lost answer (a lossy path): probe again once
+            // the peer's rate limit on answers to out-of-window segments
+            // (`tcp_invalid_ratelimit`) lets it answer, rather than refuse
+            // the path for lack of a sighting.
+            probes_left -= 1;
+            let since = probed
+                .iter()
+                .flatten()
+                .map(|at| at.elapsed())
+                .min()
+                .unwrap_or(PROBE_AGAIN);
+            tokio::time::sleep(PROBE_AGAIN.saturating_sub(since)).await;
             entries = self.entries()?;
+            for (index, conn) in self.conns().into_iter().enumerate() {
+                if sighted(&entries[index]) {
+                    continue;
+                }
+                probed[index] = Some(Instant::now());
+                in_repair(conn.socket, true, sockets::peer_mss).map_err(|err| {
+                    NotPromoted::new(
+                        Reason::Internal,
+                        format!("probing the {} socket again: {err}", conn.name),
+                    )
+                })?;
+            }
+            deadline = Instant::now() + SIGHTING_WAIT;
         }
         let devices = qualify::path(
             &self.connection(0, infos, entries),
