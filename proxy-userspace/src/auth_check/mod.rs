@@ -351,11 +351,10 @@ mod tests {
             let authenticator = authenticator.clone();
             tokio::spawn(async move { authenticator.acquire().await.map(drop) })
         };
-        let deadline = Instant::now() + std::time::Duration::from_secs(10);
-        while authenticator.pool.load().waiting.load(Ordering::Acquire) == 0 {
-            assert!(Instant::now() < deadline, "the waiter never queued");
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
+        until("the waiter queues", || {
+            authenticator.pool.load().waiting.load(Ordering::Acquire) > 0
+        })
+        .await;
         let refused = authenticator.acquire().await.map(drop);
         assert!(matches!(
             refused,
@@ -399,14 +398,40 @@ mod tests {
         (metrics, authenticator, auth, tag)
     }
 
+    type CheckHandle = tokio::task::JoinHandle<Result<Option<String>, AuthError>>;
+
     fn spawn_check(
         authenticator: &Arc<Authenticator>,
         auth: &Arc<BasicAuth>,
         credentials: &str,
-    ) -> tokio::task::JoinHandle<Result<Option<String>, AuthError>> {
+    ) -> CheckHandle {
         let (authenticator, auth) = (authenticator.clone(), auth.clone());
         let header = basic(credentials);
         tokio::spawn(async move { authenticator.check(&auth, &header).await })
+    }
+
+    /// With the only verifier held: a check of alice's right password that
+    /// leads a flight from the queue, and `count` checks that follow it.
+    async fn leader_queued_with_followers(
+        authenticator: &Arc<Authenticator>,
+        auth: &Arc<BasicAuth>,
+        tag: &Tag,
+        count: usize,
+    ) -> (Busy, CheckHandle, Vec<CheckHandle>) {
+        let held = authenticator.acquire().await.unwrap();
+        let leader = spawn_check(authenticator, auth, "alice:right");
+        until("the leader queues", || {
+            authenticator.ledger.followers(tag) == Some(0)
+        })
+        .await;
+        let followers: Vec<_> = (0..count)
+            .map(|_| spawn_check(authenticator, auth, "alice:right"))
+            .collect();
+        until("the followers wait", || {
+            authenticator.ledger.followers(tag) == Some(count)
+        })
+        .await;
+        (held, leader, followers)
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -492,19 +517,8 @@ mod tests {
     async fn followers_of_a_leader_dropped_while_queued_check_again() {
         const FOLLOWERS: usize = 3;
         let (metrics, authenticator, auth, tag) = alice(4, "1 queue-size=1");
-        let held = authenticator.acquire().await.unwrap();
-        let leader = spawn_check(&authenticator, &auth, "alice:right");
-        until("the leader queues", || {
-            authenticator.ledger.followers(&tag) == Some(0)
-        })
-        .await;
-        let followers: Vec<_> = (0..FOLLOWERS)
-            .map(|_| spawn_check(&authenticator, &auth, "alice:right"))
-            .collect();
-        until("the followers wait", || {
-            authenticator.ledger.followers(&tag) == Some(FOLLOWERS)
-        })
-        .await;
+        let (held, leader, followers) =
+            leader_queued_with_followers(&authenticator, &auth, &tag, FOLLOWERS).await;
         // The client of the leader goes away: its place in the queue is
         // given back, and one follower leads a new flight in it.
         leader.abort();
@@ -535,19 +549,8 @@ mod tests {
     async fn followers_of_a_leader_dropped_while_hashing_get_its_verdict() {
         // A slow hash, so that the leader is dropped while it runs.
         let (metrics, authenticator, auth, tag) = alice(12, "1 queue-size=1");
-        let held = authenticator.acquire().await.unwrap();
-        let leader = spawn_check(&authenticator, &auth, "alice:right");
-        until("the leader queues", || {
-            authenticator.ledger.followers(&tag) == Some(0)
-        })
-        .await;
-        let followers: Vec<_> = (0..2)
-            .map(|_| spawn_check(&authenticator, &auth, "alice:right"))
-            .collect();
-        until("the followers wait", || {
-            authenticator.ledger.followers(&tag) == Some(2)
-        })
-        .await;
+        let (held, leader, followers) =
+            leader_queued_with_followers(&authenticator, &auth, &tag, 2).await;
         drop(held);
         // The poll that takes the verifier also starts the hash: once it is
         // taken, the hash runs whatever becomes of the leader.
