@@ -397,13 +397,14 @@ fn failover_to_the_next_parent_and_to_direct() {
     let target = upstream.addr.to_string();
     let live = Proxy::start(&["--connect-ports", &upstream.addr.port().to_string()]);
     let (dead1, dead2) = (free_port(), free_port());
-    let check = |proxy: &Proxy, seed: u64| {
-        let stream = open_tunnel(proxy.addr, &target);
+    let check_to = |proxy: &Proxy, to: &str, seed: u64| {
+        let stream = open_tunnel(proxy.addr, to);
         let h = header(64 * 1024, 64 * 1024, seed, Mode::Concurrent);
         let result = exchange(stream, h, false);
         assert_eq!(result.received, Ok(h.down), "{}", proxy.stderr());
         assert_eq!(upstream.result().received, Ok(h.up));
     };
+    let check = |proxy: &Proxy, seed: u64| check_to(proxy, &target, seed);
 
     let next = site.spliced(
         "next.conf",
@@ -501,16 +502,7 @@ fn failover_to_the_next_parent_and_to_direct() {
         ),
         &[],
     );
-    let by_name = format!("inside.test:{}", upstream.addr.port());
-    let stream = open_tunnel(inside.addr, &by_name);
-    let h = header(64 * 1024, 64 * 1024, 9, Mode::Concurrent);
-    assert_eq!(
-        exchange(stream, h, false).received,
-        Ok(h.down),
-        "{}",
-        inside.stderr()
-    );
-    assert_eq!(upstream.result().received, Ok(h.up));
+    check_to(&inside, &format!("inside.test:{}", upstream.addr.port()), 9);
     let record = &inside.wait_json_records(1)[0];
     assert_eq!(
         route_of(record),

@@ -46,14 +46,15 @@ pub(super) async fn answer_error(
 ) -> u64 {
     let answer = match &refusal.relayed {
         Some(relayed) => {
-            let mut answer = format!(
-                "HTTP/1.1 {} {}\r\n{}Content-Length: {}\r\nConnection: close\r\n\r\n",
-                refusal.status,
-                relayed.reason,
-                relayed.headers,
-                relayed.body.len(),
-            )
-            .into_bytes();
+            let mut head = format!("HTTP/1.1 {} {}\r\n", refusal.status, relayed.reason);
+            for (name, value) in &relayed.fields {
+                head.push_str(&format!("{name}: {value}\r\n"));
+            }
+            head.push_str(&format!(
+                "Content-Length: {}\r\nConnection: close\r\n\r\n",
+                relayed.body.len()
+            ));
+            let mut answer = head.into_bytes();
             if with_body {
                 answer.extend_from_slice(&relayed.body);
             }

@@ -105,8 +105,8 @@ pub struct RelayedAnswer {
     /// Its reason phrase.
     pub reason: String,
     /// Its end-to-end header fields (not [`HOP_BY_HOP`] ones, nor those its
-    /// `Connection` field names), each line ending in CRLF.
-    pub headers: String,
+    /// `Connection` field names), name and value.
+    pub fields: Vec<(String, String)>,
     /// Its body, de-chunked; empty when it had none, or one longer than
     /// [`MAX_RELAYED_BODY`] or not complete in time (then without its
     /// `Content-Type`).
@@ -123,7 +123,10 @@ enum Framing {
 }
 
 /// The relayed fields of the answer head `head` and how its body is framed.
-fn relayed_fields(head: &[u8], status: u16) -> Result<(String, Framing), HandshakeError> {
+fn relayed_fields(
+    head: &[u8],
+    status: u16,
+) -> Result<(Vec<(String, String)>, Framing), HandshakeError> {
     let mut fields = [httparse::EMPTY_HEADER; 64];
     let mut response = httparse::Response::new(&mut fields);
     response
@@ -145,7 +148,7 @@ fn relayed_fields(head: &[u8], status: u16) -> Result<(String, Framing), Handsha
     } else {
         Framing::UntilClose
     };
-    let mut headers = String::new();
+    let mut fields = Vec::new();
     for field in response.headers.iter() {
         let name = field.name.to_ascii_lowercase();
         let value = String::from_utf8_lossy(field.value);
@@ -163,12 +166,9 @@ fn relayed_fields(head: &[u8], status: u16) -> Result<(String, Framing), Handsha
         if HOP_BY_HOP.contains(&name.as_str()) || named_by_connection.contains(&name) {
             continue;
         }
-        headers.push_str(field.name);
-        headers.push_str(": ");
-        headers.push_str(&value);
-        headers.push_str("\r\n");
+        fields.push((field.name.to_owned(), value.into_owned()));
     }
-    Ok((headers, framing))
+    Ok((fields, framing))
 }
 
 /// Reads the body behind an error head: `read` holds what came after the
@@ -207,10 +207,7 @@ async fn read_error_body(
             let mut at = 0;
             loop {
                 match httparse::parse_chunk_size(&read[at..]) {
-                    Ok(httparse::Status::Complete((size_len, 0))) => {
-                        let _ = size_len;
-                        return Some(body);
-                    }
+                    Ok(httparse::Status::Complete((_, 0))) => return Some(body),
                     Ok(httparse::Status::Complete((size_len, size))) => {
                         let size = usize::try_from(size).ok()?;
                         if body.len() + size > MAX_RELAYED_BODY {
@@ -308,7 +305,7 @@ pub async fn open(
             early: rest,
         });
     }
-    let (mut headers, framing) = relayed_fields(&head, answer.status)?;
+    let (mut fields, framing) = relayed_fields(&head, answer.status)?;
     // A body that does not come in time (a parent that frames it by closing
     // but keeps the connection open) is left out; the status and fields
     // still go to the client.
@@ -318,17 +315,14 @@ pub async fn open(
         .ok()
         .flatten()
         .unwrap_or_else(|| {
-            headers = headers
-                .split_inclusive("\r\n")
-                .filter(|line| !line.to_ascii_lowercase().starts_with("content-type:"))
-                .collect();
+            fields.retain(|(name, _)| !name.eq_ignore_ascii_case("content-type"));
             Vec::new()
         });
     Err(HandshakeError::Refused {
         status: answer.status,
         answer: RelayedAnswer {
             reason: answer.reason,
-            headers,
+            fields,
             body,
         },
     })
@@ -361,10 +355,13 @@ mod tests {
     fn relayed_fields_leave_out_hop_by_hop_ones() {
         let head = b"HTTP/1.1 403 Forbidden\r\nContent-Type: text/html\r\nConnection: close, X-Private\r\n\
                      X-Private: 1\r\nKeep-Alive: timeout=5\r\nContent-Length: 7\r\nX-Squid-Error: ERR_ACCESS_DENIED 0\r\n\r\n";
-        let (headers, framing) = relayed_fields(head, 403).unwrap();
+        let (fields, framing) = relayed_fields(head, 403).unwrap();
         assert_eq!(
-            headers,
-            "Content-Type: text/html\r\nX-Squid-Error: ERR_ACCESS_DENIED 0\r\n"
+            fields,
+            [
+                ("Content-Type".to_owned(), "text/html".to_owned()),
+                ("X-Squid-Error".to_owned(), "ERR_ACCESS_DENIED 0".to_owned()),
+            ]
         );
         assert_eq!(framing, Framing::Length(7));
         let chunked =
