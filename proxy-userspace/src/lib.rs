@@ -18,6 +18,8 @@
 //!   pool of hash verifiers (`credentialsttl`, `children`);
 //! * [`squid`] — a `squid.conf` subset reader and Squid's `http_access` semantics;
 //! * [`tls_peek`] — the SNI of a tunnel's TLS ClientHello, read without decrypting;
+//! * [`single_flight`] — concurrent requests for one key sharing one piece of
+//!   work (credential checks, DNS queries);
 //! * [`admin`] and [`metrics`] — the `--admin` HTTP listener (health, readiness,
 //!   Prometheus metrics).
 
@@ -38,6 +40,7 @@ pub mod peek;
 pub mod policy;
 pub mod proxy_protocol;
 pub mod settings;
+pub mod single_flight;
 pub mod sockopt;
 pub mod squid;
 pub mod tls_peek;

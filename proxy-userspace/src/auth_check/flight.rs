@@ -1,5 +1,5 @@
-//! Single flight: concurrent checks of the same credentials share one
-//! verification.
+//! Single flight for credentials: concurrent checks of the same credentials
+//! share one verification ([`crate::single_flight`]).
 //!
 //! A herd of clients starting at once with the same uncached credentials
 //! would otherwise each queue a hash, and all but the queue's size would be
@@ -10,35 +10,26 @@
 //! get its verdict. Another password, or the same one against another hash
 //! line, is another tag: it is never merged with this one.
 //!
-//! A flight ends when its verdict is published, or when its leader goes away
-//! first (dropped while queued, or refused by a full queue): followers then
-//! see the channel close without a verdict and check again, one of them
-//! leading a new flight. A leader that got a verifier hands its flight to
-//! the hashing thread, which publishes even if the leader is gone.
-//!
-//! The in-flight map and the cache are locked in that order, so that a check
-//! either finds the cached success or the flight, never neither between a
-//! flight's end and its success being cached.
+//! A leader that goes away before hashing (dropped while queued, or refused
+//! by a full queue) ends its flight without a verdict: the followers check
+//! again, one of them leading a new flight. A leader that got a verifier
+//! hands its flight to the hashing thread, which finishes it even if the
+//! leader is gone.
 
 use std::{
-    collections::HashMap,
     sync::{Arc, Mutex, MutexGuard, PoisonError},
     time::Instant,
 };
 
-use tokio::sync::watch;
-
 use super::cache::{CredentialCache, Tag};
-use crate::metrics::Metrics;
-
-/// A flight's verdict: `None` while verifying, then whether the password
-/// matched.
-type Verdict = Option<bool>;
+use crate::{
+    metrics::Metrics,
+    single_flight::{Flights, Follower, Joined, Lead},
+};
 
 /// The verified credentials and the verifications in flight.
 pub(super) struct Ledger {
-    /// Locked before `cache` when both are.
-    flights: Mutex<HashMap<Tag, watch::Sender<Verdict>>>,
+    flights: Arc<Flights<Tag, bool>>,
     cache: Mutex<CredentialCache>,
 }
 
@@ -46,74 +37,57 @@ pub(super) struct Ledger {
 pub(super) enum Role {
     /// They were verified less than `credentialsttl` ago.
     Cached,
-    /// Another check is verifying them: wait for its verdict.
-    Follow(Follower),
+    /// Another check is verifying them: wait for its verdict (`None`: its
+    /// leader went away, check again).
+    Follow(Follower<bool>),
     /// Nobody is: verify them and publish the verdict.
     Lead(Flight),
-}
-
-/// A check waiting for another one's verification.
-pub(super) struct Follower(watch::Receiver<Verdict>);
-
-impl Follower {
-    /// The verdict, or `None` when the flight ended without one (its leader
-    /// went away): check again.
-    pub(super) async fn verdict(mut self) -> Option<bool> {
-        self.0.wait_for(Option::is_some).await.ok().and_then(|v| *v)
-    }
 }
 
 /// The lead of one verification: publishes its verdict with
 /// [`Flight::finish`], or, dropped before, ends it without one.
 pub(super) struct Flight {
     ledger: Arc<Ledger>,
+    lead: Lead<Tag, bool>,
     tag: Tag,
     user: String,
-    finished: bool,
 }
 
 impl Ledger {
     /// An empty cache with a fresh key, nothing in flight.
     pub(super) fn new() -> Self {
         Self {
-            flights: Mutex::new(HashMap::new()),
+            flights: Arc::default(),
             cache: Mutex::new(CredentialCache::new()),
         }
     }
 
     /// The cache of verified credentials.
     pub(super) fn cache(&self) -> MutexGuard<'_, CredentialCache> {
-        // Neither map holds an invariant a panicking holder could break.
+        // The cache holds no invariant a panicking holder could break.
         self.cache.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn flights(&self) -> MutexGuard<'_, HashMap<Tag, watch::Sender<Verdict>>> {
-        self.flights.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// What a check of `user`'s credentials with `tag` does at `now`.
     pub(super) fn join(self: &Arc<Self>, user: &str, tag: Tag, now: Instant) -> Role {
-        let mut flights = self.flights();
-        if self.cache().hit(user, &tag, now) {
-            return Role::Cached;
+        let cached = || self.cache().hit(user, &tag, now).then_some(());
+        match self.flights.join(tag, cached) {
+            Ok(()) => Role::Cached,
+            Err(Joined::Follow(follower)) => Role::Follow(follower),
+            Err(Joined::Lead(lead)) => Role::Lead(Flight {
+                ledger: self.clone(),
+                lead,
+                tag,
+                user: user.to_owned(),
+            }),
         }
-        if let Some(flight) = flights.get(&tag) {
-            return Role::Follow(Follower(flight.subscribe()));
-        }
-        flights.insert(tag, watch::Sender::new(None));
-        Role::Lead(Flight {
-            ledger: self.clone(),
-            tag,
-            user: user.to_owned(),
-            finished: false,
-        })
     }
 
     /// The checks waiting for the flight of `tag`; `None` when none is in
     /// flight (tests).
     #[cfg(test)]
     pub(super) fn followers(&self, tag: &Tag) -> Option<usize> {
-        self.flights().get(tag).map(watch::Sender::receiver_count)
+        self.flights.followers(tag)
     }
 }
 
@@ -121,27 +95,12 @@ impl Flight {
     /// Ends the flight with `valid`: a success is cached (and the cache's
     /// size shown in `metrics`) first, so that a check arriving after the
     /// flight ends finds it there; then the followers are told.
-    pub(super) fn finish(mut self, valid: bool, metrics: &Metrics) {
-        self.finished = true;
-        let mut flights = self.ledger.flights();
+    pub(super) fn finish(self, valid: bool, metrics: &Metrics) {
         if valid {
             let mut cache = self.ledger.cache();
-            cache.insert(std::mem::take(&mut self.user), self.tag, Instant::now());
+            cache.insert(self.user, self.tag, Instant::now());
             metrics.auth().cached(cache.len());
         }
-        if let Some(sender) = flights.remove(&self.tag) {
-            sender.send_replace(Some(valid));
-        }
-    }
-}
-
-impl Drop for Flight {
-    fn drop(&mut self) {
-        if !self.finished {
-            // Dropping the sender closes the channel without a verdict: the
-            // followers check again. While this flight is unfinished, the
-            // map's entry for its tag is its own.
-            self.ledger.flights().remove(&self.tag);
-        }
+        self.lead.finish(valid);
     }
 }

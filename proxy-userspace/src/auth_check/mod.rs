@@ -164,7 +164,7 @@ impl Authenticator {
                 Role::Lead(flight) => {
                     return self.verify(Some(flight), verifier, user, password).await;
                 }
-                Role::Follow(follower) => match follower.verdict().await {
+                Role::Follow(follower) => match follower.result().await {
                     Some(true) => {
                         self.metrics.auth().checked("coalesced");
                         return Ok(Some(user));

@@ -1,28 +1,18 @@
-//! Single flight: concurrent lookups of one name share one DNS query.
+//! Single flight for names: concurrent lookups of one name share one DNS
+//! query ([`crate::single_flight`]).
 //!
 //! N tunnels opened at once to a name not cached yet would otherwise send N
 //! queries. The first lookup of a name (by the cache's key: lower case, no
 //! trailing dot) starts the query in its own task; lookups of the name that
 //! arrive while it runs wait for its answer, positive or negative. The task
 //! is bounded by `dns_timeout` and publishes whatever becomes of the lookup
-//! that started it, so a follower waits at most that long.
-//!
-//! The task stores its answer in the cache before publishing it and ending
-//! the flight; a lookup checks the cache and the flights under the flights'
-//! lock, so it finds one or the other, never neither in between.
+//! that started it, so a follower waits at most that long. It stores its
+//! answer in the cache before it publishes it.
 
-use std::{
-    collections::HashMap,
-    future::Future,
-    sync::{Arc, Mutex, MutexGuard, PoisonError},
-};
-
-use tokio::sync::watch;
+use std::{future::Future, sync::Arc};
 
 use super::{Answer, DnsError};
-
-/// An answer: `None` while the query runs.
-type Pending = Option<Answer>;
+use crate::single_flight::{self, Joined};
 
 /// Where a lookup's answer came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -37,16 +27,9 @@ pub(super) enum Source {
 
 /// The names being asked of DNS now.
 #[derive(Clone, Default)]
-pub(super) struct Flights {
-    names: Arc<Mutex<HashMap<String, watch::Sender<Pending>>>>,
-}
+pub(super) struct Flights(Arc<single_flight::Flights<String, Answer>>);
 
 impl Flights {
-    fn names(&self) -> MutexGuard<'_, HashMap<String, watch::Sender<Pending>>> {
-        // The map holds no invariant a panicking holder could break.
-        self.names.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
     /// The answer for `key`: `cached()` if it has one, else that of the
     /// query in flight for `key`, else that of `ask()`, spawned now. The
     /// query must store what should be cached before it ends, and end by
@@ -60,32 +43,22 @@ impl Flights {
     where
         A: Future<Output = Answer> + Send + 'static,
     {
-        let (mut pending, source) = {
-            let mut names = self.names();
-            if let Some(answer) = cached() {
-                return (answer, Source::Cached);
-            }
-            match names.get(&key) {
-                Some(flight) => (flight.subscribe(), Source::Shared),
-                None => {
-                    let (sender, receiver) = watch::channel(None);
-                    names.insert(key.clone(), sender);
-                    let (flights, query) = (self.clone(), ask());
-                    tokio::spawn(async move {
-                        let answer = query.await;
-                        if let Some(sender) = flights.names().remove(&key) {
-                            sender.send_replace(Some(answer));
-                        }
-                    });
-                    (receiver, Source::Asked)
-                }
+        let (follower, source) = match self.0.join(key, cached) {
+            Ok(answer) => return (answer, Source::Cached),
+            Err(Joined::Follow(follower)) => (follower, Source::Shared),
+            Err(Joined::Lead(lead)) => {
+                // Followed by this lookup too, so that it gets the answer
+                // even if it is dropped and the query goes on without it.
+                let follower = lead.follower();
+                let query = ask();
+                tokio::spawn(async move { lead.finish(query.await) });
+                (follower, Source::Asked)
             }
         };
-        let answer = match pending.wait_for(Option::is_some).await {
-            Ok(answer) => answer.clone().expect("waited for an answer"),
+        let answer = follower.result().await.unwrap_or_else(|| {
             // The task was dropped unfinished: only when the runtime stops.
-            Err(_) => Err(DnsError::Other("the lookup was abandoned".to_owned())),
-        };
+            Err(DnsError::Other("the lookup was abandoned".to_owned()))
+        });
         (answer, source)
     }
 
@@ -93,7 +66,7 @@ impl Flights {
     /// flight (tests).
     #[cfg(test)]
     pub(super) fn waiting(&self, key: &str) -> Option<usize> {
-        self.names().get(key).map(watch::Sender::receiver_count)
+        self.0.followers(&key.to_owned())
     }
 }
 

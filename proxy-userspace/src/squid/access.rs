@@ -305,13 +305,10 @@ fn evaluate(acl: &Acl, request: &Prepared<'_>) -> Verdict {
     match &acl.kind {
         AclKind::Src(ranges) => verdict(in_ranges(ranges, Some(request.client))),
         AclKind::Dst { ranges, no_lookup } => {
-            let addresses = request
-                .dst
-                .into_iter()
-                .chain(request.destinations.iter().copied());
+            let mut addresses = request.dst.iter().chain(&request.destinations);
             verdict(
                 (!*no_lookup || request.host_is_ip)
-                    && addresses.into_iter().any(|ip| in_ranges(ranges, Some(ip))),
+                    && addresses.any(|&ip| in_ranges(ranges, Some(ip))),
             )
         }
         AclKind::LocalIp(ranges) => verdict(in_ranges(ranges, request.local_ip)),
