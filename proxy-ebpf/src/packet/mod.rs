@@ -393,7 +393,7 @@ pub fn packet_egress(ctx: TcContext) -> i32 {
         // it has none). A segment translated at ingress and redirected here
         // carries the sending endpoint's socket or none (veth does not
         // orphan skbs); only one from the proxy's own socket is dropped.
-        if unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) } == get!(entry, socket_cookie) {
+        if unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) } == cookie {
             add(field!(entry, silenced), 1);
             count(packet_stat::SILENCED);
             return TC_ACT_SHOT;

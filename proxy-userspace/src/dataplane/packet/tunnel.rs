@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use proxy_common::{packet_flags, PacketEntry, PacketEvent, PacketKey};
+use proxy_common::{PacketEntry, PacketEvent, PacketKey};
 use tokio::{net::TcpStream, sync::mpsc};
 
 use super::{
@@ -381,12 +381,9 @@ pub async fn translated(tunnel: Translated) -> TunnelOutcome {
     .await;
     let last = registration.entries();
     let after = last.map_or([0, 0], |[a, b]| [a.bytes, b.bytes]);
-    // A new connection on either tuple (see `flow_end`).
-    let reused = last.is_some_and(|entries| {
-        entries
-            .iter()
-            .any(|entry| entry.flags & packet_flags::REUSED != 0)
-    });
+    // Whether each endpoint opened a new connection on its tuple (see
+    // `flow_end`).
+    let reused = last.map_or([false; 2], |entries| entries.map(|e| entry_end(&e).reused));
     let outcome = TunnelOutcome {
         client_to_upstream: before[0] + after[0],
         upstream_to_client: before[1] + after[1],
@@ -402,7 +399,7 @@ pub async fn translated(tunnel: Translated) -> TunnelOutcome {
             std::mem::forget(sockets);
         }
         TunnelEnd::Closed | TunnelEnd::ClientError | TunnelEnd::UpstreamError
-            if !reused || end == TunnelEnd::Closed =>
+            if reused == [false; 2] || end == TunnelEnd::Closed =>
         {
             // Logged now: the next process must not log it again if this one
             // stops during the linger.
@@ -438,12 +435,7 @@ pub async fn translated(tunnel: Translated) -> TunnelOutcome {
             drop(registration);
             drop(sockets);
             if let Some([client_in, upstream_in]) = last {
-                reset_endpoints(
-                    &addrs,
-                    &client_in,
-                    &upstream_in,
-                    [client_in.flags, upstream_in.flags].map(|f| f & packet_flags::REUSED == 0),
-                );
+                reset_endpoints(&addrs, &client_in, &upstream_in, reused.map(|r| !r));
             }
         }
     }

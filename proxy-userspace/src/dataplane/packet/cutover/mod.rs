@@ -259,13 +259,7 @@ impl Promotion<'_> {
         for (index, conn) in self.conns().into_iter().enumerate() {
             let probe = !sighted(&entries[index]);
             probed[index] = probe.then(Instant::now);
-            infos[index].peer_mss =
-                in_repair(conn.socket, probe, sockets::peer_mss).map_err(|err| {
-                    NotPromoted::new(
-                        Reason::Internal,
-                        format!("reading the {} socket in repair mode: {err}", conn.name),
-                    )
-                })?;
+            infos[index].peer_mss = peer_mss(conn, probe)?;
         }
         let entries = self.entries()?;
         qualify::sockets(
@@ -298,16 +292,10 @@ impl Promotion<'_> {
             tokio::time::sleep(PROBE_AGAIN.saturating_sub(since)).await;
             entries = self.entries()?;
             for (index, conn) in self.conns().into_iter().enumerate() {
-                if sighted(&entries[index]) {
-                    continue;
+                if !sighted(&entries[index]) {
+                    probed[index] = Some(Instant::now());
+                    peer_mss(conn, true)?;
                 }
-                probed[index] = Some(Instant::now());
-                in_repair(conn.socket, true, sockets::peer_mss).map_err(|err| {
-                    NotPromoted::new(
-                        Reason::Internal,
-                        format!("probing the {} socket again: {err}", conn.name),
-                    )
-                })?;
             }
             deadline = Instant::now() + SIGHTING_WAIT;
         }
@@ -368,6 +356,17 @@ impl Promotion<'_> {
 /// Runs `read` on the socket in repair mode, then leaves it; with `probe`,
 /// leaving sends a window probe (`TCP_REPAIR_OFF` sends one: an ACK with
 /// sequence number `snd_una - 1`, which the peer answers with an ACK).
+/// `conn`'s peer MSS, read in repair mode; with `probe`, leaving repair
+/// mode sends a window probe.
+fn peer_mss(conn: &Conn<'_>, probe: bool) -> Result<u32, NotPromoted> {
+    in_repair(conn.socket, probe, sockets::peer_mss).map_err(|err| {
+        NotPromoted::new(
+            Reason::Internal,
+            format!("reading the {} socket in repair mode: {err}", conn.name),
+        )
+    })
+}
+
 fn in_repair<T>(
     socket: &TcpStream,
     probe: bool,
