@@ -291,55 +291,22 @@ fn stat(pid: u32) -> Option<(u32, bool, u64)> {
 /// Loopback makes a sender pay for its segments' receive path, so this is the
 /// kernel work a proxy causes as well as its own. `None` once `pid` is gone.
 pub fn process_tree_cpu_secs(pid: u32) -> Option<f64> {
-    process_cpu_secs(pid, true)
+    let (_, _, own_ns) = stat(pid)?;
+    // One /proc scan (as the others' meter makes) for the parent links.
+    let mut seen = HashMap::new();
+    scan(&mut seen, pid, false);
+    let below: u64 = seen
+        .iter()
+        .filter(|(&other, _)| other != pid && in_tree(&seen, other, pid))
+        .map(|(_, known)| known.ran_ns)
+        .sum();
+    Some((own_ns + below) as f64 / 1e9)
 }
 
 /// CPU-seconds (user + system) of this process alone, every thread of it:
 /// the benchmark's own clients and servers (its children are not counted).
 pub fn own_cpu_secs() -> Option<f64> {
-    process_cpu_secs(std::process::id(), false)
-}
-
-fn process_cpu_secs(pid: u32, with_descendants: bool) -> Option<f64> {
-    // (pid, ppid, utime + stime in ticks) of every process.
-    let table: Vec<(u32, u32, u64)> = fs::read_dir("/proc")
-        .ok()?
-        .filter_map(|entry| {
-            let name = entry.ok()?.file_name();
-            let pid: u32 = name.to_str()?.parse().ok()?;
-            let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-            // The command may hold spaces and parentheses: fields follow the last ')'.
-            let fields: Vec<&str> = stat[stat.rfind(')')? + 2..].split(' ').collect();
-            let ppid = fields.get(1)?.parse().ok()?;
-            let utime: u64 = fields.get(11)?.parse().ok()?;
-            let stime: u64 = fields.get(12)?.parse().ok()?;
-            Some((pid, ppid, utime + stime))
-        })
-        .collect();
-    table.iter().find(|(p, ..)| *p == pid)?;
-    let mut tree = HashSet::from([pid]);
-    // Parents come before children in no particular order: repeat until stable.
-    if with_descendants {
-        loop {
-            let before = tree.len();
-            for (p, parent, _) in &table {
-                if tree.contains(parent) {
-                    tree.insert(*p);
-                }
-            }
-            if tree.len() == before {
-                break;
-            }
-        }
-    }
-    let ticks: u64 = table
-        .iter()
-        .filter(|(p, ..)| tree.contains(p))
-        .map(|(.., t)| t)
-        .sum();
-    // SAFETY: sysconf has no preconditions.
-    let per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
-    Some(ticks as f64 / per_sec as f64)
+    stat(std::process::id()).map(|(_, _, ran_ns)| ran_ns as f64 / 1e9)
 }
 
 #[cfg(test)]
