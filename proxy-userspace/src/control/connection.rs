@@ -68,7 +68,7 @@ impl ControlPlane {
             Err(Refusal::denied(429, "client_ip_max_connections reached"))
         } else {
             tokio::select! {
-                opened = self.open_tunnel(settings, &mut client, &mut record, (started, read)) => opened,
+                opened = self.open_tunnel(settings, &mut client, &mut record, started, read) => opened,
                 _ = closing.wait_for(|closing| *closing) => Err(Refusal::new(0, "proxy shut down")),
             }
         };

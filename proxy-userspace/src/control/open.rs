@@ -10,7 +10,8 @@ impl ControlPlane {
         settings: &Settings,
         client: &mut TcpStream,
         record: &mut AccessRecord,
-        (started, read): (Instant, Vec<u8>),
+        started: Instant,
+        read: Vec<u8>,
     ) -> Result<Opened, Refusal> {
         // `request_timeout` covers a PROXY header and the head together.
         let spent = started.elapsed();
